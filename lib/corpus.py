@@ -1,0 +1,242 @@
+"""Raw text -> normalized JSONL records in shards, with a content-hashed manifest.
+
+The built-in corpus is the standard library source of the Python running this code: every
+machine has it and nothing is downloaded. A record is `{"id", "text", "source"}`. The held-out
+split is chosen by a hash of each file's relative path, so it never depends on file order, on
+the number of files or on a seed. Rebuilding gives byte-identical shards and manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from lib.errors import UserError
+
+MANIFEST = "manifest.json"
+# Test suites ship deliberately odd files (bad encodings, huge generated data); library code is
+# what we want the model to learn.
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+@dataclass
+class CorpusConfig:
+    """Where raw text comes from and how it is split and sharded."""
+
+    source: str = "stdlib"
+    """'stdlib' (this interpreter's standard library sources) or a directory of .py/.txt files."""
+    val_per_mille: int = 20
+    """Held-out share, in 1/1000 of files, chosen by the sha256 of each relative path."""
+    max_files: Optional[int] = None
+    """Keep only the first N files in sorted path order (toy runs)."""
+    shard_bytes: int = 4_000_000
+    """Start a new JSONL shard once a shard holds this many bytes of text."""
+
+
+def stdlib_root() -> Path:
+    """The folder holding this interpreter's pure-Python standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_source_files(root: Path, suffixes=(".py",), skip_dirs=STDLIB_SKIP_DIRS) -> list[str]:
+    """Relative POSIX paths of files under `root` with one of `suffixes`, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs]
+        for name in filenames:
+            if name.endswith(suffixes):
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def split_of(rel_path: str, val_per_mille: int) -> str:
+    """'val' or 'train' for a file, from the sha256 of its relative path alone."""
+    bucket = int.from_bytes(hashlib.sha256(rel_path.encode("utf-8")).digest()[:8], "big") % 1000
+    return "val" if bucket < val_per_mille else "train"
+
+
+def normalize(raw: bytes) -> str | None:
+    """UTF-8 decode and turn CRLF/CR newlines into LF; None when the bytes are not UTF-8.
+
+    Nothing else is changed: indentation, tabs, trailing spaces and Unicode forms are kept.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+NORMALIZATION = {"encoding": "utf-8, files that are not are skipped", "newlines": "lf",
+                 "unicode": "unchanged", "bom": "stripped"}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def canonical_hash(obj) -> str:
+    """sha256 of an object's canonical JSON (sorted keys, no whitespace)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class _ShardWriter:
+    def __init__(self, out_dir: Path, split: str, shard_bytes: int):
+        self.out_dir, self.split, self.shard_bytes = out_dir, split, shard_bytes
+        self.shards: list[dict] = []
+        self._f = None
+
+    def _open(self):
+        name = f"{self.split}-{len(self.shards):05d}.jsonl"
+        self._f = open(self.out_dir / name, "w", encoding="utf-8", newline="\n")
+        self.shards.append({"file": name, "records": 0, "text_bytes": 0})
+
+    def write(self, record: dict):
+        if self._f is None:
+            self._open()
+        self._f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+        shard = self.shards[-1]
+        shard["records"] += 1
+        shard["text_bytes"] += len(record["text"].encode("utf-8"))
+        if shard["text_bytes"] >= self.shard_bytes:
+            self.close()
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _records(cfg: CorpusConfig, skipped: dict) -> Iterator[tuple[str, dict]]:
+    if cfg.source == "stdlib":
+        root, label = stdlib_root(), f"python{platform.python_version()}-stdlib"
+        files = list_source_files(root)
+    else:
+        root, label = Path(cfg.source), Path(cfg.source).name
+        if not root.is_dir():
+            raise UserError(f"corpus.source: {root} is not a directory (or use 'stdlib')")
+        files = list_source_files(root, suffixes=(".py", ".txt"), skip_dirs={"__pycache__"})
+    if cfg.max_files is not None:
+        files = files[: cfg.max_files]
+    if not files:
+        raise UserError(f"corpus.source: no .py/.txt files found under {root}")
+    for rel in files:
+        text = normalize((root / rel).read_bytes())
+        if text is None:
+            skipped["not_utf8"] += 1
+            continue
+        if not text.strip():
+            skipped["empty"] += 1
+            continue
+        yield split_of(rel, cfg.val_per_mille), {"id": f"{label}/{rel}", "text": text, "source": rel}
+
+
+def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
+    """Write `out_dir/{train,val}-NNNNN.jsonl` and `out_dir/manifest.json`; return the manifest.
+
+    Built in a temporary sibling folder and renamed into place, so a crash never leaves a
+    half-written corpus behind a manifest. When the new manifest equals the existing one the
+    existing folder is kept untouched (same content hash: nothing to redo downstream).
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    skipped = {"not_utf8": 0, "empty": 0}
+    writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
+    try:
+        for split, record in _records(cfg, skipped):
+            writers[split].write(record)
+        for w in writers.values():
+            w.close()
+        splits = {}
+        for split, w in writers.items():
+            if not w.shards:
+                raise UserError(
+                    f"corpus: the {split} split is empty; raise corpus.val_per_mille or corpus.max_files"
+                )
+            for shard in w.shards:
+                shard["sha256"] = sha256_file(tmp / shard["file"])
+            splits[split] = {
+                "shards": w.shards,
+                "records": sum(s["records"] for s in w.shards),
+                "text_bytes": sum(s["text_bytes"] for s in w.shards),
+            }
+        manifest = {
+            "kind": "corpus",
+            "source": "stdlib" if cfg.source == "stdlib" else str(cfg.source),
+            "python": platform.python_version() if cfg.source == "stdlib" else None,
+            "settings": dataclasses.asdict(cfg),
+            "normalization": NORMALIZATION,
+            "skipped": skipped,
+            "splits": splits,
+        }
+        manifest["content_hash"] = canonical_hash(
+            {s: [sh["sha256"] for sh in v["shards"]] for s, v in splits.items()}
+        )
+        write_json(tmp / MANIFEST, manifest)
+        old = out_dir / MANIFEST
+        if old.is_file() and old.read_bytes() == (tmp / MANIFEST).read_bytes():
+            shutil.rmtree(tmp)
+            return manifest
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        return manifest
+    finally:
+        for w in writers.values():
+            w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically: to a temporary name, flushed, then renamed over `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(data_dir: str | Path, kind: str) -> dict:
+    """Load `data_dir/manifest.json` and check it is of `kind`, with a clear error if not."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path} not found: build it first (make tokenize)")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("kind") != kind:
+        raise UserError(f"{path} is a {manifest.get('kind')!r} manifest, expected {kind!r}")
+    return manifest
+
+
+def iter_records(corpus_dir: str | Path, split: str) -> Iterable[dict]:
+    """Yield the records of one split in shard order."""
+    corpus_dir = Path(corpus_dir)
+    manifest = read_manifest(corpus_dir, "corpus")
+    for shard in manifest["splits"][split]["shards"]:
+        yield from iter_shard(corpus_dir / shard["file"])
+
+
+def iter_shard(path: str | Path) -> Iterable[dict]:
+    """Yield the records of one JSONL shard."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)

@@ -1,0 +1,113 @@
+"""Token shards on disk -> fixed-length blocks -> a seeded, resumable batch order.
+
+A tokenized dataset folder holds, per split, `.npy` token shards (documents concatenated as
+`bos ids eos`) and beside each a `.docs.npy` table of (tokens, text bytes) per document, plus a
+manifest with every file's sha256. Blocks are `seq_len + 1` tokens taken with stride `seq_len`,
+so every token but the very first is a prediction target exactly once per epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lib.corpus import read_manifest
+from lib.errors import UserError
+
+
+def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All tokens of a split as one int64 array, and its (tokens, bytes) per-document table."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir, "tokens")
+    if split not in manifest["splits"]:
+        raise UserError(f"{data_dir}: no split {split!r}; it has {', '.join(manifest['splits'])}")
+    tokens, docs = [], []
+    for shard in manifest["splits"][split]["shards"]:
+        tokens.append(np.load(data_dir / shard["file"], mmap_mode="r"))
+        docs.append(np.load(data_dir / shard["docs_file"]))
+    return np.concatenate(tokens).astype(np.int64), np.concatenate(docs)
+
+
+class TokenBlocks:
+    """Fixed-length training blocks over a flat token stream.
+
+    `block(i)` is `tokens[i*seq_len : i*seq_len + seq_len + 1]`: inputs are its first `seq_len`
+    tokens, targets its last `seq_len`.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, source: str = "data"):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n_blocks = (len(tokens) - 1) // seq_len
+        if self.n_blocks < 1:
+            raise UserError(
+                f"{source}: {len(tokens)} tokens are fewer than one block of seq_len={seq_len}+1; "
+                "use a smaller seq_len or more data"
+            )
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def batch(self, indices) -> np.ndarray:
+        """Blocks `indices` stacked into an int64 array of shape (len(indices), seq_len + 1)."""
+        L = self.seq_len
+        return np.stack([self.tokens[i * L : i * L + L + 1] for i in indices])
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    position: int = 0
+    """Batches already taken in this epoch (by this rank)."""
+
+
+class BlockSampler:
+    """Seeded batches of block indices, split across ranks, resumable at any batch.
+
+    The order of epoch e is a permutation drawn from its own generator seeded with
+    (seed, e), so it depends on nothing else: not on earlier draws, workers, or the global
+    torch random state. Rank r takes every world_size-th block of that order. Incomplete
+    batches at the end of an epoch are dropped, so every rank sees the same number of batches.
+    """
+
+    def __init__(self, n_blocks: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n_blocks, self.batch_size, self.seed = n_blocks, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = n_blocks // world_size // batch_size
+        if self.batches_per_epoch < 1:
+            raise UserError(
+                f"{n_blocks} blocks cannot fill one batch of micro_batch_size={batch_size} on "
+                f"{world_size} process(es); lower micro_batch_size or seq_len"
+            )
+        self.state = SamplerState()
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's block order for `epoch`."""
+        if self._cached is None or self._cached[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._cached = (epoch, rng.permutation(self.n_blocks)[self.rank :: self.world_size])
+        return self._cached[1]
+
+    def next_batch(self) -> list[int]:
+        """The next batch of block indices, advancing (and wrapping) the epoch as needed."""
+        if self.state.position >= self.batches_per_epoch:
+            self.state = SamplerState(epoch=self.state.epoch + 1, position=0)
+        order = self.epoch_order(self.state.epoch)
+        start = self.state.position * self.batch_size
+        self.state.position += 1
+        return order[start : start + self.batch_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "position": self.state.position,
+                "seed": self.seed, "n_blocks": self.n_blocks, "batch_size": self.batch_size,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "n_blocks", "batch_size", "world_size"):
+            if state[key] != getattr(self, key):
+                raise UserError(
+                    f"cannot resume the data order: checkpoint has {key}={state[key]}, "
+                    f"this run has {getattr(self, key)}"
+                )
+        self.state = SamplerState(epoch=state["epoch"], position=state["position"])

@@ -1,0 +1,64 @@
+"""Metric sinks: append-only NDJSON, and CSV / Parquet tables rebuilt from it."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class JsonlWriter:
+    """Append one JSON object per line, flushed per line so a crash loses at most one record.
+
+    Only the main process should own one.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All records of an NDJSON file (an empty list when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_tables(records: list[dict], stem: str | Path) -> list[Path]:
+    """Write `records` as `stem.csv` and `stem.parquet` (columns: union of keys, in order seen)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stem = Path(stem)
+    columns: list[str] = []
+    for r in records:
+        columns += [k for k in r if k not in columns]
+    csv_path, pq_path = stem.with_suffix(".csv"), stem.with_suffix(".parquet")
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(tmp, csv_path)
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in records])
+    pq.write_table(table, str(pq_path) + ".tmp")
+    os.replace(str(pq_path) + ".tmp", pq_path)
+    return [csv_path, pq_path]

@@ -1,0 +1,103 @@
+"""Build a causal LM from a small config, or load one offline from a local folder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from lib.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a model built from scratch (ignored when `init_from` is set)."""
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention (llama); None means n_heads."""
+    d_ff: Optional[int] = None
+    """MLP hidden width; None means 8/3 * d_model rounded up to a multiple of 64 (llama)."""
+    max_seq_len: int = 512
+    dropout: float = 0.0
+    """Attention dropout (llama) or all dropouts (gpt2)."""
+    tie_embeddings: bool = True
+    rope_theta: float = 10_000.0
+    init_std: float = 0.02
+    init_from: Optional[str] = None
+    """A local Hugging Face model folder to start from instead (never downloads)."""
+
+
+def _d_ff(cfg: ModelConfig) -> int:
+    if cfg.d_ff is not None:
+        return cfg.d_ff
+    return -(-int(8 * cfg.d_model / 3) // 64) * 64
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
+    """A freshly initialised causal LM (float32 weights) for `vocab_size` tokens.
+
+    `special` maps bos/eos/pad to ids so the saved model generates and pads correctly.
+    With `cfg.init_from` set, the weights come from that local folder instead.
+    """
+    if cfg.init_from:
+        return load_pretrained(cfg.init_from)
+    if cfg.d_model % cfg.n_heads:
+        raise UserError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    ids = dict(bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"])
+    if cfg.arch == "llama":
+        hf_cfg = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=_d_ff(cfg),
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+            max_position_embeddings=cfg.max_seq_len, attention_dropout=cfg.dropout,
+            tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta,
+            initializer_range=cfg.init_std, **ids,
+        )
+    else:
+        hf_cfg = GPT2Config(
+            vocab_size=vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+            n_inner=cfg.d_ff, n_positions=cfg.max_seq_len, resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings,
+            initializer_range=cfg.init_std, **ids,
+        )
+    hf_cfg._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+
+
+def load_pretrained(path: str | Path, dtype=None):
+    """Load a causal LM from a local folder, offline; a clear error if it is not one."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model folder (no config.json); give a run's final/ folder")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+
+
+def count_params(model, trainable_only: bool = False) -> int:
+    """Number of parameters, each shared tensor counted once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12 * layers * d_model * seq_len (PaLM appendix B).
+
+    N counts every weight that takes part in matmuls, the output layer included; the second
+    term is attention's score and value products.
+    """
+    cfg = model.config
+    n = count_params(model) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

@@ -1,0 +1,187 @@
+"""SentencePiece training, encoding, and an exact Hugging Face fast-tokenizer twin.
+
+Settings chosen so that text round-trips exactly (code is whitespace-sensitive): identity
+normalization, no dummy prefix, no whitespace collapsing, byte fallback for any character
+outside the vocabulary, and "\\n" as its own piece (SentencePiece trains on lines, so it would
+otherwise never see a newline). Special ids are fixed: unk 0, bos 1, eos 2, pad 3.
+
+The Hugging Face tokenizer is built explicitly from the SentencePiece vocabulary (a BPE model
+whose merges are ranked by the SentencePiece piece scores) rather than through
+`LlamaTokenizerFast(vocab_file=...)`, which in transformers 5 silently produced a tokenizer of
+three pieces. Tests check its ids against SentencePiece itself.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal
+
+from lib.errors import UserError
+
+if TYPE_CHECKING:
+    import sentencepiece
+
+SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+SP_MODEL = "sp.model"
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece training settings."""
+
+    vocab_size: int = 8192
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    character_coverage: float = 0.9999
+    """Share of characters covered by pieces; the rest are spelled as UTF-8 bytes."""
+    byte_fallback: bool = True
+    max_lines: int = 400_000
+    """Lines sampled (seeded) from the train split to train on; SentencePiece trains on lines."""
+    user_defined_symbols: list[str] = field(default_factory=list)
+    """Extra strings that always become one piece (added after "\\n")."""
+    seed: int = 0
+
+
+def _line_iter(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, cfg: TokenizerConfig) -> Path:
+    """Train a SentencePiece model on `texts` and write `out_dir/sp.model`; return its path.
+
+    Deterministic for a given text stream and `cfg` (SentencePiece's sampler is seeded).
+    """
+    import sentencepiece as spm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.vocab_size < 260 + len(cfg.user_defined_symbols) and cfg.byte_fallback:
+        raise UserError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small: byte fallback alone needs 256 "
+            "pieces plus 4 special ones; use at least 300"
+        )
+    spm.set_random_generator_seed(cfg.seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_line_iter(texts),
+        model_writer=model,
+        vocab_size=cfg.vocab_size,
+        model_type=cfg.model_type,
+        character_coverage=cfg.character_coverage,
+        byte_fallback=cfg.byte_fallback,
+        input_sentence_size=cfg.max_lines,
+        shuffle_input_sentence=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=["\n", *cfg.user_defined_symbols],
+        unk_id=SPECIAL_IDS["unk"],
+        bos_id=SPECIAL_IDS["bos"],
+        eos_id=SPECIAL_IDS["eos"],
+        pad_id=SPECIAL_IDS["pad"],
+        unk_piece=SPECIAL_PIECES["unk"],
+        bos_piece=SPECIAL_PIECES["bos"],
+        eos_piece=SPECIAL_PIECES["eos"],
+        pad_piece=SPECIAL_PIECES["pad"],
+        num_threads=2,
+        minloglevel=2,
+    )
+    path = out_dir / SP_MODEL
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def load_sentencepiece(path: str | Path) -> "sentencepiece.SentencePieceProcessor":
+    """Load a SentencePiece model file, with a clear error when it is missing or broken."""
+    import sentencepiece as spm
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer model {path} not found: run `make tokenize` first")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(path))
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"{path} is not a SentencePiece model ({exc})") from None
+    return sp
+
+
+def special_ids(sp) -> dict[str, int]:
+    """The special ids a SentencePiece model was trained with (-1 where disabled)."""
+    return {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
+
+
+def _bpe_merges(sp, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every pair (a, b) whose concatenation is a piece, ranked by that piece's score.
+
+    SentencePiece BPE merges the adjacent pair whose concatenation has the highest score;
+    a Hugging Face BPE model with merges in this order makes the same choices.
+    """
+    ranked = []
+    for piece, pid in vocab.items():
+        if not sp.is_unknown(pid) and not sp.is_control(pid) and not sp.is_byte(pid):
+            for k in range(1, len(piece)):
+                left, right = piece[:k], piece[k:]
+                if left in vocab and right in vocab:
+                    ranked.append((-sp.get_score(pid), pid, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def build_hf_tokenizer(sp_model_path: str | Path):
+    """A transformers fast tokenizer whose ids equal SentencePiece's for any text.
+
+    It adds bos in front of each encoded text (as training documents start), and knows the
+    pad token, so batches can be padded.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    sp = load_sentencepiece(sp_model_path)
+    if sp.pad_id() < 0:
+        raise UserError(f"{sp_model_path} was trained without a pad id; retrain it with pad_id set")
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    unk = sp.id_to_piece(sp.unk_id())
+    proto, pb = _read_proto(sp_model_path)
+    if proto.trainer_spec.model_type == pb.TrainerSpec.UNIGRAM:
+        scores = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+        model = models.Unigram(scores, unk_id=sp.unk_id(), byte_fallback=True)
+    else:
+        model = models.BPE(vocab=vocab, merges=_bpe_merges(sp, vocab), unk_token=unk,
+                           fuse_unk=True, byte_fallback=True)
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    specials = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+                if sp.is_control(i) or sp.is_unknown(i)]
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in specials])
+    user_symbols = [p.piece for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED]
+    tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in user_symbols])
+    bos = sp.id_to_piece(sp.bos_id())
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=sp.id_to_piece(sp.eos_id()),
+        unk_token=unk,
+        pad_token=sp.id_to_piece(sp.pad_id()),
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _read_proto(sp_model_path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(sp_model_path).read_bytes())
+    return proto, pb
