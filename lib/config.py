@@ -154,7 +154,8 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | No
     """Parse a script config: defaults < `--config FILE.yaml` < flags.
 
     `cls` must have a field `config: Optional[Path]`; it records which preset was used.
-    Flags are spelled with underscores, as in the YAML (`--optim.lr 3e-4`).
+    If it has `print_config: bool` and that is set, the resolved config is printed as YAML and
+    the process exits 0. Flags are spelled with underscores, as in the YAML (`--optim.lr 3e-4`).
     """
     import tyro
 
@@ -168,7 +169,13 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | No
             default = _build(cls, data, where=str(config_path))
             default = dataclasses.replace(default, config=Path(config_path))
     kwargs = {"default": default} if default is not None else {}
-    return tyro.cli(cls, args=argv, description=description, use_underscores=True, **kwargs)
+    cfg = tyro.cli(cls, args=argv, description=description, use_underscores=True, **kwargs)
+    if getattr(cfg, "print_config", False):
+        import yaml
+
+        print(yaml.safe_dump(to_dict(dataclasses.replace(cfg, print_config=False)), sort_keys=False), end="")
+        sys.exit(0)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

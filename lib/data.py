@@ -111,3 +111,29 @@ class BlockSampler:
                     f"this run has {getattr(self, key)}"
                 )
         self.state = SamplerState(epoch=state["epoch"], position=state["position"])
+
+
+@dataclass
+class DataConfig:
+    """Which tokenized dataset to train on and how it is cut into blocks."""
+
+    dir: str = "data/stdlib"
+    """A folder written by scripts/tokenize.py (holding tokens/ and tokenizer/)."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+
+
+def tokens_dir(data_dir: str | Path) -> Path:
+    """The token shard folder of a tokenized dataset folder (or the folder itself)."""
+    data_dir = Path(data_dir)
+    return data_dir / "tokens" if (data_dir / "tokens").is_dir() else data_dir
+
+
+def prefix_docs(docs: np.ndarray, max_tokens: int | None) -> tuple[int, int]:
+    """(tokens, text bytes) of the longest run of whole leading documents within max_tokens,
+    at least one document; all documents when max_tokens is None."""
+    if max_tokens is None:
+        return int(docs[:, 0].sum()), int(docs[:, 1].sum())
+    cum = np.cumsum(docs[:, 0])
+    k = max(1, int(np.searchsorted(cum, max_tokens, side="right")))
+    return int(cum[k - 1]), int(docs[:k, 1].sum())

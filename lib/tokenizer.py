@@ -5,8 +5,10 @@ normalization, no dummy prefix, no whitespace collapsing, byte fallback for any 
 outside the vocabulary, and "\\n" as its own piece (SentencePiece trains on lines, so it would
 otherwise never see a newline). Special ids are fixed: unk 0, bos 1, eos 2, pad 3.
 
-The Hugging Face tokenizer is built explicitly from the SentencePiece vocabulary (a BPE model
-whose merges are ranked by the SentencePiece piece scores) rather than through
+The Hugging Face tokenizer is built explicitly from the SentencePiece vocabulary (for BPE, a BPE
+model whose merges are ranked by the SentencePiece piece scores: identical ids; for unigram, a
+Unigram model with the same scores: identical except where two segmentations tie exactly in
+score, which the two libraries break differently) rather than through
 `LlamaTokenizerFast(vocab_file=...)`, which in transformers 5 silently produced a tokenizer of
 three pieces. Tests check its ids against SentencePiece itself.
 """
@@ -137,8 +139,9 @@ def _bpe_merges(sp, vocab: dict[str, int]) -> list[tuple[str, str]]:
 def build_hf_tokenizer(sp_model_path: str | Path):
     """A transformers fast tokenizer whose ids equal SentencePiece's for any text.
 
-    It adds bos in front of each encoded text (as training documents start), and knows the
-    pad token, so batches can be padded.
+    It adds bos in front of each encoded text (as training documents start), knows the pad
+    token, so batches can be padded, and treats special-token strings inside text ("<s>") as
+    plain text, as SentencePiece does.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -150,7 +153,11 @@ def build_hf_tokenizer(sp_model_path: str | Path):
     unk = sp.id_to_piece(sp.unk_id())
     proto, pb = _read_proto(sp_model_path)
     if proto.trainer_spec.model_type == pb.TrainerSpec.UNIGRAM:
-        scores = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+        # Control, unknown and byte pieces must never win a Viterbi path over literal text
+        # ("<s>" typed in a file is three characters to SentencePiece).
+        never = -1e9
+        scores = [(sp.id_to_piece(i), never if (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))
+                   else sp.get_score(i)) for i in range(sp.get_piece_size())]
         model = models.Unigram(scores, unk_id=sp.unk_id(), byte_fallback=True)
     else:
         model = models.BPE(vocab=vocab, merges=_bpe_merges(sp, vocab), unk_token=unk,
@@ -176,6 +183,8 @@ def build_hf_tokenizer(sp_model_path: str | Path):
         unk_token=unk,
         pad_token=sp.id_to_piece(sp.pad_id()),
         clean_up_tokenization_spaces=False,
+        # SentencePiece reads "<s>" in text as three characters, not as bos: do the same
+        split_special_tokens=True,
     )
 
 

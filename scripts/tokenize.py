@@ -39,6 +39,8 @@ class TokenizeConfig:
 
     config: Optional[Path] = None
     """YAML preset applied before these flags."""
+    print_config: bool = False
+    """Print the resolved config as YAML and exit."""
     out_dir: Path = Path("data/stdlib")
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

@@ -1,0 +1,53 @@
+# Shortcuts. Every target creates .venv from requirements.txt when it is missing or stale.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RUN    ?= default
+
+.PHONY: help venv tokenize train eval smoke test audit clean distclean
+
+help:
+	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml, evaluate it (~15 min on 2 CPU cores)"
+	@echo "make smoke     the same pipeline at toy size (under 2 minutes) -> runs/smoke/"
+	@echo "make test      run the test suite"
+	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
+	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"
+	@echo "make audit     environment and data integrity checks"
+	@echo "make clean     delete data/ and runs/smoke/ (rebuildable); make distclean also deletes .venv and runs/"
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+tokenize: venv
+	$(PY) scripts/tokenize.py --config configs/tokenize/stdlib.yaml
+
+# --resume auto: a second `make train` continues (or just re-finalizes) the run instead of clobbering it
+train: tokenize
+	$(PY) scripts/train.py --config configs/train/default.yaml --resume auto
+	$(PY) scripts/eval.py --model runs/default
+
+eval: venv
+	$(PY) scripts/eval.py --model runs/$(RUN)
+
+smoke: venv
+	$(PY) scripts/tokenize.py --config configs/tokenize/smoke.yaml
+	$(PY) scripts/train.py --config configs/train/smoke.yaml --overwrite
+	$(PY) scripts/eval.py --model runs/smoke
+
+test: venv
+	$(PY) -m pytest -q tests
+
+audit: venv
+	$(PY) scripts/audit.py --checks env data
+
+clean:
+	rm -rf data runs/smoke .pytest_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) runs

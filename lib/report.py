@@ -1,0 +1,55 @@
+"""End-of-run outputs: the Hugging Face-format final model, and plots of the metrics."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from lib.metrics import read_jsonl
+
+
+def write_final(model, tokens_dir: str | Path, out_dir: str | Path) -> Path:
+    """Save `model` and the dataset's tokenizer so the Auto classes load them offline."""
+    from transformers import AutoTokenizer
+
+    tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
+    tok_dir = (tokens_dir / ".." / "tokenizer").resolve()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tmp))
+    shutil.copy2(tok_dir / "sp.model", tmp / "sp.model")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def plot_metrics(run_dir: str | Path) -> Path | None:
+    """loss.png: training loss and held-out loss against optimizer step, and the learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    if not train:
+        return None
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out loss")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(run_dir.name)
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Evaluate a trained model on a held-out split: loss, perplexity, bits per byte, accuracy.
+
+    python scripts/eval.py --model runs/default
+    python scripts/eval.py --model runs/default/final --data data/stdlib --split val
+
+Beside the model's bits per byte it prints what gzip, bz2 and lzma reach on the same text, so
+you see at once whether the model learned more than a compressor. Results are appended to
+OUT_DIR/metrics.ndjson and rewritten as metrics.csv and metrics.parquet; samples go to
+OUT_DIR/samples.txt. OUT_DIR defaults to <run>/eval.
+"""
+import os
+import sys
+
+# Python puts this file's folder first on sys.path, where scripts/tokenize.py would shadow the
+# standard library's `tokenize` for everything imported after it: use the repo root instead.
+_here = os.path.dirname(os.path.realpath(__file__))
+_root = _here
+while not os.path.isfile(os.path.join(_root, "lib", "__init__.py")) and _root != os.path.dirname(_root):
+    _root = os.path.dirname(_root)
+sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
+
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Literal, Optional  # noqa: E402
+
+from lib import config as config_lib  # noqa: E402
+from lib.errors import UserError, exit_on_user_error  # noqa: E402
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a model folder (or a run folder holding final/) on a tokenized split."""
+
+    config: Optional[Path] = None
+    """YAML preset applied before these flags."""
+    print_config: bool = False
+    """Print the resolved config as YAML and exit."""
+    model: Path = Path("runs/default")
+    """A run folder (its final/ is used) or a Hugging Face model folder."""
+    data: Optional[str] = None
+    """Tokenized dataset folder; default: the one the run trained on, else data/stdlib."""
+    split: str = "val"
+    seq_len: Optional[int] = None
+    """Context per evaluated block; default: the run's training seq_len, else the model's maximum."""
+    batch_size: int = 16
+    max_tokens: Optional[int] = None
+    """Evaluate only the leading whole documents within this many tokens; None: the whole split."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    out_dir: Optional[Path] = None
+    """Where metrics and samples go; default: <run>/eval (or <model>/eval)."""
+    samples: int = 2
+    """Text samples to generate (0: none)."""
+    sample_tokens: int = 120
+    prompt: str = "def "
+    temperature: float = 0.8
+    seed: int = 0
+
+
+def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
+    """(model folder, run folder or None, data folder)."""
+    model = cfg.model
+    if (model / "final" / "config.json").is_file():
+        run, model_dir = model, model / "final"
+    elif (model / "config.json").is_file():
+        run = model.parent if (model.parent / "config.yaml").is_file() else None
+        model_dir = model
+    else:
+        raise UserError(f"--model {model}: neither a run folder with final/ nor a model folder with config.json")
+    data = cfg.data
+    if data is None and run is not None:
+        data = (config_lib.load_yaml(run / "config.yaml").get("data") or {}).get("dir")
+    return model_dir, run, data or "data/stdlib"
+
+
+@exit_on_user_error
+def main() -> None:
+    cfg = config_lib.parse(EvalConfig, description=__doc__)
+    model_dir, run_dir, data_dir = resolve_paths(cfg)
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    from lib.corpus import iter_records, read_manifest, sha256_file
+    from lib.data import load_split, prefix_docs, tokens_dir
+    from lib.evaluate import compressor_bpb, evaluate_stream, summarize
+    from lib.metrics import JsonlWriter, read_jsonl, write_tables
+    from lib.model import load_pretrained
+
+    tok_dir = tokens_dir(data_dir)
+    manifest = read_manifest(tok_dir, "tokens")
+    model_sp = model_dir / "sp.model"
+    if model_sp.is_file() and sha256_file(model_sp) != manifest["sp_model_sha256"]:
+        raise UserError(f"{model_dir} was trained with another tokenizer than {tok_dir}; "
+                        "evaluate on data encoded with the model's own tokenizer")
+    precision = cfg.precision
+    if precision == "auto":
+        bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        precision = "bf16" if bf16 else "fp32"
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    model = load_pretrained(model_dir).to(accelerator.device)
+    seq_len = cfg.seq_len
+    if seq_len is None and run_dir is not None:
+        seq_len = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}).get("seq_len")
+    seq_len = seq_len or model.config.max_position_embeddings
+
+    tokens, docs = load_split(tok_dir, cfg.split)
+    n_tokens, n_bytes = prefix_docs(docs, cfg.max_tokens)
+    n_docs = int((docs[:, 0].cumsum() <= n_tokens).sum())
+    t0 = time.perf_counter()
+    res = summarize(evaluate_stream(model, tokens[:n_tokens], seq_len, cfg.batch_size,
+                                    accelerator.device, accelerator.autocast), n_bytes)
+    secs = time.perf_counter() - t0
+    text = "".join(r["text"] for _, r in zip(range(n_docs), iter_records(tok_dir / manifest["corpus_dir"], cfg.split)))
+    if len(text.encode("utf-8")) != n_bytes:
+        raise UserError(f"{tok_dir}: token shards and corpus text disagree; rebuild with scripts/tokenize.py --force")
+    baselines = compressor_bpb(text.encode("utf-8"))
+
+    print(f"model {model_dir} on {tok_dir} [{cfg.split}]: {n_docs} documents, {n_bytes:,} bytes, "
+          f"{res['tokens']:,} target tokens, seq_len {seq_len}, {precision}, {secs:.1f}s")
+    print(f"  loss        {res['loss']:.4f} nats/token")
+    print(f"  perplexity  {res['perplexity']:.2f}")
+    print(f"  accuracy    {res['accuracy']:.4f} (next token)")
+    print(f"  bits/byte   {res['bits_per_byte']:.4f}   model")
+    for name, bpb in baselines.items():
+        verdict = "model better" if res["bits_per_byte"] < bpb else "compressor better"
+        print(f"              {bpb:.4f}   {name:<5} ({verdict})")
+
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": str(model_dir), "data": str(tok_dir),
+              "split": cfg.split, "data_content_hash": manifest["content_hash"], "seq_len": seq_len,
+              "precision": precision, "documents": n_docs, **res,
+              **{f"{k}_bits_per_byte": v for k, v in baselines.items()}, "eval_seconds": secs}
+
+    samples = []
+    if cfg.samples > 0:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        set_seed(cfg.seed)
+        ids = tok(cfg.prompt, return_tensors="pt").input_ids.to(accelerator.device)
+        with torch.no_grad(), accelerator.autocast():
+            out = model.generate(ids, do_sample=True, temperature=cfg.temperature,
+                                 max_new_tokens=cfg.sample_tokens, num_return_sequences=cfg.samples,
+                                 pad_token_id=tok.pad_token_id)
+        samples = [tok.decode(o, skip_special_tokens=True) for o in out]
+
+    out_dir = cfg.out_dir or ((run_dir or model_dir) / "eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sink = JsonlWriter(out_dir / "metrics.ndjson")
+    sink.write(record)
+    sink.close()
+    write_tables(read_jsonl(out_dir / "metrics.ndjson"), out_dir / "metrics")
+    if samples:
+        with open(out_dir / "samples.txt", "w", encoding="utf-8") as f:
+            for i, s in enumerate(samples):
+                f.write(f"--- sample {i} (prompt {cfg.prompt!r}, temperature {cfg.temperature})\n{s}\n")
+        print(f"sample 0:\n{samples[0]}")
+    print(f"wrote {out_dir}/metrics.ndjson, metrics.csv, metrics.parquet" + (", samples.txt" if samples else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""Train a causal language model with Accelerate: the whole loop, top to bottom, in this file.
+
+    python scripts/train.py --config configs/train/default.yaml
+    accelerate launch --config_file configs/accelerate/cpu.yaml scripts/train.py --config ...
+
+Writes runs/<run_name>/: config.yaml (resolved), provenance.json, metrics.jsonl, checkpoints/
+(resumable with --resume auto), final/ (a Hugging Face model and tokenizer), loss.png, report.md.
+"""
+import os
+import sys
+
+# Python puts this file's folder first on sys.path, where scripts/tokenize.py would shadow the
+# standard library's `tokenize` for everything imported after it: use the repo root instead.
+_here = os.path.dirname(os.path.realpath(__file__))
+_root = _here
+while not os.path.isfile(os.path.join(_root, "lib", "__init__.py")) and _root != os.path.dirname(_root):
+    _root = os.path.dirname(_root)
+sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
+
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Literal, Optional  # noqa: E402
+
+from lib import config as config_lib  # noqa: E402
+from lib.data import DataConfig  # noqa: E402
+from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.model import ModelConfig  # noqa: E402
+from lib.optim import OptimConfig  # noqa: E402
+
+
+@dataclass
+class TrainConfig:
+    """Pretrain from scratch or fine-tune a local model."""
+
+    config: Optional[Path] = None
+    """YAML preset applied before these flags."""
+    print_config: bool = False
+    """Print the resolved config as YAML and exit."""
+    run_name: str = "default"
+    runs_dir: Path = Path("runs")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    max_steps: int = 1000
+    """Optimizer steps; the learning-rate schedule spans exactly these."""
+    max_minutes: Optional[float] = None
+    """Stop early (saving everything) once training has run this long."""
+    micro_batch_size: int = 16
+    """Sequences per forward pass, per process."""
+    grad_accum_steps: int = 1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 where the device supports it (CUDA, or a CPU with bf16 units), else fp32."""
+    eval_every: int = 200
+    """Evaluate on held-out data every this many optimizer steps (0: only at the end)."""
+    eval_tokens: Optional[int] = 65_536
+    """Held-out tokens used by those evaluations (whole leading documents); None: all."""
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last_n: int = 2
+    """Complete checkpoints to keep; older ones are deleted after a new one is written."""
+    resume: Optional[str] = None
+    """'auto' (newest checkpoint of this run) or a checkpoint folder."""
+    overwrite: bool = False
+    """Delete an existing run folder of the same name instead of refusing to start."""
+    threads: Optional[int] = None
+    """torch intra-op threads on CPU (default: torch's choice)."""
+
+
+def pick_precision(choice: str) -> str:
+    import torch
+
+    if choice != "auto":
+        if choice == "fp16" and not torch.cuda.is_available():
+            raise UserError("precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+        return {"fp32": "no"}.get(choice, choice)
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
+@exit_on_user_error
+def main() -> None:
+    cfg = config_lib.parse(TrainConfig, description=__doc__)
+    if cfg.keep_last_n < 1:
+        raise UserError("--keep_last_n must be at least 1")
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    from lib import checkpoint as ckpt
+    from lib.data import BlockSampler, TokenBlocks, load_split, prefix_docs, tokens_dir
+    from lib.corpus import read_manifest
+    from lib.evaluate import evaluate_stream, summarize
+    from lib.loss import step_scaled_loss, token_loss_sum
+    from lib.metrics import JsonlWriter
+    from lib.model import build_model, count_params, flops_per_token
+    from lib.optim import build_optimizer, lr_at, set_lr
+    from lib.provenance import provenance
+    from lib.report import write_final, plot_metrics
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    accelerator = Accelerator(mixed_precision=pick_precision(cfg.precision),
+                              gradient_accumulation_steps=cfg.grad_accum_steps)
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    say = accelerator.print
+
+    # ---- run folder: never clobber an existing run by accident
+    run_dir = cfg.runs_dir / cfg.run_name
+    resume_from = ckpt.find_resume(run_dir, cfg.resume) if cfg.resume else None
+    if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise UserError(f"run folder {run_dir} already exists: pass --resume auto to continue it, "
+                            "--overwrite to replace it, or another --run_name")
+        if is_main:
+            ckpt.remove_run(run_dir)
+    accelerator.wait_for_everyone()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_lib.save(cfg, run_dir / "config.yaml")
+
+    # ---- data
+    tok_dir = tokens_dir(cfg.data.dir)
+    manifest = read_manifest(tok_dir, "tokens")
+    train_tokens, _ = load_split(tok_dir, "train")
+    val_tokens, val_docs = load_split(tok_dir, "val")
+    n_eval_tokens, eval_bytes = prefix_docs(val_docs, cfg.eval_tokens)
+    train_blocks = TokenBlocks(train_tokens, cfg.data.seq_len, source=f"{tok_dir} (train)")
+    sampler = BlockSampler(len(train_blocks), cfg.micro_batch_size, cfg.seed,
+                           accelerator.process_index, world)
+
+    # ---- model and optimizer (same seed on every rank: identical initial weights)
+    set_seed(cfg.seed)
+    if cfg.data.seq_len > cfg.model.max_seq_len and not cfg.model.init_from:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    model = build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"])
+    n_params, fpt = count_params(model), flops_per_token(model, cfg.data.seq_len)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step, tokens_seen = 0, 0
+    if resume_from is not None:
+        state = ckpt.load(accelerator, resume_from, manifest["content_hash"])
+        sampler.load_state_dict(state["sampler"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        say(f"resumed from {resume_from} at step {step}")
+    if is_main:
+        ckpt.write_json(run_dir / "provenance.json",
+                        provenance(cfg, manifest, accelerator, n_params, resumed_from=resume_from))
+
+    tokens_per_step = cfg.micro_batch_size * cfg.data.seq_len * cfg.grad_accum_steps * world
+    say(f"model: {cfg.model.arch} {n_params / 1e6:.2f}M params | data: {len(train_tokens):,} train tokens, "
+        f"{len(train_blocks):,} blocks of {cfg.data.seq_len} | {world} process(es), "
+        f"precision {accelerator.mixed_precision} | {tokens_per_step:,} tokens per optimizer step, "
+        f"{cfg.max_steps} steps ({tokens_per_step * cfg.max_steps / len(train_tokens):.2f} epochs)")
+
+    metrics = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
+    device = accelerator.device
+
+    def run_eval() -> dict:
+        sums = evaluate_stream(accelerator.unwrap_model(model), val_tokens[:n_eval_tokens],
+                               cfg.data.seq_len, cfg.micro_batch_size, device, accelerator.autocast)
+        res = summarize(sums, eval_bytes)
+        say(f"eval step {step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
+            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f}")
+        if metrics:
+            metrics.write({"type": "eval", "step": step, "tokens_seen": tokens_seen,
+                           **{f"val_{k}": v for k, v in res.items()}})
+        return res
+
+    def save_checkpoint():
+        ckpt.save(accelerator, run_dir, step, cfg.keep_last_n,
+                  {"step": step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(),
+                   "data_content_hash": manifest["content_hash"]})
+
+    # ---- the loop: one iteration = one optimizer step of grad_accum_steps micro-batches
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True,
+               desc="train", unit="step")
+    t_start = t_log = time.perf_counter()
+    tokens_at_log, stopped_early = tokens_seen, False
+    while step < cfg.max_steps:
+        batches = [torch.from_numpy(train_blocks.batch(sampler.next_batch())) for _ in range(cfg.grad_accum_steps)]
+        # Every target is a real token (blocks are packed), so the step's token count is known;
+        # it is still reduced across ranks so that padded data would be weighted right too.
+        local_tokens = torch.tensor(sum(b[:, 1:].numel() for b in batches), device=device)
+        step_tokens = int(accelerator.reduce(local_tokens, reduction="sum"))
+        step_loss = torch.zeros((), device=device)
+        for batch in batches:
+            batch = batch.to(device)
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch[:, :-1]).logits
+                loss_sum, _ = token_loss_sum(logits, batch[:, 1:])
+                accelerator.backward(step_scaled_loss(loss_sum, step_tokens, world, cfg.grad_accum_steps))
+                step_loss += loss_sum.detach()
+                if accelerator.sync_gradients:
+                    grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                                 if cfg.optim.grad_clip > 0 else torch.zeros(()))
+                    lr = lr_at(step, cfg.max_steps, cfg.optim)
+                    set_lr(optimizer, lr)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            loss = float(accelerator.reduce(step_loss, reduction="sum")) / step_tokens
+            now = time.perf_counter()
+            tps = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
+            t_log, tokens_at_log = now, tokens_seen
+            gn = float(grad_norm)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+            if is_main:
+                bar.write(f"step {step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                          f"grad_norm {gn:.3f} | {tps:,.0f} tok/s | {tps * fpt / 1e9:.1f} GFLOP/s")
+                metrics.write({"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": gn,
+                               "tokens_seen": tokens_seen, "tokens_per_s": tps,
+                               "elapsed_s": now - t_start})
+            if not math.isfinite(loss):
+                raise UserError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            run_eval()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            save_checkpoint()
+        if cfg.max_minutes and (time.perf_counter() - t_start) > 60 * cfg.max_minutes:
+            say(f"stopping at step {step}: the {cfg.max_minutes} minute budget is spent")
+            stopped_early = True
+            break
+    bar.close()
+    train_secs = time.perf_counter() - t_start
+
+    final_eval = run_eval()
+    save_checkpoint()
+    if is_main:
+        write_final(accelerator.unwrap_model(model), tok_dir, run_dir / "final")
+        metrics.close()
+        plot_metrics(run_dir)
+        (run_dir / "report.md").write_text(
+            f"# Run {cfg.run_name}\n\n"
+            f"- model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, seq_len {cfg.data.seq_len}\n"
+            f"- steps: {step} of {cfg.max_steps}{' (stopped early: time budget)' if stopped_early else ''}, "
+            f"{tokens_seen:,} tokens, {train_secs / 60:.1f} min, "
+            f"{tokens_seen / max(train_secs, 1e-9):,.0f} tokens/s overall\n"
+            f"- held-out ({final_eval['tokens']:,} tokens): loss {final_eval['loss']:.4f}, "
+            f"perplexity {final_eval['perplexity']:.2f}, bits/byte {final_eval['bits_per_byte']:.4f}, "
+            f"next-token accuracy {final_eval['accuracy']:.3f}\n\n![loss](loss.png)\n",
+            encoding="utf-8")
+        say(f"done: {step} steps in {train_secs / 60:.1f} min; final model in {run_dir / 'final'}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The built-in corpus: deterministic shards and manifest, path-hash split, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lib.corpus import CorpusConfig, build_corpus, iter_records, list_source_files, split_of, stdlib_root
+from lib.errors import UserError
+
+
+def test_two_builds_are_byte_identical(tmp_path):
+    cfg = CorpusConfig(max_files=300, shard_bytes=500_000)
+    m1 = build_corpus(cfg, tmp_path / "a")
+    m2 = build_corpus(cfg, tmp_path / "b")
+    assert m1 == m2
+    files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert len([f for f in files_a if f.startswith("train-")]) > 1  # several shards
+    for name in files_a:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_manifest_describes_shards(tmp_path):
+    m = build_corpus(CorpusConfig(max_files=200), tmp_path / "c")
+    for split, info in m["splits"].items():
+        records = list(iter_records(tmp_path / "c", split))
+        assert len(records) == info["records"] > 0
+        assert sum(len(r["text"].encode()) for r in records) == info["text_bytes"]
+        for r in records:
+            assert set(r) == {"id", "text", "source"}
+            assert split_of(r["source"], 20) == split
+            assert "\r" not in r["text"]
+            assert (stdlib_root() / r["source"]).is_file()
+
+
+def test_split_depends_on_path_only():
+    files = list_source_files(stdlib_root())
+    assert files == sorted(files) and len(files) > 300
+    val = [f for f in files if split_of(f, 20) == "val"]
+    # about 2% of files, and the same answer whatever the order or subset asked about
+    assert 0.005 < len(val) / len(files) < 0.05
+    assert [f for f in reversed(files) if split_of(f, 20) == "val"] == val[::-1]
+    assert split_of("json/decoder.py", 20) == split_of("json/decoder.py", 20)
+
+
+def test_rebuild_keeps_existing_folder_when_unchanged(tmp_path):
+    cfg = CorpusConfig(max_files=50)
+    build_corpus(cfg, tmp_path / "d")
+    before = (tmp_path / "d" / "manifest.json").stat().st_mtime_ns
+    build_corpus(cfg, tmp_path / "d")
+    assert (tmp_path / "d" / "manifest.json").stat().st_mtime_ns == before
+    changed = build_corpus(CorpusConfig(max_files=60), tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["content_hash"] == changed["content_hash"]
+
+
+def test_empty_split_is_an_error_and_leaves_nothing(tmp_path):
+    with pytest.raises(UserError, match="val split is empty"):
+        build_corpus(CorpusConfig(max_files=3, val_per_mille=0), tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_local_folder_source(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}.txt").write_bytes(f"line {i}\r\nsecond\n".encode())
+    (src / "bad.txt").write_bytes(b"\xff\xfe not utf8")
+    m = build_corpus(CorpusConfig(source=str(src), val_per_mille=200), tmp_path / "out")
+    assert m["skipped"]["not_utf8"] == 1
+    assert m["splits"]["train"]["records"] + m["splits"]["val"]["records"] == 40
+    with pytest.raises(UserError, match="not a directory"):
+        build_corpus(CorpusConfig(source=str(tmp_path / "missing")), tmp_path / "out2")

@@ -1,0 +1,118 @@
+"""lib units against references: schedules, sampler order, eval reductions, loss weighting."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lib.data import BlockSampler, TokenBlocks, prefix_docs
+from lib.errors import UserError
+from lib.evaluate import compressor_bpb, stream_blocks, summarize
+from lib.loss import IGNORE_INDEX, step_scaled_loss, token_loss_sum
+from lib.optim import OptimConfig, lr_at
+
+
+def test_warmup_then_cosine():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    lrs = [lr_at(s, 110, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # rising warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then non-increasing
+    assert lrs[-1] == pytest.approx(0.1)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant", "wsd"])
+def test_other_schedules_end_where_they_should(schedule):
+    cfg = OptimConfig(lr=2.0, warmup_steps=5, min_lr_ratio=0.25, schedule=schedule, decay_fraction=0.5)
+    last = lr_at(99, 100, cfg)
+    assert last == pytest.approx(2.0 if schedule == "constant" else 0.5)
+    if schedule == "wsd":
+        assert lr_at(40, 100, cfg) == pytest.approx(2.0)  # still in the stable phase
+
+
+def test_sampler_is_deterministic_and_resumable():
+    a = BlockSampler(1000, 8, seed=3)
+    first = [a.next_batch() for _ in range(200)]  # crosses an epoch boundary (125 batches)
+    b = BlockSampler(1000, 8, seed=3)
+    for _ in range(77):
+        b.next_batch()
+    c = BlockSampler(1000, 8, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert [c.next_batch() for _ in range(123)] == first[77:]
+    assert sorted(i for batch in first[:125] for i in batch) == list(range(1000))  # an epoch is a permutation
+    assert first[125:] != first[:75]  # the next epoch is reshuffled
+    assert BlockSampler(1000, 8, seed=4).next_batch() != first[0]
+
+
+def test_sampler_ranks_partition_the_epoch():
+    ranks = [BlockSampler(64, 4, seed=0, rank=r, world_size=2) for r in range(2)]
+    seen = [i for s in ranks for _ in range(s.batches_per_epoch) for i in s.next_batch()]
+    assert sorted(seen) == list(range(64))
+    with pytest.raises(UserError, match="micro_batch_size"):
+        BlockSampler(3, 4, seed=0)
+
+
+def test_blocks_cover_the_stream():
+    tokens = np.arange(101)
+    blocks = TokenBlocks(tokens, 10)
+    assert len(blocks) == 10
+    b = blocks.batch([0, 9])
+    assert b.shape == (2, 11) and b[0, -1] == 10 and b[1, 0] == 90 and b[1, -1] == 100
+
+
+def test_stream_blocks_predict_every_token_once():
+    tokens = np.arange(1, 24)  # 23 tokens -> 22 targets
+    rows = stream_blocks(tokens, 5)
+    targets = rows[:, 1:][rows[:, 1:] != IGNORE_INDEX]
+    assert sorted(targets.tolist()) == list(range(2, 24))
+
+
+def test_summarize_bits_per_byte():
+    sums = {"loss_sum": 100 * math.log(2), "targets": 50, "correct": 10}
+    out = summarize(sums, text_bytes=200)
+    assert out["bits_per_byte"] == pytest.approx(0.5)
+    assert out["loss"] == pytest.approx(2 * math.log(2)) and out["perplexity"] == pytest.approx(4.0)
+    assert out["accuracy"] == pytest.approx(0.2)
+
+
+def test_prefix_docs_takes_whole_documents():
+    docs = np.array([[10, 30], [20, 70], [5, 9]])
+    assert prefix_docs(docs, None) == (35, 109)
+    assert prefix_docs(docs, 29) == (10, 30)
+    assert prefix_docs(docs, 30) == (30, 100)
+    assert prefix_docs(docs, 3) == (10, 30)  # at least one document
+
+
+def test_compressors_rank_as_expected():
+    rng = np.random.default_rng(0)
+    text = ("def f(x):\n    return x + 1\n" * 200).encode() + rng.integers(97, 123, 2000, dtype=np.uint8).tobytes()
+    bpb = compressor_bpb(text)
+    assert set(bpb) == {"gzip", "bz2", "lzma"}
+    assert all(0 < v < 8 for v in bpb.values())
+    assert compressor_bpb(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())["lzma"] > 7.9
+
+
+def test_token_weighting_matches_one_big_batch():
+    """Uneven padding: accumulating token-weighted micro-batch losses gives the gradient of the
+    whole batch, where averaging per-micro-batch means does not."""
+    import torch
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, requires_grad=True)
+    x = torch.randn(2, 8, 6)
+    y = torch.randint(0, 5, (2, 8))
+    y[0, 2:] = IGNORE_INDEX  # micro-batch 0 has 2 targets, micro-batch 1 has 8
+    full_sum, n = token_loss_sum(x @ w, y)
+    (g_ref,) = torch.autograd.grad(full_sum / n, w)
+    g = torch.zeros_like(w)
+    g_naive = torch.zeros_like(w)
+    for i in range(2):
+        s, k = token_loss_sum(x[i : i + 1] @ w, y[i : i + 1])
+        # what accelerator.backward does with accumulation 2: divide by 2
+        g += torch.autograd.grad(step_scaled_loss(s, int(n), world_size=1, accum_steps=2) / 2, w,
+                                 retain_graph=True)[0]
+        g_naive += torch.autograd.grad((s / k) / 2, w)[0]
+    torch.testing.assert_close(g, g_ref)
+    assert not torch.allclose(g_naive, g_ref, atol=1e-4)

@@ -1,0 +1,117 @@
+"""The main job at toy size, as real subprocesses: tokenize -> train -> eval, then load the
+result with transformers' Auto classes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_script
+from lib.corpus import sha256_file
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_data, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
+                      "--runs_dir", str(runs), "--max_steps", "80", "--eval_every", "40",
+                      "--checkpoint_every", "40")
+    return runs / "smoke", proc
+
+
+def test_tokenized_data_is_consistent(tiny_data):
+    manifest = json.loads((tiny_data / "tokens" / "manifest.json").read_text())
+    assert manifest["vocab_size"] == 512
+    assert manifest["special_ids"] == {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            assert sha256_file(tiny_data / "tokens" / shard["file"]) == shard["sha256"]
+            tokens = np.load(tiny_data / "tokens" / shard["file"])
+            docs = np.load(tiny_data / "tokens" / shard["docs_file"])
+            assert docs[:, 0].sum() == len(tokens) == shard["tokens"]
+            starts = np.concatenate([[0], np.cumsum(docs[:, 0])[:-1]])
+            assert (tokens[starts] == 1).all() and (tokens[starts + docs[:, 0] - 1] == 2).all()
+
+
+def test_rerun_reuses_every_stage(tiny_data):
+    proc = run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(tiny_data),
+                      "--corpus.max_files", "80", "--tokenizer.vocab_size", "512")
+    assert "tokenizer: unchanged" in proc.stdout and "tokens: unchanged" in proc.stdout
+
+
+def test_training_loss_falls(smoke_run):
+    run, proc = smoke_run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert train[0]["step"] == 10 and train[-1]["step"] == 80
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5, (train[0]["loss"], train[-1]["loss"])
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
+    assert "loss" in proc.stdout and "tok/s" in proc.stdout
+
+
+def test_run_folder_contents(smoke_run):
+    run, _ = smoke_run
+    for name in ["config.yaml", "provenance.json", "metrics.jsonl", "loss.png", "report.md", "final/config.json",
+                 "final/model.safetensors", "final/tokenizer.json", "final/sp.model"]:
+        assert (run / name).is_file(), name
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["packages"]["torch"] and prov["data"]["tokens_content_hash"]
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_0000040", "step_0000080"], ckpts
+
+
+def test_final_loads_with_auto_classes_and_generates(smoke_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _ = smoke_run
+    model = AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(run / "final", local_files_only=True)
+    ids = tok("def ", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    assert isinstance(tok.decode(out[0], skip_special_tokens=True), str)
+    # the tied output layer was saved and reloaded (not re-initialised)
+    torch.testing.assert_close(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_eval_writes_all_sinks(smoke_run):
+    import pyarrow.parquet as pq
+
+    run, _ = smoke_run
+    proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "1", "--sample_tokens", "16")
+    for name in ["gzip", "bz2", "lzma", "bits/byte"]:
+        assert name in proc.stdout
+    out = run / "eval"
+    rec = json.loads((out / "metrics.ndjson").read_text().splitlines()[-1])
+    assert 0 < rec["bits_per_byte"] < 8 and rec["tokens"] > 0 and rec["bytes"] > rec["tokens"]
+    for k in ("gzip_bits_per_byte", "bz2_bits_per_byte", "lzma_bits_per_byte"):
+        assert 0.5 < rec[k] < 8
+    assert abs(rec["perplexity"] - np.exp(rec["loss"])) < 1e-6 * rec["perplexity"]
+    table = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert table[-1]["bits_per_byte"] == pytest.approx(rec["bits_per_byte"])
+    assert "bits_per_byte" in (out / "metrics.csv").read_text().splitlines()[0]
+    assert (out / "samples.txt").read_text().startswith("--- sample 0")
+
+
+def test_existing_run_is_not_clobbered(smoke_run, tiny_data):
+    run, _ = smoke_run
+    before = sha256_file(run / "final" / "model.safetensors")
+    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
+                      "--runs_dir", str(run.parent), check=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    assert sha256_file(run / "final" / "model.safetensors") == before
+
+
+def test_resume_continues_from_the_last_checkpoint(smoke_run, tiny_data, tmp_path):
+    run, _ = smoke_run
+    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
+                      "--runs_dir", str(run.parent), "--resume", "auto", "--max_steps", "100",
+                      "--checkpoint_every", "40")
+    assert "resumed from" in proc.stdout and "step_0000080" in proc.stdout
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert steps[-1] == 100 and steps.count(90) == 1

@@ -1,0 +1,116 @@
+"""Every script runs as a real subprocess: from another folder, through accelerate launch, as a
+copy under experiments/, without scripts/tokenize.py shadowing the standard library."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_script
+
+SCRIPTS = ["tokenize", "train", "eval", "audit"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_from_another_directory(name, tmp_path):
+    proc = run_script(f"scripts/{name}.py", "--help", cwd=tmp_path)
+    assert "usage" in proc.stdout.lower()
+    assert "--config" in proc.stdout
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_does_not_import_heavy_packages(name, tmp_path):
+    # runs the script the way `python scripts/X.py --help` does and lists what got imported
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(REPO / 'scripts' / (name + '.py'))!r}, '--help']\n"
+        f"sys.path[0] = {str(REPO / 'scripts')!r}\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'mlflow', 'accelerate', 'datasets') "
+        "if m in sys.modules)\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY=\n" in proc.stdout, proc.stdout[-300:]
+
+
+def test_stdlib_tokenize_is_not_shadowed(tmp_path):
+    # torch's import chain reaches inspect -> linecache -> tokenize; with the shadowing bug,
+    # `import torch` inside any script in scripts/ would load scripts/tokenize.py instead.
+    probe = REPO / "scripts" / "_probe_shadow.py"
+    body = (REPO / "scripts" / "train.py").read_text().split("import math")[0]
+    probe.write_text(body + "import tokenize, torch\nprint('TOKENIZE=' + tokenize.__file__)\n")
+    try:
+        proc = run_script(probe, cwd=tmp_path)
+    finally:
+        probe.unlink()
+    assert "TOKENIZE=" in proc.stdout
+    assert "scripts" not in proc.stdout.split("TOKENIZE=")[1]
+
+
+@pytest.mark.parametrize("name", ["train", "tokenize"])
+def test_accelerate_launch_help(name, tmp_path):
+    launcher = (str(Path(sys.executable).with_name("accelerate")), "launch",
+                "--config_file", str(REPO / "configs/accelerate/cpu.yaml"))
+    proc = run_script(f"scripts/{name}.py", "--help", cwd=tmp_path, launcher=launcher)
+    assert "--config" in proc.stdout
+
+
+def test_copy_under_experiments_runs(tmp_path):
+    exp = REPO / "experiments" / "_pytest_copy"
+    exp.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in SCRIPTS:
+            shutil.copy(REPO / "scripts" / f"{name}.py", exp / f"{name}.py")
+        for name in SCRIPTS:
+            proc = run_script(exp / f"{name}.py", "--help", cwd=tmp_path)
+            assert "--config" in proc.stdout
+    finally:
+        shutil.rmtree(exp)
+
+
+def test_bad_config_key_is_a_short_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_stepz: 3\n")
+    proc = run_script("scripts/train.py", "--config", str(bad), check=False, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown key 'max_stepz'" in proc.stderr and str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_choice_flag_names_the_option(tmp_path):
+    proc = run_script("scripts/train.py", "--precision", "fp8", check=False, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "precision" in proc.stderr and "Traceback" not in proc.stderr
+
+
+PRESETS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*/*.yaml")
+                 if "accelerate" not in p.parts)
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_parses_with_its_script(preset, tmp_path):
+    import yaml
+
+    script = Path(preset).parent.name
+    text = (REPO / preset).read_text()
+    header = text.split("\n\n")[0]
+    assert text.startswith("#") and f"scripts/{script}.py" in header, "a preset starts with a header giving its command"
+    proc = run_script(f"scripts/{script}.py", "--config", str(REPO / preset), "--print_config", cwd=tmp_path)
+    resolved = dict(_flatten(yaml.safe_load(proc.stdout)))
+    for key, value in _flatten(yaml.safe_load(text)):
+        assert resolved[key] == pytest.approx(float(value)) if isinstance(value, str) and value[:1].isdigit() \
+            else resolved[key] == value, key
