@@ -61,10 +61,17 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
 
 
 def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: dict) -> Path:
-    """Save a checkpoint of `step` (all ranks call this), then prune to `keep_last_n`."""
+    """Save a checkpoint of `step` (all ranks call this), then prune to `keep_last_n`.
+
+    A complete checkpoint of the same step is left as it is.
+    """
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f"{PREFIX}{step:07d}.tmp"
+    if (final / STATE).is_file():
+        # already saved (a run resumed at its last step): the state is the same, and replacing
+        # it would briefly leave no complete checkpoint behind
+        return final
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

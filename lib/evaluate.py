@@ -26,19 +26,35 @@ def compressor_bpb(data: bytes) -> dict[str, float]:
     return {name: 8 * size / max(len(data), 1) for name, size in sizes.items()}
 
 
-def stream_blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """Cut a token stream into (n, seq_len + 1) rows with stride seq_len, the last one padded
-    with IGNORE_INDEX, so every token after the first is a target exactly once."""
-    n = max(1, math.ceil((len(tokens) - 1) / seq_len))
-    rows = np.full((n, seq_len + 1), IGNORE_INDEX, dtype=np.int64)
-    for i in range(n):
-        chunk = tokens[i * seq_len : i * seq_len + seq_len + 1]
-        rows[i, : len(chunk)] = chunk
-    return rows
+def stream_blocks(tokens: np.ndarray, seq_len: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a token stream into windows of seq_len inputs starting every `stride` tokens, such
+    that every token after the first is a target exactly once. Returns (inputs, targets), both
+    (n, seq_len) int64; targets scored by an earlier window, and padding after the end, are
+    IGNORE_INDEX (padded inputs are 0).
+
+    stride = seq_len (default) gives disjoint blocks: the first tokens of each block see little
+    context. A smaller stride gives every scored token at least seq_len - stride tokens of
+    context, at seq_len / stride times the compute.
+    """
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride must be in 1..seq_len, got {stride}")
+    n_targets = len(tokens) - 1
+    starts = range(0, max(n_targets - seq_len, 0) + stride, stride) if n_targets > 0 else [0]
+    inputs = np.zeros((len(starts), seq_len), dtype=np.int64)
+    targets = np.full((len(starts), seq_len), IGNORE_INDEX, dtype=np.int64)
+    scored_upto = 0  # absolute index of the last target already scored (index 0 never is one)
+    for r, start in enumerate(starts):
+        chunk = np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
+        inputs[r, : len(chunk) - 1] = chunk[:-1]
+        skip = max(scored_upto - start, 0)  # leading targets an earlier window already scored
+        targets[r, skip : len(chunk) - 1] = chunk[skip + 1 :]
+        scored_upto = max(scored_upto, start + len(chunk) - 1)
+    return inputs, targets
 
 
 def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, device,
-                    autocast=None) -> dict[str, float]:
+                    autocast=None, stride: int | None = None) -> dict[str, float]:
     """Sum of target-token cross-entropy (nats), target count and correct argmax count.
 
     Single process: every rank that calls it evaluates the whole stream. `autocast` is a
@@ -46,15 +62,14 @@ def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, de
     """
     import torch
 
-    rows = stream_blocks(np.asarray(tokens), seq_len)
+    all_inputs, all_targets = stream_blocks(np.asarray(tokens), seq_len, stride)
     loss_sum, n_targets, n_correct = 0.0, 0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = torch.from_numpy(rows[start : start + batch_size]).to(device)
-            inputs = batch[:, :-1].clamp(min=0)  # padding positions are never targets
-            targets = batch[:, 1:]
+        for start in range(0, len(all_inputs), batch_size):
+            inputs = torch.from_numpy(all_inputs[start : start + batch_size]).to(device)
+            targets = torch.from_numpy(all_targets[start : start + batch_size]).to(device)
             with (autocast() if autocast else nullcontext()):
                 logits = model(input_ids=inputs).logits
             mask = targets != IGNORE_INDEX

@@ -44,6 +44,9 @@ class EvalConfig:
     split: str = "val"
     seq_len: Optional[int] = None
     """Context per evaluated block; default: the run's training seq_len, else the model's maximum."""
+    stride: Optional[int] = None
+    """Start a window every this many tokens, scoring only tokens not scored before, so each sees
+    at least seq_len - stride tokens of context; default: seq_len // 2. seq_len = disjoint blocks."""
     batch_size: int = 16
     max_tokens: Optional[int] = None
     """Evaluate only the leading whole documents within this many tokens; None: the whole split."""
@@ -111,8 +114,9 @@ def main() -> None:
     n_tokens, n_bytes = prefix_docs(docs, cfg.max_tokens)
     n_docs = int((docs[:, 0].cumsum() <= n_tokens).sum())
     t0 = time.perf_counter()
+    stride = cfg.stride or max(1, seq_len // 2)
     res = summarize(evaluate_stream(model, tokens[:n_tokens], seq_len, cfg.batch_size,
-                                    accelerator.device, accelerator.autocast), n_bytes)
+                                    accelerator.device, accelerator.autocast, stride), n_bytes)
     secs = time.perf_counter() - t0
     text = "".join(r["text"] for _, r in zip(range(n_docs), iter_records(tok_dir / manifest["corpus_dir"], cfg.split)))
     if len(text.encode("utf-8")) != n_bytes:
@@ -120,7 +124,7 @@ def main() -> None:
     baselines = compressor_bpb(text.encode("utf-8"))
 
     print(f"model {model_dir} on {tok_dir} [{cfg.split}]: {n_docs} documents, {n_bytes:,} bytes, "
-          f"{res['tokens']:,} target tokens, seq_len {seq_len}, {precision}, {secs:.1f}s")
+          f"{res['tokens']:,} target tokens, seq_len {seq_len}, stride {stride}, {precision}, {secs:.1f}s")
     print(f"  loss        {res['loss']:.4f} nats/token")
     print(f"  perplexity  {res['perplexity']:.2f}")
     print(f"  accuracy    {res['accuracy']:.4f} (next token)")
@@ -131,7 +135,7 @@ def main() -> None:
 
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": str(model_dir), "data": str(tok_dir),
               "split": cfg.split, "data_content_hash": manifest["content_hash"], "seq_len": seq_len,
-              "precision": precision, "documents": n_docs, **res,
+              "stride": stride, "precision": precision, "documents": n_docs, **res,
               **{f"{k}_bits_per_byte": v for k, v in baselines.items()}, "eval_seconds": secs}
 
     samples = []

@@ -62,11 +62,19 @@ def test_blocks_cover_the_stream():
     assert b.shape == (2, 11) and b[0, -1] == 10 and b[1, 0] == 90 and b[1, -1] == 100
 
 
-def test_stream_blocks_predict_every_token_once():
-    tokens = np.arange(1, 24)  # 23 tokens -> 22 targets
-    rows = stream_blocks(tokens, 5)
-    targets = rows[:, 1:][rows[:, 1:] != IGNORE_INDEX]
-    assert sorted(targets.tolist()) == list(range(2, 24))
+@pytest.mark.parametrize("n, seq_len, stride", [(23, 5, None), (23, 5, 2), (23, 5, 5), (6, 5, 1), (4, 8, 3),
+                                                (101, 10, 7), (2, 5, None)])
+def test_stream_blocks_predict_every_token_once(n, seq_len, stride):
+    tokens = np.arange(1, n + 1)  # n tokens -> n - 1 targets: 2..n
+    inputs, targets = stream_blocks(tokens, seq_len, stride)
+    scored = targets[targets != IGNORE_INDEX]
+    assert sorted(scored.tolist()) == list(range(2, n + 1))
+    # each target is predicted from the token right before it
+    rows, cols = np.nonzero(targets != IGNORE_INDEX)
+    assert (inputs[rows, cols] == targets[rows, cols] - 1).all()
+    if stride and stride < seq_len and n > seq_len + 1:
+        # apart from the first window, every scored target sees >= seq_len - stride tokens of context
+        assert cols[rows > 0].min() >= seq_len - stride - 1
 
 
 def test_summarize_bits_per_byte():

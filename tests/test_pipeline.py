@@ -3,20 +3,25 @@ result with transformers' Auto classes."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import REPO, run_script
 from lib.corpus import sha256_file
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tiny_data, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
-                      "--runs_dir", str(runs), "--max_steps", "80", "--eval_every", "40",
-                      "--checkpoint_every", "40")
+    # through `accelerate launch`, from another working directory, as a user would
+    launcher = (str(Path(sys.executable).with_name("accelerate")), "launch",
+                "--config_file", str(REPO / "configs/accelerate/cpu.yaml"))
+    proc = run_script("scripts/train.py", "--config", str(REPO / "configs/train/smoke.yaml"),
+                      "--data.dir", str(tiny_data), "--runs_dir", str(runs), "--max_steps", "80",
+                      "--eval_every", "40", "--checkpoint_every", "40", launcher=launcher, cwd=runs)
     return runs / "smoke", proc
 
 
@@ -115,3 +120,27 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tiny_data, tmp_pat
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
     assert steps[-1] == 100 and steps.count(90) == 1
+
+
+def test_audit_passes_then_names_a_corrupted_file(smoke_run, tiny_data, tmp_path):
+    import shutil
+
+    run, _ = smoke_run
+    proc = run_script("scripts/audit.py", "--checks", "env", "data", "run", "--data", str(tiny_data),
+                      "--run", str(run))
+    assert "all checks passed" in proc.stdout and "[FAIL]" not in proc.stdout
+    # flip one byte in a copy of the data and of a checkpoint
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = data / "tokens" / "val-00000.npy"
+    blob = bytearray(shard.read_bytes())
+    blob[-1] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    run_copy = tmp_path / "run"
+    shutil.copytree(run, run_copy)
+    ckpt_file = run_copy / "checkpoints" / "step_0000080" / "model.safetensors"
+    ckpt_file.write_bytes(ckpt_file.read_bytes()[:-10])
+    proc = run_script("scripts/audit.py", "--checks", "data", "run", "--data", str(data), "--run", str(run_copy),
+                      check=False)
+    assert proc.returncode == 1
+    assert "val-00000.npy" in proc.stdout and "model.safetensors is corrupt" in proc.stdout
