@@ -54,11 +54,11 @@ def stream_blocks(tokens: np.ndarray, seq_len: int, stride: int | None = None) -
 
 
 def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, device,
-                    autocast=None, stride: int | None = None) -> dict[str, float]:
+                    autocast=None, stride: int | None = None, progress: bool = False) -> dict[str, float]:
     """Sum of target-token cross-entropy (nats), target count and correct argmax count.
 
     Single process: every rank that calls it evaluates the whole stream. `autocast` is a
-    context manager factory (e.g. `accelerator.autocast`) or None.
+    context manager factory (e.g. `accelerator.autocast`) or None. `progress` shows a bar.
     """
     import torch
 
@@ -67,7 +67,12 @@ def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, de
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(all_inputs), batch_size):
+        starts = range(0, len(all_inputs), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="eval", unit="batch", dynamic_ncols=True)
+        for start in starts:
             inputs = torch.from_numpy(all_inputs[start : start + batch_size]).to(device)
             targets = torch.from_numpy(all_targets[start : start + batch_size]).to(device)
             with (autocast() if autocast else nullcontext()):

@@ -81,6 +81,25 @@ def load_pretrained(path: str | Path, dtype=None):
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
 
 
+def pick_precision(choice: str) -> str:
+    """Resolve a precision choice to Accelerate's mixed_precision value ('no', 'bf16', 'fp16').
+
+    auto: bf16 on a CUDA GPU that supports it (else fp16), bf16 on a CPU with bf16 kernels
+    (AVX512-BF16 / AMX), else full fp32. fp16 needs CUDA.
+    """
+    import torch
+
+    if choice == "fp32":
+        return "no"
+    if choice == "fp16" and not torch.cuda.is_available():
+        raise UserError("precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
 def count_params(model, trainable_only: bool = False) -> int:
     """Number of parameters, each shared tensor counted once."""
     seen, total = set(), 0

@@ -70,9 +70,10 @@ def audit_env(rep: Report) -> None:
     import torch
 
     rep.line(None, f"torch threads {torch.get_num_threads()}, CUDA available: {torch.cuda.is_available()}")
-    cpu_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    rep.line(None, f"CPU bf16 kernels: {cpu_bf16} (train.py --precision auto picks "
-             f"{'bf16' if cpu_bf16 or torch.cuda.is_available() else 'fp32'})")
+    from lib.model import pick_precision
+
+    rep.line(None, f"CPU bf16 kernels: {torch.ops.mkldnn._is_mkldnn_bf16_supported()} "
+             f"(--precision auto picks {pick_precision('auto').replace('no', 'fp32')})")
     rep.line(None, f"GPU monitoring: {gpu_status()}")
     git = git_state()
     rep.line(None, f"git commit {git['commit']}, uncommitted changes: {git['dirty']}")

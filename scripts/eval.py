@@ -50,7 +50,7 @@ class EvalConfig:
     batch_size: int = 16
     max_tokens: Optional[int] = None
     """Evaluate only the leading whole documents within this many tokens; None: the whole split."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     out_dir: Optional[Path] = None
     """Where metrics and samples go; default: <run>/eval (or <model>/eval)."""
     samples: int = 2
@@ -91,7 +91,7 @@ def main() -> None:
     from lib.data import load_split, prefix_docs, tokens_dir
     from lib.evaluate import compressor_bpb, evaluate_stream, summarize
     from lib.metrics import JsonlWriter, read_jsonl, write_tables
-    from lib.model import load_pretrained
+    from lib.model import load_pretrained, pick_precision
 
     tok_dir = tokens_dir(data_dir)
     manifest = read_manifest(tok_dir, "tokens")
@@ -99,11 +99,9 @@ def main() -> None:
     if model_sp.is_file() and sha256_file(model_sp) != manifest["sp_model_sha256"]:
         raise UserError(f"{model_dir} was trained with another tokenizer than {tok_dir}; "
                         "evaluate on data encoded with the model's own tokenizer")
-    precision = cfg.precision
-    if precision == "auto":
-        bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        precision = "bf16" if bf16 else "fp32"
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    mixed = pick_precision(cfg.precision)
+    precision = {"no": "fp32"}.get(mixed, mixed)
+    accelerator = Accelerator(mixed_precision=mixed)
     model = load_pretrained(model_dir).to(accelerator.device)
     seq_len = cfg.seq_len
     if seq_len is None and run_dir is not None:
@@ -116,7 +114,7 @@ def main() -> None:
     t0 = time.perf_counter()
     stride = cfg.stride or max(1, seq_len // 2)
     res = summarize(evaluate_stream(model, tokens[:n_tokens], seq_len, cfg.batch_size,
-                                    accelerator.device, accelerator.autocast, stride), n_bytes)
+                                    accelerator.device, accelerator.autocast, stride, progress=True), n_bytes)
     secs = time.perf_counter() - t0
     text = "".join(r["text"] for _, r in zip(range(n_docs), iter_records(tok_dir / manifest["corpus_dir"], cfg.split)))
     if len(text.encode("utf-8")) != n_bytes:

@@ -72,18 +72,6 @@ class TrainConfig:
     """torch intra-op threads on CPU (default: torch's choice)."""
 
 
-def pick_precision(choice: str) -> str:
-    import torch
-
-    if choice != "auto":
-        if choice == "fp16" and not torch.cuda.is_available():
-            raise UserError("precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-        return {"fp32": "no"}.get(choice, choice)
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-
-
 @exit_on_user_error
 def main() -> None:
     cfg = config_lib.parse(TrainConfig, description=__doc__)
@@ -101,7 +89,7 @@ def main() -> None:
     from lib.evaluate import evaluate_stream, summarize
     from lib.loss import step_scaled_loss, token_loss_sum
     from lib.metrics import JsonlWriter
-    from lib.model import build_model, count_params, flops_per_token
+    from lib.model import build_model, count_params, flops_per_token, pick_precision
     from lib.optim import build_optimizer, lr_at, set_lr
     from lib.provenance import provenance
     from lib.report import write_final, plot_metrics
