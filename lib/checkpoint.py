@@ -90,12 +90,19 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
     return final
 
 
-def load(accelerator, path: Path, data_content_hash: str) -> dict:
-    """Verify and restore a checkpoint into the prepared objects; return its trainer state."""
+def load(accelerator, path: Path, data_content_hash: str, allow_data_change: bool = False) -> dict:
+    """Verify and restore a checkpoint into the prepared objects; return its trainer state.
+
+    Resuming on data other than the checkpoint's (by token-shard content hash) is refused
+    unless `allow_data_change`, in which case it is only reported.
+    """
     state = verify(path)
     if state.get("data_content_hash") != data_content_hash:
-        raise UserError(f"checkpoint {path} was trained on other data (content hash "
-                        f"{str(state.get('data_content_hash'))[:12]} vs {data_content_hash[:12]})")
+        msg = (f"checkpoint {path} was trained on other data (token content hash "
+               f"{str(state.get('data_content_hash'))[:12]}, this run's data {data_content_hash[:12]})")
+        if not allow_data_change:
+            raise UserError(msg + "; pass --allow_data_change to resume on the new data anyway")
+        accelerator.print(f"warning: {msg}; resuming anyway (--allow_data_change)")
     accelerator.load_state(str(path))
     return state
 

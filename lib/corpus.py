@@ -1,12 +1,16 @@
 """Raw text -> normalized JSONL records in shards, with a content-hashed manifest.
 
 The built-in corpus is the standard library source of the Python running this code: every
-machine has it and nothing is downloaded. A record is `{"id", "text", "source"}`. The held-out
-split is chosen by a hash of each file's relative path, so it never depends on file order, on
-the number of files or on a seed. Rebuilding gives byte-identical shards and manifest.
+machine has it and nothing is downloaded. Local files and saved `datasets` datasets are read
+through lib/sources.py. A record is `{"id", "text", "source"}`, plus `"line"` for records that
+are one line (jsonl) or row (parquet) of a file. The held-out split is chosen by a hash of each
+record id (a file's relative path, or path:line), so it never depends on order, on the number
+of files or on a seed. The manifest records the sha256 of every raw input, the normalization,
+what was skipped and why, and every shard's sha256. Rebuilding gives byte-identical output.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,11 +18,14 @@ import os
 import platform
 import shutil
 import sysconfig
-from dataclasses import dataclass
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 from lib.errors import UserError
+from lib.sources import InputFile, RecordReader, expand_inputs, hash_inputs, is_saved_dataset
 
 MANIFEST = "manifest.json"
 # Test suites ship deliberately odd files (bad encodings, huge generated data); library code is
@@ -27,13 +34,37 @@ STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "te
 
 
 @dataclass
+class NormalizeConfig:
+    """How raw text is normalized before anything else sees it (recorded in the manifest)."""
+
+    unicode: Literal["none", "NFC", "NFKC"] = "none"
+    newlines: Literal["lf", "keep"] = "lf"
+    """lf: CRLF and lone CR become LF."""
+    strip: bool = False
+    """Strip leading and trailing whitespace of each record."""
+
+
+@dataclass
 class CorpusConfig:
-    """Where raw text comes from and how it is split and sharded."""
+    """Where raw text comes from, how it is normalized, split and sharded."""
 
     source: str = "stdlib"
-    """'stdlib' (this interpreter's standard library sources) or a directory of .py/.txt files."""
+    """'stdlib' (this interpreter's standard library sources); or files, directories and globs of
+    .txt/.py/.md (a document per file), .jsonl (a record per line) and .parquet (a record per
+    row), comma-separated; or a folder written by datasets' save_to_disk."""
+    text_field: str = "text"
+    """The field holding the text (jsonl, parquet, datasets)."""
+    template: Optional[str] = None
+    """Build the text from several fields instead, e.g. '{title}\\n\\n{body}'."""
+    dataset_split: Optional[str] = None
+    """The split to read from a saved DatasetDict."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """Malformed JSON, a missing field, a non-string text, an empty file: stop, or skip and count."""
+    on_bad_utf8: Literal["error", "skip", "replace"] = "error"
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     val_per_mille: int = 20
-    """Held-out share, in 1/1000 of files, chosen by the sha256 of each relative path."""
+    """Held-out share, in 1/1000 of documents, chosen by the sha256 of each document id
+    (the file's relative path, or path:line)."""
     max_files: Optional[int] = None
     """Keep only the first N files in sorted path order (toy runs)."""
     shard_bytes: int = 4_000_000
@@ -62,22 +93,17 @@ def split_of(rel_path: str, val_per_mille: int) -> str:
     return "val" if bucket < val_per_mille else "train"
 
 
-def normalize(raw: bytes) -> str | None:
-    """UTF-8 decode and turn CRLF/CR newlines into LF; None when the bytes are not UTF-8.
-
-    Nothing else is changed: indentation, tabs, trailing spaces and Unicode forms are kept.
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+def normalize(text: str, cfg: NormalizeConfig) -> str:
+    """Apply the configured normalization; a leading byte-order mark is always dropped."""
     if text.startswith("\ufeff"):
         text = text[1:]
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-NORMALIZATION = {"encoding": "utf-8, files that are not are skipped", "newlines": "lf",
-                 "unicode": "unchanged", "bom": "stripped"}
+    if cfg.newlines == "lf":
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if cfg.unicode != "none":
+        text = unicodedata.normalize(cfg.unicode, text)
+    if cfg.strip:
+        text = text.strip()
+    return text
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -122,28 +148,34 @@ class _ShardWriter:
             self._f = None
 
 
-def _records(cfg: CorpusConfig, skipped: dict) -> Iterator[tuple[str, dict]]:
+def _records(cfg: CorpusConfig, skipped: Counter, inputs: list) -> Iterator[tuple[str, dict]]:
+    """(split, record) pairs; fills `inputs` with the hashed raw files as a side result."""
     if cfg.source == "stdlib":
-        root, label = stdlib_root(), f"python{platform.python_version()}-stdlib"
-        files = list_source_files(root)
+        root = stdlib_root()
+        files = [InputFile(root / rel, rel) for rel in list_source_files(root)]
+        # the built-in corpus tolerates what a library tree holds: empty __init__.py files
+        reader = RecordReader(on_bad_record="skip", on_bad_utf8="skip")
+    elif is_saved_dataset(cfg.source):
+        files = []
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
     else:
-        root, label = Path(cfg.source), Path(cfg.source).name
-        if not root.is_dir():
-            raise UserError(f"corpus.source: {root} is not a directory (or use 'stdlib')")
-        files = list_source_files(root, suffixes=(".py", ".txt"), skip_dirs={"__pycache__"})
+        files = expand_inputs(cfg.source)
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
     if cfg.max_files is not None:
         files = files[: cfg.max_files]
-    if not files:
-        raise UserError(f"corpus.source: no .py/.txt files found under {root}")
-    for rel in files:
-        text = normalize((root / rel).read_bytes())
-        if text is None:
-            skipped["not_utf8"] += 1
-            continue
+    inputs.extend(hash_inputs(files))
+    stream = (reader.read_saved_dataset(cfg.source, cfg.dataset_split) if not files
+              else (r for f in files for r in reader.read(f)))
+    for raw in stream:
+        text = normalize(raw.text, cfg.normalize)
         if not text.strip():
-            skipped["empty"] += 1
+            skipped["blank_text"] += 1
             continue
-        yield split_of(rel, cfg.val_per_mille), {"id": f"{label}/{rel}", "text": text, "source": rel}
+        record = {"id": raw.id, "text": text, "source": raw.source}
+        if raw.line is not None:
+            record["line"] = raw.line
+        yield split_of(raw.id, cfg.val_per_mille), record
+    skipped.update(reader.counts)
 
 
 def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
@@ -157,10 +189,11 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    skipped = {"not_utf8": 0, "empty": 0}
+    skipped: Counter = Counter()
+    inputs: list[dict] = []
     writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
     try:
-        for split, record in _records(cfg, skipped):
+        for split, record in _records(cfg, skipped, inputs):
             writers[split].write(record)
         for w in writers.values():
             w.close()
@@ -182,8 +215,9 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
             "source": "stdlib" if cfg.source == "stdlib" else str(cfg.source),
             "python": platform.python_version() if cfg.source == "stdlib" else None,
             "settings": dataclasses.asdict(cfg),
-            "normalization": NORMALIZATION,
-            "skipped": skipped,
+            "normalization": dataclasses.asdict(cfg.normalize),
+            "skipped": dict(sorted(skipped.items())),
+            "inputs": inputs,
             "splits": splits,
         }
         manifest["content_hash"] = canonical_hash(
@@ -216,6 +250,20 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_text(path: str | Path):
+    """Open `path` for writing text under a temporary name; rename it into place only when the
+    block finishes, and delete the temporary file when it raises."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_manifest(data_dir: str | Path, kind: str) -> dict:
     """Load `data_dir/manifest.json` and check it is of `kind`, with a clear error if not."""
     path = Path(data_dir) / MANIFEST
@@ -240,3 +288,9 @@ def iter_shard(path: str | Path) -> Iterable[dict]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)
+
+
+def iter_source(cfg: CorpusConfig) -> Iterator[dict]:
+    """Normalized records of a source, both splits, without writing anything."""
+    for _, record in _records(cfg, Counter(), []):
+        yield record

@@ -103,8 +103,11 @@ class BlockSampler:
                 "seed": self.seed, "n_blocks": self.n_blocks, "batch_size": self.batch_size,
                 "world_size": self.world_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "n_blocks", "batch_size", "world_size"):
+    def load_state_dict(self, state: dict, allow_data_change: bool = False) -> None:
+        """Continue from a saved position. The seed, batch size and world size must match, and
+        the number of blocks too unless the data was knowingly changed."""
+        keys = ("seed", "batch_size", "world_size") + (() if allow_data_change else ("n_blocks",))
+        for key in keys:
             if state[key] != getattr(self, key):
                 raise UserError(
                     f"cannot resume the data order: checkpoint has {key}={state[key]}, "

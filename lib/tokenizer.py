@@ -15,6 +15,7 @@ three pieces. Tests check its ids against SentencePiece itself.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Literal
@@ -194,3 +195,117 @@ def _read_proto(sp_model_path):
     proto = pb.ModelProto()
     proto.ParseFromString(Path(sp_model_path).read_bytes())
     return proto, pb
+
+
+class TextTokenizer:
+    """One interface over a SentencePiece `.model` file or a Hugging Face tokenizer folder.
+
+    `encode` returns ids without special tokens; `encode_batch` adds them. Tokenizers without a
+    pad token (GPT-2) get one only when asked: `pad_token="eos"` pads with eos, any other string
+    must already be a token of the vocabulary.
+    """
+
+    def __init__(self, path: str | Path, pad_token: str | None = None):
+        path = Path(path)
+        self.path = path
+        if path.is_file():
+            self.kind = "sentencepiece"
+            self._sp = load_sentencepiece(path)
+            ids = special_ids(self._sp)
+            self.vocab_size = self._sp.get_piece_size()
+            self._piece_to_id = self._sp.piece_to_id
+        elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            self.kind = "huggingface"
+            try:
+                self._hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{path}: not a loadable Hugging Face tokenizer ({exc})") from None
+            h = self._hf
+            ids = {"unk": _or_none(h.unk_token_id), "bos": _or_none(h.bos_token_id),
+                   "eos": _or_none(h.eos_token_id), "pad": _or_none(h.pad_token_id)}
+            self.vocab_size = len(h)
+            self._piece_to_id = lambda piece: h.convert_tokens_to_ids(piece)
+        else:
+            raise UserError(f"{path}: neither a SentencePiece .model file nor a tokenizer folder")
+        self.ids = {k: (None if v is None or v < 0 else v) for k, v in ids.items()}
+        if pad_token is not None:
+            if pad_token == "eos":
+                if self.ids["eos"] is None:
+                    raise UserError(f"{path} has no eos token to pad with")
+                self.ids["pad"] = self.ids["eos"]
+            else:
+                pid = self._piece_to_id(pad_token)
+                if pid is None or (self.ids["unk"] is not None and pid == self.ids["unk"] and pad_token != "<unk>"):
+                    raise UserError(f"--pad_token {pad_token!r} is not a token of {path}")
+                self.ids["pad"] = pid
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text, no special tokens added."""
+        if self.kind == "sentencepiece":
+            return self._sp.encode(texts, num_threads=os.cpu_count() or 1)
+        return self._hf(texts, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        if self.kind == "sentencepiece":
+            specials = {v for v in self.ids.values() if v is not None}
+            return self._sp.decode([i for i in ids if not (skip_special and i in specials)])
+        return self._hf.decode(ids, skip_special_tokens=skip_special)
+
+    def pieces(self, text: str) -> list[str]:
+        if self.kind == "sentencepiece":
+            return [self._sp.id_to_piece(i) for i in self._sp.encode(text)]
+        return self._hf.convert_ids_to_tokens(self.encode([text])[0])
+
+
+def _or_none(v):
+    return None if v is None else int(v)
+
+
+@dataclass
+class EncodeOptions:
+    """Special tokens, truncation and padding for `encode_batch`."""
+
+    add_bos: bool = True
+    add_eos: bool = False
+    max_length: int | None = None
+    """Truncate to this many tokens, special tokens included."""
+    truncation_side: Literal["right", "left"] = "right"
+    padding: Literal["none", "longest", "max_length"] = "none"
+    padding_side: Literal["right", "left"] = "right"
+
+
+def encode_batch(tok: TextTokenizer, texts: list[str], opts: EncodeOptions) -> tuple[list[list[int]], list[list[int]]]:
+    """(ids, attention_mask) per text, as a Hugging Face tokenizer called with the same options.
+
+    Truncation cuts the text's own tokens (from the chosen side) and keeps bos/eos, so a
+    truncated sequence still starts and ends like any other.
+    """
+    for name in ("bos", "eos"):
+        if getattr(opts, f"add_{name}") and tok.ids[name] is None:
+            raise UserError(f"{tok.path} has no {name} token; drop --add_{name}")
+    if opts.padding != "none" and tok.ids["pad"] is None:
+        raise UserError(f"{tok.path} has no pad token: pass --pad_token eos (or another token) to pad")
+    if opts.padding == "max_length" and not opts.max_length:
+        raise UserError("--padding max_length needs --max_length")
+    head = [tok.ids["bos"]] if opts.add_bos else []
+    tail = [tok.ids["eos"]] if opts.add_eos else []
+    budget = None if opts.max_length is None else opts.max_length - len(head) - len(tail)
+    if budget is not None and budget < 0:
+        raise UserError(f"--max_length {opts.max_length} leaves no room for the special tokens")
+    out = []
+    for ids in tok.encode(list(texts)):
+        if budget is not None and len(ids) > budget:
+            ids = ids[:budget] if opts.truncation_side == "right" else ids[len(ids) - budget:]
+        out.append(head + list(ids) + tail)
+    masks = [[1] * len(x) for x in out]
+    if opts.padding != "none" and out:
+        width = opts.max_length if opts.padding == "max_length" else max(len(x) for x in out)
+        for i, x in enumerate(out):
+            fill = width - len(x)
+            if opts.padding_side == "right":
+                out[i], masks[i] = x + [tok.ids["pad"]] * fill, masks[i] + [0] * fill
+            else:
+                out[i], masks[i] = [tok.ids["pad"]] * fill + x, [0] * fill + masks[i]
+    return out, masks

@@ -64,6 +64,8 @@ class TrainConfig:
     """Complete checkpoints to keep; older ones are deleted after a new one is written."""
     resume: Optional[str] = None
     """'auto' (newest checkpoint of this run) or a checkpoint folder."""
+    allow_data_change: bool = False
+    """Resume even though the data's content hash differs from the checkpoint's."""
     overwrite: bool = False
     """Delete an existing run folder of the same name instead of refusing to start."""
     compile: bool = False
@@ -138,8 +140,8 @@ def main() -> None:
 
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        state = ckpt.load(accelerator, resume_from, manifest["content_hash"])
-        sampler.load_state_dict(state["sampler"])
+        state = ckpt.load(accelerator, resume_from, manifest["content_hash"], cfg.allow_data_change)
+        sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
         step, tokens_seen = state["step"], state["tokens_seen"]
         say(f"resumed from {resume_from} at step {step}")
     if is_main:

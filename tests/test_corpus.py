@@ -66,9 +66,9 @@ def test_local_folder_source(tmp_path):
     src.mkdir()
     for i in range(40):
         (src / f"f{i}.txt").write_bytes(f"line {i}\r\nsecond\n".encode())
-    (src / "bad.txt").write_bytes(b"\xff\xfe not utf8")
     m = build_corpus(CorpusConfig(source=str(src), val_per_mille=200), tmp_path / "out")
-    assert m["skipped"]["not_utf8"] == 1
     assert m["splits"]["train"]["records"] + m["splits"]["val"]["records"] == 40
-    with pytest.raises(UserError, match="not a directory"):
+    assert [i["file"] for i in m["inputs"]][:3] == ["f0.txt", "f1.txt", "f10.txt"]
+    assert all("\r" not in r["text"] for r in iter_records(tmp_path / "out", "train"))
+    with pytest.raises(UserError, match="matches no"):
         build_corpus(CorpusConfig(source=str(tmp_path / "missing")), tmp_path / "out2")

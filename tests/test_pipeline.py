@@ -144,3 +144,18 @@ def test_audit_passes_then_names_a_corrupted_file(smoke_run, tiny_data, tmp_path
                       check=False)
     assert proc.returncode == 1
     assert "val-00000.npy" in proc.stdout and "model.safetensors is corrupt" in proc.stdout
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(smoke_run, tmp_path):
+    run, _ = smoke_run
+    other = tmp_path / "other"
+    run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(other),
+               "--corpus.max_files", "70", "--tokenizer.vocab_size", "512")
+    args = ("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(other),
+            "--runs_dir", str(run.parent), "--resume", "auto", "--max_steps", "105")
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    proc = run_script(*args, check=False)
+    assert proc.returncode == 2 and "trained on other data" in proc.stderr and "--allow_data_change" in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    proc = run_script(*args, "--allow_data_change")
+    assert "resuming anyway" in proc.stdout

@@ -7,7 +7,8 @@ import pytest
 
 from lib.corpus import CorpusConfig, build_corpus, iter_records
 from lib.errors import UserError
-from lib.tokenizer import SPECIAL_IDS, TokenizerConfig, build_hf_tokenizer, load_sentencepiece, train_sentencepiece
+from lib.tokenizer import (SPECIAL_IDS, EncodeOptions, TextTokenizer, TokenizerConfig, build_hf_tokenizer,
+                           encode_batch, load_sentencepiece, train_sentencepiece)
 
 TRICKY = [
     "def f(x):\n    return x\n",
@@ -33,7 +34,7 @@ def tok(request, tmp_path_factory):
     hf.save_pretrained(str(tmp / "hf"))
     from transformers import AutoTokenizer
 
-    return load_sentencepiece(path), AutoTokenizer.from_pretrained(str(tmp / "hf")), texts
+    return load_sentencepiece(path), AutoTokenizer.from_pretrained(str(tmp / "hf")), texts, tmp
 
 
 def sp_model_type(sp) -> str:
@@ -45,14 +46,14 @@ def sp_model_type(sp) -> str:
 
 
 def test_special_ids(tok):
-    sp, hf, _ = tok
+    sp, hf, _, _ = tok
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == tuple(SPECIAL_IDS.values())
     assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == tuple(SPECIAL_IDS.values())
     assert len(hf) == sp.get_piece_size() == 600
 
 
 def test_round_trip_is_exact(tok):
-    sp, hf, texts = tok
+    sp, hf, texts, _ = tok
     for text in TRICKY + texts[:50]:
         ids = sp.encode(text)
         assert sp.decode(ids) == text
@@ -60,7 +61,7 @@ def test_round_trip_is_exact(tok):
 
 
 def test_hf_ids_equal_sentencepiece_ids(tok):
-    sp, hf, texts = tok
+    sp, hf, texts, _ = tok
     rng = random.Random(0)
     lines = [line for t in texts for line in t.split("\n")]
     samples = TRICKY + texts + rng.sample(lines, 2000)
@@ -79,7 +80,7 @@ def test_hf_ids_equal_sentencepiece_ids(tok):
 
 
 def test_hf_adds_bos_and_pads(tok):
-    sp, hf, _ = tok
+    sp, hf, _, _ = tok
     enc = hf(["def f():", "x"], padding=True)
     assert enc.input_ids[0][0] == sp.bos_id() and enc.input_ids[1][0] == sp.bos_id()
     assert len(enc.input_ids[0]) == len(enc.input_ids[1])
@@ -87,7 +88,7 @@ def test_hf_adds_bos_and_pads(tok):
 
 
 def test_newline_and_indent_are_pieces(tok):
-    sp, _, _ = tok
+    sp, _, _, _ = tok
     pieces = [sp.id_to_piece(i) for i in sp.encode("a\n    b")]
     assert "\n" in pieces
     assert "<0x0A>" not in pieces  # the newline is its own piece, not a byte fallback
@@ -96,3 +97,63 @@ def test_newline_and_indent_are_pieces(tok):
 def test_too_small_vocab_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="vocab_size=100"):
         train_sentencepiece(["abc"], tmp_path, TokenizerConfig(vocab_size=100))
+
+
+@pytest.mark.parametrize("opts", [
+    EncodeOptions(),
+    EncodeOptions(max_length=12, padding="max_length"),
+    EncodeOptions(max_length=9, truncation_side="left", padding="longest", padding_side="left"),
+    EncodeOptions(add_bos=False, max_length=5, padding="longest"),
+])
+def test_encode_batch_matches_hf_call(tok, opts):
+    """The library helper pads and truncates exactly as a transformers tokenizer called with the
+    same options, whether it reads the SentencePiece file or the Hugging Face folder."""
+    _, hf, _, tmp = tok
+    batch = ["def f(x):\n    return x", "a", "class A:\n    pass\n" * 3, ""]
+    hf.truncation_side, hf.padding_side = opts.truncation_side, opts.padding_side
+    ref = hf(batch, add_special_tokens=opts.add_bos, truncation=opts.max_length is not None,
+             max_length=opts.max_length, padding={"none": False}.get(opts.padding, opts.padding))
+    for source in (tmp / "tok" / "sp.model", tmp / "hf"):
+        ids, mask = encode_batch(TextTokenizer(source), batch, opts)
+        assert ids == ref["input_ids"], source
+        assert mask == ref["attention_mask"], source
+
+
+def test_encode_batch_keeps_eos_when_truncating(tok):
+    _, _, _, tmp = tok
+    t = TextTokenizer(tmp / "tok" / "sp.model")
+    full = t.encode(["class A:\n    pass\n" * 3])[0]
+    ids, _ = encode_batch(t, ["class A:\n    pass\n" * 3], EncodeOptions(add_eos=True, max_length=6))
+    assert ids == [[1, *full[:4], 2]]
+    ids, _ = encode_batch(t, ["class A:\n    pass\n" * 3], EncodeOptions(add_eos=True, max_length=6, truncation_side="left"))
+    assert ids == [[1, *full[-4:], 2]]
+
+
+def test_encode_batch_errors(tok, tmp_path):
+    _, _, _, tmp = tok
+    t = TextTokenizer(tmp / "tok" / "sp.model")
+    with pytest.raises(UserError, match="needs --max_length"):
+        encode_batch(t, ["x"], EncodeOptions(padding="max_length"))
+    with pytest.raises(UserError, match="no room"):
+        encode_batch(t, ["x"], EncodeOptions(add_eos=True, max_length=1))
+    with pytest.raises(UserError, match="neither"):
+        TextTokenizer(tmp_path)
+
+
+def test_gpt2_style_tokenizer_without_pad(tmp_path):
+    """A tokenizer with no pad token pads only when told what to pad with."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2, "ab": 3}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(tmp_path)
+    t = TextTokenizer(tmp_path)
+    assert t.ids["pad"] is None
+    with pytest.raises(UserError, match="--pad_token eos"):
+        encode_batch(t, ["ab", "a"], EncodeOptions(padding="longest", add_bos=False))
+    ids, mask = encode_batch(TextTokenizer(tmp_path, pad_token="eos"), ["ab a", "b"], EncodeOptions(padding="longest", add_bos=False))
+    assert ids == [[3, 1], [2, 0]] and mask == [[1, 1], [1, 0]]
+    with pytest.raises(UserError, match="not a token"):
+        TextTokenizer(tmp_path, pad_token="<nope>")

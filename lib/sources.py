@@ -1,0 +1,212 @@
+"""Raw inputs -> raw records, one file at a time, with bad input reported by file and line.
+
+Supported: the built-in 'stdlib' corpus, `.txt` (one document per file), `.py` (likewise),
+`.jsonl` (one record per line; a text field or a template over several fields) and `.parquet`
+(one record per row), given as files, directories or globs; and a `datasets` dataset saved with
+`save_to_disk`. Everything is read as a stream: nothing holds a whole input in memory beyond one
+file of text (txt/py) or one record batch (parquet).
+
+Bad input policies:
+  on_bad_record: 'error' (default) stops with `FILE:LINE: what was wrong`; 'skip' drops the
+      record and counts it (malformed JSON, a missing field, a text that is not a string).
+  on_bad_utf8: 'error' stops with `FILE: byte offset N is not UTF-8`; 'skip' drops the record;
+      'replace' keeps it with U+FFFD for the bad bytes. Both skip and replace are counted.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import string
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+from lib.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".py", ".md")
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+
+
+@dataclass
+class RawRecord:
+    id: str
+    text: str
+    source: str
+    """The input file (relative to its root when given as a directory), or the dataset."""
+    line: Optional[int] = None
+    """1-based line (jsonl) or row (parquet, datasets) number; None for whole-file documents."""
+
+
+@dataclass
+class InputFile:
+    path: Path
+    rel: str
+    """The name recorded in records and used for the held-out split."""
+
+
+def expand_inputs(spec: str, suffixes=SUFFIXES, skip_dirs=frozenset({"__pycache__"})) -> list[InputFile]:
+    """Files named by a comma-separated list of files, directories and globs, sorted per item.
+
+    Each item that matches nothing is an error naming it.
+    """
+    files: list[InputFile] = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        path = Path(item)
+        if path.is_dir():
+            found = []
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
+                found += [Path(dirpath, n) for n in filenames if n.endswith(suffixes)]
+            matched = [InputFile(p, p.relative_to(path).as_posix()) for p in sorted(found)]
+        elif path.is_file():
+            matched = [InputFile(path, path.name)]
+        else:
+            matched = [InputFile(Path(p), Path(p).as_posix())
+                       for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+        matched = [f for f in matched if f.path.name.endswith(suffixes)]
+        if not matched:
+            raise UserError(f"corpus.source: '{item}' matches no {'/'.join(suffixes)} file")
+        files += matched
+    return files
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    """True for a folder written by `datasets`' save_to_disk."""
+    path = Path(path)
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+                              or (path / "state.json").is_file())
+
+
+class RecordReader:
+    """Turns input files into RawRecords under the configured policies, counting what it drops."""
+
+    def __init__(self, text_field: str = "text", template: Optional[str] = None,
+                 on_bad_record: Literal["error", "skip"] = "error",
+                 on_bad_utf8: Literal["error", "skip", "replace"] = "error"):
+        self.text_field, self.template = text_field, template
+        self.on_bad_record, self.on_bad_utf8 = on_bad_record, on_bad_utf8
+        self.template_fields = ([f for _, f, _, _ in string.Formatter().parse(template) if f]
+                                if template else [])
+        self.counts: Counter = Counter()
+
+    # -- policy helpers
+    def _bad(self, kind: str, where: str, what: str) -> None:
+        if self.on_bad_record == "error":
+            raise UserError(f"{where}: {what} (pass --corpus.on_bad_record skip to drop such records)")
+        self.counts[kind] += 1
+
+    def _decode(self, raw: bytes, where: str, base_offset: int = 0) -> Optional[str]:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if self.on_bad_utf8 == "error":
+                raise UserError(f"{where}: byte offset {base_offset + exc.start} is not UTF-8 "
+                                "(pass --corpus.on_bad_utf8 skip or replace)") from None
+            self.counts[f"not_utf8_{'skipped' if self.on_bad_utf8 == 'skip' else 'replaced'}"] += 1
+            return None if self.on_bad_utf8 == "skip" else raw.decode("utf-8", errors="replace")
+
+    def _text_of(self, obj, where: str) -> Optional[str]:
+        if not isinstance(obj, dict):
+            self._bad("not_an_object", where, f"expected a JSON object, got {type(obj).__name__}")
+            return None
+        if self.template:
+            missing = [f for f in self.template_fields if f not in obj]
+            if missing:
+                self._bad("missing_field", where, f"no field {missing[0]!r} for the template "
+                          f"(fields: {', '.join(map(str, obj)) or 'none'})")
+                return None
+            return self.template.format(**{k: obj[k] for k in self.template_fields})
+        if self.text_field not in obj:
+            self._bad("missing_field", where, f"no field {self.text_field!r} (fields: {', '.join(map(str, obj)) or 'none'}; "
+                      "set --corpus.text_field or --corpus.template)")
+            return None
+        text = obj[self.text_field]
+        if not isinstance(text, str):
+            self._bad("not_a_string", where, f"field {self.text_field!r} is a {type(text).__name__}, not a string")
+            return None
+        return text
+
+    # -- readers
+    def read(self, f: InputFile) -> Iterator[RawRecord]:
+        """Records of one file. An empty file is an error (or skipped and counted)."""
+        if f.path.stat().st_size == 0:
+            self._bad("empty_file", str(f.path), "the file is empty")
+            return
+        name = f.path.name
+        if name.endswith(".jsonl"):
+            yield from self._read_jsonl(f)
+        elif name.endswith(".parquet"):
+            yield from self._read_parquet(f)
+        else:
+            text = self._decode(f.path.read_bytes(), str(f.path))
+            if text is not None:
+                yield RawRecord(id=f.rel, text=text, source=f.rel)
+
+    def _read_jsonl(self, f: InputFile) -> Iterator[RawRecord]:
+        offset = 0
+        with open(f.path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                where = f"{f.path}:{lineno}"
+                start, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                line = self._decode(raw, where, start)
+                if line is None:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    self._bad("malformed_json", where, f"malformed JSON ({exc.msg} at column {exc.colno})")
+                    continue
+                text = self._text_of(obj, where)
+                if text is not None:
+                    yield RawRecord(id=f"{f.rel}:{lineno}", text=text, source=f.rel, line=lineno)
+
+    def _read_parquet(self, f: InputFile) -> Iterator[RawRecord]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(f.path)
+        except Exception as exc:  # pyarrow raises several types for a broken file
+            raise UserError(f"{f.path}: not a readable Parquet file ({exc})") from None
+        columns = self.template_fields or [self.text_field]
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
+        if missing:
+            raise UserError(f"{f.path}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        row = 0
+        for batch in pf.iter_batches(columns=columns, batch_size=1024):
+            for obj in batch.to_pylist():
+                row += 1
+                text = self._text_of(obj, f"{f.path}: row {row}")
+                if text is not None:
+                    yield RawRecord(id=f"{f.rel}:{row}", text=text, source=f.rel, line=row)
+
+    def read_saved_dataset(self, path: str | Path, split: Optional[str] = None) -> Iterator[RawRecord]:
+        """Rows of a `datasets` dataset saved with save_to_disk (a DatasetDict needs `split`)."""
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            if split is None or split not in ds:
+                raise UserError(f"{path} holds splits {', '.join(ds)}: choose one with --corpus.dataset_split")
+            ds = ds[split]
+        label = Path(path).name
+        for row, obj in enumerate(ds, start=1):
+            text = self._text_of(obj, f"{path}: row {row}")
+            if text is not None:
+                yield RawRecord(id=f"{label}:{row}", text=text, source=label, line=row)
+
+
+def hash_inputs(files: list[InputFile]) -> list[dict]:
+    """[{file, bytes, sha256}] for every raw input file, in order."""
+    out = []
+    for f in files:
+        h = hashlib.sha256()
+        with open(f.path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        out.append({"file": f.rel, "bytes": f.path.stat().st_size, "sha256": h.hexdigest()})
+    return out
