@@ -79,7 +79,6 @@ def main() -> None:
     cfg = config_lib.parse(TrainConfig, description=__doc__)
     if cfg.keep_last_n < 1:
         raise UserError("--keep_last_n must be at least 1")
-    import numpy as np
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
