@@ -150,7 +150,8 @@ def from_dict(cls: type[T], data: dict, where: str = "<dict>") -> T:
     return _build(cls, data, where)
 
 
-def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
+          prog: str | None = None) -> T:
     """Parse a script config: defaults < `--config FILE.yaml` < flags.
 
     `cls` must have a field `config: Optional[Path]`; it records which preset was used.
@@ -169,7 +170,7 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | No
             default = _build(cls, data, where=str(config_path))
             default = dataclasses.replace(default, config=Path(config_path))
     kwargs = {"default": default} if default is not None else {}
-    cfg = tyro.cli(cls, args=argv, description=description, use_underscores=True, **kwargs)
+    cfg = tyro.cli(cls, args=argv, description=description, prog=prog, use_underscores=True, **kwargs)
     if getattr(cfg, "print_config", False):
         import yaml
 

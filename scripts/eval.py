@@ -81,6 +81,9 @@ def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
 def main() -> None:
     cfg = config_lib.parse(EvalConfig, description=__doc__)
     model_dir, run_dir, data_dir = resolve_paths(cfg)
+    from lib.cpu import keep_freed_memory
+
+    keep_freed_memory()  # reused activation buffers instead of page faults on every batch
 
     import torch
     from accelerate import Accelerator

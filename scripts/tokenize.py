@@ -3,8 +3,7 @@
 
     python scripts/tokenize.py --config configs/tokenize/stdlib.yaml     # the pipeline (prepare)
     python scripts/tokenize.py train   --corpus.source my_texts/ --out_dir tok/
-    python scripts/tokenize.py encode  --tokenizer tok/sp.model --input in.jsonl --output ids.jsonl \
-                                       --max_length 128 --padding max_length
+    python scripts/tokenize.py encode  --tokenizer tok/sp.model --input in.jsonl --max_length 128
     python scripts/tokenize.py decode  --tokenizer tok/sp.model --input ids.jsonl --output text.jsonl
     python scripts/tokenize.py inspect --tokenizer runs/default/final
 
@@ -325,7 +324,8 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv and argv[0] in SUBCOMMANDS:
         cls, run = SUBCOMMANDS[argv[0]]
-        return run(config_lib.parse(cls, argv[1:], description=cls.__doc__))
+        prog = f"{os.path.basename(sys.argv[0])} {argv[0]}"
+        return run(config_lib.parse(cls, argv[1:], description=cls.__doc__, prog=prog))
     cfg = config_lib.parse(TokenizeConfig, argv, description=__doc__)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, cfg.out_dir / "tokenize_config.yaml")

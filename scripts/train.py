@@ -70,6 +70,9 @@ class TrainConfig:
     """Delete an existing run folder of the same name instead of refusing to start."""
     compile: bool = False
     """torch.compile the model: a slower start (about 40 s on 2 CPU cores), faster steps."""
+    keep_freed_memory: bool = True
+    """Let glibc malloc keep freed memory for reuse (1.4-1.5x faster CPU steps measured here;
+    the process holds its peak memory)."""
     threads: Optional[int] = None
     """torch intra-op threads on CPU (default: torch's choice)."""
 
@@ -97,6 +100,10 @@ def main() -> None:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.keep_freed_memory:
+        from lib.cpu import keep_freed_memory
+
+        keep_freed_memory()
     accelerator = Accelerator(mixed_precision=pick_precision(cfg.precision),
                               gradient_accumulation_steps=cfg.grad_accum_steps)
     is_main, world = accelerator.is_main_process, accelerator.num_processes

@@ -124,3 +124,11 @@ def test_token_weighting_matches_one_big_batch():
         g_naive += torch.autograd.grad((s / k) / 2, w)[0]
     torch.testing.assert_close(g, g_ref)
     assert not torch.allclose(g_naive, g_ref, atol=1e-4)
+
+
+def test_keep_freed_memory_applies_on_linux():
+    import sys
+
+    from lib.cpu import keep_freed_memory
+
+    assert keep_freed_memory() is sys.platform.startswith("linux")
