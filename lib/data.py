@@ -132,11 +132,14 @@ def tokens_dir(data_dir: str | Path) -> Path:
     return data_dir / "tokens" if (data_dir / "tokens").is_dir() else data_dir
 
 
-def prefix_docs(docs: np.ndarray, max_tokens: int | None) -> tuple[int, int]:
-    """(tokens, text bytes) of the longest run of whole leading documents within max_tokens,
-    at least one document; all documents when max_tokens is None."""
-    if max_tokens is None:
+def prefix_docs(docs: np.ndarray, min_tokens: int | None) -> tuple[int, int]:
+    """(tokens, text bytes) of the fewest whole leading documents holding at least min_tokens
+    tokens (all documents when there are fewer, or when min_tokens is None).
+
+    Whole documents keep bits per byte exact: the bytes counted are exactly the text scored.
+    """
+    if min_tokens is None:
         return int(docs[:, 0].sum()), int(docs[:, 1].sum())
     cum = np.cumsum(docs[:, 0])
-    k = max(1, int(np.searchsorted(cum, max_tokens, side="right")))
+    k = min(len(cum), int(np.searchsorted(cum, min_tokens, side="left")) + 1)
     return int(cum[k - 1]), int(docs[:k, 1].sum())

@@ -49,7 +49,7 @@ class EvalConfig:
     at least seq_len - stride tokens of context; default: seq_len // 2. seq_len = disjoint blocks."""
     batch_size: int = 16
     max_tokens: Optional[int] = None
-    """Evaluate only the leading whole documents within this many tokens; None: the whole split."""
+    """Evaluate only the fewest whole leading documents holding this many tokens; None: the whole split."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     out_dir: Optional[Path] = None
     """Where metrics and samples go; default: <run>/eval (or <model>/eval)."""

@@ -57,7 +57,7 @@ class TrainConfig:
     eval_every: int = 200
     """Evaluate on held-out data every this many optimizer steps (0: only at the end)."""
     eval_tokens: Optional[int] = 65_536
-    """Held-out tokens used by those evaluations (whole leading documents); None: all."""
+    """Held-out tokens used by those evaluations (at least this many, in whole leading documents); None: all."""
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last_n: int = 2

@@ -88,9 +88,11 @@ def test_summarize_bits_per_byte():
 def test_prefix_docs_takes_whole_documents():
     docs = np.array([[10, 30], [20, 70], [5, 9]])
     assert prefix_docs(docs, None) == (35, 109)
-    assert prefix_docs(docs, 29) == (10, 30)
+    assert prefix_docs(docs, 3) == (10, 30)
+    assert prefix_docs(docs, 10) == (10, 30)
+    assert prefix_docs(docs, 11) == (30, 100)  # the document that crosses the limit is kept whole
     assert prefix_docs(docs, 30) == (30, 100)
-    assert prefix_docs(docs, 3) == (10, 30)  # at least one document
+    assert prefix_docs(docs, 1000) == (35, 109)
 
 
 def test_compressors_rank_as_expected():

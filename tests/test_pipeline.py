@@ -21,7 +21,7 @@ def smoke_run(tiny_data, tmp_path_factory):
                 "--config_file", str(REPO / "configs/accelerate/cpu.yaml"))
     proc = run_script("scripts/train.py", "--config", str(REPO / "configs/train/smoke.yaml"),
                       "--data.dir", str(tiny_data), "--runs_dir", str(runs), "--max_steps", "80",
-                      "--eval_every", "40", "--checkpoint_every", "40", launcher=launcher, cwd=runs)
+                      "--eval_every", "40", "--checkpoint_every", "40", "--log_every", "10", launcher=launcher, cwd=runs)
     return runs / "smoke", proc
 
 
@@ -115,7 +115,7 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tiny_data, tmp_pat
     run, _ = smoke_run
     proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
                       "--runs_dir", str(run.parent), "--resume", "auto", "--max_steps", "100",
-                      "--checkpoint_every", "40")
+                      "--checkpoint_every", "40", "--log_every", "10")
     assert "resumed from" in proc.stdout and "step_0000080" in proc.stdout
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
