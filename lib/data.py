@@ -29,20 +29,35 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(tokens).astype(np.int64), np.concatenate(docs)
 
 
-class TokenBlocks:
-    """Fixed-length training blocks over a flat token stream.
+def load_shards(data_dir: str | Path, split: str) -> list[np.ndarray]:
+    """A split's token shards as read-only memory maps in manifest order (nothing is loaded
+    into RAM until a block is read)."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir, "tokens")
+    if split not in manifest["splits"]:
+        raise UserError(f"{data_dir}: no split {split!r}; it has {', '.join(manifest['splits'])}")
+    return [np.load(data_dir / shard["file"], mmap_mode="r") for shard in manifest["splits"][split]["shards"]]
 
-    `block(i)` is `tokens[i*seq_len : i*seq_len + seq_len + 1]`: inputs are its first `seq_len`
-    tokens, targets its last `seq_len`.
+
+class TokenBlocks:
+    """Fixed-length training blocks over one token array or a list of shards.
+
+    Block i of a shard is `shard[i*seq_len : i*seq_len + seq_len + 1]`: inputs are its first
+    `seq_len` tokens, targets its last `seq_len`. Blocks never cross a shard boundary, so
+    shards can stay memory-mapped on disk; blocks are numbered shard after shard.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, source: str = "data"):
-        self.tokens, self.seq_len = tokens, seq_len
-        self.n_blocks = (len(tokens) - 1) // seq_len
+    def __init__(self, tokens, seq_len: int, source: str = "data"):
+        self.shards = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+        self.seq_len = seq_len
+        per_shard = [max(0, (len(t) - 1) // seq_len) for t in self.shards]
+        self._starts = np.concatenate([[0], np.cumsum(per_shard)])
+        self.n_blocks = int(self._starts[-1])
+        self.n_tokens = sum(len(t) for t in self.shards)
         if self.n_blocks < 1:
             raise UserError(
-                f"{source}: {len(tokens)} tokens are fewer than one block of seq_len={seq_len}+1; "
-                "use a smaller seq_len or more data"
+                f"{source}: no shard holds one block of seq_len={seq_len}+1 tokens "
+                f"({self.n_tokens} tokens in all); use a smaller seq_len or more data"
             )
 
     def __len__(self) -> int:
@@ -51,7 +66,12 @@ class TokenBlocks:
     def batch(self, indices) -> np.ndarray:
         """Blocks `indices` stacked into an int64 array of shape (len(indices), seq_len + 1)."""
         L = self.seq_len
-        return np.stack([self.tokens[i * L : i * L + L + 1] for i in indices])
+        shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+        rows = []
+        for i, s in zip(indices, shard_of):
+            j = int(i - self._starts[s])
+            rows.append(self.shards[s][j * L : j * L + L + 1])
+        return np.stack(rows).astype(np.int64)
 
 
 @dataclass

@@ -88,7 +88,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from lib import checkpoint as ckpt
-    from lib.data import BlockSampler, TokenBlocks, load_split, prefix_docs, tokens_dir
+    from lib.data import BlockSampler, TokenBlocks, load_shards, load_split, prefix_docs, tokens_dir
     from lib.corpus import read_manifest
     from lib.evaluate import evaluate_stream, summarize
     from lib.loss import step_scaled_loss, token_loss_sum
@@ -126,10 +126,9 @@ def main() -> None:
     # ---- data
     tok_dir = tokens_dir(cfg.data.dir)
     manifest = read_manifest(tok_dir, "tokens")
-    train_tokens, _ = load_split(tok_dir, "train")
     val_tokens, val_docs = load_split(tok_dir, "val")
     n_eval_tokens, eval_bytes = prefix_docs(val_docs, cfg.eval_tokens)
-    train_blocks = TokenBlocks(train_tokens, cfg.data.seq_len, source=f"{tok_dir} (train)")
+    train_blocks = TokenBlocks(load_shards(tok_dir, "train"), cfg.data.seq_len, source=f"{tok_dir} (train)")
     sampler = BlockSampler(len(train_blocks), cfg.micro_batch_size, cfg.seed,
                            accelerator.process_index, world)
 
@@ -155,10 +154,10 @@ def main() -> None:
                         provenance(cfg, manifest, accelerator, n_params, resumed_from=resume_from))
 
     tokens_per_step = cfg.micro_batch_size * cfg.data.seq_len * cfg.grad_accum_steps * world
-    say(f"model: {cfg.model.arch} {n_params / 1e6:.2f}M params | data: {len(train_tokens):,} train tokens, "
+    say(f"model: {cfg.model.arch} {n_params / 1e6:.2f}M params | data: {train_blocks.n_tokens:,} train tokens, "
         f"{len(train_blocks):,} blocks of {cfg.data.seq_len} | {world} process(es), "
         f"precision {accelerator.mixed_precision} | {tokens_per_step:,} tokens per optimizer step, "
-        f"{cfg.max_steps} steps ({tokens_per_step * cfg.max_steps / len(train_tokens):.2f} epochs)")
+        f"{cfg.max_steps} steps ({tokens_per_step * cfg.max_steps / train_blocks.n_tokens:.2f} epochs)")
 
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
     device = accelerator.device

@@ -54,6 +54,17 @@ def test_sampler_ranks_partition_the_epoch():
         BlockSampler(3, 4, seed=0)
 
 
+def test_blocks_over_shards_stay_inside_each_shard():
+    a, b = np.arange(0, 25, dtype=np.uint16), np.arange(100, 131, dtype=np.uint16)
+    blocks = TokenBlocks([a, b], 10)
+    assert len(blocks) == 2 + 3 and blocks.n_tokens == 56
+    out = blocks.batch([0, 1, 2, 4])
+    assert out.dtype == np.int64
+    assert out[:, 0].tolist() == [0, 10, 100, 120] and out[:, -1].tolist() == [10, 20, 110, 130]
+    with pytest.raises(UserError, match="no shard holds one block"):
+        TokenBlocks([a[:5], b[:5]], 10)
+
+
 def test_blocks_cover_the_stream():
     tokens = np.arange(101)
     blocks = TokenBlocks(tokens, 10)
