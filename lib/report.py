@@ -39,7 +39,8 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out loss")
+        label = f"held-out loss ({evals[-1].get('val_tokens', 0):,} tokens)"
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label=label)
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
