@@ -38,13 +38,17 @@ from lib.tokenizer import SP_MODEL, EncodeOptions, TokenizerConfig  # noqa: E402
 
 
 @dataclass
-class TokenizeConfig:
-    """Build the corpus, train the tokenizer and encode the splits."""
-
+class _Preset:
     config: Optional[Path] = None
     """YAML preset applied before these flags."""
     print_config: bool = False
     """Print the resolved config as YAML and exit."""
+
+
+@dataclass
+class TokenizeConfig(_Preset):
+    """Build the corpus, train the tokenizer and encode the splits."""
+
     out_dir: Path = Path("data/stdlib")
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -162,13 +166,9 @@ def stage_tokens(cfg: TokenizeConfig, corpus_dir: Path, corpus_manifest: dict, t
 
 
 @dataclass
-class TrainTokenizerConfig:
+class TrainTokenizerConfig(_Preset):
     """Train a SentencePiece tokenizer (and its Hugging Face twin) on any corpus source."""
 
-    config: Optional[Path] = None
-    """YAML preset applied before these flags."""
-    print_config: bool = False
-    """Print the resolved config as YAML and exit."""
     out_dir: Path = Path("tokenizer")
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -183,13 +183,9 @@ class _TokenizerArgs:
 
 
 @dataclass
-class EncodeConfig(EncodeOptions, _TokenizerArgs):
+class EncodeConfig(EncodeOptions, _TokenizerArgs, _Preset):
     """Encode texts to ids with optional truncation and padding (exactly as lib.tokenizer.encode_batch)."""
 
-    config: Optional[Path] = None
-    """YAML preset applied before these flags."""
-    print_config: bool = False
-    """Print the resolved config as YAML and exit."""
     input: Path = Path("input.jsonl")
     """.jsonl (the text_field of each line) or .txt (each line a text)."""
     text_field: str = "text"
@@ -199,13 +195,9 @@ class EncodeConfig(EncodeOptions, _TokenizerArgs):
 
 
 @dataclass
-class DecodeConfig(_TokenizerArgs):
+class DecodeConfig(_TokenizerArgs, _Preset):
     """Decode JSONL lines of {"ids": [...]} back to {"text": ...}."""
 
-    config: Optional[Path] = None
-    """YAML preset applied before these flags."""
-    print_config: bool = False
-    """Print the resolved config as YAML and exit."""
     input: Path = Path("ids.jsonl")
     output: Path = Path("decoded.jsonl")
     keep_special: bool = False
@@ -213,13 +205,9 @@ class DecodeConfig(_TokenizerArgs):
 
 
 @dataclass
-class InspectConfig(_TokenizerArgs):
+class InspectConfig(_TokenizerArgs, _Preset):
     """Show a tokenizer's vocabulary size, special ids and a sample tokenization."""
 
-    config: Optional[Path] = None
-    """YAML preset applied before these flags."""
-    print_config: bool = False
-    """Print the resolved config as YAML and exit."""
     text: str = "def greet(name):\n    return f'hello {name}'\n"
 
 
