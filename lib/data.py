@@ -16,27 +16,25 @@ from lib.corpus import read_manifest
 from lib.errors import UserError
 
 
-def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All tokens of a split as one int64 array, and its (tokens, bytes) per-document table."""
-    data_dir = Path(data_dir)
+def _split_entries(data_dir: Path, split: str) -> list[dict]:
     manifest = read_manifest(data_dir, "tokens")
     if split not in manifest["splits"]:
         raise UserError(f"{data_dir}: no split {split!r}; it has {', '.join(manifest['splits'])}")
-    tokens, docs = [], []
-    for shard in manifest["splits"][split]["shards"]:
-        tokens.append(np.load(data_dir / shard["file"], mmap_mode="r"))
-        docs.append(np.load(data_dir / shard["docs_file"]))
-    return np.concatenate(tokens).astype(np.int64), np.concatenate(docs)
+    return manifest["splits"][split]["shards"]
 
 
 def load_shards(data_dir: str | Path, split: str) -> list[np.ndarray]:
     """A split's token shards as read-only memory maps in manifest order (nothing is loaded
     into RAM until a block is read)."""
     data_dir = Path(data_dir)
-    manifest = read_manifest(data_dir, "tokens")
-    if split not in manifest["splits"]:
-        raise UserError(f"{data_dir}: no split {split!r}; it has {', '.join(manifest['splits'])}")
-    return [np.load(data_dir / shard["file"], mmap_mode="r") for shard in manifest["splits"][split]["shards"]]
+    return [np.load(data_dir / shard["file"], mmap_mode="r") for shard in _split_entries(data_dir, split)]
+
+
+def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All tokens of a split as one int64 array, and its (tokens, bytes) per-document table."""
+    data_dir = Path(data_dir)
+    docs = [np.load(data_dir / shard["docs_file"]) for shard in _split_entries(data_dir, split)]
+    return np.concatenate(load_shards(data_dir, split)).astype(np.int64), np.concatenate(docs)
 
 
 class TokenBlocks:

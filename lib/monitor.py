@@ -1,4 +1,4 @@
-"""System metrics that degrade gracefully: CPU/RAM via psutil, GPUs via NVML when a driver exists."""
+"""GPU monitoring that degrades gracefully: NVML when a driver exists, a plain answer otherwise."""
 from __future__ import annotations
 
 
@@ -18,12 +18,3 @@ def gpu_status() -> str:
         return f"{n} GPU(s): {', '.join(str(x) for x in names)}"
     finally:
         pynvml.nvmlShutdown()
-
-
-def system_sample() -> dict:
-    """Host CPU and memory use now: {'cpu_percent', 'ram_used_gb', 'rss_gb'}."""
-    import psutil
-
-    vm = psutil.virtual_memory()
-    return {"cpu_percent": psutil.cpu_percent(interval=None), "ram_used_gb": (vm.total - vm.available) / 2**30,
-            "rss_gb": psutil.Process().memory_info().rss / 2**30}
