@@ -1,19 +1,31 @@
-"""Token shards on disk -> fixed-length blocks -> a seeded, resumable batch order.
+"""Token shards on disk -> training batches in a seeded, resumable order.
 
 A tokenized dataset folder holds, per split, `.npy` token shards (documents concatenated as
 `bos ids eos`) and beside each a `.docs.npy` table of (tokens, text bytes) per document, plus a
-manifest with every file's sha256. Blocks are `seq_len + 1` tokens taken with stride `seq_len`,
-so every token but the very first is a prediction target exactly once per epoch.
+manifest with every file's sha256.
+
+Three ways to make batches (`DataConfig.packing`):
+- pack: documents stay concatenated and are cut into blocks of `seq_len + 1` tokens taken with
+  stride `seq_len`, so every token but a shard's first is a prediction target exactly once per
+  epoch and no compute goes to padding. With `doc_mask`, position ids restart at every bos, which
+  makes transformers' Llama and GPT-2 attend only within a document (it derives a block-diagonal
+  causal mask from the position ids).
+- pad_longest: one document per row (longer ones cut into `seq_len + 1`-token pieces), the batch
+  padded to its longest row; padding is masked out of attention and loss.
+- pad_multiple: the same, the width rounded up to a multiple of `pad_multiple` (friendlier to
+  GPU kernels, at the price of more padding).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from lib.corpus import read_manifest
 from lib.errors import UserError
+from lib.loss import IGNORE_INDEX
 
 
 def _split_entries(data_dir: Path, split: str) -> list[dict]:
@@ -30,11 +42,56 @@ def load_shards(data_dir: str | Path, split: str) -> list[np.ndarray]:
     return [np.load(data_dir / shard["file"], mmap_mode="r") for shard in _split_entries(data_dir, split)]
 
 
+def load_doc_tables(data_dir: str | Path, split: str) -> list[np.ndarray]:
+    """Each shard's (tokens, text bytes) per-document table, in manifest order."""
+    data_dir = Path(data_dir)
+    return [np.load(data_dir / shard["docs_file"]) for shard in _split_entries(data_dir, split)]
+
+
 def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All tokens of a split as one int64 array, and its (tokens, bytes) per-document table."""
-    data_dir = Path(data_dir)
-    docs = [np.load(data_dir / shard["docs_file"]) for shard in _split_entries(data_dir, split)]
-    return np.concatenate(load_shards(data_dir, split)).astype(np.int64), np.concatenate(docs)
+    return (np.concatenate(load_shards(data_dir, split)).astype(np.int64),
+            np.concatenate(load_doc_tables(data_dir, split)))
+
+
+def doc_position_ids(inputs: np.ndarray, bos_id: int) -> np.ndarray:
+    """Each token's position inside its document: counting restarts at every bos. Tokens
+    before a row's first bos (the tail of a document begun in an earlier block) count from 0.
+    """
+    n, width = inputs.shape
+    col = np.broadcast_to(np.arange(width), (n, width))
+    last_bos = np.maximum.accumulate(np.where(inputs == bos_id, col, 0), axis=1)
+    return col - last_bos
+
+
+@dataclass
+class Batch:
+    """One micro-batch as numpy arrays: inputs, the targets to score (IGNORE_INDEX where none),
+    and, where used, position ids (document restarts) or an attention mask (padding)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray | None = None
+    attention_mask: np.ndarray | None = None
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def n_padding(self) -> int:
+        return 0 if self.attention_mask is None else int((self.attention_mask == 0).sum())
+
+    def model_inputs(self, device) -> dict:
+        """Keyword arguments for a transformers causal LM (no cache: training)."""
+        import torch
+
+        out = {"input_ids": torch.from_numpy(self.input_ids).to(device), "use_cache": False}
+        for name in ("position_ids", "attention_mask"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = torch.from_numpy(np.ascontiguousarray(value)).to(device)
+        return out
 
 
 class TokenBlocks:
@@ -70,6 +127,83 @@ class TokenBlocks:
             j = int(i - self._starts[s])
             rows.append(self.shards[s][j * L : j * L + L + 1])
         return np.stack(rows).astype(np.int64)
+
+    def make_batch(self, indices, bos_id: int | None = None) -> Batch:
+        """Blocks `indices` as a Batch; with `bos_id`, position ids restart at each document."""
+        rows = self.batch(indices)
+        inputs = rows[:, :-1]
+        pos = None if bos_id is None else doc_position_ids(inputs, bos_id)
+        return Batch(inputs, rows[:, 1:], position_ids=pos)
+
+    def padding_fraction(self, order, batch_size: int) -> float:
+        return 0.0
+
+
+class PaddedDocs:
+    """One document per row, padded: the pad_longest and pad_multiple modes.
+
+    A document of n tokens longer than seq_len + 1 is cut into pieces of seq_len + 1 tokens
+    overlapping by one (as packed blocks are), so each of its targets is scored exactly once;
+    every piece is an item. Rows are right-padded with pad_id; padded positions have attention
+    mask 0 and no target.
+    """
+
+    def __init__(self, shards, doc_tables, seq_len: int, pad_id: int, multiple: int = 1, source: str = "data"):
+        if pad_id is None:
+            raise UserError(f"{source}: the tokenizer has no pad id, which padding needs; use data.packing=pack")
+        self.shards, self.seq_len, self.pad_id, self.multiple = list(shards), seq_len, pad_id, max(1, multiple)
+        shard_idx, starts, lengths = [], [], []
+        for s, table in enumerate(doc_tables):
+            doc_len = np.asarray(table[:, 0], dtype=np.int64)
+            doc_start = np.concatenate([[0], np.cumsum(doc_len)[:-1]])
+            n_pieces = np.maximum(1, -(-(doc_len - 1) // seq_len))  # ceil((n - 1) / seq_len)
+            first = np.repeat(doc_start, n_pieces)
+            k = np.arange(n_pieces.sum()) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+            end = np.repeat(doc_start + doc_len, n_pieces)
+            piece_start = first + k * seq_len
+            piece_len = np.minimum(seq_len + 1, end - piece_start)
+            keep = piece_len >= 2  # a piece needs an input and a target
+            shard_idx.append(np.full(keep.sum(), s))
+            starts.append(piece_start[keep])
+            lengths.append(piece_len[keep])
+        self.shard_idx = np.concatenate(shard_idx) if shard_idx else np.zeros(0, np.int64)
+        self.starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        self.n_tokens = int(sum(len(t) for t in self.shards))
+        if len(self.lengths) < 1:
+            raise UserError(f"{source}: no document of at least 2 tokens to train on")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def width(self, longest_row: int) -> int:
+        """Input width of a batch whose longest item has `longest_row` tokens."""
+        w = longest_row - 1
+        return min(-(-w // self.multiple) * self.multiple, self.seq_len)
+
+    def make_batch(self, indices, bos_id: int | None = None) -> Batch:
+        indices = np.asarray(indices)
+        width = self.width(int(self.lengths[indices].max()))
+        inputs = np.full((len(indices), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(indices), width), IGNORE_INDEX, dtype=np.int64)
+        mask = np.zeros((len(indices), width), dtype=np.int64)
+        for r, i in enumerate(indices):
+            n = int(self.lengths[i])
+            start = int(self.starts[i])
+            piece = self.shards[int(self.shard_idx[i])][start : start + n]
+            inputs[r, : n - 1] = piece[:-1]
+            labels[r, : n - 1] = piece[1:]
+            mask[r, : n - 1] = 1
+        return Batch(inputs, labels, attention_mask=mask)
+
+    def padding_fraction(self, order, batch_size: int) -> float:
+        """Share of the input positions of the batches `order` makes that are padding."""
+        n = len(order) // batch_size * batch_size
+        if n == 0:
+            return 0.0
+        lens = self.lengths[np.asarray(order[:n])].reshape(-1, batch_size) - 1
+        widths = np.array([self.width(int(m) + 1) for m in lens.max(axis=1)])
+        return float(1 - lens.sum() / (widths.sum() * batch_size))
 
 
 @dataclass
@@ -142,6 +276,26 @@ class DataConfig:
     """A folder written by scripts/tokenize.py (holding tokens/ and tokenizer/)."""
     seq_len: int = 256
     """Tokens per training sequence."""
+    packing: Literal["pack", "pad_longest", "pad_multiple"] = "pack"
+    """pack: documents concatenated into full blocks (no padding); pad_longest / pad_multiple:
+    one document per row, padded to the batch's longest row / to a multiple of pad_multiple."""
+    doc_mask: bool = True
+    """With packing=pack: restart position ids at each document, so that attention stays
+    within it (Llama and GPT-2 in transformers build the block-diagonal mask from them)."""
+    pad_multiple: int = 64
+    """Width multiple for packing=pad_multiple (capped at seq_len)."""
+
+
+def build_train_data(tok_dir: Path, cfg: DataConfig, special_ids: dict):
+    """The training split as TokenBlocks (pack) or PaddedDocs (pad_*), per `cfg`."""
+    source = f"{tok_dir} (train)"
+    if cfg.pad_multiple < 1:
+        raise UserError(f"data.pad_multiple must be at least 1, got {cfg.pad_multiple}")
+    if cfg.packing == "pack":
+        return TokenBlocks(load_shards(tok_dir, "train"), cfg.seq_len, source=source)
+    multiple = cfg.pad_multiple if cfg.packing == "pad_multiple" else 1
+    return PaddedDocs(load_shards(tok_dir, "train"), load_doc_tables(tok_dir, "train"), cfg.seq_len,
+                      special_ids.get("pad"), multiple, source=source)
 
 
 def tokens_dir(data_dir: str | Path) -> Path:

@@ -54,13 +54,18 @@ def stream_blocks(tokens: np.ndarray, seq_len: int, stride: int | None = None) -
 
 
 def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, device,
-                    autocast=None, stride: int | None = None, progress: bool = False) -> dict[str, float]:
+                    autocast=None, stride: int | None = None, progress: bool = False,
+                    bos_id: int | None = None) -> dict[str, float]:
     """Sum of target-token cross-entropy (nats), target count and correct argmax count.
 
     Single process: every rank that calls it evaluates the whole stream. `autocast` is a
     context manager factory (e.g. `accelerator.autocast`) or None. `progress` shows a bar.
+    With `bos_id`, position ids restart at each document (attention stays within it), as in
+    training with data.doc_mask.
     """
     import torch
+
+    from lib.data import doc_position_ids
 
     all_inputs, all_targets = stream_blocks(np.asarray(tokens), seq_len, stride)
     loss_sum, n_targets, n_correct = 0.0, 0, 0
@@ -75,8 +80,12 @@ def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, de
         for start in starts:
             inputs = torch.from_numpy(all_inputs[start : start + batch_size]).to(device)
             targets = torch.from_numpy(all_targets[start : start + batch_size]).to(device)
+            kwargs = {}
+            if bos_id is not None:
+                kwargs["position_ids"] = torch.from_numpy(doc_position_ids(all_inputs[start : start + batch_size],
+                                                                           bos_id)).to(device)
             with (autocast() if autocast else nullcontext()):
-                logits = model(input_ids=inputs).logits
+                logits = model(input_ids=inputs, use_cache=False, **kwargs).logits
             mask = targets != IGNORE_INDEX
             ce = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),

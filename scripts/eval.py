@@ -47,6 +47,9 @@ class EvalConfig:
     stride: Optional[int] = None
     """Start a window every this many tokens, scoring only tokens not scored before, so each sees
     at least seq_len - stride tokens of context; default: seq_len // 2. seq_len = disjoint blocks."""
+    doc_mask: Optional[bool] = None
+    """Restart position ids at each document so that attention stays within it; default: as
+    the run was trained (data.doc_mask), off for a model folder outside a run."""
     batch_size: int = 16
     max_tokens: Optional[int] = None
     """Evaluate only the fewest whole leading documents holding this many tokens; None: the whole split."""
@@ -106,10 +109,9 @@ def main() -> None:
     precision = {"no": "fp32"}.get(mixed, mixed)
     accelerator = Accelerator(mixed_precision=mixed)
     model = load_pretrained(model_dir).to(accelerator.device)
-    seq_len = cfg.seq_len
-    if seq_len is None and run_dir is not None:
-        seq_len = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}).get("seq_len")
-    seq_len = seq_len or model.config.max_position_embeddings
+    run_data = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}) if run_dir else {}
+    seq_len = cfg.seq_len or run_data.get("seq_len") or model.config.max_position_embeddings
+    doc_mask = cfg.doc_mask if cfg.doc_mask is not None else bool(run_data.get("doc_mask", False))
 
     tokens, docs = load_split(tok_dir, cfg.split)
     n_tokens, n_bytes = prefix_docs(docs, cfg.max_tokens)
@@ -117,7 +119,8 @@ def main() -> None:
     t0 = time.perf_counter()
     stride = cfg.stride or max(1, seq_len // 2)
     res = summarize(evaluate_stream(model, tokens[:n_tokens], seq_len, cfg.batch_size,
-                                    accelerator.device, accelerator.autocast, stride, progress=True), n_bytes)
+                                    accelerator.device, accelerator.autocast, stride, progress=True,
+                                    bos_id=manifest["special_ids"]["bos"] if doc_mask else None), n_bytes)
     secs = time.perf_counter() - t0
     text = "".join(r["text"] for _, r in zip(range(n_docs), iter_records(tok_dir / manifest["corpus_dir"], cfg.split)))
     if len(text.encode("utf-8")) != n_bytes:
@@ -125,7 +128,8 @@ def main() -> None:
     baselines = compressor_bpb(text.encode("utf-8"))
 
     print(f"model {model_dir} on {tok_dir} [{cfg.split}]: {n_docs} documents, {n_bytes:,} bytes, "
-          f"{res['tokens']:,} target tokens, seq_len {seq_len}, stride {stride}, {precision}, {secs:.1f}s")
+          f"{res['tokens']:,} target tokens, seq_len {seq_len}, stride {stride}, doc_mask {doc_mask}, "
+          f"{precision}, {secs:.1f}s")
     print(f"  loss        {res['loss']:.4f} nats/token")
     print(f"  perplexity  {res['perplexity']:.2f}")
     print(f"  accuracy    {res['accuracy']:.4f} (next token)")
@@ -136,7 +140,7 @@ def main() -> None:
 
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": str(model_dir), "data": str(tok_dir),
               "split": cfg.split, "data_content_hash": manifest["content_hash"], "seq_len": seq_len,
-              "stride": stride, "precision": precision, "documents": n_docs, **res,
+              "doc_mask": doc_mask, "stride": stride, "precision": precision, "documents": n_docs, **res,
               **{f"{k}_bits_per_byte": v for k, v in baselines.items()}, "eval_seconds": secs}
 
     samples = []

@@ -88,7 +88,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from lib import checkpoint as ckpt
-    from lib.data import BlockSampler, TokenBlocks, load_shards, load_split, prefix_docs, tokens_dir
+    from lib.data import BlockSampler, build_train_data, load_split, prefix_docs, tokens_dir
     from lib.corpus import read_manifest
     from lib.evaluate import evaluate_stream, summarize
     from lib.loss import step_scaled_loss, token_loss_sum
@@ -128,9 +128,10 @@ def main() -> None:
     manifest = read_manifest(tok_dir, "tokens")
     val_tokens, val_docs = load_split(tok_dir, "val")
     n_eval_tokens, eval_bytes = prefix_docs(val_docs, cfg.eval_tokens)
-    train_blocks = TokenBlocks(load_shards(tok_dir, "train"), cfg.data.seq_len, source=f"{tok_dir} (train)")
-    sampler = BlockSampler(len(train_blocks), cfg.micro_batch_size, cfg.seed,
+    train_data = build_train_data(tok_dir, cfg.data, manifest["special_ids"])
+    sampler = BlockSampler(len(train_data), cfg.micro_batch_size, cfg.seed,
                            accelerator.process_index, world)
+    bos_id = manifest["special_ids"]["bos"] if cfg.data.doc_mask else None
 
     # ---- model and optimizer (same seed on every rank: identical initial weights)
     set_seed(cfg.seed)
@@ -153,18 +154,26 @@ def main() -> None:
         ckpt.write_json(run_dir / "provenance.json",
                         provenance(cfg, manifest, accelerator, n_params, resumed_from=resume_from))
 
-    tokens_per_step = cfg.micro_batch_size * cfg.data.seq_len * cfg.grad_accum_steps * world
-    say(f"model: {cfg.model.arch} {n_params / 1e6:.2f}M params | data: {train_blocks.n_tokens:,} train tokens, "
-        f"{len(train_blocks):,} blocks of {cfg.data.seq_len} | {world} process(es), "
-        f"precision {accelerator.mixed_precision} | {tokens_per_step:,} tokens per optimizer step, "
-        f"{cfg.max_steps} steps ({tokens_per_step * cfg.max_steps / train_blocks.n_tokens:.2f} epochs)")
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
+    epochs = rows_per_step * cfg.max_steps / len(train_data)
+    if cfg.data.packing == "pack":
+        layout = f"{len(train_data):,} packed blocks of {cfg.data.seq_len}" + (
+            ", attention within documents" if cfg.data.doc_mask else "")
+    else:
+        pad = train_data.padding_fraction(sampler.epoch_order(0), cfg.micro_batch_size)
+        layout = f"{len(train_data):,} documents (pieces) padded ({cfg.data.packing}): {pad:.1%} padding"
+    say(f"model: {cfg.model.arch} {n_params / 1e6:.2f}M params | data: {train_data.n_tokens:,} train tokens, "
+        f"{layout} | {world} process(es), precision {accelerator.mixed_precision} | "
+        f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
+        f"{cfg.max_steps} steps ({epochs:.2f} epochs)")
 
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
     device = accelerator.device
 
     def run_eval() -> dict:
         sums = evaluate_stream(accelerator.unwrap_model(model), val_tokens[:n_eval_tokens],
-                               cfg.data.seq_len, cfg.micro_batch_size, device, accelerator.autocast)
+                               cfg.data.seq_len, cfg.micro_batch_size, device, accelerator.autocast,
+                               bos_id=bos_id)
         res = summarize(sums, eval_bytes)
         say(f"eval step {step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
             f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f}")
@@ -185,17 +194,20 @@ def main() -> None:
     t_start = t_log = time.perf_counter()
     tokens_at_log, stopped_early = tokens_seen, False
     window_loss, window_tokens = torch.zeros((), device=device), 0  # since the last log line
+    window_slots = window_pad = 0  # input positions and padded ones, this rank, since the last log line
     while step < cfg.max_steps:
-        batches = [torch.from_numpy(train_blocks.batch(sampler.next_batch())) for _ in range(cfg.grad_accum_steps)]
-        # Every target is a real token (blocks are packed), so the step's token count is known;
-        # it is still reduced across ranks so that padded data would be weighted right too.
-        local_tokens = torch.tensor(sum(b[:, 1:].numel() for b in batches), device=device)
+        batches = [train_data.make_batch(sampler.next_batch(), bos_id) for _ in range(cfg.grad_accum_steps)]
+        # The step's target tokens over all ranks: each token's loss is weighted by its inverse,
+        # whatever the padding of each micro-batch (see lib/loss.py).
+        local_tokens = torch.tensor(sum(b.n_targets for b in batches), device=device)
         step_tokens = int(accelerator.reduce(local_tokens, reduction="sum"))
+        window_slots += sum(b.input_ids.size for b in batches)
+        window_pad += sum(b.n_padding for b in batches)
         for batch in batches:
-            batch = batch.to(device)
+            labels = torch.from_numpy(batch.labels).to(device)
             with accelerator.accumulate(model):
-                logits = model(input_ids=batch[:, :-1]).logits
-                loss_sum, _ = token_loss_sum(logits, batch[:, 1:])
+                logits = model(**batch.model_inputs(device)).logits
+                loss_sum, _ = token_loss_sum(logits, labels)
                 accelerator.backward(step_scaled_loss(loss_sum, step_tokens, world, cfg.grad_accum_steps))
                 window_loss += loss_sum.detach()
                 if accelerator.sync_gradients:
@@ -206,7 +218,7 @@ def main() -> None:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += tokens_per_step
+        tokens_seen += step_tokens
         window_tokens += step_tokens
         bar.update(1)
 
@@ -219,12 +231,15 @@ def main() -> None:
             tps = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
             t_log, tokens_at_log = now, tokens_seen
             gn = float(grad_norm)
+            pad_frac = window_pad / max(window_slots, 1)
+            window_slots = window_pad = 0
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if is_main:
+                padding = f" | padding {pad_frac:.1%}" if cfg.data.packing != "pack" else ""
                 bar.write(f"step {step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                          f"grad_norm {gn:.3f} | {tps:,.0f} tok/s | {tps * fpt / 1e9:.1f} GFLOP/s")
+                          f"grad_norm {gn:.3f} | {tps:,.0f} tok/s | {tps * fpt / 1e9:.1f} GFLOP/s{padding}")
                 metrics.write({"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": gn,
-                               "tokens_seen": tokens_seen, "tokens_per_s": tps,
+                               "tokens_seen": tokens_seen, "tokens_per_s": tps, "padding": pad_frac,
                                "elapsed_s": now - t_start})
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {step}; lower optim.lr or check the data")

@@ -159,3 +159,23 @@ def test_resume_on_other_data_is_refused_unless_allowed(smoke_run, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     proc = run_script(*args, "--allow_data_change")
     assert "resuming anyway" in proc.stdout
+
+
+def test_padded_training_reports_its_padding(tiny_data, tmp_path):
+    from lib.data import BlockSampler, DataConfig, build_train_data
+
+    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
+                      "--runs_dir", str(tmp_path), "--max_steps", "6", "--log_every", "3", "--eval_every", "0",
+                      "--eval_tokens", "2000", "--data.packing", "pad_multiple", "--data.pad_multiple", "48")
+    assert "padded (pad_multiple)" in proc.stdout and "| padding " in proc.stdout
+    train = [json.loads(line) for line in (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    # the same batches rebuilt here: the logged padding and token counts are theirs
+    data = build_train_data(tiny_data / "tokens", DataConfig(seq_len=64, packing="pad_multiple", pad_multiple=48),
+                            {"pad": 3})
+    sampler = BlockSampler(len(data), 8, seed=0)
+    batches = [data.make_batch(sampler.next_batch()) for _ in range(6)]
+    for record, window in zip(train, (batches[:3], batches[3:])):
+        pad = sum(b.n_padding for b in window) / sum(b.input_ids.size for b in window)
+        assert record["padding"] == pytest.approx(pad)
+    assert train[-1]["tokens_seen"] == sum(b.n_targets for b in batches)
