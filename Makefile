@@ -4,12 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke test audit clean distclean
+.PHONY: help venv tokenize train eval smoke test bench audit clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml, evaluate it (~15 min on 2 CPU cores)"
 	@echo "make smoke     the same pipeline at toy size (under 2 minutes) -> runs/smoke/"
 	@echo "make test      run the test suite"
+	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/)"
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
 	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"
 	@echo "make audit     environment and data integrity checks"
@@ -41,6 +42,9 @@ smoke: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+bench: tokenize
+	$(PY) scripts/bench_tokenize.py
 
 audit: venv
 	$(PY) scripts/audit.py --checks env data

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional
 
 from lib.errors import UserError
-from lib.sources import InputFile, RecordReader, expand_inputs, hash_inputs, is_saved_dataset
+from lib.sources import ANY_SUFFIX, InputFile, RecordReader, expand_inputs, hash_inputs, is_saved_dataset
 
 MANIFEST = "manifest.json"
 # Test suites ship deliberately odd files (bad encodings, huge generated data); library code is
@@ -56,8 +56,11 @@ class CorpusConfig:
     """The field holding the text (jsonl, parquet, datasets)."""
     template: Optional[str] = None
     """Build the text from several fields instead, e.g. '{title}\\n\\n{body}'."""
+    loader: Optional[str] = None
+    """Read `source` through datasets.load_dataset(LOADER, data_files=..., streaming=True): a
+    builder name (json, csv, parquet, text) or a local dataset folder. Any file suffix."""
     dataset_split: Optional[str] = None
-    """The split to read from a saved DatasetDict."""
+    """The split to read from a saved DatasetDict (or from the loader; default train)."""
     on_bad_record: Literal["error", "skip"] = "error"
     """Malformed JSON, a missing field, a non-string text, an empty file: stop, or skip and count."""
     on_bad_utf8: Literal["error", "skip", "replace"] = "error"
@@ -155,8 +158,11 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list) -> Iterator[tupl
         files = [InputFile(root / rel, rel) for rel in list_source_files(root)]
         # the built-in corpus tolerates what a library tree holds: empty __init__.py files
         reader = RecordReader(on_bad_record="skip", on_bad_utf8="skip")
-    elif is_saved_dataset(cfg.source):
+    elif is_saved_dataset(cfg.source) and not cfg.loader:
         files = []
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
+    elif cfg.loader:
+        files = expand_inputs(cfg.source, suffixes=ANY_SUFFIX)
         reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
     else:
         files = expand_inputs(cfg.source)
@@ -164,8 +170,12 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list) -> Iterator[tupl
     if cfg.max_files is not None:
         files = files[: cfg.max_files]
     inputs.extend(hash_inputs(files))
-    stream = (reader.read_saved_dataset(cfg.source, cfg.dataset_split) if not files
-              else (r for f in files for r in reader.read(f)))
+    if cfg.loader:
+        stream = reader.read_with_loader(cfg.loader, files, cfg.dataset_split)
+    elif not files:
+        stream = reader.read_saved_dataset(cfg.source, cfg.dataset_split)
+    else:
+        stream = (r for f in files for r in reader.read(f))
     for raw in stream:
         text = normalize(raw.text, cfg.normalize)
         if not text.strip():

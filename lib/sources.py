@@ -2,9 +2,11 @@
 
 Supported: the built-in 'stdlib' corpus, `.txt` (one document per file), `.py` (likewise),
 `.jsonl` (one record per line; a text field or a template over several fields) and `.parquet`
-(one record per row), given as files, directories or globs; and a `datasets` dataset saved with
-`save_to_disk`. Everything is read as a stream: nothing holds a whole input in memory beyond one
-file of text (txt/py) or one record batch (parquet).
+(one record per row), given as files, directories or globs; a `datasets` dataset saved with
+`save_to_disk`; and any local files a `datasets` builder reads (json, csv, parquet, text, or a
+dataset folder), through `load_dataset(..., data_files=..., streaming=True)`. Everything is read
+as a stream: nothing holds a whole input in memory beyond one file of text (txt/py) or one
+record batch (parquet, datasets).
 
 Bad input policies:
   on_bad_record: 'error' (default) stops with `FILE:LINE: what was wrong`; 'skip' drops the
@@ -68,9 +70,13 @@ def expand_inputs(spec: str, suffixes=SUFFIXES, skip_dirs=frozenset({"__pycache_
                        for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
         matched = [f for f in matched if f.path.name.endswith(suffixes)]
         if not matched:
-            raise UserError(f"corpus.source: '{item}' matches no {'/'.join(suffixes)} file")
+            kinds = "" if suffixes == ANY_SUFFIX else " " + "/".join(suffixes)
+            raise UserError(f"corpus.source: '{item}' matches no{kinds} file")
         files += matched
     return files
+
+
+ANY_SUFFIX = ("",)
 
 
 def is_saved_dataset(path: str | Path) -> bool:
@@ -183,6 +189,30 @@ class RecordReader:
                 text = self._text_of(obj, f"{f.path}: row {row}")
                 if text is not None:
                     yield RawRecord(id=f"{f.rel}:{row}", text=text, source=f.rel, line=row)
+
+    def read_with_loader(self, loader: str, files: list[InputFile], split: Optional[str] = None) -> Iterator[RawRecord]:
+        """Rows that `datasets.load_dataset(loader, data_files=files, streaming=True)` yields, one
+        at a time (the files are read lazily, shard by shard). Rows are numbered across files."""
+        import datasets
+
+        if loader.endswith(".py"):
+            raise UserError(f"corpus.loader {loader}: datasets {datasets.__version__} no longer runs loading "
+                            "scripts; use a builder name (json, csv, parquet, text) or a dataset folder")
+        try:
+            ds = datasets.load_dataset(loader, data_files=[str(f.path) for f in files], split=split or "train",
+                                       streaming=True)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(f"corpus.loader {loader!r} cannot read {files[0].path} ...: {exc}") from None
+        label = Path(loader).name
+        row = 0
+        try:
+            for obj in ds:
+                row += 1
+                text = self._text_of(obj, f"{loader} over corpus.source: row {row}")
+                if text is not None:
+                    yield RawRecord(id=f"{label}:{row}", text=text, source=label, line=row)
+        except (ValueError, TypeError, datasets.exceptions.DatasetGenerationError) as exc:
+            raise UserError(f"corpus.loader {loader!r}: row {row + 1} could not be read ({exc})") from None
 
     def read_saved_dataset(self, path: str | Path, split: Optional[str] = None) -> Iterator[RawRecord]:
         """Rows of a `datasets` dataset saved with save_to_disk (a DatasetDict needs `split`)."""

@@ -192,6 +192,10 @@ class EncodeConfig(EncodeOptions, _TokenizerArgs, _Preset):
     output: Path = Path("ids.jsonl")
     """JSONL with {"ids": [...], "attention_mask": [...]} per input text."""
     batch_size: int = 1024
+    """Texts per batch (padding=longest pads each batch to its longest row)."""
+    workers: Optional[int] = None
+    """Processes encoding batches in parallel (default: every core; SentencePiece models only,
+    a Hugging Face tokenizer uses its own threads)."""
 
 
 @dataclass
@@ -211,26 +215,100 @@ class InspectConfig(_TokenizerArgs, _Preset):
     text: str = "def greet(name):\n    return f'hello {name}'\n"
 
 
-def read_texts(path: Path, text_field: str):
-    """Texts of a .txt (one per line) or .jsonl file, with errors naming file and line."""
-    import json
-
+def read_batches(path: Path, batch_size: int, max_bytes: Optional[int] = None, on_bytes=None):
+    """(first line number, raw lines) of `path` in batches of batch_size non-blank lines (every
+    line for .txt), or fewer once they hold max_bytes; `on_bytes(n)` is told how many bytes were
+    read. Lines are decoded and parsed by whoever encodes them, so that reading stays cheap."""
     if not path.is_file():
         raise UserError(f"--input {path}: no such file")
-    with open(path, encoding="utf-8") as f:
+    jsonl = path.suffix == ".jsonl"
+    with open(path, "rb") as f:
+        first, lines, taken, size = 1, [], 0, 0
         for lineno, line in enumerate(f, start=1):
-            if path.suffix != ".jsonl":
-                yield line.rstrip("\n")
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise UserError(f"{path}:{lineno}: no string field {text_field!r}")
-            yield obj[text_field]
+            if not lines:
+                first = lineno
+            lines.append(line)
+            taken += not jsonl or bool(line.strip())
+            size += len(line)
+            if taken >= batch_size or (max_bytes and size >= max_bytes):
+                if on_bytes:
+                    on_bytes(size)
+                yield first, lines
+                lines, taken, size = [], 0, 0
+        if lines:
+            if on_bytes:
+                on_bytes(size)
+            yield first, lines
+
+
+def parse_texts(path: Path, first: int, lines: list[bytes], text_field: str) -> list[str]:
+    """The texts of raw lines from `path` (starting at line `first`): each .jsonl line's
+    text_field, or each .txt line; errors name the file and line."""
+    import json
+
+    texts = []
+    for lineno, raw in enumerate(lines, start=first):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not UTF-8 (byte {exc.start} of the line)") from None
+        if path.suffix != ".jsonl":
+            texts.append(line[:-1] if line.endswith("\n") else line)
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            raise UserError(f"{path}:{lineno}: no string field {text_field!r}")
+        texts.append(obj[text_field])
+    return texts
+
+
+_ENCODER = None  # this process's TextTokenizer, set by _init_encoder (once per worker)
+
+
+def _init_encoder(path: Path, pad_token: Optional[str]) -> None:
+    from lib.tokenizer import TextTokenizer
+
+    global _ENCODER
+    _ENCODER = TextTokenizer(path, pad_token)
+
+
+def _ones_json(n: int) -> str:
+    """json.dumps([1] * n), without the list."""
+    return "[" + "1, " * (n - 1) + "1]" if n else "[]"
+
+
+def _encode_batch_to_jsonl(task) -> tuple[str, int, int, int, int]:
+    """One batch: raw lines -> JSONL text of ids and masks, with its counts."""
+    import json
+
+    from lib.tokenizer import encode_batch
+
+    cfg, first, lines = task
+    texts = parse_texts(cfg.input, first, lines, cfg.text_field)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    words = getattr(_ENCODER, "_words", None)
+    if words is not None and cfg.max_length is None and cfg.padding == "none":
+        # the common case, written straight from cached word texts: the same bytes as below
+        encode_batch(_ENCODER, [], cfg)  # the same option checks
+        head = [str(_ENCODER.ids["bos"])] if cfg.add_bos else []
+        tail = [str(_ENCODER.ids["eos"])] if cfg.add_eos else []
+        parts, n_tokens = [], 0
+        for joined, n in words.encode_text(texts):
+            n += len(head) + len(tail)
+            ids = ", ".join(head + ([joined] if joined else []) + tail)
+            parts.append(f'{{"ids": [{ids}], "attention_mask": {_ones_json(n)}}}\n')
+            n_tokens += n
+        return "".join(parts), len(texts), n_tokens, 0, n_bytes
+    ids, masks = encode_batch(_ENCODER, texts, cfg)
+    out = "".join(f'{{"ids": {json.dumps(x)}, "attention_mask": {json.dumps(m)}}}\n' for x, m in zip(ids, masks))
+    n_tokens = sum(map(len, ids))
+    n_pad = n_tokens - sum(map(sum, masks))
+    return out, len(texts), n_tokens, n_pad, n_bytes
 
 
 def cmd_train(cfg: TrainTokenizerConfig) -> None:
@@ -243,27 +321,36 @@ def cmd_train(cfg: TrainTokenizerConfig) -> None:
 
 
 def cmd_encode(cfg: EncodeConfig) -> None:
-    import itertools
-    import json
+    from tqdm import tqdm
 
+    from lib.parallel import default_workers, ordered_map
     from lib.tokenizer import TextTokenizer, encode_batch
 
     tok = TextTokenizer(cfg.tokenizer, cfg.pad_token)
-    texts = read_texts(cfg.input, cfg.text_field)
+    encode_batch(tok, [], cfg)  # option errors now, before any work
+    if not cfg.input.is_file():
+        raise UserError(f"--input {cfg.input}: no such file")
+    workers = cfg.workers or default_workers()
+    if tok.kind != "sentencepiece":
+        workers = 1  # the Rust tokenizer already spreads a batch over every core
     n_texts = n_tokens = n_pad = n_bytes = 0
     t0 = time.time()
+    bar = tqdm(total=cfg.input.stat().st_size, unit="B", unit_scale=True, desc="encode", dynamic_ncols=True,
+               mininterval=1.0)
+    # Batches of batch_size texts; unless they are padded to their longest, also cut at 1 MB so
+    # that every worker has work even when a few texts are large.
+    max_bytes = None if cfg.padding == "longest" else 1 << 20
+    tasks = ((cfg, first, lines) for first, lines in read_batches(cfg.input, cfg.batch_size, max_bytes, bar.update))
     with atomic_text(cfg.output) as out:
-        while batch := list(itertools.islice(texts, cfg.batch_size)):
-            ids, masks = encode_batch(tok, batch, cfg)
-            for x, m in zip(ids, masks):
-                out.write(json.dumps({"ids": x, "attention_mask": m}) + "\n")
-                n_tokens += len(x)
-                n_pad += len(m) - sum(m)
-            n_texts += len(batch)
-            n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+        for text, *counts in ordered_map(_encode_batch_to_jsonl, tasks, workers, _init_encoder,
+                                         (cfg.tokenizer, cfg.pad_token)):
+            out.write(text)
+            n_texts, n_tokens, n_pad, n_bytes = (a + b for a, b in zip((n_texts, n_tokens, n_pad, n_bytes), counts))
+    bar.close()
     secs = max(time.time() - t0, 1e-9)
     log(f"encoded {n_texts:,} texts ({n_bytes / 1e6:.2f} MB) into {n_tokens:,} ids, padding "
-        f"{n_pad / max(n_tokens, 1):.1%}, in {secs:.1f}s ({n_bytes / 1e6 / secs:.1f} MB/s) -> {cfg.output}")
+        f"{n_pad / max(n_tokens, 1):.1%}, in {secs:.1f}s ({n_bytes / 1e6 / secs:.1f} MB/s, "
+        f"{n_tokens / secs:,.0f} tokens/s, {workers} process(es)) -> {cfg.output}")
 
 
 def cmd_decode(cfg: DecodeConfig) -> None:

@@ -119,3 +119,27 @@ def test_normalization_is_applied_and_recorded(tmp_path):
     assert m["normalization"] == {"unicode": "NFC", "newlines": "lf", "strip": True}
     build(tmp_path, source=str(src), normalize=NormalizeConfig(newlines="keep"))
     assert {r["text"] for r in all_records(tmp_path / "out")} == {"  caf\u0065\u0301\r\nx  "}
+
+
+def test_datasets_loader_streams_local_files(tmp_path):
+    """--corpus.loader reads any builder's local files through datasets' streaming mode, hashes
+    them, and names the row of a bad record."""
+    (tmp_path / "csv").mkdir()
+    for k in range(2):
+        (tmp_path / "csv" / f"part{k}.csv").write_text(
+            "title,body\n" + "".join(f"t{k}{i},body {k} {i}\n" for i in range(20)), encoding="utf-8")
+    m = build(tmp_path, source=str(tmp_path / "csv"), loader="csv", template="{title}: {body}")
+    recs = all_records(tmp_path / "out")
+    assert sorted(r["text"] for r in recs) == sorted(f"t{k}{i}: body {k} {i}" for k in range(2) for i in range(20))
+    assert [i["file"] for i in m["inputs"]] == ["part0.csv", "part1.csv"] and all(len(i["sha256"]) == 64 for i in m["inputs"])
+    assert {r["source"] for r in recs} == {"csv"} and sorted(r["line"] for r in recs) == list(range(1, 41))
+
+    src = jsonl(tmp_path / "rows.json", [{"text": f"doc {i}" if i != 1 else 2} for i in range(12)])
+    with pytest.raises(UserError, match=r"json over corpus.source: row 2: field 'text' is a int"):
+        build(tmp_path, source=str(src), loader="json")
+    m = build(tmp_path, source=str(src), loader="json", on_bad_record="skip")
+    assert m["skipped"] == {"not_a_string": 1} and len(all_records(tmp_path / "out")) == 11
+    with pytest.raises(UserError, match="matches no file"):
+        build(tmp_path, source=str(tmp_path / "nothing*.json"), loader="json")
+    with pytest.raises(UserError, match="loading scripts"):
+        build(tmp_path, source=str(src), loader="my_loader.py")

@@ -52,3 +52,35 @@ def test_bad_inputs_are_named(tmp_path, tiny_data):
                       "--out_dir", str(tmp_path / "d"), check=False)
     assert proc.returncode == 2 and "matches no" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "d" / "corpus" / "manifest.json").exists()
+
+
+def test_encode_paths_agree_and_errors_name_the_line(tmp_path, tiny_data):
+    """Two worker processes, one, and the general (truncating) path write the same bytes; the ids
+    are SentencePiece's own."""
+    import sentencepiece as spm
+
+    texts = [f"    def f{i}(self, x):\n        return x  * {i}  \n\n" * (1 + i % 7) for i in range(300)]
+    texts += ["", " ", "<s> literal", "tab\there\u2581▁ x"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    model = tiny_data / "tokenizer" / "sp.model"
+    outs = {}
+    for name, extra in {"two": ["--workers", "2", "--batch_size", "7"], "one": ["--workers", "1"],
+                        "general": ["--max_length", "1000000", "--add_eos"]}.items():
+        outs[name] = tmp_path / f"{name}.jsonl"
+        run_script("scripts/tokenize.py", "encode", "--tokenizer", str(model), "--input", str(src),
+                   "--text_field", "body", "--output", str(outs[name]), *extra)
+    assert outs["two"].read_bytes() == outs["one"].read_bytes()
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    rows = [json.loads(line) for line in outs["one"].read_text().splitlines()]
+    general = [json.loads(line) for line in outs["general"].read_text().splitlines()]
+    assert [r["ids"] for r in rows] == [[1] + sp.encode(t) for t in texts]
+    assert [r["ids"] for r in general] == [[1] + sp.encode(t) + [2] for t in texts]
+    assert all(r["attention_mask"] == [1] * len(r["ids"]) for r in rows + general)
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nbad \xff byte\n")
+    proc = run_script("scripts/tokenize.py", "encode", "--tokenizer", str(model), "--input", str(bad),
+                      "--output", str(tmp_path / "o.jsonl"), "--workers", "2", check=False)
+    assert proc.returncode == 2 and f"{bad}:2: not UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()

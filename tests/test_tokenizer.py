@@ -157,3 +157,51 @@ def test_gpt2_style_tokenizer_without_pad(tmp_path):
     assert ids == [[3, 1], [2, 0]] and mask == [[1, 1], [1, 0]]
     with pytest.raises(UserError, match="not a token"):
         TextTokenizer(tmp_path, pad_token="<nope>")
+
+
+def _random_code_like(rng: random.Random, n: int) -> str:
+    atoms = ["def", "return", " ", "  ", "    ", "\n", "\n\n", "\t", "x", "_y1", "(", "):", "12", "3.5", "é", "中文",
+             "😀", "<s>", "</s>", "▁", "#", "'", '"', "\r\n", "ﬁ", "self.", "=", "==", "   \n"]
+    return "".join(rng.choice(atoms) for _ in range(n))
+
+
+def test_word_cached_encoding_gives_sentencepiece_ids(tok):
+    from lib.tokenizer import _WORD, WordCachedEncoder, word_local
+
+    sp, _, texts, tmp = tok
+    if sp_model_type(sp) == "unigram":
+        assert not word_local(tmp / "tok" / "sp.model")  # see word_local: ties depend on context
+        return
+    assert word_local(tmp / "tok" / "sp.model")
+    rng = random.Random(0)
+    samples = TRICKY + texts[:40] + [_random_code_like(rng, rng.randint(0, 200)) for _ in range(300)]
+    # a tiny cache: it is cleared many times along the way and must still give the same ids
+    for enc in (WordCachedEncoder(sp), WordCachedEncoder(sp, max_words=50)):
+        for start in range(0, len(samples), 37):
+            batch = samples[start : start + 37]
+            assert enc.encode(batch) == sp.encode(batch)
+        # bounded by max_words, or by the distinct words of one batch when they alone exceed it
+        assert len(enc.cache) <= max(enc.max_words, len(set(_WORD.findall("\n".join(batch)))) + 1)
+    assert TextTokenizer(tmp / "tok" / "sp.model")._words is not None
+
+
+def test_word_cache_is_off_for_models_that_merge_across_words(tmp_path):
+    """A model with SentencePiece's default normalization (dummy prefix, collapsed spaces) must
+    be encoded whole."""
+    import sentencepiece as spm
+
+    from lib.tokenizer import word_local
+
+    texts = [f"alpha beta gamma {i} delta  epsilon\n" * 3 for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "m"),
+                                   vocab_size=60, model_type="bpe", hard_vocab_limit=False, minloglevel=2)
+    assert not word_local(tmp_path / "m.model")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "n"),
+                                   vocab_size=60, model_type="bpe", hard_vocab_limit=False, minloglevel=2,
+                                   normalization_rule_name="identity",
+                                   add_dummy_prefix=False, remove_extra_whitespaces=False,
+                                   split_by_whitespace=False)
+    # pieces such as "a▁b" span a space: word by word would differ
+    assert not word_local(tmp_path / "n.model")
+    tt = TextTokenizer(tmp_path / "n.model")
+    assert tt._words is None and tt.encode(texts[:3]) == tt._sp.encode(texts[:3])
