@@ -100,6 +100,17 @@ def pick_precision(choice: str) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
+def cpu_only() -> bool:
+    """True when torch sees no accelerator (CUDA, XPU, MPS). Accelerate must then be told so
+    (Accelerator(cpu=True)) for a multi-process launch to become CPU DDP over gloo rather than
+    independent single processes."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available()
+                or (xpu is not None and xpu.is_available()))
+
+
 def count_params(model, trainable_only: bool = False) -> int:
     """Number of parameters, each shared tensor counted once."""
     seen, total = set(), 0

@@ -75,6 +75,15 @@ class TrainConfig:
     the process holds its peak memory)."""
     threads: Optional[int] = None
     """torch intra-op threads on CPU (default: torch's choice)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm: stop before the optimizer step (naming the step and its
+    samples), or skip that update and count it."""
+    mfu: bool = True
+    """Log model FLOP utilization against the device's peak (on CPU, measured once and cached)."""
+    debug_nan_step: Optional[int] = None
+    """Testing aid: make the loss NaN in this optimizer step (1-based) to exercise on_nonfinite."""
 
 
 @exit_on_user_error
@@ -93,7 +102,7 @@ def main() -> None:
     from lib.evaluate import evaluate_stream, summarize
     from lib.loss import step_scaled_loss, token_loss_sum
     from lib.metrics import JsonlWriter
-    from lib.model import build_model, count_params, flops_per_token, pick_precision
+    from lib.model import build_model, count_params, cpu_only, flops_per_token, pick_precision
     from lib.optim import build_optimizer, lr_at, set_lr
     from lib.provenance import provenance
     from lib.report import write_final, plot_metrics
@@ -104,7 +113,7 @@ def main() -> None:
         from lib.cpu import keep_freed_memory
 
         keep_freed_memory()
-    accelerator = Accelerator(mixed_precision=pick_precision(cfg.precision),
+    accelerator = Accelerator(mixed_precision=pick_precision(cfg.precision), cpu=cpu_only(),
                               gradient_accumulation_steps=cfg.grad_accum_steps)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     say = accelerator.print
@@ -138,6 +147,8 @@ def main() -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len and not cfg.model.init_from:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     model = build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"])
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params, fpt = count_params(model), flops_per_token(model, cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -169,6 +180,13 @@ def main() -> None:
 
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
     device = accelerator.device
+    peak, peak_source = None, ""
+    if cfg.mfu:
+        from lib.flops import device_peak
+
+        peak, peak_source = device_peak(device, {"no": "fp32"}.get(accelerator.mixed_precision,
+                                                                    accelerator.mixed_precision))
+        say(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else f"MFU: {peak_source}")
 
     def run_eval() -> dict:
         sums = evaluate_stream(accelerator.unwrap_model(model), val_tokens[:n_eval_tokens],
@@ -183,6 +201,10 @@ def main() -> None:
         return res
 
     def save_checkpoint():
+        bad = [n for n, p in accelerator.unwrap_model(model).named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise UserError(f"step {step}: parameter {bad[0]} holds non-finite values; not writing a checkpoint "
+                            f"(the newest complete one is kept)")
         ckpt.save(accelerator, run_dir, step, cfg.keep_last_n,
                   {"step": step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(),
                    "data_content_hash": manifest["content_hash"]})
@@ -195,36 +217,64 @@ def main() -> None:
     tokens_at_log, stopped_early = tokens_seen, False
     window_loss, window_tokens = torch.zeros((), device=device), 0  # since the last log line
     window_slots = window_pad = 0  # input positions and padded ones, this rank, since the last log line
+    skipped_steps = 0
     while step < cfg.max_steps:
-        batches = [train_data.make_batch(sampler.next_batch(), bos_id) for _ in range(cfg.grad_accum_steps)]
+        sample_ids = [sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
+        batches = [train_data.make_batch(ids, bos_id) for ids in sample_ids]
         # The step's target tokens over all ranks: each token's loss is weighted by its inverse,
         # whatever the padding of each micro-batch (see lib/loss.py).
         local_tokens = torch.tensor(sum(b.n_targets for b in batches), device=device)
         step_tokens = int(accelerator.reduce(local_tokens, reduction="sum"))
         window_slots += sum(b.input_ids.size for b in batches)
         window_pad += sum(b.n_padding for b in batches)
-        for batch in batches:
+        step_loss = torch.zeros((), device=device)
+        for i, batch in enumerate(batches):
             labels = torch.from_numpy(batch.labels).to(device)
             with accelerator.accumulate(model):
                 logits = model(**batch.model_inputs(device)).logits
                 loss_sum, _ = token_loss_sum(logits, labels)
+                if cfg.debug_nan_step == step + 1 and i == 0 and is_main:
+                    loss_sum = loss_sum * float("nan")
                 accelerator.backward(step_scaled_loss(loss_sum, step_tokens, world, cfg.grad_accum_steps))
-                window_loss += loss_sum.detach()
+                step_loss += loss_sum.detach()
                 if accelerator.sync_gradients:
-                    grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                                 if cfg.optim.grad_clip > 0 else torch.zeros(()))
+                    # the norm is always computed (clipping at infinity changes nothing) so that a
+                    # non-finite gradient is caught before it reaches the weights
+                    grad_norm = accelerator.clip_grad_norm_(
+                        model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+                    total_loss = accelerator.reduce(step_loss.clone(), reduction="sum")
                     lr = lr_at(step, cfg.max_steps, cfg.optim)
-                    set_lr(optimizer, lr)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    # fp16: an overflowing gradient is the loss scaler's business (it skips the step)
+                    bad = [what for what, value in (("loss", total_loss), ("gradient norm", grad_norm))
+                           if not torch.isfinite(value) and not (what == "gradient norm" and
+                                                                  accelerator.mixed_precision == "fp16")]
+                    if bad and cfg.on_nonfinite == "stop":
+                        found = ckpt.complete_checkpoints(run_dir)
+                        raise UserError(
+                            f"step {step + 1}: non-finite {' and '.join(bad)}; stopped before the optimizer step. "
+                            f"Samples (block indices) of this step on rank {accelerator.process_index}: "
+                            f"{[j for ids in sample_ids for j in ids]}. Weights are untouched; newest checkpoint: "
+                            f"{found[-1] if found else 'none'}. Lower optim.lr, check those samples, or pass "
+                            "--on_nonfinite skip")
+                    if bad:
+                        optimizer.zero_grad(set_to_none=True)
+                        skipped_steps += 1
+                        say(f"step {step + 1}: non-finite {' and '.join(bad)}; update skipped "
+                            f"({skipped_steps} so far)")
+                    else:
+                        set_lr(optimizer, lr)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += step_tokens
-        window_tokens += step_tokens
+        if not bad:  # a skipped step's loss would make the whole logging window non-finite
+            window_loss += step_loss
+            window_tokens += step_tokens
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             # mean over every target token since the last log line, all ranks
-            loss = float(accelerator.reduce(window_loss, reduction="sum")) / window_tokens
+            loss = float(accelerator.reduce(window_loss, reduction="sum")) / max(window_tokens, 1)
             window_loss.zero_()
             window_tokens = 0
             now = time.perf_counter()
@@ -236,11 +286,13 @@ def main() -> None:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if is_main:
                 padding = f" | padding {pad_frac:.1%}" if cfg.data.packing != "pack" else ""
+                mfu = tps * fpt / (peak * world) if peak else None  # each process has its own device
                 bar.write(f"step {step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                          f"grad_norm {gn:.3f} | {tps:,.0f} tok/s | {tps * fpt / 1e9:.1f} GFLOP/s{padding}")
+                          f"grad_norm {gn:.3f} | {tps:,.0f} tok/s | {tps * fpt / 1e9:.1f} GFLOP/s"
+                          f"{f' | MFU {mfu:.1%}' if mfu else ''}{padding}")
                 metrics.write({"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": gn,
                                "tokens_seen": tokens_seen, "tokens_per_s": tps, "padding": pad_frac,
-                               "elapsed_s": now - t_start})
+                               "mfu": mfu, "skipped_steps": skipped_steps, "elapsed_s": now - t_start})
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
@@ -255,6 +307,15 @@ def main() -> None:
     train_secs = time.perf_counter() - t_start
 
     final_eval = run_eval()
+    # Data-parallel replicas must hold the same weights: one job of world size N, not N jobs.
+    checksum = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters()]).sum()
+    sums = accelerator.gather(checksum.reshape(1).to(device)).tolist()
+    in_sync = all(x == sums[0] for x in sums)
+    if world > 1:
+        say(f"weights identical on all {world} processes: {in_sync}")
+    if metrics:
+        metrics.write({"type": "final", "step": step, "world_size": world, "replicas_identical": in_sync,
+                       "skipped_steps": skipped_steps, "tokens_seen": tokens_seen})
     save_checkpoint()
     if is_main:
         write_final(accelerator.unwrap_model(model), tok_dir, run_dir / "final")

@@ -1,0 +1,62 @@
+"""One optimizer step's gradient, as scripts/train.py computes it, written to a file.
+
+    python tests/helpers/grad_step.py OUT --accum K [--naive]
+    accelerate launch --config_file configs/accelerate/cpu_ddp.yaml tests/helpers/grad_step.py OUT --accum K
+
+The global batch is 8 sequences of very uneven lengths (padded, padding ignored). Rank r of W
+takes rows r, r+W, ...; its rows are cut into K micro-batches. --naive uses the per-micro-batch
+mean loss instead of lib.loss's token weighting.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+
+from lib.loss import IGNORE_INDEX, step_scaled_loss, token_loss_sum  # noqa: E402
+from lib.model import ModelConfig, build_model  # noqa: E402
+
+LENGTHS = [3, 48, 5, 64, 2, 40, 64, 7]
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.randint(4, 200, (len(LENGTHS), 64), generator=g)
+    labels = torch.randint(4, 200, (len(LENGTHS), 64), generator=g)
+    for row, n in enumerate(LENGTHS):
+        labels[row, n:] = IGNORE_INDEX
+        inputs[row, n:] = 3
+    return inputs, labels
+
+
+def main():
+    out, accum, naive = Path(sys.argv[1]), int(sys.argv[sys.argv.index("--accum") + 1]), "--naive" in sys.argv
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="llama", d_model=32, n_layers=2, n_heads=2, max_seq_len=64), 200,
+                        {"unk": 0, "bos": 1, "eos": 2, "pad": 3})
+    model = acc.prepare(model)
+    world, rank = acc.num_processes, acc.process_index
+    inputs, labels = global_batch()
+    mine = list(range(rank, len(LENGTHS), world))
+    micro = [mine[k::accum] for k in range(accum)]
+    local = torch.tensor(sum(int((labels[m] != IGNORE_INDEX).sum()) for m in micro))
+    step_tokens = int(acc.reduce(local, reduction="sum"))
+    for rows in micro:
+        with acc.accumulate(model):
+            mask = (labels[rows] != IGNORE_INDEX).long()
+            logits = model(input_ids=inputs[rows], attention_mask=mask, use_cache=False).logits
+            loss_sum, n = token_loss_sum(logits, labels[rows])
+            loss = loss_sum / n if naive else step_scaled_loss(loss_sum, step_tokens, world, accum)
+            acc.backward(loss)
+    if acc.is_main_process:
+        grads = torch.cat([p.grad.flatten() for p in acc.unwrap_model(model).parameters()])
+        torch.save(grads, out)
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    main()

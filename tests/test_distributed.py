@@ -1,0 +1,85 @@
+"""The training step's arithmetic: token-weighted gradients agree however a batch is split
+(accumulation, 2-process CPU DDP over gloo), steps and schedules count optimizer steps, and a
+non-finite loss is stopped or skipped before it reaches the weights."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+
+DDP = (str(Path(sys.executable).with_name("accelerate")), "launch",
+       "--config_file", str(REPO / "configs/accelerate/cpu_ddp.yaml"))
+
+
+def step_grads(tmp_path, name, accum, ddp=False, naive=False):
+    out = tmp_path / f"{name}.pt"
+    run_script("tests/helpers/grad_step.py", str(out), "--accum", str(accum), *(["--naive"] if naive else []),
+               launcher=DDP if ddp else ())
+    return torch.load(out)
+
+
+def test_gradient_is_the_same_however_the_step_is_split(tmp_path):
+    whole = step_grads(tmp_path, "whole", 1)
+    scale = whole.abs().max()
+    for name, accum, ddp in [("accum2", 2, False), ("accum4", 4, False), ("ddp", 1, True), ("ddp_accum2", 2, True)]:
+        split = step_grads(tmp_path, name, accum, ddp)
+        assert (split - whole).abs().max() <= 1e-5 * scale, name
+    # the mean of per-micro-batch means weights a 2-token row like a 64-token one: not the same
+    naive = step_grads(tmp_path, "naive", 2, naive=True)
+    assert (naive - whole).abs().max() > 0.05 * scale
+
+
+def train(tmp_path, name, data, *extra, ddp=False, check=True):
+    return run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(data),
+                      "--runs_dir", str(tmp_path), "--run_name", name, *extra, launcher=DDP if ddp else (),
+                      check=check)
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_two_process_ddp_trains_as_one_job(tiny_data, tmp_path):
+    common = [tiny_data, "--max_steps", "12", "--log_every", "3", "--eval_every", "0",
+              "--eval_tokens", "2000", "--checkpoint_every", "6"]
+    one = train(tmp_path, "one", *common)
+    two = train(tmp_path, "two", *common, ddp=True)
+    assert "1 process(es)" in one.stdout and "2 process(es)" in two.stdout
+    assert "weights identical on all 2 processes: True" in two.stdout
+    final = records(tmp_path / "two", "final")[0]
+    assert final["world_size"] == 2 and final["replicas_identical"] is True
+    a, b = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")
+    # steps, the schedule and logging count optimizer steps whatever the world size...
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6, 9, 12]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    # ...and each step of the 2-process job saw both ranks' (different) blocks
+    assert [2 * r["tokens_seen"] for r in a] == [r["tokens_seen"] for r in b]
+    assert a[-1]["loss"] != b[-1]["loss"]
+    assert [p.name for p in sorted((tmp_path / "two" / "checkpoints").iterdir())] == ["step_0000006", "step_0000012"]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_is_stopped_or_skipped(tiny_data, tmp_path, policy):
+    from safetensors.torch import load_file
+
+    proc = train(tmp_path, policy, tiny_data, "--max_steps", "10", "--log_every", "2", "--eval_every", "0",
+                 "--eval_tokens", "2000", "--checkpoint_every", "4", "--debug_nan_step", "6",
+                 "--on_nonfinite", policy, check=False)
+    run = tmp_path / policy
+    if policy == "stop":
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "step 6: non-finite loss" in proc.stderr and "Samples (block indices)" in proc.stderr
+        assert "step_0000004" in proc.stderr  # names the newest checkpoint, which is intact
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000004"]
+        assert not (run / "final").exists()
+    else:
+        assert proc.returncode == 0 and "step 6: non-finite loss and gradient norm; update skipped" in proc.stdout
+        assert records(run, "final")[0]["skipped_steps"] == 1
+        assert all(r["loss"] == r["loss"] for r in records(run, "train"))  # no NaN reached the logs
+        weights = load_file(run / "final" / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values())
