@@ -4,13 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke test bench audit clean distclean
+.PHONY: help venv tokenize train eval smoke test bench gpu-check audit clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml, evaluate it (~15 min on 2 CPU cores)"
 	@echo "make smoke     the same pipeline at toy size (under 2 minutes) -> runs/smoke/"
 	@echo "make test      run the test suite"
-	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/)"
+	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~12 min)"
+	@echo "make gpu-check on a CUDA GPU: a 126M model in bf16 with compile, tokens/s and MFU"
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
 	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"
 	@echo "make audit     environment and data integrity checks"
@@ -45,6 +46,10 @@ test: venv
 
 bench: tokenize
 	$(PY) scripts/bench_tokenize.py
+	$(PY) scripts/bench_train.py
+
+gpu-check: venv
+	$(PY) scripts/gpu_check.py
 
 audit: venv
 	$(PY) scripts/audit.py --checks env data

@@ -7,15 +7,16 @@ from pathlib import Path
 from lib.metrics import read_jsonl
 
 
-def write_final(model, tokens_dir: str | Path, out_dir: str | Path) -> Path:
-    """Save `model` and the dataset's tokenizer so the Auto classes load them offline."""
+def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Save `model` (with `state_dict`, the full one, when its parameters are sharded) and the
+    dataset's tokenizer so the Auto classes load them offline."""
     from transformers import AutoTokenizer
 
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
     tok_dir = (tokens_dir / ".." / "tokenizer").resolve()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tmp))
     shutil.copy2(tok_dir / "sp.model", tmp / "sp.model")
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -93,7 +93,7 @@ def main() -> None:
         raise UserError("--keep_last_n must be at least 1")
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm import tqdm
 
     from lib import checkpoint as ckpt
@@ -149,6 +149,7 @@ def main() -> None:
     model = build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"])
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        say("activation checkpointing: on (activations recomputed in the backward pass)")
     n_params, fpt = count_params(model), flops_per_token(model, cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -201,7 +202,8 @@ def main() -> None:
         return res
 
     def save_checkpoint():
-        bad = [n for n, p in accelerator.unwrap_model(model).named_parameters() if not torch.isfinite(p).all()]
+        bad = [n for n, p in accelerator.unwrap_model(model).named_parameters()
+               if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]  # FSDP2: the local shard
         if bad:
             raise UserError(f"step {step}: parameter {bad[0]} holds non-finite values; not writing a checkpoint "
                             f"(the newest complete one is kept)")
@@ -308,17 +310,22 @@ def main() -> None:
 
     final_eval = run_eval()
     # Data-parallel replicas must hold the same weights: one job of world size N, not N jobs.
-    checksum = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters()]).sum()
-    sums = accelerator.gather(checksum.reshape(1).to(device)).tolist()
-    in_sync = all(x == sums[0] for x in sums)
-    if world > 1:
-        say(f"weights identical on all {world} processes: {in_sync}")
+    # (FSDP holds one shard per process instead: nothing to compare.)
+    in_sync = None
+    if accelerator.distributed_type != DistributedType.FSDP:
+        params = accelerator.unwrap_model(model).parameters()
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
+        sums = accelerator.gather(checksum.reshape(1).to(device)).tolist()
+        in_sync = all(x == sums[0] for x in sums)
+        if world > 1:
+            say(f"weights identical on all {world} processes: {in_sync}")
     if metrics:
         metrics.write({"type": "final", "step": step, "world_size": world, "replicas_identical": in_sync,
                        "skipped_steps": skipped_steps, "tokens_seen": tokens_seen})
     save_checkpoint()
+    full_state = accelerator.get_state_dict(model)  # every rank takes part (FSDP gathers shards)
     if is_main:
-        write_final(accelerator.unwrap_model(model), tok_dir, run_dir / "final")
+        write_final(accelerator.unwrap_model(model), tok_dir, run_dir / "final", full_state)
         metrics.close()
         plot_metrics(run_dir)
         (run_dir / "report.md").write_text(

@@ -83,3 +83,13 @@ def test_nonfinite_loss_is_stopped_or_skipped(tiny_data, tmp_path, policy):
         assert all(r["loss"] == r["loss"] for r in records(run, "train"))  # no NaN reached the logs
         weights = load_file(run / "final" / "model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_activation_checkpointing_changes_memory_not_results(tiny_data, tmp_path):
+    common = ["--max_steps", "6", "--log_every", "2", "--eval_every", "0", "--eval_tokens", "2000",
+              "--checkpoint_every", "0", "--precision", "fp32"]
+    train(tmp_path, "plain", tiny_data, *common)
+    proc = train(tmp_path, "ckpt", tiny_data, *common, "--activation_checkpointing")
+    assert "activation checkpointing: on" in proc.stdout
+    a, b = records(tmp_path / "plain", "train"), records(tmp_path / "ckpt", "train")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)

@@ -145,3 +145,26 @@ def test_keep_freed_memory_applies_on_linux():
     from lib.cpu import keep_freed_memory
 
     assert keep_freed_memory() is sys.platform.startswith("linux")
+
+
+def test_peak_flops_table_and_cached_cpu_probe(tmp_path, monkeypatch):
+    from lib import flops
+
+    assert flops.gpu_peak("NVIDIA H200", "bf16") == 989e12
+    assert flops.gpu_peak("NVIDIA H100 PCIe", "bf16") == 756e12  # not the SXM figure
+    assert flops.gpu_peak("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 units
+    assert flops.gpu_peak("Some Future GPU", "bf16") is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda dtype: calls.append(dtype) or 123e9)
+    assert flops.cpu_peak("fp32") == 123e9 and flops.cpu_peak("fp32") == 123e9
+    assert calls == ["fp32"]  # measured once, then read from the cache
+    assert flops.cpu_peak("bf16") == 123e9 and calls == ["fp32", "bf16"]  # per dtype
+    assert (tmp_path / "lm-repo" / "peak_flops.json").is_file()
+
+
+def test_matmul_probe_measures_something_plausible():
+    from lib.flops import measure_matmul_peak
+
+    peak = measure_matmul_peak("fp32", size=256, seconds=0.2)
+    assert 1e8 < peak < 1e15

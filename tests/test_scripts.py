@@ -114,3 +114,21 @@ def test_every_preset_parses_with_its_script(preset, tmp_path):
     for key, value in _flatten(yaml.safe_load(text)):
         assert resolved[key] == pytest.approx(float(value)) if isinstance(value, str) and value[:1].isdigit() \
             else resolved[key] == value, key
+
+
+def test_accelerate_configs_load():
+    """Every committed launcher config is one Accelerate reads, of the kind its name says."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    expected = {"cpu": DistributedType.NO, "cpu_ddp": DistributedType.MULTI_GPU, "gpu": DistributedType.NO,
+                "multi_gpu": DistributedType.MULTI_GPU, "fsdp2": DistributedType.FSDP,
+                "multi_node": DistributedType.MULTI_GPU}
+    found = {p.stem: p for p in (REPO / "configs" / "accelerate").glob("*.yaml")}
+    assert set(found) == set(expected)
+    for name, path in found.items():
+        cfg = load_config_from_file(str(path))
+        assert cfg.distributed_type == expected[name], name
+        assert path.read_text().startswith("#") and "accelerate launch" in path.read_text()
+    assert load_config_from_file(str(found["fsdp2"])).fsdp_config["fsdp_version"] == 2
+    assert load_config_from_file(str(found["multi_node"])).num_machines == 2

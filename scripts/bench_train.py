@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Benchmark scripts/train.py against transformers.Trainer on the same model and documents.
+
+    python scripts/bench_train.py                 # part of make bench
+    python scripts/bench_train.py --steps 20      # shorter
+
+Every configuration trains the default preset's model (same init seed) on the built-in corpus's
+training documents, cut into pieces of at most seq_len + 1 tokens, in its own process, one
+after another in this run. Throughput counts real target tokens (never padding) per second over
+the steps after --warmup. Configurations:
+
+  trainer_defaults  transformers.Trainer at its defaults: fp32, batches padded to their longest
+  trainer_careful   Trainer as a careful user sets it: bf16, length-grouped batches
+  ours_default      scripts/train.py as shipped: packed blocks, document masking, bf16
+  ours_same_as_a    scripts/train.py in Trainer-default conditions: fp32, padded to the longest,
+                    random batches, and the same malloc settings as the Trainer run (no tuning)
+
+It reports each one's tokens/s, its model FLOP/s (6N + 12*L*H*Q*T per token) as a share of the
+matmul peak of its dtype measured here in this run, and the ratios the targets name.
+"""
+import os
+import sys
+
+_here = os.path.dirname(os.path.realpath(__file__))
+_root = _here
+while not os.path.isfile(os.path.join(_root, "lib", "__init__.py")) and _root != os.path.dirname(_root):
+    _root = os.path.dirname(_root)
+sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from lib import config as config_lib  # noqa: E402
+from lib.errors import UserError, exit_on_user_error  # noqa: E402
+
+ROOT = Path(_root)
+
+
+@dataclass
+class BenchTrainConfig:
+    """Training throughput against transformers.Trainer."""
+
+    preset: Path = Path("configs/train/default.yaml")
+    """The training preset whose model, data, seq_len and micro-batch size are used."""
+    out_dir: Path = Path("runs/bench")
+    steps: int = 30
+    """Optimizer steps per configuration (the first --warmup are not timed)."""
+    warmup: int = 5
+    worker: Optional[str] = None
+    """Internal: run one Trainer configuration in this process and print its figures."""
+
+
+def train_config(preset: Path):
+    """The resolved TrainConfig of a preset (scripts/train.py's own parser)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_script"] = module  # tyro reads the field docs through the module
+    spec.loader.exec_module(module)
+    return config_lib.parse(module.TrainConfig, ["--config", str(preset)])
+
+
+def trainer_worker(cfg: BenchTrainConfig, mode: str) -> None:
+    """One transformers.Trainer run; prints a JSON line of figures."""
+    import numpy as np
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from lib.corpus import read_manifest
+    from lib.data import DataConfig, build_train_data, tokens_dir
+    from lib.model import build_model, flops_per_token
+
+    tc = train_config(cfg.preset)
+    tok_dir = tokens_dir(tc.data.dir)
+    manifest = read_manifest(tok_dir, "tokens")
+    pieces = build_train_data(tok_dir, DataConfig(dir=tc.data.dir, seq_len=tc.data.seq_len, packing="pad_longest"),
+                              manifest["special_ids"])
+    pad = manifest["special_ids"]["pad"]
+
+    class Pieces(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(pieces)
+
+        def __getitem__(self, i):
+            start, n = int(pieces.starts[i]), int(pieces.lengths[i])
+            ids = np.asarray(pieces.shards[int(pieces.shard_idx[i])][start : start + n], dtype=np.int64)
+            return {"input_ids": ids}
+
+    counted = {"targets": 0}
+
+    def collate(rows):
+        # what DataCollatorForLanguageModeling(mlm=False) does: pad to the longest, labels = inputs
+        # with padding ignored (the model shifts them); counts the real targets it hands out
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, : len(r["input_ids"])] = torch.from_numpy(r["input_ids"])
+            mask[k, : len(r["input_ids"])] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    torch.manual_seed(tc.seed)
+    model = build_model(tc.model, manifest["vocab_size"], manifest["special_ids"])
+    marks = {}
+
+    def count_targets(module, args, kwargs):  # the targets of each forward the Trainer makes
+        counted["targets"] += int((kwargs["labels"][:, 1:] != -100).sum())
+
+    model.register_forward_pre_hook(count_targets, with_kwargs=True)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == cfg.warmup:
+                marks["t0"], marks["n0"] = time.perf_counter(), counted["targets"]
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == cfg.steps:
+                marks["t1"], marks["n1"] = time.perf_counter(), counted["targets"]
+
+    args = TrainingArguments(
+        output_dir=str(cfg.out_dir / f"trainer_{mode}"), max_steps=cfg.steps,
+        per_device_train_batch_size=tc.micro_batch_size, learning_rate=tc.optim.lr,
+        save_strategy="no", report_to=[], logging_steps=10**6, seed=tc.seed, use_cpu=True,
+        bf16=(mode == "careful"), disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if mode == "careful" else "random",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Pieces(), data_collator=collate, callbacks=[Timer()])
+    trainer.train()
+    tps = (marks["n1"] - marks["n0"]) / (marks["t1"] - marks["t0"])
+    print(json.dumps({"tokens_per_s": tps, "flops_per_token": flops_per_token(model, tc.data.seq_len),
+                      "dtype": "bf16" if mode == "careful" else "fp32"}))
+
+
+def run_trainer(cfg: BenchTrainConfig, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--preset", str(cfg.preset), "--out_dir", str(cfg.out_dir),
+           "--steps", str(cfg.steps), "--warmup", str(cfg.warmup), "--worker", mode]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise UserError(f"the Trainer {mode} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
+
+
+def run_ours(cfg: BenchTrainConfig, name: str, *extra: str) -> dict:
+    runs = cfg.out_dir / "runs"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(cfg.preset), "--runs_dir", str(runs),
+           "--run_name", name, "--overwrite", "--max_steps", str(cfg.steps), "--log_every", "1",
+           "--eval_every", "0", "--checkpoint_every", "0", "--eval_tokens", "4096", "--max_minutes", "None",
+           "--no_mfu", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise UserError(f"scripts/train.py ({name}) failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["type"] == "train"]
+    a = next(r for r in rows if r["step"] == cfg.warmup)
+    b = rows[-1]
+    return {"tokens_per_s": (b["tokens_seen"] - a["tokens_seen"]) / (b["elapsed_s"] - a["elapsed_s"])}
+
+
+@exit_on_user_error
+def main() -> None:
+    cfg = config_lib.parse(BenchTrainConfig, description=__doc__)
+    if cfg.worker:
+        return trainer_worker(cfg, cfg.worker)
+    if cfg.steps <= cfg.warmup:
+        raise UserError("--steps must exceed --warmup")
+    from lib.flops import measure_matmul_peak
+    from lib.model import build_model, flops_per_token
+    from lib.corpus import read_manifest
+    from lib.data import tokens_dir
+
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    tc = train_config(cfg.preset)
+    manifest = read_manifest(tokens_dir(tc.data.dir), "tokens")
+    fpt = flops_per_token(build_model(tc.model, manifest["vocab_size"], manifest["special_ids"]), tc.data.seq_len)
+    peaks = {d: measure_matmul_peak(d) for d in ("fp32", "bf16")}
+    print(f"[bench] matmul peak measured now: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
+          f"{peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    results = {}
+    plan = [
+        ("trainer_defaults", "fp32", lambda: run_trainer(cfg, "defaults")),
+        ("trainer_careful", "bf16", lambda: run_trainer(cfg, "careful")),
+        ("ours_default", "bf16", lambda: run_ours(cfg, "ours_default")),
+        ("ours_same_as_a", "fp32", lambda: run_ours(cfg, "ours_same_as_a", "--precision", "fp32",
+                                                     "--data.packing", "pad_longest", "--no_keep_freed_memory")),
+    ]
+    for name, dtype, fn in plan:
+        t = time.perf_counter()
+        res = fn()
+        res["dtype"] = dtype
+        res["model_flops_per_s"] = res["tokens_per_s"] * fpt
+        res["share_of_peak"] = res["model_flops_per_s"] / peaks[dtype]
+        results[name] = res
+        print(f"[bench] {name:<17} {res['tokens_per_s']:>8,.0f} real tokens/s | {res['model_flops_per_s'] / 1e9:6.1f} "
+              f"GFLOP/s = {res['share_of_peak']:.1%} of the {dtype} peak | {time.perf_counter() - t:.0f}s", flush=True)
+    r = {k: v["tokens_per_s"] for k, v in results.items()}
+    ratios = {"ours_default / trainer_defaults": (r["ours_default"] / r["trainer_defaults"], 3.0),
+              "ours_default / trainer_careful": (r["ours_default"] / r["trainer_careful"], 1.0),
+              "ours_same_as_a / trainer_defaults": (r["ours_same_as_a"] / r["trainer_defaults"], 0.97)}
+    for name, (value, target) in ratios.items():
+        print(f"[bench] {name:<34} {value:5.2f}x (target >= {target}x: {'met' if value >= target else 'NOT met'})")
+    out = {"peaks": peaks, "flops_per_token": fpt, "results": results,
+           "ratios": {k: v for k, (v, _) in ratios.items()}, "steps": cfg.steps, "warmup": cfg.warmup}
+    (cfg.out_dir / "train.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    print(f"[bench] results -> {cfg.out_dir / 'train.json'}")
+
+
+if __name__ == "__main__":
+    main()
