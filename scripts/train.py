@@ -75,6 +75,9 @@ class TrainConfig:
     the process holds its peak memory)."""
     threads: Optional[int] = None
     """torch intra-op threads on CPU (default: torch's choice)."""
+    fit_micro_batch: bool = False
+    """Before training, halve micro_batch_size (doubling grad_accum_steps, so optimizer steps do
+    not change) until it fits in memory: trial steps on a GPU, a measured estimate on CPU."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -138,8 +141,6 @@ def main() -> None:
     val_tokens, val_docs = load_split(tok_dir, "val")
     n_eval_tokens, eval_bytes = prefix_docs(val_docs, cfg.eval_tokens)
     train_data = build_train_data(tok_dir, cfg.data, manifest["special_ids"])
-    sampler = BlockSampler(len(train_data), cfg.micro_batch_size, cfg.seed,
-                           accelerator.process_index, world)
     bos_id = manifest["special_ids"]["bos"] if cfg.data.doc_mask else None
 
     # ---- model and optimizer (same seed on every rank: identical initial weights)
@@ -155,6 +156,24 @@ def main() -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model = torch.compile(model)
+    if cfg.fit_micro_batch:
+        from lib.memory import fit_micro_batch
+
+        def trial(n: int) -> None:  # one forward+backward on n sequences; nothing is applied
+            batch = train_data.make_batch(list(range(min(n, len(train_data)))), bos_id)
+            with accelerator.autocast():
+                logits = model(**batch.model_inputs(accelerator.device)).logits
+            labels = torch.from_numpy(batch.labels).to(accelerator.device)
+            accelerator.backward(token_loss_sum(logits, labels)[0] * 0)
+            optimizer.zero_grad(set_to_none=True)
+
+        fitted = fit_micro_batch(trial, cfg.micro_batch_size, cfg.grad_accum_steps, accelerator.device, say=say)
+        if fitted != (cfg.micro_batch_size, cfg.grad_accum_steps):
+            say(f"micro_batch_size {cfg.micro_batch_size} -> {fitted[0]}, grad_accum_steps "
+                f"{cfg.grad_accum_steps} -> {fitted[1]} (the same sequences per optimizer step)")
+        cfg.micro_batch_size, cfg.grad_accum_steps = fitted
+        accelerator.gradient_accumulation_steps = cfg.grad_accum_steps
+    sampler = BlockSampler(len(train_data), cfg.micro_batch_size, cfg.seed, accelerator.process_index, world)
 
     step, tokens_seen = 0, 0
     if resume_from is not None:

@@ -168,3 +168,27 @@ def test_matmul_probe_measures_something_plausible():
 
     peak = measure_matmul_peak("fp32", size=256, seconds=0.2)
     assert 1e8 < peak < 1e15
+
+
+def test_fit_micro_batch_halves_on_cpu_keeping_the_step(tmp_path):
+    """Trial steps that take 100 MB per sequence, 500 MB free: 16 sequences become 4 x 4."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = f"""
+import sys; sys.path.insert(0, {str(REPO)!r})
+import numpy as np, torch
+from lib import memory
+memory.available_memory = lambda: 500 * 2**20
+def trial(n):
+    x = np.ones(n * 100 * 2**20 // 8)  # touched, so resident
+    del x
+print(memory.fit_micro_batch(trial, 16, 1, torch.device("cpu"), say=lambda m: print("say:", m)))
+print(memory.fit_micro_batch(lambda n: None, 16, 2, torch.device("cpu"), say=print))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[-2] == "(4, 4)" and lines[-1] == "(16, 2)"  # nothing to fit: unchanged
+    assert sum(line.startswith("say: micro_batch_size") for line in lines) == 2

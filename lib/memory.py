@@ -1,0 +1,57 @@
+"""A micro-batch that fits in memory, chosen before training starts.
+
+The optimizer step stays what the config says: each halving of the micro-batch doubles the
+accumulation steps, so sequences per optimizer step (and with token weighting, the gradient) do
+not change. On CUDA a trial forward+backward at the configured size is run and halved on
+out-of-memory. On CPU nothing can be tried safely (the kernel kills the process), so the memory
+of trial steps at 1 and 2 sequences is measured and the configured size extrapolated from them.
+"""
+from __future__ import annotations
+
+import resource
+from typing import Callable
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def fit_micro_batch(trial: Callable[[int], None], micro_batch: int, accum: int, device,
+                    headroom: float = 0.8, say=print) -> tuple[int, int]:
+    """(micro_batch, accum) with micro_batch * accum unchanged and one step of `trial(n)` (a
+    forward and backward on n sequences, gradients discarded) fitting in memory."""
+    import torch
+
+    total = micro_batch * accum
+    if device.type == "cuda":
+        while True:
+            try:
+                trial(micro_batch)
+                torch.cuda.synchronize(device)
+                return micro_batch, total // micro_batch
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if micro_batch == 1 or micro_batch % 2:
+                    raise
+                say(f"micro_batch_size {micro_batch} runs out of GPU memory; trying {micro_batch // 2}")
+                micro_batch //= 2
+    # CPU: extrapolate the peak from trial steps at 1 and 2 sequences
+    base = _peak_rss()
+    trial(1)
+    one = _peak_rss()
+    trial(2)
+    two = _peak_rss()
+    per_sequence = max(two - one, (one - base) / 2, 1)
+    budget = headroom * available_memory()
+    while micro_batch > 1 and micro_batch % 2 == 0 and (micro_batch - 2) * per_sequence > budget:
+        say(f"micro_batch_size {micro_batch} would need about {micro_batch * per_sequence / 2**30:.1f} GiB more "
+            f"(free: {available_memory() / 2**30:.1f} GiB); using {micro_batch // 2}")
+        micro_batch //= 2
+    return micro_batch, total // micro_batch
