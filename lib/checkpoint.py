@@ -1,10 +1,13 @@
 """Resumable checkpoints: Accelerate state plus our counters, written so a crash never leaves a
 folder that looks complete.
 
-Each checkpoint is saved to `checkpoints/step_NNNNNNN.tmp`, then `trainer_state.json` (step,
-tokens seen, data cursor, data hash, sha256 of every file) is written last, and the folder is
-renamed into place. Only folders with that record count as checkpoints; old ones are pruned
-after the new one is complete.
+Each checkpoint is saved to `checkpoints/step_NNNNNNN.tmp`, every file is flushed to disk
+(fsync), `trainer_state.json` (step, tokens seen, data cursor, data hash, sha256 of every file)
+is written last, and the folder is renamed into place. Only folders with that record count as
+checkpoints. Old ones are pruned after the new one is complete, by first renaming them to
+`*.deleting` (atomic), so that a crash in the middle of a deletion never leaves a half-deleted
+folder that still looks complete. Leftover `.tmp` and `.deleting` folders are cleared on the
+next save.
 """
 from __future__ import annotations
 
@@ -48,16 +51,61 @@ def verify(path: Path) -> dict:
     return state
 
 
-def find_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: 'auto' = newest complete one (None if the run has none),
-    else the given folder, which must exist."""
+def find_resume(run_dir: str | Path, resume: str, say=print) -> Path | None:
+    """The checkpoint to resume from: 'auto' = the newest complete one whose files all match
+    their sha256 (falling back past corrupt ones, each reported; None if the run has none), else
+    the given folder, which must exist and verify."""
     if resume == "auto":
-        found = complete_checkpoints(run_dir)
-        return found[-1] if found else None
+        for path in reversed(complete_checkpoints(run_dir)):
+            try:
+                verify(path)
+                return path
+            except UserError as exc:
+                say(f"warning: skipping {path}: {exc}")
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"--resume {resume}: no such checkpoint folder")
+    verify(path)
     return path
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, and the folders themselves, to disk."""
+    for p in sorted(root.rglob("*")) + [root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clear_leftovers(root: Path) -> None:
+    """Remove what an interrupted save or prune left: step_*.tmp and *.deleting folders."""
+    for p in root.glob(f"{PREFIX}*"):
+        if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".deleting")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def prune(run_dir: str | Path, keep_last_n: int) -> list[Path]:
+    """Delete all but the newest `keep_last_n` complete checkpoints (never the newest one)."""
+    if keep_last_n < 1:
+        raise UserError("keep_last_n must be at least 1")
+    removed = []
+    for old in complete_checkpoints(run_dir)[:-keep_last_n]:
+        doomed = old.with_name(old.name + ".deleting")
+        os.replace(old, doomed)  # no longer a checkpoint from this instant on
+        shutil.rmtree(doomed)
+        removed.append(old)
+    return removed
 
 
 def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: dict) -> Path:
@@ -73,19 +121,22 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
         # it would briefly leave no complete checkpoint behind
         return final
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        _clear_leftovers(root)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        write_json(tmp / STATE, {**state, "files": files})
-        if final.exists():
+        _fsync_tree(tmp)
+        write_json(tmp / STATE, {**state, "files": files})  # the completion record, last
+        _fsync_tree(tmp)
+        if final.exists():  # an incomplete folder of that name (no record): not a checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in complete_checkpoints(run_dir)[:-keep_last_n]:
-            shutil.rmtree(old)
+        _fsync_dir(root)
+        prune(run_dir, keep_last_n)
     accelerator.wait_for_everyone()
     return final
 

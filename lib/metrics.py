@@ -42,6 +42,31 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_after_step(path: str | Path, step: int) -> int:
+    """Keep the records of an NDJSON log up to `step` (a resumed run logs the later steps
+    again) and drop a torn last line a kill may have left; rewritten atomically. Returns the
+    number of records dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # torn by a kill mid-write
+                dropped += 1
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return dropped
+
+
 def write_tables(records: list[dict], stem: str | Path) -> list[Path]:
     """Write `records` as `stem.csv` and `stem.parquet` (columns: union of keys, in order seen)."""
     import pyarrow as pa

@@ -49,6 +49,9 @@ class TrainConfig:
     """Optimizer steps; the learning-rate schedule spans exactly these."""
     max_minutes: Optional[float] = None
     """Stop early (saving everything) once training has run this long."""
+    stop_at_step: Optional[int] = None
+    """Stop after this optimizer step (saving everything), the schedule still spanning
+    max_steps: for preemptible slots; --resume auto continues exactly."""
     micro_batch_size: int = 16
     """Sequences per forward pass, per process."""
     grad_accum_steps: int = 1
@@ -123,7 +126,7 @@ def main() -> None:
 
     # ---- run folder: never clobber an existing run by accident
     run_dir = cfg.runs_dir / cfg.run_name
-    resume_from = ckpt.find_resume(run_dir, cfg.resume) if cfg.resume else None
+    resume_from = ckpt.find_resume(run_dir, cfg.resume, say=say) if cfg.resume else None
     if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
             raise UserError(f"run folder {run_dir} already exists: pass --resume auto to continue it, "
@@ -180,6 +183,7 @@ def main() -> None:
         state = ckpt.load(accelerator, resume_from, manifest["content_hash"], cfg.allow_data_change)
         sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
         step, tokens_seen = state["step"], state["tokens_seen"]
+        window = state.get("log_window", {})
         say(f"resumed from {resume_from} at step {step}")
     if is_main:
         ckpt.write_json(run_dir / "provenance.json",
@@ -198,6 +202,12 @@ def main() -> None:
         f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
         f"{cfg.max_steps} steps ({epochs:.2f} epochs)")
 
+    if is_main and resume_from is not None:
+        from lib.metrics import truncate_after_step
+
+        dropped = truncate_after_step(run_dir / "metrics.jsonl", step)
+        if dropped:
+            say(f"metrics.jsonl: dropped {dropped} record(s) logged after step {step}; they are logged again")
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
     device = accelerator.device
     peak, peak_source = None, ""
@@ -228,6 +238,10 @@ def main() -> None:
                             f"(the newest complete one is kept)")
         ckpt.save(accelerator, run_dir, step, cfg.keep_last_n,
                   {"step": step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(),
+                   # the partial logging window, so the next logged loss is the one an
+                   # uninterrupted run logs (this rank's sums; the loss is a float64 sum as text)
+                   "log_window": {"loss": window_loss.double().item(), "tokens": window_tokens,
+                                  "slots": window_slots, "pad": window_pad, "skipped": skipped_steps},
                    "data_content_hash": manifest["content_hash"]})
 
     # ---- the loop: one iteration = one optimizer step of grad_accum_steps micro-batches
@@ -239,6 +253,10 @@ def main() -> None:
     window_loss, window_tokens = torch.zeros((), device=device), 0  # since the last log line
     window_slots = window_pad = 0  # input positions and padded ones, this rank, since the last log line
     skipped_steps = 0
+    if resume_from is not None:
+        window_loss += window.get("loss", 0.0)
+        window_tokens, window_slots = window.get("tokens", 0), window.get("slots", 0)
+        window_pad, skipped_steps = window.get("pad", 0), window.get("skipped", 0)
     while step < cfg.max_steps:
         sample_ids = [sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
         batches = [train_data.make_batch(ids, bos_id) for ids in sample_ids]
@@ -324,6 +342,10 @@ def main() -> None:
             say(f"stopping at step {step}: the {cfg.max_minutes} minute budget is spent")
             stopped_early = True
             break
+        if cfg.stop_at_step is not None and step >= cfg.stop_at_step and step < cfg.max_steps:
+            say(f"stopping at step {step} (--stop_at_step); --resume auto continues from here")
+            stopped_early = True
+            break
     bar.close()
     train_secs = time.perf_counter() - t_start
 
@@ -350,7 +372,7 @@ def main() -> None:
         (run_dir / "report.md").write_text(
             f"# Run {cfg.run_name}\n\n"
             f"- model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, seq_len {cfg.data.seq_len}\n"
-            f"- steps: {step} of {cfg.max_steps}{' (stopped early: time budget)' if stopped_early else ''}, "
+            f"- steps: {step} of {cfg.max_steps}{' (stopped early)' if stopped_early else ''}, "
             f"{tokens_seen:,} tokens, {train_secs / 60:.1f} min, "
             f"{tokens_seen / max(train_secs, 1e-9):,.0f} tokens/s overall\n"
             f"- held-out ({final_eval['tokens']:,} tokens): loss {final_eval['loss']:.4f}, "

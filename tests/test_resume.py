@@ -1,0 +1,72 @@
+"""Checkpoints resume bit for bit: stop anywhere (or be killed), resume, and get the run you
+would have had. Dropout is on, so the restored random state matters."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, run_script
+
+DDP = (str(Path(sys.executable).with_name("accelerate")), "launch",
+       "--config_file", str(REPO / "configs/accelerate/cpu_ddp.yaml"))
+
+
+def train(data, runs, name, *extra, ddp=False, check=True, log_every=1):
+    return run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(data),
+                      "--runs_dir", str(runs), "--run_name", name, "--model.dropout", "0.1",
+                      "--eval_tokens", "2000", "--log_every", str(log_every), *extra,
+                      launcher=DDP if ddp else (), check=check)
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["type"] == "train"}
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    la, lb = losses(a), losses(b)
+    assert la == lb, next(s for s in sorted(la) if la[s] != lb.get(s))  # the first diverging step
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+def blocks_per_epoch(data: Path, seq_len: int = 64) -> int:
+    from lib.data import build_train_data, DataConfig
+
+    return len(build_train_data(data / "tokens", DataConfig(seq_len=seq_len), {"pad": 3}))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_stop_and_resume_is_bitwise_the_straight_run(tiny_data, tmp_path, accum):
+    common = ["--max_steps", "14", "--grad_accum_steps", str(accum), "--checkpoint_every", "0",
+              "--eval_every", "5"]
+    # logged every 4 steps and stopped at 6: mid-epoch and inside a logging window
+    train(tiny_data, tmp_path, "straight", *common, log_every=4)
+    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "6", log_every=4)
+    proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto", log_every=4)
+    assert "resumed from" in proc.stdout and "step_0000006" in proc.stdout
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_resume_across_an_epoch_boundary_and_with_ddp(tiny_data, tmp_path):
+    # a micro-batch of 8 and few blocks per epoch: stop exactly at the end of an epoch
+    steps_per_epoch = blocks_per_epoch(tiny_data) // 8
+    common = ["--max_steps", str(steps_per_epoch + 3), "--checkpoint_every", "0", "--eval_every", "0"]
+    train(tiny_data, tmp_path, "straight", *common)
+    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", str(steps_per_epoch))
+    train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+    ddp = ["--max_steps", "8", "--checkpoint_every", "0", "--eval_every", "0"]
+    train(tiny_data, tmp_path, "ddp_straight", *ddp, ddp=True)
+    train(tiny_data, tmp_path, "ddp_resumed", *ddp, "--stop_at_step", "3", ddp=True)
+    train(tiny_data, tmp_path, "ddp_resumed", *ddp, "--resume", "auto", ddp=True)
+    assert_same_run(tmp_path / "ddp_straight", tmp_path / "ddp_resumed")
