@@ -151,10 +151,11 @@ def from_dict(cls: type[T], data: dict, where: str = "<dict>") -> T:
 
 
 def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
-          prog: str | None = None) -> T:
+          prog: str | None = None, presets: bool = True) -> T:
     """Parse a script config: defaults < `--config FILE.yaml` < flags.
 
-    `cls` must have a field `config: Optional[Path]`; it records which preset was used.
+    `cls` must have a field `config: Optional[Path]`; it records which preset was used. With
+    `presets=False`, `--config` is an ordinary field (a file the command works on).
     If it has `print_config: bool` and that is set, the resolved config is printed as YAML and
     the process exits 0. Flags are spelled with underscores, as in the YAML (`--optim.lr 3e-4`).
     """
@@ -162,7 +163,7 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | No
 
     argv = list(sys.argv[1:] if argv is None else argv)
     default = None
-    if "-h" not in argv and "--help" not in argv:
+    if presets and "-h" not in argv and "--help" not in argv:
         config_path = _find_config_flag(argv)
         if config_path is not None:
             data = load_yaml(config_path)

@@ -59,8 +59,9 @@ def measure_matmul_peak(dtype: str, size: int = 2048, seconds: float = 1.5) -> f
     import torch
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    a = torch.randn(size, size).to(torch_dtype)
-    b = torch.randn(size, size).to(torch_dtype)
+    g = torch.Generator().manual_seed(0)  # its own generator: training's random state is untouched
+    a = torch.randn(size, size, generator=g).to(torch_dtype)
+    b = torch.randn(size, size, generator=g).to(torch_dtype)
     a @ b  # warm up kernels and caches
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -68,6 +69,21 @@ def measure_matmul_peak(dtype: str, size: int = 2048, seconds: float = 1.5) -> f
         a @ b
         best = max(best, 2 * size**3 / (time.perf_counter() - t))
     return best
+
+
+def _probe_in_subprocess(dtype: str, threads: int) -> float:
+    """measure_matmul_peak in a child process. Not in this one: the first large bf16 matmul can
+    switch the process to other CPU kernels (AMX), so a run that probed would compute slightly
+    different numbers from one that read the cache, and runs would not reproduce bit for bit."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(int(sys.argv[2])); "
+            "from lib.flops import measure_matmul_peak; print(measure_matmul_peak(sys.argv[3]))")
+    out = subprocess.run([sys.executable, "-c", code, root, str(threads), dtype], capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def cpu_peak(dtype: str, refresh: bool = False) -> float:
@@ -84,7 +100,7 @@ def cpu_peak(dtype: str, refresh: bool = False) -> float:
             cache = {}
     if key in cache and not refresh:
         return float(cache[key])
-    peak = measure_matmul_peak(dtype)
+    peak = _probe_in_subprocess(dtype, torch.get_num_threads())
     cache[key] = peak
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

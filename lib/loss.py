@@ -15,11 +15,13 @@ def token_loss_sum(logits, targets):
     """(sum of token cross-entropies in nats as float32, number of target tokens)."""
     import torch.nn.functional as F
 
-    loss = F.cross_entropy(
+    # per-token losses summed by torch.sum rather than reduction="sum": the same gradient, and a
+    # sum whose order does not depend on the process (the fused reduction's last bits did, here)
+    per_token = F.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
+        ignore_index=IGNORE_INDEX, reduction="none",
     )
-    return loss, (targets != IGNORE_INDEX).sum()
+    return per_token.sum(), (targets != IGNORE_INDEX).sum()
 
 
 def step_scaled_loss(loss_sum, step_tokens: int, world_size: int, accum_steps: int):

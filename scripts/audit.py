@@ -3,12 +3,17 @@
 
     python scripts/audit.py                         # environment + data/stdlib integrity
     python scripts/audit.py --checks data run --data data/smoke --run runs/smoke
+    python scripts/audit.py resume --config configs/train/default.yaml
 
 Checks:
   env   interpreter, packages, devices, bf16 support, GPU monitoring, git state
   data  every corpus/token shard and the tokenizer match the sha256 in their manifests, and the
         manifests agree with each other
   run   every checkpoint's files match the sha256 recorded when it was written; final/ is there
+
+  resume (a subcommand) trains a training config at tiny size twice, straight through and
+        stopped mid-way then resumed in a new process, and checks that every logged loss and
+        every final weight is bitwise the same; it names the first diverging step otherwise.
 """
 import os
 import sys
@@ -122,8 +127,91 @@ def audit_run(rep: Report, run: Path) -> None:
     rep.line((run / "final" / "config.json").is_file(), f"{run / 'final'} holds a saved model")
 
 
+@dataclass
+class ResumeCheckConfig:
+    """Resume equivalence of a training config, at tiny size."""
+
+    config: Path = Path("configs/train/default.yaml")
+    """The training config (YAML) to check."""
+    steps: int = 8
+    stop_at: int = 3
+    """Stop the interrupted run after this step, then resume it."""
+    train_script: Path = Path(_root) / "scripts" / "train.py"
+    """The training script to check: a copy under experiments/ with a changed loop, say."""
+    keep_size: bool = False
+    """Keep the config's model and batch size instead of shrinking them (slower)."""
+    precision: str = "fp32"
+    """Precision of both runs; 'config' keeps the config's. fp32 by default: bf16 autocast on CPUs
+    with AMX can differ in the last bits between two identical processes, whatever the loop does."""
+    work_dir: Optional[Path] = None
+    """Where the two runs go (default: a temporary folder, deleted afterwards)."""
+
+
+def resume_check(cfg: ResumeCheckConfig) -> None:
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    if not cfg.config.is_file():
+        raise UserError(f"--config {cfg.config}: no such file")
+    if not 0 < cfg.stop_at < cfg.steps:
+        raise UserError(f"--stop_at must be between 1 and --steps - 1 ({cfg.steps - 1})")
+    user = config_lib.load_yaml(cfg.config)
+    work = cfg.work_dir or Path(tempfile.mkdtemp(prefix="resume-check-"))
+    if not cfg.train_script.is_file():
+        raise UserError(f"--train_script {cfg.train_script}: no such file")
+    train = [sys.executable, str(cfg.train_script), "--config", str(cfg.config),
+             "--runs_dir", str(work), "--max_steps", str(cfg.steps), "--log_every", "1", "--eval_every", "0",
+             "--checkpoint_every", "0", "--eval_tokens", "2000", "--max_minutes", "None", "--no_compile",
+             "--overwrite"]
+    if not cfg.keep_size and not (user.get("model") or {}).get("init_from"):
+        train += ["--model.d_model", "64", "--model.n_layers", "2", "--model.n_heads", "2", "--model.n_kv_heads",
+                  "None", "--model.d_ff", "None", "--data.seq_len", "64", "--micro_batch_size", "2"]
+    if cfg.precision != "config":
+        train += ["--precision", cfg.precision]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+
+    def go(*extra):
+        proc = subprocess.run(train + list(extra), capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise UserError(f"training {' '.join(extra)} failed:\n{proc.stderr[-2000:]}")
+
+    print(f"resume check of {cfg.config}: {cfg.steps} steps straight, and stopped after {cfg.stop_at} then "
+          f"resumed ({'full size' if cfg.keep_size else 'tiny size'}) in {work}", flush=True)
+    try:
+        go("--run_name", "straight")
+        go("--run_name", "resumed", "--stop_at_step", str(cfg.stop_at))
+        go("--run_name", "resumed", "--resume", "auto", "--no_overwrite")
+
+        def losses(name):
+            rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+            return {r["step"]: r["loss"] for r in rows if r["type"] == "train"}
+
+        a, b = losses("straight"), losses("resumed")
+        rep = Report()
+        diverged = [s for s in sorted(a) if a[s] != b.get(s)]
+        rep.line(not diverged, "every logged loss is bitwise equal" if not diverged else
+                 f"first diverging step {diverged[0]}: straight {a[diverged[0]]!r}, resumed {b.get(diverged[0])!r}")
+        wa = load_file(work / "straight" / "final" / "model.safetensors")
+        wb = load_file(work / "resumed" / "final" / "model.safetensors")
+        differ = [k for k in wa if k not in wb or not (wa[k] == wb[k]).all()]
+        rep.line(not differ, "every final weight is bitwise equal" if not differ else
+                 f"{len(differ)} weight tensor(s) differ, first {differ[0]}")
+    finally:
+        if cfg.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print("resume check: " + ("PASS" if not rep.failures else "FAIL"))
+    sys.exit(1 if rep.failures else 0)
+
+
 @exit_on_user_error
 def main() -> None:
+    if sys.argv[1:2] == ["resume"]:
+        return resume_check(config_lib.parse(ResumeCheckConfig, sys.argv[2:], description=ResumeCheckConfig.__doc__,
+                                             prog=f"{os.path.basename(sys.argv[0])} resume", presets=False))
     cfg = config_lib.parse(AuditConfig, description=__doc__)
     rep = Report()
     for check in cfg.checks:

@@ -127,8 +127,16 @@ def main() -> None:
     # ---- run folder: never clobber an existing run by accident
     run_dir = cfg.runs_dir / cfg.run_name
     resume_from = ckpt.find_resume(run_dir, cfg.resume, say=say) if cfg.resume else None
+    if cfg.resume == "auto" and resume_from is None and ckpt.complete_checkpoints(run_dir) and not cfg.overwrite:
+        raise UserError(f"no checkpoint of {run_dir} passes its sha256 check (see the warnings above); "
+                        "pass --overwrite to start the run over")
+    started_only = (cfg.resume == "auto" and resume_from is None and run_dir.is_dir()
+                    and not (run_dir / "final").exists() and not ckpt.complete_checkpoints(run_dir))
+    if started_only and any(run_dir.iterdir()):
+        # stopped before its first checkpoint: nothing to continue, and nothing of value to keep
+        say(f"{run_dir} has no complete checkpoint to resume: starting it over")
     if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
+        if not (cfg.overwrite or started_only):
             raise UserError(f"run folder {run_dir} already exists: pass --resume auto to continue it, "
                             "--overwrite to replace it, or another --run_name")
         if is_main:

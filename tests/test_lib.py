@@ -156,7 +156,7 @@ def test_peak_flops_table_and_cached_cpu_probe(tmp_path, monkeypatch):
     assert flops.gpu_peak("Some Future GPU", "bf16") is None
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
-    monkeypatch.setattr(flops, "measure_matmul_peak", lambda dtype: calls.append(dtype) or 123e9)
+    monkeypatch.setattr(flops, "_probe_in_subprocess", lambda dtype, threads: calls.append(dtype) or 123e9)
     assert flops.cpu_peak("fp32") == 123e9 and flops.cpu_peak("fp32") == 123e9
     assert calls == ["fp32"]  # measured once, then read from the cache
     assert flops.cpu_peak("bf16") == 123e9 and calls == ["fp32", "bf16"]  # per dtype
@@ -192,3 +192,15 @@ print(memory.fit_micro_batch(lambda n: None, 16, 2, torch.device("cpu"), say=pri
     lines = out.strip().splitlines()
     assert lines[-2] == "(4, 4)" and lines[-1] == "(16, 2)"  # nothing to fit: unchanged
     assert sum(line.startswith("say: micro_batch_size") for line in lines) == 2
+
+
+def test_matmul_probe_leaves_the_global_random_state_alone():
+    import torch
+
+    from lib.flops import measure_matmul_peak
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    measure_matmul_peak("fp32", size=64, seconds=0.01)
+    assert torch.equal(torch.rand(3), expected)

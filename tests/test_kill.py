@@ -1,0 +1,70 @@
+"""Kill training with SIGKILL at random moments (some of them while a checkpoint is being
+written), resume with --resume auto each time: the final weights and logged losses are bitwise
+those of an uninterrupted run, and once a checkpoint exists there is always a complete one."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import REPO
+from lib.checkpoint import complete_checkpoints
+from test_resume import assert_same_run, train
+
+
+def command(data, runs, name, *extra):
+    return [sys.executable, str(REPO / "scripts" / "train.py"), "--config", "configs/train/smoke.yaml",
+            "--data.dir", str(data), "--runs_dir", str(runs), "--run_name", name, "--model.dropout", "0.1",
+            "--eval_tokens", "2000", "--log_every", "1", "--precision", "fp32", *extra]
+
+
+def test_killed_anywhere_and_resumed_is_the_uninterrupted_run(tiny_data, tmp_path):
+    common = ["--max_steps", "500", "--checkpoint_every", "5", "--keep_last_n", "2", "--eval_every", "100"]
+    train(tiny_data, tmp_path, "straight", *common)
+    run = tmp_path / "killed"
+    seen = {"min_after_first": None, "polls": 0}
+    stop_watch = threading.Event()
+
+    def watch():  # count complete checkpoints as often as we can
+        while not stop_watch.is_set():
+            n = len(complete_checkpoints(run))
+            if n or seen["min_after_first"] is not None:
+                seen["min_after_first"] = n if seen["min_after_first"] is None else min(seen["min_after_first"], n)
+            seen["polls"] += 1
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    kills = {"random": 0, "during_checkpoint_write": 0}
+    for attempt in range(12):
+        proc = subprocess.Popen(command(tiny_data, tmp_path, "killed", *common, "--resume", "auto"), cwd=REPO,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        if attempt >= 8:  # enough: let it finish
+            assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+            break
+        # strike at a random moment after start-up, or on odd attempts as soon as a checkpoint is
+        # being written (its .tmp folder exists) if that comes first
+        deadline = time.time() + rng.uniform(5, 10)
+        mode = "random"
+        while proc.poll() is None and time.time() < deadline:
+            if attempt % 2 and any(p.name.endswith(".tmp") for p in (run / "checkpoints").glob("step_*")):
+                mode = "during_checkpoint_write"
+                break
+            time.sleep(0.0005)
+        if proc.poll() is not None:  # it finished before we struck
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+            break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills[mode] += 1
+    stop_watch.set()
+    watcher.join()
+    assert kills["random"] >= 3 and kills["during_checkpoint_write"] >= 1, kills
+    assert seen["min_after_first"] is not None and seen["min_after_first"] >= 1, seen
+    assert_same_run(tmp_path / "straight", run)
