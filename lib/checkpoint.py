@@ -70,22 +70,19 @@ def find_resume(run_dir: str | Path, resume: str, say=print) -> Path | None:
     return path
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under `root`, and the folders themselves, to disk."""
-    for p in sorted(root.rglob("*")) + [root]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, and the folders themselves, to disk."""
+    for p in sorted(root.rglob("*")) + [root]:
+        _fsync(p)
 
 
 def _clear_leftovers(root: Path) -> None:
@@ -135,7 +132,7 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
         if final.exists():  # an incomplete folder of that name (no record): not a checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        _fsync(root)
         prune(run_dir, keep_last_n)
     accelerator.wait_for_everyone()
     return final

@@ -20,7 +20,7 @@ def step_grads(tmp_path, name, accum, ddp=False, naive=False):
     out = tmp_path / f"{name}.pt"
     run_script("tests/helpers/grad_step.py", str(out), "--accum", str(accum), *(["--naive"] if naive else []),
                launcher=DDP if ddp else ())
-    return torch.load(out)
+    return torch.load(out, weights_only=True)
 
 
 def test_gradient_is_the_same_however_the_step_is_split(tmp_path):
