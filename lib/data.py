@@ -181,6 +181,11 @@ class PaddedDocs:
         w = longest_row - 1
         return min(-(-w // self.multiple) * self.multiple, self.seq_len)
 
+    def piece(self, i: int) -> np.ndarray:
+        """The tokens of item i (a document or a piece of one)."""
+        start = int(self.starts[i])
+        return self.shards[int(self.shard_idx[i])][start : start + int(self.lengths[i])]
+
     def make_batch(self, indices, bos_id: int | None = None) -> Batch:
         indices = np.asarray(indices)
         width = self.width(int(self.lengths[indices].max()))
@@ -188,9 +193,8 @@ class PaddedDocs:
         labels = np.full((len(indices), width), IGNORE_INDEX, dtype=np.int64)
         mask = np.zeros((len(indices), width), dtype=np.int64)
         for r, i in enumerate(indices):
-            n = int(self.lengths[i])
-            start = int(self.starts[i])
-            piece = self.shards[int(self.shard_idx[i])][start : start + n]
+            piece = self.piece(i)
+            n = len(piece)
             inputs[r, : n - 1] = piece[:-1]
             labels[r, : n - 1] = piece[1:]
             mask[r, : n - 1] = 1

@@ -87,9 +87,7 @@ def trainer_worker(cfg: BenchTrainConfig, mode: str) -> None:
             return len(pieces)
 
         def __getitem__(self, i):
-            start, n = int(pieces.starts[i]), int(pieces.lengths[i])
-            ids = np.asarray(pieces.shards[int(pieces.shard_idx[i])][start : start + n], dtype=np.int64)
-            return {"input_ids": ids}
+            return {"input_ids": np.asarray(pieces.piece(i), dtype=np.int64)}
 
     counted = {"targets": 0}
 
