@@ -166,7 +166,7 @@ def resume_check(cfg: ResumeCheckConfig) -> None:
     train = [sys.executable, str(cfg.train_script), "--config", str(cfg.config),
              "--runs_dir", str(work), "--max_steps", str(cfg.steps), "--log_every", "1", "--eval_every", "0",
              "--checkpoint_every", "0", "--eval_tokens", "2000", "--max_minutes", "None", "--no_compile",
-             "--overwrite"]
+             "--overwrite", "--deterministic"]
     if not cfg.keep_size and not (user.get("model") or {}).get("init_from"):
         train += ["--model.d_model", "64", "--model.n_layers", "2", "--model.n_heads", "2", "--model.n_kv_heads",
                   "None", "--model.d_ff", "None", "--data.seq_len", "64", "--micro_batch_size", "2"]

@@ -78,6 +78,12 @@ class TrainConfig:
     the process holds its peak memory)."""
     threads: Optional[int] = None
     """torch intra-op threads on CPU (default: torch's choice)."""
+    deterministic: bool = False
+    """Same results in every process on this machine, for bitwise resume: one intra-op thread on
+    CPU unless --threads says otherwise (with 2 threads, 8 of 60 identical fresh processes here
+    got last-bit different step-1 gradients; none of 24 with one), MKL's reproducible mode
+    (MKL_CBWR=AUTO,STRICT), oneDNN kept off AMX (whose bf16 results varied between processes
+    here), and torch's deterministic algorithms (on CUDA also CUBLAS_WORKSPACE_CONFIG)."""
     fit_micro_batch: bool = False
     """Before training, halve micro_batch_size (doubling grad_accum_steps, so optimizer steps do
     not change) until it fits in memory: trial steps on a GPU, a measured estimate on CPU."""
@@ -97,6 +103,10 @@ def main() -> None:
     cfg = config_lib.parse(TrainConfig, description=__doc__)
     if cfg.keep_last_n < 1:
         raise UserError("--keep_last_n must be at least 1")
+    if cfg.deterministic:  # read when MKL and cuBLAS start, so set before torch is imported
+        os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
@@ -113,8 +123,10 @@ def main() -> None:
     from lib.provenance import provenance
     from lib.report import write_final, plot_metrics
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # set even to torch's own default: torch then also turns off MKL's dynamic thread count,
+    # which could otherwise split a matrix product differently from one call to the next
+    threads = cfg.threads or (1 if cfg.deterministic and cpu_only() else torch.get_num_threads())
+    torch.set_num_threads(threads)
     if cfg.keep_freed_memory:
         from lib.cpu import keep_freed_memory
 
@@ -123,6 +135,9 @@ def main() -> None:
                               gradient_accumulation_steps=cfg.grad_accum_steps)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     say = accelerator.print
+    if cfg.deterministic:
+        say(f"deterministic: {threads} CPU thread(s), MKL_CBWR=AUTO,STRICT, oneDNN without AMX, "
+            "torch deterministic algorithms")
 
     # ---- run folder: never clobber an existing run by accident
     run_dir = cfg.runs_dir / cfg.run_name
@@ -155,7 +170,7 @@ def main() -> None:
     bos_id = manifest["special_ids"]["bos"] if cfg.data.doc_mask else None
 
     # ---- model and optimizer (same seed on every rank: identical initial weights)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
     if cfg.data.seq_len > cfg.model.max_seq_len and not cfg.model.init_from:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     model = build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"])
@@ -254,8 +269,9 @@ def main() -> None:
 
     # ---- the loop: one iteration = one optimizer step of grad_accum_steps micro-batches
     model.train()
+    # into a log file (not a terminal) the bar redraws once a minute, not ten times a second
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True,
-               desc="train", unit="step")
+               desc="train", unit="step", mininterval=0.1 if sys.stderr.isatty() else 60)
     t_start = t_log = time.perf_counter()
     tokens_at_log, stopped_early = tokens_seen, False
     window_loss, window_tokens = torch.zeros((), device=device), 0  # since the last log line

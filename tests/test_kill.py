@@ -19,7 +19,7 @@ from test_resume import assert_same_run, train
 def command(data, runs, name, *extra):
     return [sys.executable, str(REPO / "scripts" / "train.py"), "--config", "configs/train/smoke.yaml",
             "--data.dir", str(data), "--runs_dir", str(runs), "--run_name", name, "--model.dropout", "0.1",
-            "--eval_tokens", "2000", "--log_every", "1", "--precision", "fp32", *extra]
+            "--eval_tokens", "2000", "--log_every", "1", "--precision", "fp32", "--deterministic", *extra]
 
 
 def test_killed_anywhere_and_resumed_is_the_uninterrupted_run(tiny_data, tmp_path):
@@ -43,10 +43,14 @@ def test_killed_anywhere_and_resumed_is_the_uninterrupted_run(tiny_data, tmp_pat
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     kills = {"random": 0, "during_checkpoint_write": 0}
     for attempt in range(12):
-        proc = subprocess.Popen(command(tiny_data, tmp_path, "killed", *common, "--resume", "auto"), cwd=REPO,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        # stderr to a file, not a pipe: nobody reads a pipe while we wait, and a full one would
+        # block the run's next write for ever
+        err = tmp_path / f"stderr_{attempt}.txt"
+        with open(err, "wb") as err_file:
+            proc = subprocess.Popen(command(tiny_data, tmp_path, "killed", *common, "--resume", "auto"), cwd=REPO,
+                                    env=env, stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)
         if attempt >= 8:  # enough: let it finish
-            assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+            assert proc.wait(timeout=600) == 0, err.read_text()[-3000:]
             break
         # strike at a random moment after start-up, or on odd attempts as soon as a checkpoint is
         # being written (its .tmp folder exists) if that comes first
@@ -58,7 +62,7 @@ def test_killed_anywhere_and_resumed_is_the_uninterrupted_run(tiny_data, tmp_pat
                 break
             time.sleep(0.0005)
         if proc.poll() is not None:  # it finished before we struck
-            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+            assert proc.returncode == 0, err.read_text()[-3000:]
             break
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -23,7 +23,7 @@ def train(data, runs, name, *extra, ddp=False, check=True, log_every=1):
     return run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(data),
                       "--runs_dir", str(runs), "--run_name", name, "--model.dropout", "0.1",
                       "--eval_tokens", "2000", "--log_every", str(log_every),
-                      "--precision", "fp32", *extra,
+                      "--precision", "fp32", "--deterministic", *extra,
                       launcher=DDP if ddp else (), check=check)
 
 
