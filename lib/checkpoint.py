@@ -138,11 +138,13 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
     return final
 
 
-def load(accelerator, path: Path, data_content_hash: str, allow_data_change: bool = False) -> dict:
+def load(accelerator, path: Path, data_content_hash: str, allow_data_change: bool = False,
+         strict: bool = True) -> dict:
     """Verify and restore a checkpoint into the prepared objects; return its trainer state.
 
     Resuming on data other than the checkpoint's (by token-shard content hash) is refused
-    unless `allow_data_change`, in which case it is only reported.
+    unless `allow_data_change`, in which case it is only reported. `strict=False` loads a
+    checkpoint holding only some of the model's tensors (LoRA adapters; check them first).
     """
     state = verify(path)
     if state.get("data_content_hash") != data_content_hash:
@@ -151,7 +153,14 @@ def load(accelerator, path: Path, data_content_hash: str, allow_data_change: boo
         if not allow_data_change:
             raise UserError(msg + "; pass --allow_data_change to resume on the new data anyway")
         accelerator.print(f"warning: {msg}; resuming anyway (--allow_data_change)")
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path), strict=strict)
+    except RuntimeError as exc:  # torch: "Error(s) in loading state_dict ... size mismatch for ..."
+        detail = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if not any("state_dict" in line or "size mismatch" in line for line in detail):
+            raise
+        raise UserError(f"checkpoint {path} does not fit this model ({detail[-1][:300]}); resume with the "
+                        "model and --lora options the run started with (see its config.yaml)") from None
     return state
 
 

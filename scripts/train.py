@@ -27,6 +27,7 @@ from typing import Literal, Optional  # noqa: E402
 from lib import config as config_lib  # noqa: E402
 from lib.data import DataConfig  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.lora import LoraOptions  # noqa: E402
 from lib.model import ModelConfig  # noqa: E402
 from lib.optim import OptimConfig  # noqa: E402
 
@@ -44,6 +45,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraOptions = field(default_factory=LoraOptions)
     seed: int = 0
     max_steps: int = 1000
     """Optimizer steps; the learning-rate schedule spans exactly these."""
@@ -113,6 +115,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from lib import checkpoint as ckpt
+    from lib import lora
     from lib.data import BlockSampler, build_train_data, load_split, prefix_docs, tokens_dir
     from lib.corpus import read_manifest
     from lib.evaluate import evaluate_stream, summarize
@@ -178,8 +181,17 @@ def main() -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         say("activation checkpointing: on (activations recomputed in the backward pass)")
     n_params, fpt = count_params(model), flops_per_token(model, cfg.data.seq_len)
+    use_lora = lora.enabled(cfg.lora)
+    base_sha = lora.base_fingerprint(cfg.model.init_from) if use_lora else None
+    if use_lora:
+        model = lora.apply(model, cfg.lora)
+        n_train = count_params(model, trainable_only=True)
+        say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}: {n_train:,} trainable "
+            f"parameters ({n_train / n_params:.2%} of the base); checkpoints hold the adapters only")
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if use_lora:
+        lora.save_trainable_only(accelerator, model)
     if cfg.compile:
         model = torch.compile(model)
     if cfg.fit_micro_batch:
@@ -203,7 +215,16 @@ def main() -> None:
 
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        state = ckpt.load(accelerator, resume_from, manifest["content_hash"], cfg.allow_data_change)
+        if use_lora:
+            state = ckpt.verify(resume_from)
+            if state.get("lora_base_sha256") != base_sha:
+                raise UserError(f"{resume_from} holds LoRA adapters trained on a base model whose weights hash to "
+                                f"{str(state.get('lora_base_sha256'))[:12]}, but --model.init_from "
+                                f"{cfg.model.init_from} hashes to {str(base_sha)[:12]}: adapters only make "
+                                "sense on their own base; point --model.init_from at it")
+            lora.check_loaded(resume_from, model)
+        state = ckpt.load(accelerator, resume_from, manifest["content_hash"], cfg.allow_data_change,
+                          strict=not use_lora)
         sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
         step, tokens_seen = state["step"], state["tokens_seen"]
         window = state.get("log_window", {})
@@ -265,7 +286,8 @@ def main() -> None:
                    # uninterrupted run logs (this rank's sums; the loss is a float64 sum as text)
                    "log_window": {"loss": window_loss.double().item(), "tokens": window_tokens,
                                   "slots": window_slots, "pad": window_pad, "skipped": skipped_steps},
-                   "data_content_hash": manifest["content_hash"]})
+                   "data_content_hash": manifest["content_hash"],
+                   **({"lora_base_sha256": base_sha} if use_lora else {})})
 
     # ---- the loop: one iteration = one optimizer step of grad_accum_steps micro-batches
     model.train()
@@ -388,9 +410,13 @@ def main() -> None:
         metrics.write({"type": "final", "step": step, "world_size": world, "replicas_identical": in_sync,
                        "skipped_steps": skipped_steps, "tokens_seen": tokens_seen})
     save_checkpoint()
-    full_state = accelerator.get_state_dict(model)  # every rank takes part (FSDP gathers shards)
+    full_state = None if use_lora else accelerator.get_state_dict(model)  # FSDP: every rank gathers
     if is_main:
-        write_final(accelerator.unwrap_model(model), tok_dir, run_dir / "final", full_state)
+        final_model = accelerator.unwrap_model(model)
+        if use_lora:  # the adapter alone, then the merged model that eval.py and generate load
+            lora.write_adapter(final_model, run_dir / "final_adapter")
+            final_model = final_model.merge_and_unload()
+        write_final(final_model, tok_dir, run_dir / "final", full_state)
         metrics.close()
         plot_metrics(run_dir)
         (run_dir / "report.md").write_text(

@@ -1,0 +1,102 @@
+"""LoRA fine-tuning through peft: wrap a model, checkpoint only what trains, tie a run to its base."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from lib.errors import UserError
+
+
+@dataclass
+class LoraOptions:
+    """Low-rank adapters on a frozen base (peft). Off while r is 0."""
+
+    r: int = 0
+    """Adapter rank; 0 trains every weight of the model instead."""
+    alpha: float = 16.0
+    """Scale of the adapter's update is alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: str = "all-linear"
+    """Comma-separated module names to adapt (q_proj,v_proj), or all-linear (every linear layer
+    but the output head)."""
+
+
+def enabled(opts: LoraOptions) -> bool:
+    if opts.r < 0:
+        raise UserError(f"--lora.r must be 0 (off) or a positive rank, got {opts.r}")
+    return opts.r > 0
+
+
+def apply(model, opts: LoraOptions):
+    """Freeze `model` and wrap it with fresh adapters (initialised from torch's RNG)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = opts.target_modules.strip()
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if not targets:
+        raise UserError("--lora.target_modules is empty; name modules (q_proj,v_proj) or pass all-linear")
+    config = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model..."
+        linear = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                         if type(mod).__name__ in ("Linear", "Conv1D")})
+        raise UserError(f"--lora.target_modules {opts.target_modules!r}: {str(exc).splitlines()[0]} "
+                        f"This model's linear layers: {', '.join(linear)}") from None
+
+
+def trainable_names(model) -> list[str]:
+    """Names, as in `model.state_dict()`, of the parameters that train."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def save_trainable_only(accelerator, model) -> None:
+    """Make `accelerator.save_state` write only `model`'s trainable tensors (the adapters), not a
+    second copy of the frozen base."""
+    keep = set(trainable_names(model))
+
+    def hook(models, weights, output_dir):
+        for i, m in enumerate(models):
+            if m is model:
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    accelerator.register_save_state_pre_hook(hook)
+
+
+def check_loaded(checkpoint: Path, model) -> None:
+    """The checkpoint's tensors are exactly this run's trainable ones (same adapters, same names)."""
+    from safetensors import safe_open
+
+    path = Path(checkpoint) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        saved = set(f.keys())
+    want = set(trainable_names(model))
+    if saved != want:
+        missing, extra = sorted(want - saved), sorted(saved - want)
+        raise UserError(f"{path} does not hold this run's adapters: {len(missing)} missing "
+                        f"({', '.join(missing[:3])}), {len(extra)} unexpected ({', '.join(extra[:3])}); "
+                        "resume with the --lora options the run started with")
+
+
+def base_fingerprint(init_from: Optional[str]) -> Optional[str]:
+    """sha256 over the weight files of a local base model (None for a base built from config,
+    which the seed determines)."""
+    if not init_from:
+        return None
+    from lib.corpus import sha256_file
+
+    files = sorted(p for p in Path(init_from).iterdir() if p.suffix in (".safetensors", ".bin"))
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(f"{p.name}\0{sha256_file(p)}\n".encode())
+    return digest.hexdigest()
+
+
+def write_adapter(model, out_dir: Path) -> Path:
+    """The adapter alone (adapter_config.json + adapter_model.safetensors), for peft to load."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir

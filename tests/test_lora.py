@@ -1,0 +1,84 @@
+"""LoRA fine-tuning of a model loaded offline from a local folder: checkpoints hold the adapters
+and their optimizer state only, resume bit for bit, refuse another base model, and the final
+folder holds the merged model next to the adapter."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lib.checkpoint import complete_checkpoints
+from test_resume import assert_same_run, train
+
+
+@pytest.fixture(scope="module")
+def base(tiny_data, tmp_path_factory):
+    """A tiny pretrained model saved the way any local Hugging Face model is."""
+    runs = tmp_path_factory.mktemp("base")
+    train(tiny_data, runs, "base", "--max_steps", "3", "--checkpoint_every", "0", "--eval_every", "0")
+    return runs / "base" / "final"
+
+
+def lora_args(base_dir, *extra):
+    return ("--model.init_from", str(base_dir), "--lora.r", "4", "--lora.dropout", "0.1", *extra)
+
+
+def test_checkpoints_hold_adapters_and_final_is_merged(tiny_data, base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train(tiny_data, tmp_path, "ft", *lora_args(base, "--max_steps", "4", "--checkpoint_every", "2",
+                                                 "--eval_every", "0"))
+    run = tmp_path / "ft"
+    checkpoint = complete_checkpoints(run)[-1]
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    # 7 linear layers in each of 2 decoder layers, an A and a B matrix each: nothing of the base
+    assert len(keys) == 28 and all(".lora_A." in k or ".lora_B." in k for k in keys), keys
+    assert (checkpoint / "model.safetensors").stat().st_size < (base / "model.safetensors").stat().st_size / 4
+    optimizer_state = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    assert len(optimizer_state["state"]) == 28  # moments for the adapters alone
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "final")
+    original = AutoModelForCausalLM.from_pretrained(base)
+    m, o = merged.state_dict(), original.state_dict()
+    assert m.keys() == o.keys()
+    assert torch.equal(m["model.embed_tokens.weight"], o["model.embed_tokens.weight"])  # frozen
+    assert torch.equal(m["model.norm.weight"], o["model.norm.weight"])
+    assert not torch.equal(m["model.layers.0.self_attn.q_proj.weight"], o["model.layers.0.self_attn.q_proj.weight"])
+    # the merged model computes what the base plus the saved adapter computes
+    adapted = PeftModel.from_pretrained(original, run / "final_adapter").eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_resume_is_bitwise_and_refuses_another_base(tiny_data, base, tmp_path):
+    common = lora_args(base, "--max_steps", "8", "--checkpoint_every", "0", "--eval_every", "4")
+    train(tiny_data, tmp_path, "straight", *common)
+    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "3")
+
+    other = tmp_path / "other_base"
+    shutil.copytree(base, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.001
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    wrong = train(tiny_data, tmp_path, "resumed", *lora_args(other, "--max_steps", "8", "--checkpoint_every", "0",
+                                                             "--eval_every", "4"), "--resume", "auto", check=False)
+    assert wrong.returncode != 0 and "own base" in wrong.stderr and "Traceback" not in wrong.stderr
+    resized = train(tiny_data, tmp_path, "resumed", *common, "--lora.r", "8", "--resume", "auto", check=False)
+    assert resized.returncode != 0 and "does not fit this model" in resized.stderr, resized.stderr[-2000:]
+
+    proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto")
+    assert "resumed from" in proc.stdout
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_unknown_target_module_is_a_clear_error(tiny_data, base, tmp_path):
+    proc = train(tiny_data, tmp_path, "bad", *lora_args(base, "--lora.target_modules", "qproj",
+                                                        "--max_steps", "2"), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--lora.target_modules 'qproj'" in proc.stderr and "q_proj" in proc.stderr
