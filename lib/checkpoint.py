@@ -22,7 +22,7 @@ from lib.errors import UserError
 STATE = "trainer_state.json"
 PREFIX = "step_"
 
-__all__ = ["save", "load", "find_resume", "complete_checkpoints", "remove_run", "write_json"]
+__all__ = ["save", "load", "find_resume", "complete_checkpoints", "best_checkpoint", "remove_run", "write_json"]
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -92,12 +92,29 @@ def _clear_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def prune(run_dir: str | Path, keep_last_n: int) -> list[Path]:
-    """Delete all but the newest `keep_last_n` complete checkpoints (never the newest one)."""
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the lowest recorded held-out loss (None if none has one)."""
+    scored = []
+    for path in complete_checkpoints(run_dir):
+        try:
+            loss = json.loads((path / STATE).read_text(encoding="utf-8")).get("val_loss")
+        except (OSError, ValueError):
+            continue
+        if isinstance(loss, (int, float)) and loss == loss and abs(loss) != float("inf"):
+            scored.append((loss, path))
+    return min(scored, key=lambda x: x[0])[1] if scored else None  # the earliest of equals
+
+
+def prune(run_dir: str | Path, keep_last_n: int, keep_best: bool = False) -> list[Path]:
+    """Delete all but the newest `keep_last_n` complete checkpoints (never the newest one) and,
+    with `keep_best`, the one with the lowest held-out loss."""
     if keep_last_n < 1:
         raise UserError("keep_last_n must be at least 1")
+    spared = best_checkpoint(run_dir) if keep_best else None
     removed = []
     for old in complete_checkpoints(run_dir)[:-keep_last_n]:
+        if old == spared:
+            continue
         doomed = old.with_name(old.name + ".deleting")
         os.replace(old, doomed)  # no longer a checkpoint from this instant on
         shutil.rmtree(doomed)
@@ -105,8 +122,10 @@ def prune(run_dir: str | Path, keep_last_n: int) -> list[Path]:
     return removed
 
 
-def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: dict) -> Path:
-    """Save a checkpoint of `step` (all ranks call this), then prune to `keep_last_n`.
+def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: dict,
+         keep_best: bool = False) -> Path:
+    """Save a checkpoint of `step` (all ranks call this), then prune to `keep_last_n` (and the
+    best by `state["val_loss"]` with `keep_best`).
 
     A complete checkpoint of the same step is left as it is.
     """
@@ -133,7 +152,7 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-        prune(run_dir, keep_last_n)
+        prune(run_dir, keep_last_n, keep_best)
     accelerator.wait_for_everyone()
     return final
 

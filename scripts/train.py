@@ -67,6 +67,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last_n: int = 2
     """Complete checkpoints to keep; older ones are deleted after a new one is written."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the lowest held-out loss (of those written at an evaluation
+    step: make checkpoint_every a multiple of eval_every)."""
     resume: Optional[str] = None
     """'auto' (newest checkpoint of this run) or a checkpoint folder."""
     allow_data_change: bool = False
@@ -138,6 +141,9 @@ def main() -> None:
                               gradient_accumulation_steps=cfg.grad_accum_steps)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     say = accelerator.print
+    if cfg.keep_best and (not cfg.eval_every or not cfg.checkpoint_every or cfg.checkpoint_every % cfg.eval_every):
+        say(f"warning: --keep_best compares checkpoints written at evaluation steps; with checkpoint_every "
+            f"{cfg.checkpoint_every} and eval_every {cfg.eval_every} only the final checkpoint has a held-out loss")
     if cfg.deterministic:
         say(f"deterministic: {threads} CPU thread(s), MKL_CBWR=AUTO,STRICT, oneDNN without AMX, "
             "torch deterministic algorithms")
@@ -262,11 +268,14 @@ def main() -> None:
                                                                     accelerator.mixed_precision))
         say(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else f"MFU: {peak_source}")
 
+    last_eval = {"step": None, "loss": None}  # recorded in a checkpoint of the same step (--keep_best)
+
     def run_eval() -> dict:
         sums = evaluate_stream(accelerator.unwrap_model(model), val_tokens[:n_eval_tokens],
                                cfg.data.seq_len, cfg.micro_batch_size, device, accelerator.autocast,
                                bos_id=bos_id)
         res = summarize(sums, eval_bytes)
+        last_eval.update(step=step, loss=res["loss"])
         say(f"eval step {step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
             f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f}")
         if metrics:
@@ -287,7 +296,8 @@ def main() -> None:
                    "log_window": {"loss": window_loss.double().item(), "tokens": window_tokens,
                                   "slots": window_slots, "pad": window_pad, "skipped": skipped_steps},
                    "data_content_hash": manifest["content_hash"],
-                   **({"lora_base_sha256": base_sha} if use_lora else {})})
+                   "val_loss": last_eval["loss"] if last_eval["step"] == step else None,
+                   **({"lora_base_sha256": base_sha} if use_lora else {})}, keep_best=cfg.keep_best)
 
     # ---- the loop: one iteration = one optimizer step of grad_accum_steps micro-batches
     model.train()
@@ -417,6 +427,9 @@ def main() -> None:
             lora.write_adapter(final_model, run_dir / "final_adapter")
             final_model = final_model.merge_and_unload()
         write_final(final_model, tok_dir, run_dir / "final", full_state)
+        best = ckpt.best_checkpoint(run_dir) if cfg.keep_best else None
+        if best is not None:
+            say(f"best checkpoint by held-out loss: {best}")
         metrics.close()
         plot_metrics(run_dir)
         (run_dir / "report.md").write_text(
