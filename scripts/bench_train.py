@@ -28,6 +28,7 @@ while not os.path.isfile(os.path.join(_root, "lib", "__init__.py")) and _root !=
 sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
 
 import json  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -50,6 +51,9 @@ class BenchTrainConfig:
     steps: int = 30
     """Optimizer steps per configuration (the first --warmup are not timed)."""
     warmup: int = 5
+    rounds: int = 2
+    """Rounds of all four configurations, one after the other; each ratio is taken within a round
+    (this machine's speed drifts) and the median over rounds is reported."""
     worker: Optional[str] = None
     """Internal: run one Trainer configuration in this process and print its figures."""
 
@@ -167,6 +171,8 @@ def main() -> None:
         return trainer_worker(cfg, cfg.worker)
     if cfg.steps <= cfg.warmup:
         raise UserError("--steps must exceed --warmup")
+    if cfg.rounds < 1:
+        raise UserError("--rounds must be at least 1")
     from lib.flops import measure_matmul_peak
     from lib.model import build_model, flops_per_token
     from lib.corpus import read_manifest
@@ -179,7 +185,6 @@ def main() -> None:
     peaks = {d: measure_matmul_peak(d) for d in ("fp32", "bf16")}
     print(f"[bench] matmul peak measured now: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
           f"{peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
-    results = {}
     plan = [
         ("trainer_defaults", "fp32", lambda: run_trainer(cfg, "defaults")),
         ("trainer_careful", "bf16", lambda: run_trainer(cfg, "careful")),
@@ -187,23 +192,33 @@ def main() -> None:
         ("ours_same_as_a", "fp32", lambda: run_ours(cfg, "ours_same_as_a", "--precision", "fp32",
                                                      "--data.packing", "pad_longest", "--no_keep_freed_memory")),
     ]
-    for name, dtype, fn in plan:
-        t = time.perf_counter()
-        res = fn()
-        res["dtype"] = dtype
-        res["model_flops_per_s"] = res["tokens_per_s"] * fpt
-        res["share_of_peak"] = res["model_flops_per_s"] / peaks[dtype]
-        results[name] = res
-        print(f"[bench] {name:<17} {res['tokens_per_s']:>8,.0f} real tokens/s | {res['model_flops_per_s'] / 1e9:6.1f} "
-              f"GFLOP/s = {res['share_of_peak']:.1%} of the {dtype} peak | {time.perf_counter() - t:.0f}s", flush=True)
-    r = {k: v["tokens_per_s"] for k, v in results.items()}
-    ratios = {"ours_default / trainer_defaults": (r["ours_default"] / r["trainer_defaults"], 3.0),
-              "ours_default / trainer_careful": (r["ours_default"] / r["trainer_careful"], 1.0),
-              "ours_same_as_a / trainer_defaults": (r["ours_same_as_a"] / r["trainer_defaults"], 0.97)}
-    for name, (value, target) in ratios.items():
-        print(f"[bench] {name:<34} {value:5.2f}x (target >= {target}x: {'met' if value >= target else 'NOT met'})")
+    targets = {("ours_default", "trainer_defaults"): 3.0, ("ours_default", "trainer_careful"): 1.0,
+               ("ours_same_as_a", "trainer_defaults"): 0.97}
+    rounds = []
+    for k in range(cfg.rounds):
+        results = {}
+        for name, dtype, fn in plan:
+            t = time.perf_counter()
+            res = fn()
+            res["dtype"] = dtype
+            res["model_flops_per_s"] = res["tokens_per_s"] * fpt
+            res["share_of_peak"] = res["model_flops_per_s"] / peaks[dtype]
+            results[name] = res
+            print(f"[bench] round {k + 1} {name:<17} {res['tokens_per_s']:>8,.0f} real tokens/s | "
+                  f"{res['model_flops_per_s'] / 1e9:6.1f} GFLOP/s = {res['share_of_peak']:.1%} of the {dtype} peak | "
+                  f"{time.perf_counter() - t:.0f}s", flush=True)
+        rounds.append(results)
+    ratios = {}
+    for (a, b), target in targets.items():
+        per_round = [r[a]["tokens_per_s"] / r[b]["tokens_per_s"] for r in rounds]
+        value = statistics.median(per_round)
+        ratios[f"{a} / {b}"] = value
+        print(f"[bench] {a + ' / ' + b:<34} {value:5.2f}x median of {', '.join(f'{x:.2f}' for x in per_round)} "
+              f"(target >= {target}x: {'met' if value >= target else 'NOT met'})")
+    results = {name: {**rounds[0][name], "tokens_per_s_by_round": [r[name]["tokens_per_s"] for r in rounds]}
+               for name in rounds[0]}
     out = {"peaks": peaks, "flops_per_token": fpt, "results": results,
-           "ratios": {k: v for k, (v, _) in ratios.items()}, "steps": cfg.steps, "warmup": cfg.warmup}
+           "ratios": ratios, "steps": cfg.steps, "warmup": cfg.warmup, "rounds": cfg.rounds}
     (cfg.out_dir / "train.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(f"[bench] results -> {cfg.out_dir / 'train.json'}")
 
