@@ -57,18 +57,20 @@ def trainable_names(model) -> list[str]:
 def save_trainable_only(accelerator, model) -> None:
     """Make `accelerator.save_state` write only `model`'s trainable tensors (the adapters), not a
     second copy of the frozen base."""
-    keep = set(trainable_names(model))
+    target = accelerator.unwrap_model(model)  # Accelerate may hold the DDP wrapper or the model itself
+    keep = set(trainable_names(target))  # saved names carry no DDP "module."
 
     def hook(models, weights, output_dir):
         for i, m in enumerate(models):
-            if m is model:
+            if accelerator.unwrap_model(m) is target:
                 weights[i] = {k: v for k, v in weights[i].items() if k in keep}
 
     accelerator.register_save_state_pre_hook(hook)
 
 
 def check_loaded(checkpoint: Path, model) -> None:
-    """The checkpoint's tensors are exactly this run's trainable ones (same adapters, same names)."""
+    """The checkpoint's tensors are exactly this run's trainable ones (same adapters, same names);
+    `model` unwrapped (no DDP or compile wrapper)."""
     from safetensors import safe_open
 
     path = Path(checkpoint) / "model.safetensors"

@@ -196,8 +196,9 @@ def main() -> None:
             f"parameters ({n_train / n_params:.2%} of the base); checkpoints hold the adapters only")
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
+    prepared = model  # what Accelerate saves and loads (torch.compile below wraps it again)
     if use_lora:
-        lora.save_trainable_only(accelerator, model)
+        lora.save_trainable_only(accelerator, prepared)
     if cfg.compile:
         model = torch.compile(model)
     if cfg.fit_micro_batch:
@@ -228,7 +229,7 @@ def main() -> None:
                                 f"{str(state.get('lora_base_sha256'))[:12]}, but --model.init_from "
                                 f"{cfg.model.init_from} hashes to {str(base_sha)[:12]}: adapters only make "
                                 "sense on their own base; point --model.init_from at it")
-            lora.check_loaded(resume_from, model)
+            lora.check_loaded(resume_from, accelerator.unwrap_model(prepared))
         state = ckpt.load(accelerator, resume_from, manifest["content_hash"], cfg.allow_data_change,
                           strict=not use_lora)
         sampler.load_state_dict(state["sampler"], cfg.allow_data_change)

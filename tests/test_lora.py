@@ -82,3 +82,16 @@ def test_unknown_target_module_is_a_clear_error(tiny_data, base, tmp_path):
                                                         "--max_steps", "2"), check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--lora.target_modules 'qproj'" in proc.stderr and "q_proj" in proc.stderr
+
+
+def test_lora_under_ddp_saves_adapters_and_resumes_bitwise(tiny_data, base, tmp_path):
+    # Accelerate holds the bare model while training goes through the DDP wrapper: the adapter
+    # filter must find it either way
+    common = lora_args(base, "--max_steps", "4", "--checkpoint_every", "0", "--eval_every", "0")
+    train(tiny_data, tmp_path, "straight", *common, ddp=True)
+    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "2", ddp=True)
+    with safe_open(str(complete_checkpoints(tmp_path / "resumed")[-1] / "model.safetensors"), framework="pt") as f:
+        assert len(list(f.keys())) == 28
+    proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto", ddp=True)
+    assert "resumed from" in proc.stdout
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
