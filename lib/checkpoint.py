@@ -158,14 +158,17 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
 
 
 def load(accelerator, path: Path, data_content_hash: str, allow_data_change: bool = False,
-         strict: bool = True) -> dict:
+         strict: bool = True, check=None) -> dict:
     """Verify and restore a checkpoint into the prepared objects; return its trainer state.
 
     Resuming on data other than the checkpoint's (by token-shard content hash) is refused
-    unless `allow_data_change`, in which case it is only reported. `strict=False` loads a
-    checkpoint holding only some of the model's tensors (LoRA adapters; check them first).
+    unless `allow_data_change`, in which case it is only reported. `check(state)`, if given,
+    runs after the files are verified and before anything is restored. `strict=False` loads a
+    checkpoint holding only some of the model's tensors (LoRA adapters, which `check` vets).
     """
     state = verify(path)
+    if check is not None:
+        check(state)
     if state.get("data_content_hash") != data_content_hash:
         msg = (f"checkpoint {path} was trained on other data (token content hash "
                f"{str(state.get('data_content_hash'))[:12]}, this run's data {data_content_hash[:12]})")

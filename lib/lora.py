@@ -68,11 +68,17 @@ def save_trainable_only(accelerator, model) -> None:
     accelerator.register_save_state_pre_hook(hook)
 
 
-def check_loaded(checkpoint: Path, model) -> None:
-    """The checkpoint's tensors are exactly this run's trainable ones (same adapters, same names);
-    `model` unwrapped (no DDP or compile wrapper)."""
+def check_checkpoint(checkpoint: Path, state: dict, model, base_sha: Optional[str], init_from: Optional[str]) -> None:
+    """Refuse to resume adapters on another base, or adapters other than this run's: the
+    checkpoint's tensors must be exactly `model`'s trainable ones (`model` unwrapped: no DDP or
+    compile wrapper). `state` is the checkpoint's verified record."""
     from safetensors import safe_open
 
+    if state.get("lora_base_sha256") != base_sha:
+        raise UserError(f"{checkpoint} holds LoRA adapters trained on a base model whose weights hash to "
+                        f"{str(state.get('lora_base_sha256'))[:12]}, but --model.init_from {init_from} hashes "
+                        f"to {str(base_sha)[:12]}: adapters only make sense on their own base; point "
+                        "--model.init_from at it")
     path = Path(checkpoint) / "model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         saved = set(f.keys())
@@ -97,8 +103,3 @@ def base_fingerprint(init_from: Optional[str]) -> Optional[str]:
         digest.update(f"{p.name}\0{sha256_file(p)}\n".encode())
     return digest.hexdigest()
 
-
-def write_adapter(model, out_dir: Path) -> Path:
-    """The adapter alone (adapter_config.json + adapter_model.safetensors), for peft to load."""
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir

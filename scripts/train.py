@@ -151,11 +151,12 @@ def main() -> None:
     # ---- run folder: never clobber an existing run by accident
     run_dir = cfg.runs_dir / cfg.run_name
     resume_from = ckpt.find_resume(run_dir, cfg.resume, say=say) if cfg.resume else None
-    if cfg.resume == "auto" and resume_from is None and ckpt.complete_checkpoints(run_dir) and not cfg.overwrite:
+    has_checkpoints = bool(ckpt.complete_checkpoints(run_dir))
+    if cfg.resume == "auto" and resume_from is None and has_checkpoints and not cfg.overwrite:
         raise UserError(f"no checkpoint of {run_dir} passes its sha256 check (see the warnings above); "
                         "pass --overwrite to start the run over")
     started_only = (cfg.resume == "auto" and resume_from is None and run_dir.is_dir()
-                    and not (run_dir / "final").exists() and not ckpt.complete_checkpoints(run_dir))
+                    and not (run_dir / "final").exists() and not has_checkpoints)
     if started_only and any(run_dir.iterdir()):
         # stopped before its first checkpoint: nothing to continue, and nothing of value to keep
         say(f"{run_dir} has no complete checkpoint to resume: starting it over")
@@ -222,16 +223,10 @@ def main() -> None:
 
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        if use_lora:
-            state = ckpt.verify(resume_from)
-            if state.get("lora_base_sha256") != base_sha:
-                raise UserError(f"{resume_from} holds LoRA adapters trained on a base model whose weights hash to "
-                                f"{str(state.get('lora_base_sha256'))[:12]}, but --model.init_from "
-                                f"{cfg.model.init_from} hashes to {str(base_sha)[:12]}: adapters only make "
-                                "sense on their own base; point --model.init_from at it")
-            lora.check_loaded(resume_from, accelerator.unwrap_model(prepared))
+        vet = (lambda st: lora.check_checkpoint(resume_from, st, accelerator.unwrap_model(prepared), base_sha,
+                                                cfg.model.init_from)) if use_lora else None
         state = ckpt.load(accelerator, resume_from, manifest["content_hash"], cfg.allow_data_change,
-                          strict=not use_lora)
+                          strict=not use_lora, check=vet)
         sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
         step, tokens_seen = state["step"], state["tokens_seen"]
         window = state.get("log_window", {})
@@ -425,7 +420,7 @@ def main() -> None:
     if is_main:
         final_model = accelerator.unwrap_model(model)
         if use_lora:  # the adapter alone, then the merged model that eval.py and generate load
-            lora.write_adapter(final_model, run_dir / "final_adapter")
+            final_model.save_pretrained(str(run_dir / "final_adapter"), safe_serialization=True)
             final_model = final_model.merge_and_unload()
         write_final(final_model, tok_dir, run_dir / "final", full_state)
         best = ckpt.best_checkpoint(run_dir) if cfg.keep_best else None
