@@ -16,10 +16,10 @@ DDP = (str(Path(sys.executable).with_name("accelerate")), "launch",
        "--config_file", str(REPO / "configs/accelerate/cpu_ddp.yaml"))
 
 
-def step_grads(tmp_path, name, accum, ddp=False, naive=False):
+def step_grads(tmp_path, name, accum, ddp=False, naive=False, plain=False):
     out = tmp_path / f"{name}.pt"
     run_script("tests/helpers/grad_step.py", str(out), "--accum", str(accum), *(["--naive"] if naive else []),
-               launcher=DDP if ddp else ())
+               *(["--plain"] if plain else []), launcher=DDP if ddp else ())
     return torch.load(out, weights_only=True)
 
 
@@ -32,6 +32,9 @@ def test_gradient_is_the_same_however_the_step_is_split(tmp_path):
     # the mean of per-micro-batch means weights a 2-token row like a 64-token one: not the same
     naive = step_grads(tmp_path, "naive", 2, naive=True)
     assert (naive - whole).abs().max() > 0.05 * scale
+    # the fused output layer + loss (train.py's default, used above) against full logits
+    plain = step_grads(tmp_path, "plain", 2, plain=True)
+    assert (plain - whole).abs().max() <= 1e-5 * scale
 
 
 def train(tmp_path, name, data, *extra, ddp=False, check=True):
@@ -93,3 +96,15 @@ def test_activation_checkpointing_changes_memory_not_results(tiny_data, tmp_path
     assert "activation checkpointing: on" in proc.stdout
     a, b = records(tmp_path / "plain", "train"), records(tmp_path / "ckpt", "train")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+
+
+def test_fused_output_layer_trains_like_full_logits(tiny_data, tmp_path):
+    common = ["--max_steps", "6", "--log_every", "2", "--eval_every", "0", "--eval_tokens", "2000",
+              "--checkpoint_every", "0", "--precision", "fp32"]
+    train(tmp_path, "fused", tiny_data, *common)  # the default
+    train(tmp_path, "full", tiny_data, *common, "--no_fused_loss")
+    a, b = records(tmp_path / "fused", "train"), records(tmp_path / "full", "train")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
+    assert records(tmp_path / "fused", "eval")[-1]["val_loss"] == pytest.approx(
+        records(tmp_path / "full", "eval")[-1]["val_loss"], rel=1e-5)

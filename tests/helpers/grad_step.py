@@ -1,11 +1,12 @@
 """One optimizer step's gradient, as scripts/train.py computes it, written to a file.
 
-    python tests/helpers/grad_step.py OUT --accum K [--naive]
+    python tests/helpers/grad_step.py OUT --accum K [--naive] [--plain]
     accelerate launch --config_file configs/accelerate/cpu_ddp.yaml tests/helpers/grad_step.py OUT --accum K
 
 The global batch is 8 sequences of very uneven lengths (padded, padding ignored). Rank r of W
 takes rows r, r+W, ...; its rows are cut into K micro-batches. --naive uses the per-micro-batch
-mean loss instead of lib.loss's token weighting.
+mean loss instead of lib.loss's token weighting. The loss goes through the fused output layer
+(lib/fused_loss.py) as in scripts/train.py, or with --plain through full logits.
 """
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
+from lib.fused_loss import FusedHead  # noqa: E402
 from lib.loss import IGNORE_INDEX, step_scaled_loss, token_loss_sum  # noqa: E402
 from lib.model import ModelConfig, build_model  # noqa: E402
 
@@ -33,10 +35,12 @@ def global_batch():
 
 def main():
     out, accum, naive = Path(sys.argv[1]), int(sys.argv[sys.argv.index("--accum") + 1]), "--naive" in sys.argv
+    plain = "--plain" in sys.argv
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="llama", d_model=32, n_layers=2, n_heads=2, max_seq_len=64), 200,
                         {"unk": 0, "bos": 1, "eos": 2, "pad": 3})
+    fused = None if plain else FusedHead.attach(model)
     model = acc.prepare(model)
     world, rank = acc.num_processes, acc.process_index
     inputs, labels = global_batch()
@@ -47,8 +51,11 @@ def main():
     for rows in micro:
         with acc.accumulate(model):
             mask = (labels[rows] != IGNORE_INDEX).long()
-            logits = model(input_ids=inputs[rows], attention_mask=mask, use_cache=False).logits
-            loss_sum, n = token_loss_sum(logits, labels[rows])
+            kwargs = dict(input_ids=inputs[rows], attention_mask=mask, use_cache=False)
+            if fused is not None:
+                loss_sum, n = fused.loss_sum(model, kwargs, labels[rows])
+            else:
+                loss_sum, n = token_loss_sum(model(**kwargs).logits, labels[rows])
             loss = loss_sum / n if naive else step_scaled_loss(loss_sum, step_tokens, world, accum)
             acc.backward(loss)
     if acc.is_main_process:
