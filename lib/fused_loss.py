@@ -23,7 +23,47 @@ CHUNK_ROWS = 512
 512 and 1024 within noise of each other, 128 slower)."""
 
 
-def _chunked(hidden, weight, targets, chunk_rows: int, compute_dtype, need_h: bool, need_w: bool):
+def _softmax_grad(logits, t):
+    """(sum of the chunk's token losses, d loss / d logits in the logits' dtype) for one chunk:
+    logits (c, V) in the compute dtype, t (c, 1) target ids. Softmax in float32."""
+    lf = logits.float()
+    row_max = lf.amax(1, keepdim=True)
+    exps = (lf - row_max).exp()
+    sums = exps.sum(1, keepdim=True)
+    loss = (row_max + sums.log() - lf.gather(1, t)).sum()  # log-sum-exp minus the target's logit
+    grad = (exps / sums).scatter_add(1, t, torch.full(t.shape, -1.0, device=t.device))  # softmax - one-hot
+    return loss, grad.to(logits.dtype)
+
+
+def _softmax_grad_inplace(logits, t):
+    """`_softmax_grad` for eager mode: the same arithmetic with fewer passes over memory (the
+    float32 copy of the logits is reused in place)."""
+    lf = logits.float()
+    target_logit = lf.gather(1, t)
+    row_max = lf.amax(1, keepdim=True)
+    exps = lf.sub_(row_max).exp_()
+    sums = exps.sum(1, keepdim=True)
+    loss = (row_max + sums.log() - target_logit).sum()
+    probs = exps.mul_(sums.reciprocal())
+    probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))
+    return loss, probs.to(logits.dtype)
+
+
+_compiled_softmax_grad = None
+
+
+def compiled_softmax_grad():
+    """`_softmax_grad` through torch.compile: one reduction pass and one pointwise pass over a
+    chunk instead of six (measured here: 12 ms instead of 18 ms per 512 x 16k chunk). Rows are
+    a dynamic dimension, so varying numbers of targets do not recompile."""
+    global _compiled_softmax_grad
+    if _compiled_softmax_grad is None:
+        _compiled_softmax_grad = torch.compile(_softmax_grad, dynamic=True)
+    return _compiled_softmax_grad
+
+
+def _chunked(hidden, weight, targets, chunk_rows: int, compute_dtype, need_h: bool, need_w: bool,
+             softmax_grad=_softmax_grad_inplace):
     """(sum of token losses float32, grad wrt hidden or None, grad wrt weight float32 or None).
 
     hidden: (N, d), weight: (V, d), targets: (N,) with IGNORE_INDEX where a row has no target.
@@ -39,17 +79,13 @@ def _chunked(hidden, weight, targets, chunk_rows: int, compute_dtype, need_h: bo
     for start in range(0, h_all.size(0), chunk_rows):
         h = h_all[start:start + chunk_rows]
         t = t_all[start:start + chunk_rows, None]
-        logits = torch.mm(h, w.t()).float()                  # (c, V)
-        target_logit = logits.gather(1, t)
-        row_max = logits.amax(1, keepdim=True)
-        exps = logits.sub_(row_max).exp_()                    # in place: the logits are done with
-        sums = exps.sum(1, keepdim=True)
-        loss += (row_max + sums.log() - target_logit).sum()  # log-sum-exp minus the target's logit
+        logits = torch.mm(h, w.t())                           # (c, V)
         if not (need_h or need_w):
+            lf = logits.float()
+            loss += (torch.logsumexp(lf, 1) - lf.gather(1, t).squeeze(1)).sum()
             continue
-        probs = exps.mul_(sums.reciprocal())
-        probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))  # d loss / d logits = softmax - one-hot
-        g = probs.to(compute_dtype)
+        chunk_loss, g = softmax_grad(logits, t)
+        loss += chunk_loss
         if need_h:
             torch.mm(g, w, out=grad_rows[start:start + chunk_rows])
         if need_w:
@@ -63,11 +99,11 @@ def _chunked(hidden, weight, targets, chunk_rows: int, compute_dtype, need_h: bo
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, softmax_grad):
         with torch.autocast(hidden.device.type, enabled=False):
             loss, grad_h, grad_w = _chunked(
                 hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows,
-                compute_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                compute_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1], softmax_grad)
         ctx.shape, ctx.h_dtype, ctx.w_dtype = hidden.shape, hidden.dtype, weight.dtype
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         return loss
@@ -80,18 +116,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h = (saved.pop(0).reshape(ctx.shape) * grad_loss).to(ctx.h_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (saved.pop(0) * grad_loss).to(ctx.w_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 @torch.compiler.disable  # data-dependent row selection; under torch.compile this runs eagerly
-def fused_linear_ce(hidden, weight, targets, chunk_rows: int = CHUNK_ROWS):
+def fused_linear_ce(hidden, weight, targets, chunk_rows: int = CHUNK_ROWS, compiled: bool = False):
     """Sum over target tokens of cross_entropy(hidden @ weight.T, targets) as float32, with
     gradients for hidden and weight, without materializing the logits. The matmuls run in the
-    autocast dtype when autocast is on."""
+    autocast dtype when autocast is on; `compiled` fuses each chunk's softmax with torch.compile."""
     device_type = hidden.device.type
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else weight.dtype)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype)
+    softmax_grad = compiled_softmax_grad() if compiled else _softmax_grad_inplace
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype, softmax_grad)
 
 
 class FusedLossLinear(torch.nn.Linear):
@@ -99,11 +136,12 @@ class FusedLossLinear(torch.nn.Linear):
 
     fused_targets = None
     fused_chunk_rows = CHUNK_ROWS
+    fused_compiled = False
 
     def forward(self, hidden):
         if self.fused_targets is None:
             return super().forward(hidden)
-        return fused_linear_ce(hidden, self.weight, self.fused_targets, self.fused_chunk_rows)
+        return fused_linear_ce(hidden, self.weight, self.fused_targets, self.fused_chunk_rows, self.fused_compiled)
 
 
 class FusedHead:
@@ -119,20 +157,22 @@ class FusedHead:
         self.head = head
 
     @staticmethod
-    def attach(model, chunk_rows: int = CHUNK_ROWS) -> "FusedHead | None":
+    def attach(model, chunk_rows: int = CHUNK_ROWS, compiled: bool = False) -> "FusedHead | None":
         """A FusedHead on `model`'s output layer, or None where it does not apply: an output
-        layer that is not a plain bias-free nn.Linear (a LoRA-wrapped head, say)."""
+        layer that is not a plain bias-free nn.Linear (a LoRA-wrapped head, say). `compiled`:
+        fuse each chunk's softmax with torch.compile (for runs that compile anyway)."""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if type(head) is not torch.nn.Linear or head.bias is not None:
             return None
         head.__class__ = FusedLossLinear
-        head.fused_chunk_rows = chunk_rows
+        head.fused_chunk_rows, head.fused_compiled = chunk_rows, compiled
         return FusedHead(head)
 
     def detach(self) -> None:
         """Make the output layer a plain nn.Linear again."""
         self.head.__dict__.pop("fused_targets", None)
         self.head.__dict__.pop("fused_chunk_rows", None)
+        self.head.__dict__.pop("fused_compiled", None)
         self.head.__class__ = torch.nn.Linear
 
     def loss_sum(self, model, inputs: dict, targets):

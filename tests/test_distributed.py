@@ -108,3 +108,16 @@ def test_fused_output_layer_trains_like_full_logits(tiny_data, tmp_path):
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
     assert records(tmp_path / "fused", "eval")[-1]["val_loss"] == pytest.approx(
         records(tmp_path / "full", "eval")[-1]["val_loss"], rel=1e-5)
+
+
+def test_compiled_training_matches_eager(tiny_data, tmp_path):
+    # the default preset compiles: torch.compile, eager attention for it (attention auto) and the
+    # compiled softmax of the fused loss must train as the uncompiled step does
+    common = ["--max_steps", "4", "--log_every", "1", "--eval_every", "0", "--eval_tokens", "2000",
+              "--checkpoint_every", "0", "--precision", "fp32"]
+    proc = train(tmp_path, "compiled", tiny_data, *common, "--compile")
+    assert "forward: torch.compile, attention eager, loss fused with the output layer" in proc.stdout
+    train(tmp_path, "eager", tiny_data, *common)
+    a, b = records(tmp_path / "compiled", "train"), records(tmp_path / "eager", "train")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-3)

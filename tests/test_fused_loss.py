@@ -25,14 +25,14 @@ def problem(rows=23, d=16, vocab=50, seed=0):
     return hidden, weight, targets
 
 
-def plain_and_fused(hidden, weight, targets, chunk_rows, autocast=False, weight_grad=True):
+def plain_and_fused(hidden, weight, targets, chunk_rows, autocast=False, weight_grad=True, compiled=False):
     out = []
     for fused in (False, True):
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_(weight_grad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if fused:
-                loss = fused_linear_ce(h, w, targets, chunk_rows)
+                loss = fused_linear_ce(h, w, targets, chunk_rows, compiled=compiled)
             else:
                 loss = token_loss_sum(F.linear(h, w), targets)[0]
         (loss * 0.5).backward()  # a non-unit upstream gradient, as the step scaling gives
@@ -49,6 +49,15 @@ def test_float32_matches_full_logits(chunk_rows):
     torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-6)
     assert h1[[0, 5, 6, 22]].abs().max() == 0  # ignored rows get no gradient
     assert h1[1].abs().max() > 0
+
+
+def test_compiled_softmax_matches_full_logits():
+    # torch.compile'd chunk softmax (used with --compile); rows dynamic: chunks of 7 and the last of 2
+    for rows in (23, 30):
+        (l0, h0, w0), (l1, h1, w1) = plain_and_fused(*problem(rows=rows), 7, compiled=True)
+        torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_matches_full_logits_to_bf16_precision():
