@@ -53,7 +53,7 @@ class BenchTrainConfig:
     steps: int = 30
     """Optimizer steps per configuration (the first --warmup are not timed)."""
     warmup: int = 5
-    rounds: int = 2
+    rounds: int = 3
     """Rounds of all four configurations, one after the other; each ratio is taken within a round
     (this machine's speed drifts) and the median over rounds is reported."""
     worker: Optional[str] = None

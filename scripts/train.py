@@ -292,7 +292,7 @@ def main() -> None:
     last_eval = {"step": None, "loss": None}  # recorded in a checkpoint of the same step (--keep_best)
 
     def run_eval() -> dict:
-        sums = evaluate_stream(accelerator.unwrap_model(model), val_tokens[:n_eval_tokens],
+        sums = evaluate_stream(accelerator.unwrap_model(prepared), val_tokens[:n_eval_tokens],
                                cfg.data.seq_len, cfg.micro_batch_size, device, accelerator.autocast,
                                bos_id=bos_id)
         res = summarize(sums, eval_bytes)
@@ -305,7 +305,7 @@ def main() -> None:
         return res
 
     def save_checkpoint():
-        bad = [n for n, p in accelerator.unwrap_model(model).named_parameters()
+        bad = [n for n, p in accelerator.unwrap_model(prepared).named_parameters()
                if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]  # FSDP2: the local shard
         if bad:
             raise UserError(f"step {step}: parameter {bad[0]} holds non-finite values; not writing a checkpoint "
@@ -346,7 +346,7 @@ def main() -> None:
         step_loss = torch.zeros((), device=device)
         for i, batch in enumerate(batches):
             labels = torch.from_numpy(batch.labels).to(device)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(prepared):
                 loss_sum, _ = forward_loss(batch, labels)
                 if cfg.debug_nan_step == step + 1 and i == 0 and is_main:
                     loss_sum = loss_sum * float("nan")
@@ -430,7 +430,7 @@ def main() -> None:
     # (FSDP holds one shard per process instead: nothing to compare.)
     in_sync = None
     if accelerator.distributed_type != DistributedType.FSDP:
-        params = accelerator.unwrap_model(model).parameters()
+        params = accelerator.unwrap_model(prepared).parameters()
         checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
         sums = accelerator.gather(checksum.reshape(1).to(device)).tolist()
         in_sync = all(x == sums[0] for x in sums)
@@ -440,11 +440,11 @@ def main() -> None:
         metrics.write({"type": "final", "step": step, "world_size": world, "replicas_identical": in_sync,
                        "skipped_steps": skipped_steps, "tokens_seen": tokens_seen})
     save_checkpoint()
-    full_state = None if use_lora else accelerator.get_state_dict(model)  # FSDP: every rank gathers
+    full_state = None if use_lora else accelerator.get_state_dict(prepared)  # FSDP: every rank gathers
     if is_main:
         if fused is not None:
             fused.detach()  # a plain nn.Linear output layer again in what is saved
-        final_model = accelerator.unwrap_model(model)
+        final_model = accelerator.unwrap_model(prepared)
         if use_lora:  # the adapter alone, then the merged model that eval.py and generate load
             final_model.save_pretrained(str(run_dir / "final_adapter"), safe_serialization=True)
             final_model = final_model.merge_and_unload()

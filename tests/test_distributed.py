@@ -121,3 +121,10 @@ def test_compiled_training_matches_eager(tiny_data, tmp_path):
     a, b = records(tmp_path / "compiled", "train"), records(tmp_path / "eager", "train")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-3)
+    # the saved model is the plain one (no torch.compile "_orig_mod." names) and scores the same
+    from safetensors.torch import load_file
+
+    saved = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("compiled", "eager")]
+    assert sorted(saved[0]) == sorted(saved[1]) and not any("_orig_mod" in k for k in saved[0])
+    assert records(tmp_path / "compiled", "eval")[-1]["val_loss"] == pytest.approx(
+        records(tmp_path / "eager", "eval")[-1]["val_loss"], rel=1e-4)
