@@ -12,9 +12,43 @@ import resource
 from typing import Callable
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak resident memory (Linux: "5" to /proc/self/clear_refs), so that
+    a trial's peak is not hidden by an earlier, higher one (importing torch, say)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss() -> int:
-    """This process's peak resident memory in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory in bytes since the last `_reset_peak`."""
+    kib = _status_kib("VmHWM")
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _trial_growth(trial: Callable[[int], None], n: int) -> int:
+    """How far above the memory held before it the peak rose during `trial(n)`, in bytes."""
+    if _reset_peak():
+        before = _peak_rss()  # right after a reset the peak is the current resident size
+        trial(n)
+        return max(_peak_rss() - before, 0)
+    before = _peak_rss()  # without a reset only a rise above the earlier peak shows
+    trial(n)
+    return max(_peak_rss() - before, 0)
 
 
 def available_memory() -> int:
@@ -43,12 +77,9 @@ def fit_micro_batch(trial: Callable[[int], None], micro_batch: int, accum: int, 
                 say(f"micro_batch_size {micro_batch} runs out of GPU memory; trying {micro_batch // 2}")
                 micro_batch //= 2
     # CPU: extrapolate the peak from trial steps at 1 and 2 sequences
-    base = _peak_rss()
-    trial(1)
-    one = _peak_rss()
-    trial(2)
-    two = _peak_rss()
-    per_sequence = max(two - one, (one - base) / 2, 1)
+    one = _trial_growth(trial, 1)
+    two = _trial_growth(trial, 2)
+    per_sequence = max(two - one, two / 2, one / 2, 1)
     budget = headroom * available_memory()
     while micro_batch > 1 and micro_batch % 2 == 0 and (micro_batch - 2) * per_sequence > budget:
         say(f"micro_batch_size {micro_batch} would need about {micro_batch * per_sequence / 2**30:.1f} GiB more "

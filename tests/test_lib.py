@@ -171,7 +171,8 @@ def test_matmul_probe_measures_something_plausible():
 
 
 def test_fit_micro_batch_halves_on_cpu_keeping_the_step(tmp_path):
-    """Trial steps that take 100 MB per sequence, 500 MB free: 16 sequences become 4 x 4."""
+    """Trial steps that take 100 MB per sequence, 500 MB free: 16 sequences become 4 x 4, even
+    though the process peaked higher (400 MB) before the trials."""
     import subprocess
     import sys
 
@@ -185,6 +186,7 @@ memory.available_memory = lambda: 500 * 2**20
 def trial(n):
     x = np.ones(n * 100 * 2**20 // 8)  # touched, so resident
     del x
+earlier = np.ones(400 * 2**20 // 8); del earlier  # an earlier, higher peak
 print(memory.fit_micro_batch(trial, 16, 1, torch.device("cpu"), say=lambda m: print("say:", m)))
 print(memory.fit_micro_batch(lambda n: None, 16, 2, torch.device("cpu"), say=print))
 """
