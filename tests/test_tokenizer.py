@@ -180,6 +180,7 @@ def test_word_cached_encoding_gives_sentencepiece_ids(tok):
         for start in range(0, len(samples), 37):
             batch = samples[start : start + 37]
             assert enc.encode(batch) == sp.encode(batch)
+            assert enc.encode_text(batch) == [(", ".join(map(str, ids)), len(ids)) for ids in sp.encode(batch)]
         # bounded by max_words, or by the distinct words of one batch when they alone exceed it
         assert len(enc.cache) <= max(enc.max_words, len(set(_WORD.findall("\n".join(batch)))) + 1)
     assert TextTokenizer(tmp / "tok" / "sp.model")._words is not None
