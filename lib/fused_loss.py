@@ -25,27 +25,16 @@ CHUNK_ROWS = 512
 
 def _softmax_grad(logits, t):
     """(sum of the chunk's token losses, d loss / d logits in the logits' dtype) for one chunk:
-    logits (c, V) in the compute dtype, t (c, 1) target ids. Softmax in float32."""
-    lf = logits.float()
-    row_max = lf.amax(1, keepdim=True)
-    exps = (lf - row_max).exp()
-    sums = exps.sum(1, keepdim=True)
-    loss = (row_max + sums.log() - lf.gather(1, t)).sum()  # log-sum-exp minus the target's logit
-    grad = (exps / sums).scatter_add(1, t, torch.full(t.shape, -1.0, device=t.device))  # softmax - one-hot
-    return loss, grad.to(logits.dtype)
-
-
-def _softmax_grad_inplace(logits, t):
-    """`_softmax_grad` for eager mode: the same arithmetic with fewer passes over memory (the
-    float32 copy of the logits is reused in place)."""
+    logits (c, V) in the compute dtype, t (c, 1) target ids. Softmax in float32, in place on
+    the float32 copy of the logits (fewer passes over memory in eager mode)."""
     lf = logits.float()
     target_logit = lf.gather(1, t)
     row_max = lf.amax(1, keepdim=True)
     exps = lf.sub_(row_max).exp_()
     sums = exps.sum(1, keepdim=True)
-    loss = (row_max + sums.log() - target_logit).sum()
+    loss = (row_max + sums.log() - target_logit).sum()  # log-sum-exp minus the target's logit
     probs = exps.mul_(sums.reciprocal())
-    probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))
+    probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))  # softmax - one-hot
     return loss, probs.to(logits.dtype)
 
 
@@ -53,9 +42,9 @@ _compiled_softmax_grad = None
 
 
 def compiled_softmax_grad():
-    """`_softmax_grad` through torch.compile: one reduction pass and one pointwise pass over a
-    chunk instead of six (measured here: 12 ms instead of 18 ms per 512 x 16k chunk). Rows are
-    a dynamic dimension, so varying numbers of targets do not recompile."""
+    """`_softmax_grad` through torch.compile, which fuses its passes over a chunk (measured here
+    per 512 x 16k chunk: 9.9 ms against eager's 13.1 ms). Rows are a dynamic dimension, so
+    varying numbers of targets do not recompile."""
     global _compiled_softmax_grad
     if _compiled_softmax_grad is None:
         _compiled_softmax_grad = torch.compile(_softmax_grad, dynamic=True)
@@ -63,7 +52,7 @@ def compiled_softmax_grad():
 
 
 def _chunked(hidden, weight, targets, chunk_rows: int, compute_dtype, need_h: bool, need_w: bool,
-             softmax_grad=_softmax_grad_inplace):
+             softmax_grad=_softmax_grad):
     """(sum of token losses float32, grad wrt hidden or None, grad wrt weight float32 or None).
 
     hidden: (N, d), weight: (V, d), targets: (N,) with IGNORE_INDEX where a row has no target.
@@ -127,7 +116,7 @@ def fused_linear_ce(hidden, weight, targets, chunk_rows: int = CHUNK_ROWS, compi
     device_type = hidden.device.type
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else weight.dtype)
-    softmax_grad = compiled_softmax_grad() if compiled else _softmax_grad_inplace
+    softmax_grad = compiled_softmax_grad() if compiled else _softmax_grad
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype, softmax_grad)
 
 

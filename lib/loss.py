@@ -32,4 +32,3 @@ def step_scaled_loss(loss_sum, step_tokens: int, world_size: int, accum_steps: i
     leaves each token weighted 1/step_tokens in the summed gradient.
     """
     return loss_sum * (world_size * accum_steps / max(step_tokens, 1))
-

@@ -12,41 +12,34 @@ import resource
 from typing import Callable
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
+def _reset_peak() -> None:
     """Reset this process's peak resident memory (Linux: "5" to /proc/self/clear_refs), so that
-    a trial's peak is not hidden by an earlier, higher one (importing torch, say)."""
+    a trial's peak is not hidden by an earlier, higher one (importing torch, say). Elsewhere
+    nothing happens, and only a rise above the earlier peak shows."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
-        return True
     except OSError:
-        return False
+        pass
 
 
 def _peak_rss() -> int:
-    """This process's peak resident memory in bytes since the last `_reset_peak`."""
-    kib = _status_kib("VmHWM")
-    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """This process's peak resident memory in bytes since the last `_reset_peak` (VmHWM;
+    getrusage's lifetime peak where /proc is missing)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _trial_growth(trial: Callable[[int], None], n: int) -> int:
     """How far above the memory held before it the peak rose during `trial(n)`, in bytes."""
-    if _reset_peak():
-        before = _peak_rss()  # right after a reset the peak is the current resident size
-        trial(n)
-        return max(_peak_rss() - before, 0)
-    before = _peak_rss()  # without a reset only a rise above the earlier peak shows
+    _reset_peak()
+    before = _peak_rss()  # right after a reset, the current resident size
     trial(n)
     return max(_peak_rss() - before, 0)
 
