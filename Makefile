@@ -7,10 +7,10 @@ RUN    ?= default
 .PHONY: help venv tokenize train eval smoke test bench gpu-check audit clean distclean
 
 help:
-	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml, evaluate it (~15 min on 2 CPU cores)"
+	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml, evaluate it (~6 min on 2 CPU cores)"
 	@echo "make smoke     the same pipeline at toy size (under 2 minutes) -> runs/smoke/"
 	@echo "make test      run the test suite"
-	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~16 min)"
+	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~20 min)"
 	@echo "make gpu-check on a CUDA GPU: a 126M model in bf16 with compile, tokens/s and MFU"
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
 	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"
