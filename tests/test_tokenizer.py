@@ -161,29 +161,69 @@ def test_gpt2_style_tokenizer_without_pad(tmp_path):
 
 def _random_code_like(rng: random.Random, n: int) -> str:
     atoms = ["def", "return", " ", "  ", "    ", "\n", "\n\n", "\t", "x", "_y1", "(", "):", "12", "3.5", "é", "中文",
-             "😀", "<s>", "</s>", "▁", "#", "'", '"', "\r\n", "ﬁ", "self.", "=", "==", "   \n"]
+             "😀", "<s>", "</s>", "▁", "#", "'", '"', "\r\n", "ﬁ", "self.", "=", "==", "   \n", "\x00"]
     return "".join(rng.choice(atoms) for _ in range(n))
 
 
 def test_word_cached_encoding_gives_sentencepiece_ids(tok):
-    from lib.tokenizer import _WORD, WordCachedEncoder, word_local
+    from lib.tokenizer import _UNIT, _WORD, WordCachedEncoder, unit_local, word_local
 
     sp, _, texts, tmp = tok
     if sp_model_type(sp) == "unigram":
         assert not word_local(tmp / "tok" / "sp.model")  # see word_local: ties depend on context
         return
-    assert word_local(tmp / "tok" / "sp.model")
+    # our training settings split pieces by script and number, so units are safe too
+    assert word_local(tmp / "tok" / "sp.model") and unit_local(tmp / "tok" / "sp.model")
+    assert _UNIT.findall("  foo.bar_baz(12)") == ["  foo", ".", "bar", "_", "baz", "(", "12", ")"]
+    assert _WORD.findall("x\n\n  if a:\n \n") == ["x", "\n", "\n", "  if", " a:", "\n", " ", "\n"]
     rng = random.Random(0)
     samples = TRICKY + texts[:40] + [_random_code_like(rng, rng.randint(0, 200)) for _ in range(300)]
+    for text in samples:  # the splits cover every character: none is silently dropped
+        assert "".join(_WORD.findall(text)) == text and "".join(_UNIT.findall(text)) == text
     # a tiny cache: it is cleared many times along the way and must still give the same ids
-    for enc in (WordCachedEncoder(sp), WordCachedEncoder(sp, max_words=50)):
+    for enc in (WordCachedEncoder(sp), WordCachedEncoder(sp, max_words=50),
+                WordCachedEncoder(sp, units=True), WordCachedEncoder(sp, max_words=50, units=True)):
+        most_words = most_units = 0
         for start in range(0, len(samples), 37):
             batch = samples[start : start + 37]
             assert enc.encode(batch) == sp.encode(batch)
             assert enc.encode_text(batch) == [(", ".join(map(str, ids)), len(ids)) for ids in sp.encode(batch)]
-        # bounded by max_words, or by the distinct words of one batch when they alone exceed it
-        assert len(enc.cache) <= max(enc.max_words, len(set(_WORD.findall("\n".join(batch)))) + 1)
-    assert TextTokenizer(tmp / "tok" / "sp.model")._words is not None
+            # bounded by max_words, or by the distinct words (units) of the largest batch
+            words = {w for text in batch for w in _WORD.findall(text)}
+            most_words = max(most_words, len(words))
+            most_units = max(most_units, len({u for w in words for u in _UNIT.findall(w)}) + 1)  # + _SEP
+            assert len(enc.cache) <= max(enc.max_words, most_words)
+            if enc.units is not None:
+                assert len(enc.units) <= max(enc.max_words, most_units)
+        assert enc.units is None or enc.units  # the unit cache was used
+    assert TextTokenizer(tmp / "tok" / "sp.model")._words.units is not None
+
+
+def test_unit_cache_is_off_for_models_with_pieces_across_classes(tmp_path):
+    """A piece that joins a letter to punctuation ("x.y" as one user-defined symbol, or a model
+    trained without splitting by script) would be cut apart unit by unit: units must be off,
+    words still on, and the ids still SentencePiece's."""
+    from lib.tokenizer import WordCachedEncoder, unit_local, word_local
+
+    texts = [f"x.y = self.value_{i} + 12\n    return x.y\n" for i in range(300)]
+    path = train_sentencepiece(texts, tmp_path / "tok", TokenizerConfig(vocab_size=300, user_defined_symbols=["x.y"]))
+    assert word_local(path) and not unit_local(path)
+    tt = TextTokenizer(path)
+    assert tt._words is not None and tt._words.units is None
+    assert tt.encode(texts[:5]) == tt._sp.encode(texts[:5])
+    import sentencepiece as spm
+
+    lines = [line for t in texts for line in t.splitlines()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "m"), vocab_size=80,
+                                   model_type="bpe", hard_vocab_limit=False, minloglevel=2,
+                                   normalization_rule_name="identity", add_dummy_prefix=False,
+                                   remove_extra_whitespaces=False, split_by_unicode_script=False,
+                                   split_by_number=False)
+    assert word_local(tmp_path / "m.model") and not unit_local(tmp_path / "m.model")
+    # and the check matters: cut into units anyway, this model's ids would come out wrong
+    sp = load_sentencepiece(tmp_path / "m.model")
+    assert WordCachedEncoder(sp).encode(texts) == sp.encode(texts)
+    assert WordCachedEncoder(sp, units=True).encode(texts) != sp.encode(texts)
 
 
 def test_word_cache_is_off_for_models_that_merge_across_words(tmp_path):
