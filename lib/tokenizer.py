@@ -351,7 +351,7 @@ class TextTokenizer:
 
     def __init__(self, path: str | Path, pad_token: str | None = None):
         path = Path(path)
-        self.path = path
+        self.path, self.pad_token = path, pad_token
         if path.is_file():
             self.kind = "sentencepiece"
             self._sp = load_sentencepiece(path)
