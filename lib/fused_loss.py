@@ -14,6 +14,8 @@ model's parameters, names or wrapping (DDP, FSDP, torch.compile, saving).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lib.loss import IGNORE_INDEX
@@ -38,17 +40,12 @@ def _softmax_grad(logits, t):
     return loss, probs.to(logits.dtype)
 
 
-_compiled_softmax_grad = None
-
-
+@functools.cache
 def compiled_softmax_grad():
     """`_softmax_grad` through torch.compile, which fuses its passes over a chunk (measured here
     per 512 x 16k chunk: 9.9 ms against eager's 13.1 ms). Rows are a dynamic dimension, so
     varying numbers of targets do not recompile."""
-    global _compiled_softmax_grad
-    if _compiled_softmax_grad is None:
-        _compiled_softmax_grad = torch.compile(_softmax_grad, dynamic=True)
-    return _compiled_softmax_grad
+    return torch.compile(_softmax_grad, dynamic=True)
 
 
 def _chunked(hidden, weight, targets, chunk_rows: int, compute_dtype, need_h: bool, need_w: bool,
@@ -159,9 +156,8 @@ class FusedHead:
 
     def detach(self) -> None:
         """Make the output layer a plain nn.Linear again."""
-        self.head.__dict__.pop("fused_targets", None)
-        self.head.__dict__.pop("fused_chunk_rows", None)
-        self.head.__dict__.pop("fused_compiled", None)
+        for name in ("fused_targets", "fused_chunk_rows", "fused_compiled"):
+            self.head.__dict__.pop(name, None)
         self.head.__class__ = torch.nn.Linear
 
     def loss_sum(self, model, inputs: dict, targets):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -218,38 +219,43 @@ _SEP = "\x00"
 _UNIT = re.compile(r"[ \u2581]*+(?:[^\W\d_]++|\d++|(?:[^\w \u2581\n\x00]|_)++)|[ \u2581]++|\n|\x00")
 
 
-def _text_pieces(sp_model_path) -> tuple[list[str], object, object]:
-    """The pieces that BPE may form from text (normal, user-defined, unused), and the proto."""
+def cache_levels(sp_model_path) -> tuple[bool, bool]:
+    """(word_local, unit_local) of a SentencePiece model, from one read of its file.
+
+    word_local: encoding word by word (`_WORD`) gives exactly the model's ids: a BPE model with
+    identity normalization, no dummy prefix or whitespace collapsing, and no piece that spans a
+    non-space followed by a space or holds a newline beside anything else. Not unigram: its
+    Viterbi search breaks exact ties between segmentations by the rounding of scores summed
+    from the start of the text, so a word's pieces can depend on what precedes it.
+
+    unit_local: word_local, and every piece lies within one unit (`_UNIT`), so that no merge
+    ever spans a cut between units. Pieces checked: those BPE may form from text (normal,
+    user-defined and unused ones; SentencePiece puts unused ones in its merge table too).
+    """
     proto, pb = _read_proto(sp_model_path)
+    if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
+        return False, False
+    norm = proto.normalizer_spec
+    if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
+        return False, False
+    if proto.trainer_spec.treat_whitespace_as_suffix:
+        return False, False
     kinds = (pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.USER_DEFINED,
              pb.ModelProto.SentencePiece.UNUSED)
-    return [p.piece for p in proto.pieces if p.type in kinds], proto, pb
+    pieces = [p.piece for p in proto.pieces if p.type in kinds]
+    if any(_CROSSES_WORDS.search(p) for p in pieces):
+        return False, False
+    return True, all(len(_UNIT.findall(p)) == 1 for p in pieces)
 
 
 def word_local(sp_model_path) -> bool:
-    """Whether encoding word by word (`_WORD`) gives exactly the model's ids: a BPE model with
-    identity normalization, no dummy prefix or whitespace collapsing, and no piece that spans a
-    non-space followed by a space or holds a newline beside anything else.
-
-    Not unigram: its Viterbi search breaks exact ties between segmentations by the rounding of
-    scores summed from the start of the text, so a word's pieces can depend on what precedes it.
-    """
-    pieces, proto, pb = _text_pieces(sp_model_path)
-    if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
-        return False
-    norm = proto.normalizer_spec
-    if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
-        return False
-    if proto.trainer_spec.treat_whitespace_as_suffix:
-        return False
-    return not any(_CROSSES_WORDS.search(p) for p in pieces)
+    """Whether the model may be encoded word by word (see cache_levels)."""
+    return cache_levels(sp_model_path)[0]
 
 
 def unit_local(sp_model_path) -> bool:
-    """Whether words may also be encoded unit by unit (`_UNIT`): word_local, and every piece
-    lies within one unit, so that no merge ever spans a cut between units."""
-    return word_local(sp_model_path) and all(
-        len(_UNIT.findall(p)) == 1 for p in _text_pieces(sp_model_path)[0])
+    """Whether the model's words may also be encoded unit by unit (see cache_levels)."""
+    return cache_levels(sp_model_path)[1]
 
 
 class WordCachedEncoder:
@@ -274,8 +280,10 @@ class WordCachedEncoder:
 
     def _words_text(self, words: list[str]) -> list[str]:
         """The "id, id, ..." text of each word."""
-        if self.units is None or not words:
-            return _ids_text(self.sp.encode(words)) if words else []
+        if not words:
+            return []
+        if self.units is None:
+            return _ids_text(self.sp.encode(words))
         # every word's units in one regex pass over the words joined by _SEP; the ids of all
         # of them joined in one pass, and cut apart again where the separators were
         joined = _SEP.join(words)
@@ -336,8 +344,6 @@ def _ids_text(encoded: list[list[int]]) -> list[str]:
 
 def _ids_tuples(texts: list[str]) -> Iterator[tuple[int, ...]]:
     """The inverse of _ids_text: [(1, 2), (3,)] for ["1, 2", "3"], parsed in one json.loads."""
-    import json
-
     return map(tuple, json.loads("[[" + "], [".join(texts) + "]]"))
 
 
@@ -351,14 +357,15 @@ class TextTokenizer:
 
     def __init__(self, path: str | Path, pad_token: str | None = None):
         path = Path(path)
-        self.path, self.pad_token = path, pad_token
+        self.path = path
         if path.is_file():
             self.kind = "sentencepiece"
             self._sp = load_sentencepiece(path)
             ids = special_ids(self._sp)
             self.vocab_size = self._sp.get_piece_size()
             self._piece_to_id = self._sp.piece_to_id
-            self._words = WordCachedEncoder(self._sp, units=unit_local(path)) if word_local(path) else None
+            words, units = cache_levels(path)
+            self._words = WordCachedEncoder(self._sp, units=units) if words else None
         elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 

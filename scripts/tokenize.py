@@ -275,7 +275,7 @@ def _init_encoder(path: Path, pad_token: Optional[str]) -> None:
     from lib.tokenizer import TextTokenizer
 
     global _ENCODER
-    if _ENCODER is None or (_ENCODER.path, _ENCODER.pad_token) != (Path(path), pad_token):
+    if _ENCODER is None:  # a spawned (not forked) worker
         _ENCODER = TextTokenizer(path, pad_token)
 
 
