@@ -274,6 +274,58 @@ def atomic_text(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
+class NpyAppender:
+    """Raw rows appended to an open .npy file (see atomic_npy)."""
+
+    def __init__(self, f, row_bytes: int):
+        self.f, self.row_bytes, self.nbytes = f, row_bytes, 0
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+        self.nbytes += len(data)
+
+
+_NPY_HEADER_BYTES = 128  # room for any shape's digits; a multiple of 64, as the format asks
+
+
+def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 .npy header of exactly _NPY_HEADER_BYTES bytes (the format allows spaces
+    before its final newline), so it can be written before the length is known and again after."""
+    import numpy as np
+
+    body = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)}).encode("latin1")
+    room = _NPY_HEADER_BYTES - 10  # magic (6), version (2), header length (2)
+    if len(body) >= room:
+        raise ValueError(f"a .npy header for shape {shape} does not fit {_NPY_HEADER_BYTES} bytes")
+    return b"\x93NUMPY\x01\x00" + room.to_bytes(2, "little") + body.ljust(room - 1) + b"\n"
+
+
+@contextlib.contextmanager
+def atomic_npy(path: str | Path, dtype: str, row_shape: tuple[int, ...] = ()):
+    """Stream a .npy array of unknown length: yields an appender taking raw bytes of `dtype`
+    rows of `row_shape`. Written under a temporary name with a placeholder header; the real
+    shape is written and the file renamed into place only when the block finishes, and the
+    temporary file is deleted when it raises. np.load (memory-mapped too) reads the result."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    row_items = int(np.prod(row_shape, dtype=np.int64))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(npy_header(dtype, (0, *row_shape)))
+            out = NpyAppender(f, row_items * np.dtype(dtype).itemsize)
+            yield out
+            rows, rest = divmod(out.nbytes, out.row_bytes)
+            if rest:
+                raise ValueError(f"{path}: {out.nbytes} bytes written, not whole rows of {out.row_bytes}")
+            f.seek(0)
+            f.write(npy_header(dtype, (rows, *row_shape)))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_manifest(data_dir: str | Path, kind: str) -> dict:
     """Load `data_dir/manifest.json` and check it is of `kind`, with a clear error if not."""
     path = Path(data_dir) / MANIFEST

@@ -217,6 +217,8 @@ _CROSSES_WORDS = re.compile("[^\u2581]\u2581|\n.|.\n", re.S)
 # own, separates the words that are split together.
 _SEP = "\x00"
 _UNIT = re.compile(r"[ \u2581]*+(?:[^\W\d_]++|\d++|(?:[^\w \u2581\n\x00]|_)++)|[ \u2581]++|\n|\x00")
+# the same cuts on ASCII text, in plain byte classes: a regex pass nearly twice as fast
+_UNIT_ASCII = re.compile(r" *+(?:[A-Za-z]++|[0-9]++|[^A-Za-z0-9 \n\x00]++)| ++|\n|\x00", re.ASCII)
 
 
 def cache_levels(sp_model_path) -> tuple[bool, bool]:
@@ -258,13 +260,60 @@ def unit_local(sp_model_path) -> bool:
     return cache_levels(sp_model_path)[1]
 
 
+class _IdsText:
+    """Word values as the text "id, id, ..." (what json.dumps writes inside a list's brackets)."""
+
+    sep = _SEP  # the value of _SEP itself, where words split together are cut apart again
+    join = ", ".join
+
+    def __init__(self, units: bool):
+        self.words: dict[str, str] = {}
+        self.units: dict[str, str] | None = {} if units else None
+
+    @staticmethod
+    def from_ids(encoded: list[list[int]]) -> list[str]:
+        return _ids_text(encoded)
+
+    @staticmethod
+    def split(joined: str) -> list[str]:
+        return joined.split(f", {_SEP}, ")
+
+
+class _IdsPacked:
+    """Word values as packed machine integers (array typecode "H": uint16, "I": uint32).
+
+    The separator value is the all-ones integer. No id equals it, and no misaligned run of bytes
+    of joined values can: that would need an id whose top byte is all ones (>= 0xFF00 for uint16).
+    """
+
+    join = b"".join
+
+    def __init__(self, units: bool, code: str):
+        from array import array
+
+        self.code, self.size, self.array = code, array(code).itemsize, array
+        self.limit = 0xFF << (8 * self.size - 8)  # ids must stay below it
+        self.sep = array(code, [(1 << 8 * self.size) - 1]).tobytes()
+        self.words: dict[str, bytes] = {}
+        self.units: dict[str, bytes] | None = {} if units else None
+
+    def from_ids(self, encoded: list[list[int]]) -> list[bytes]:
+        flat = self.array(self.code, itertools.chain.from_iterable(encoded)).tobytes()
+        ends = list(itertools.accumulate(len(e) * self.size for e in encoded))
+        return [flat[a:b] for a, b in zip([0] + ends, ends)]
+
+    def split(self, joined: bytes) -> list[bytes]:
+        return joined.split(self.sep)
+
+
 class WordCachedEncoder:
     """SentencePiece encoding through a cache of word encodings: the same ids, several times
     faster on real text, where most words recur. A cache is cleared when it reaches
     `max_words`, so memory stays bounded on any corpus.
 
-    `encode` caches each word's ids as a tuple; `encode_text` caches them as the text
-    "id, id, ..." instead, so that JSON can be written without a list of ints per text.
+    Three forms of the same ids, each with its own cache: `encode` (lists of ints; the cache
+    holds tuples), `encode_text` (the text "id, id, ...", so that JSON is written without a list
+    of ints per text) and `encode_packed` (bytes of uint16/uint32, for .npy token streams).
 
     With `units` (for models where `unit_local` holds), words missing from the cache are built
     from a second cache of units instead of being encoded whole: SentencePiece costs about the
@@ -273,28 +322,43 @@ class WordCachedEncoder:
     """
 
     def __init__(self, sp, max_words: int = 300_000, units: bool = False):
-        self.sp, self.max_words = sp, max_words
+        self.sp, self.max_words, self.use_units = sp, max_words, units
         self.cache: dict[str, tuple[int, ...]] = {}
-        self.cache_text: dict[str, str] = {}
-        self.units: dict[str, str] | None = {} if units else None
+        self._text = _IdsText(units)
+        self._packed: dict[str, _IdsPacked] = {}
 
-    def _words_text(self, words: list[str]) -> list[str]:
-        """The "id, id, ..." text of each word."""
-        if not words:
-            return []
-        if self.units is None:
-            return _ids_text(self.sp.encode(words))
-        # every word's units in one regex pass over the words joined by _SEP; the ids of all
-        # of them joined in one pass, and cut apart again where the separators were
+    @property
+    def cache_text(self) -> dict[str, str]:
+        return self._text.words
+
+    @property
+    def units(self) -> dict[str, str] | None:
+        return self._text.units
+
+    def _values(self, words: list[str], codec) -> tuple[list[str], list]:
+        """The words and the codec's value (ids as text or packed bytes) of each, in an order
+        of its choosing."""
+        if not words or codec.units is None:
+            return words, codec.from_ids(self.sp.encode(words)) if words else []
         joined = _SEP.join(words)
-        if joined.count(_SEP) != len(words) - 1:  # words holding _SEP itself are encoded whole
-            plain = [w for w in words if _SEP not in w]
-            odd = [w for w in words if _SEP in w]
-            values = dict(zip(plain, self._words_text(plain)))
-            values.update(zip(odd, _ids_text(self.sp.encode(odd))))
-            return [values[w] for w in words]
-        units = _UNIT.findall(joined)
-        cache = self.units
+        if joined.isascii() and joined.count(_SEP) == len(words) - 1:  # the common case
+            return words, self._unit_values(joined, _UNIT_ASCII, codec)
+        # words holding _SEP itself are encoded whole; ASCII and other words split apart
+        odd = [w for w in words if _SEP in w]
+        ascii_words = [w for w in words if w.isascii() and _SEP not in w]
+        other = [w for w in words if not w.isascii() and _SEP not in w]
+        values = codec.from_ids(self.sp.encode(odd)) if odd else []
+        for group, regex in ((ascii_words, _UNIT_ASCII), (other, _UNIT)):
+            if group:
+                values += self._unit_values(_SEP.join(group), regex, codec)
+        return odd + ascii_words + other, values
+
+    def _unit_values(self, joined: str, regex, codec) -> list:
+        """The values of the words of `joined` (words separated by _SEP), built from the unit
+        cache: every word's units in one regex pass, the values of all of them joined in one
+        pass and cut apart again where the separators were."""
+        units = regex.findall(joined)
+        cache = codec.units
         missing = set(units).difference(cache)
         if len(cache) + len(missing) > self.max_words:
             cache.clear()
@@ -302,13 +366,13 @@ class WordCachedEncoder:
         missing.discard(_SEP)
         if missing:
             missing = list(missing)
-            cache.update(zip(missing, _ids_text(self.sp.encode(missing))))
-        cache[_SEP] = _SEP
-        return ", ".join(map(cache.__getitem__, units)).split(f", {_SEP}, ")
+            cache.update(zip(missing, codec.from_ids(self.sp.encode(missing))))
+        cache[_SEP] = codec.sep
+        return codec.split(codec.join(map(cache.__getitem__, units)))
 
-    def _split(self, texts: list[str], cache: dict, convert) -> list[list[str]]:
-        """Each text's words, with every word's encoding in `cache` afterwards (`convert` turns
-        the "id, id" texts of words into the values to cache)."""
+    def _split(self, texts: list[str], cache: dict, codec, convert=None) -> list[list[str]]:
+        """Each text's words, with every word's value in `cache` afterwards: the codec's value,
+        or what `convert` makes of the values of a batch of words."""
         split = [_WORD.findall(t) for t in texts]
         distinct = set(itertools.chain.from_iterable(split))
         missing = distinct.difference(cache)
@@ -316,25 +380,38 @@ class WordCachedEncoder:
             cache.clear()
             missing = distinct
         if missing:
-            missing = list(missing)
-            cache.update(zip(missing, convert(self._words_text(missing))))
+            words, values = self._values(list(missing), codec)
+            cache.update(zip(words, convert(values) if convert else values))
         return split
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        split = self._split(texts, self.cache, _ids_tuples)
+        split = self._split(texts, self.cache, self._text, _ids_tuples)
         lookup = self.cache.__getitem__
         return [list(itertools.chain.from_iterable(map(lookup, words))) for words in split]
 
     def encode_text(self, texts: list[str]) -> list[tuple[str, int]]:
         """Each text's ids as the text "id, id, ..." (what json.dumps writes inside the brackets)
         and their number."""
-        split = self._split(texts, self.cache_text, iter)
-        lookup = self.cache_text.__getitem__
+        codec = self._text
+        split = self._split(texts, codec.words, codec)
+        lookup = codec.words.__getitem__
         out = []
         for words in split:
             joined = ", ".join(map(lookup, words))
             out.append((joined, joined.count(",") + 1 if joined else 0))
         return out
+
+    def encode_packed(self, texts: list[str], code: str = "H", head: bytes = b"", tail: bytes = b"") -> list[bytes]:
+        """Each text's ids packed as machine integers of array typecode `code` ("H": uint16,
+        "I": uint32), between the packed ids `head` and `tail`."""
+        codec = self._packed.get(code)
+        if codec is None:
+            codec = self._packed[code] = _IdsPacked(self.use_units, code)
+            if self.sp.get_piece_size() > codec.limit:
+                raise ValueError(f"a vocabulary of {self.sp.get_piece_size()} ids does not fit typecode {code!r}")
+        split = self._split(texts, codec.words, codec)
+        lookup = codec.words.__getitem__
+        return [b"".join([head, *map(lookup, words), tail]) for words in split]
 
 
 def _ids_text(encoded: list[list[int]]) -> list[str]:
@@ -345,6 +422,12 @@ def _ids_text(encoded: list[list[int]]) -> list[str]:
 def _ids_tuples(texts: list[str]) -> Iterator[tuple[int, ...]]:
     """The inverse of _ids_text: [(1, 2), (3,)] for ["1, 2", "3"], parsed in one json.loads."""
     return map(tuple, json.loads("[[" + "], [".join(texts) + "]]"))
+
+
+def packed_code(vocab_size: int) -> str:
+    """The array typecode (and numpy dtype character) of packed ids: "H" (uint16) while the
+    vocabulary leaves the top byte value free (at most 65,280 ids; see _IdsPacked), else "I"."""
+    return "H" if vocab_size <= 0xFF00 else "I"
 
 
 class TextTokenizer:

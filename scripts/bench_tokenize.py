@@ -6,10 +6,11 @@ same vocabulary, and peak memory while streaming a corpus far larger than that m
     python scripts/bench_tokenize.py --gen_gb 0.2     # a smaller generated corpus
 
 1. Throughput, on the built-in corpus (data/stdlib, every split): `tokenize.py encode` run as a
-   subprocess (its own figure, which leaves out interpreter start-up) against the baseline, the
-   dataset's Hugging Face tokenizer (transformers, Rust, every core) called in-process on the same
-   texts in batches, I/O left out: a conservative ratio. Rounds alternate between the two; medians
-   are compared. The ids of both must be identical.
+   subprocess (its own figure, which leaves out interpreter start-up), writing each output format
+   (a .npy token stream, and JSONL with attention masks), against the baseline, the dataset's
+   Hugging Face tokenizer (transformers, Rust, every core) called in-process on the same texts in
+   batches, I/O left out: a conservative ratio. Rounds alternate between the three; medians are
+   compared. The ids of all must be identical.
 2. Memory, on a generated JSONL corpus of --gen_gb GB (stdlib files with a new identifier per
    document, so the word cache keeps meeting new words): the resident memory of the encode
    process and its workers, sampled twice a second, must stay flat. Plotted to OUT/encode_memory.png.
@@ -44,8 +45,8 @@ class BenchConfig:
     data: Path = Path("data/stdlib")
     """A folder written by scripts/tokenize.py: its corpus is encoded with its tokenizer."""
     out_dir: Path = Path("runs/bench")
-    rounds: int = 3
-    """Throughput rounds per side."""
+    rounds: int = 5
+    """Throughput rounds per side (the machines are noisy: medians of several)."""
     gen_gb: float = 2.0
     """Size of the generated corpus for the memory part (0: skip it)."""
     keep_generated: bool = False
@@ -96,39 +97,49 @@ def throughput(cfg: BenchConfig) -> dict:
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     print(f"[bench] built-in corpus: {len(texts)} documents, {mb:.2f} MB ({', '.join(splits)})", flush=True)
 
+    import numpy as np
+
     hf = AutoTokenizer.from_pretrained(str(tok_dir))
-    ours, theirs, hf_ids = [], [], None
-    out = cfg.out_dir / "builtin.ids.jsonl"
+    formats = {"npy": cfg.out_dir / "builtin.ids.npy", "jsonl": cfg.out_dir / "builtin.ids.jsonl"}
+    ours, theirs, hf_ids = {k: [] for k in formats}, [], None
     for r in range(cfg.rounds):
-        line, _ = run_encode(tok_dir / "sp.model", src, out)
-        ours.append(parse_rate(line))
+        for out in formats.values():  # the two output formats, then the baseline
+            line, _ = run_encode(tok_dir / "sp.model", src, out)
+            ours[out.suffix[1:]].append(parse_rate(line))
         t = time.perf_counter()
         hf_ids = []
         for i in range(0, len(texts), 1024):
             hf_ids += hf(texts[i : i + 1024], add_special_tokens=False)["input_ids"]
         secs = time.perf_counter() - t
         theirs.append((mb / secs, sum(map(len, hf_ids)) / secs, secs))
-        print(f"[bench] round {r + 1}: tokenize.py encode {ours[-1][0]:.2f} MB/s | "
-              f"HF fast tokenizer {theirs[-1][0]:.2f} MB/s", flush=True)
-    with open(out, encoding="utf-8") as f:
-        our_ids = [json.loads(line)["ids"][1:] for line in f]  # drop the bos encode adds
-    identical = our_ids == hf_ids
+        print(f"[bench] round {r + 1}: tokenize.py encode -> .npy {ours['npy'][-1][0]:.2f} MB/s, -> .jsonl "
+              f"{ours['jsonl'][-1][0]:.2f} MB/s | HF fast tokenizer {theirs[-1][0]:.2f} MB/s", flush=True)
+    with open(formats["jsonl"], encoding="utf-8") as f:
+        jsonl_ids = [json.loads(line)["ids"][1:] for line in f]  # drop the bos encode adds
+    flat, docs = np.load(formats["npy"]), np.load(formats["npy"].with_suffix(".docs.npy"))
+    ends = np.cumsum(docs[:, 0])
+    npy_ids = [flat[e - n + 1 : e].tolist() for e, n in zip(ends.tolist(), docs[:, 0].tolist())]
+    identical = {"jsonl": jsonl_ids == hf_ids, "npy": npy_ids == hf_ids}
     # the same command with the Hugging Face tokenizer folder: one tool, only the tokenizer differs
     line, _ = run_encode(tok_dir, src, cfg.out_dir / "builtin.hf.ids.jsonl")
     cli_hf = parse_rate(line)
     (cfg.out_dir / "builtin.hf.ids.jsonl").unlink()
     med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
-    res = {"corpus_mb": mb, "ours_mb_s": med(ours, 0), "ours_tok_s": med(ours, 1),
-           "hf_mb_s": med(theirs, 0), "hf_tok_s": med(theirs, 1), "cli_hf_mb_s": cli_hf[0],
-           "identical_ids": identical, "cores": os.cpu_count()}
-    res["ratio"] = res["ours_mb_s"] / res["hf_mb_s"]
-    print(f"[bench] tokenize.py encode (SentencePiece, word cache, {os.cpu_count()} processes): "
-          f"{res['ours_mb_s']:.2f} MB/s, {res['ours_tok_s']:,.0f} tokens/s (median of {cfg.rounds})")
+    res = {"corpus_mb": mb, "hf_mb_s": med(theirs, 0), "hf_tok_s": med(theirs, 1), "cli_hf_mb_s": cli_hf[0],
+           "cores": os.cpu_count(), "rounds": cfg.rounds}
+    for k in formats:
+        res[k] = {"mb_s": med(ours[k], 0), "tok_s": med(ours[k], 1), "ratio": med(ours[k], 0) / res["hf_mb_s"],
+                  "identical_ids": identical[k]}
     print(f"[bench] baseline, HF fast tokenizer in-process, no I/O: {res['hf_mb_s']:.2f} MB/s, "
-          f"{res['hf_tok_s']:,.0f} tokens/s")
-    print(f"[bench] (tokenize.py encode given the HF tokenizer folder instead: {cli_hf[0]:.2f} MB/s)")
-    print(f"[bench] ratio {res['ratio']:.2f}x the baseline (target >= 3x); ids identical: {identical}", flush=True)
-    out.unlink()
+          f"{res['hf_tok_s']:,.0f} tokens/s (median of {cfg.rounds})")
+    for k, what in (("npy", ".npy token stream + .docs.npy"), ("jsonl", "JSONL ids + attention_mask")):
+        print(f"[bench] tokenize.py encode -> {what} (SentencePiece, word cache, {os.cpu_count()} processes): "
+              f"{res[k]['mb_s']:.2f} MB/s, {res[k]['tok_s']:,.0f} tokens/s: {res[k]['ratio']:.2f}x the baseline "
+              f"(target >= 3x); ids identical: {identical[k]}")
+    print(f"[bench] (tokenize.py encode given the HF tokenizer folder instead: {cli_hf[0]:.2f} MB/s)", flush=True)
+    for out in formats.values():
+        out.unlink()
+    formats["npy"].with_suffix(".docs.npy").unlink()
     src.unlink()
     return res
 

@@ -24,6 +24,7 @@ while not os.path.isfile(os.path.join(_root, "lib", "__init__.py")) and _root !=
 sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
 
 import dataclasses  # noqa: E402
+import itertools  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -190,7 +191,9 @@ class EncodeConfig(EncodeOptions, _TokenizerArgs, _Preset):
     """.jsonl (the text_field of each line) or .txt (each line a text)."""
     text_field: str = "text"
     output: Path = Path("ids.jsonl")
-    """JSONL with {"ids": [...], "attention_mask": [...]} per input text."""
+    """.jsonl: {"ids": [...], "attention_mask": [...]} per input text. .npy: every text's ids end
+    to end (uint16; uint32 past 65,280 ids), with OUTPUT.docs.npy beside it holding a (tokens,
+    text bytes) row per text: the layout of the token shards train.py reads. No padding."""
     batch_size: int = 1024
     """Texts per batch (padding=longest pads each batch to its longest row)."""
     workers: Optional[int] = None
@@ -200,9 +203,10 @@ class EncodeConfig(EncodeOptions, _TokenizerArgs, _Preset):
 
 @dataclass
 class DecodeConfig(_TokenizerArgs, _Preset):
-    """Decode JSONL lines of {"ids": [...]} back to {"text": ...}."""
+    """Decode JSONL lines of {"ids": [...]}, or a .npy token stream from encode, back to {"text": ...}."""
 
     input: Path = Path("ids.jsonl")
+    """.jsonl of {"ids": [...]} lines, or a .npy written by encode (with its .docs.npy)."""
     output: Path = Path("decoded.jsonl")
     keep_special: bool = False
     """Keep special tokens (bos, eos, pad) in the text."""
@@ -313,6 +317,39 @@ def _encode_batch_to_jsonl(task) -> tuple[str, int, int, int, int]:
     return out, len(texts), n_tokens, n_pad, n_bytes
 
 
+def docs_path(output: Path) -> Path:
+    """The (tokens, text bytes) per-document table beside a .npy token stream: X.docs.npy."""
+    return output.with_suffix(".docs.npy")
+
+
+def _encode_batch_to_npy(task) -> tuple[tuple[bytes, bytes], int, int, int, int]:
+    """One batch: raw lines -> packed ids of every text end to end, and the bytes of its
+    (tokens, text bytes) rows, with its counts."""
+    from array import array
+
+    from lib.tokenizer import encode_batch, packed_code
+
+    cfg, first, lines = task
+    texts = parse_texts(cfg.input, first, lines, cfg.text_field)
+    sizes = [len(t.encode("utf-8")) for t in texts]
+    code = packed_code(_ENCODER.vocab_size)
+    words = getattr(_ENCODER, "_words", None)
+    if words is not None and cfg.max_length is None:
+        encode_batch(_ENCODER, [], cfg)  # the same option checks
+        head = array(code, [_ENCODER.ids["bos"]] if cfg.add_bos else []).tobytes()
+        tail = array(code, [_ENCODER.ids["eos"]] if cfg.add_eos else []).tobytes()
+        packed = words.encode_packed(texts, code, head, tail)
+        size = array(code).itemsize
+        counts = [len(p) // size for p in packed]
+        tokens = b"".join(packed)
+    else:
+        ids, _ = encode_batch(_ENCODER, texts, cfg)
+        counts = list(map(len, ids))
+        tokens = array(code, itertools.chain.from_iterable(ids)).tobytes()
+    docs = array("q", itertools.chain.from_iterable(zip(counts, sizes))).tobytes()
+    return (tokens, docs), len(texts), sum(counts), 0, sum(sizes)
+
+
 def cmd_train(cfg: TrainTokenizerConfig) -> None:
     from lib.corpus import iter_source
 
@@ -323,14 +360,21 @@ def cmd_train(cfg: TrainTokenizerConfig) -> None:
 
 
 def cmd_encode(cfg: EncodeConfig) -> None:
+    import contextlib
+
     from tqdm import tqdm
 
+    from lib.corpus import atomic_npy
     from lib.parallel import default_workers, ordered_map
-    from lib.tokenizer import TextTokenizer, encode_batch
+    from lib.tokenizer import TextTokenizer, encode_batch, packed_code
 
     global _ENCODER
     tok = _ENCODER = TextTokenizer(cfg.tokenizer, cfg.pad_token)
     encode_batch(tok, [], cfg)  # option errors now, before any work
+    npy = cfg.output.suffix == ".npy"
+    if npy and cfg.padding != "none":
+        raise UserError(f"--output {cfg.output}: a .npy output is one flat stream of every text's ids (indexed by "
+                        f"{docs_path(cfg.output).name}), so it takes no --padding; write a .jsonl output to pad")
     if not cfg.input.is_file():
         raise UserError(f"--input {cfg.input}: no such file")
     workers = cfg.workers or default_workers()
@@ -344,16 +388,43 @@ def cmd_encode(cfg: EncodeConfig) -> None:
     # that every worker has work even when a few texts are large.
     max_bytes = None if cfg.padding == "longest" else 1 << 20
     tasks = ((cfg, first, lines) for first, lines in read_batches(cfg.input, cfg.batch_size, max_bytes, bar.update))
-    with atomic_text(cfg.output) as out:
-        for text, *counts in ordered_map(_encode_batch_to_jsonl, tasks, workers, _init_encoder,
-                                         (cfg.tokenizer, cfg.pad_token)):
-            out.write(text)
+    with contextlib.ExitStack() as files:  # on error, neither file is left; the ids file is renamed first
+        if npy:
+            docs = files.enter_context(atomic_npy(docs_path(cfg.output), "<i8", (2,)))
+            out = files.enter_context(atomic_npy(cfg.output, packed_code(tok.vocab_size)))
+        else:
+            out = files.enter_context(atomic_text(cfg.output))
+        work = _encode_batch_to_npy if npy else _encode_batch_to_jsonl
+        for result, *counts in ordered_map(work, tasks, workers, _init_encoder, (cfg.tokenizer, cfg.pad_token)):
+            if npy:
+                out.write(result[0])
+                docs.write(result[1])
+            else:
+                out.write(result)
             n_texts, n_tokens, n_pad, n_bytes = (a + b for a, b in zip((n_texts, n_tokens, n_pad, n_bytes), counts))
     bar.close()
     secs = max(time.time() - t0, 1e-9)
+    written = f"{cfg.output} and {docs_path(cfg.output).name}" if npy else str(cfg.output)
     log(f"encoded {n_texts:,} texts ({n_bytes / 1e6:.2f} MB) into {n_tokens:,} ids, padding "
         f"{n_pad / max(n_tokens, 1):.1%}, in {secs:.1f}s ({n_bytes / 1e6 / secs:.1f} MB/s, "
-        f"{n_tokens / secs:,.0f} tokens/s, {workers} process(es)) -> {cfg.output}")
+        f"{n_tokens / secs:,.0f} tokens/s, {workers} process(es)) -> {written}")
+
+
+def read_npy_docs(path: Path):
+    """(ids, docs) of a .npy token stream written by encode, checked against each other."""
+    import numpy as np
+
+    table = docs_path(path)
+    if not table.is_file():
+        raise UserError(f"--input {path}: {table} not found beside it (encode writes both)")
+    try:
+        ids, docs = np.load(path, mmap_mode="r"), np.load(table)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--input {path}: not a readable .npy token stream ({exc})") from None
+    if ids.ndim != 1 or docs.ndim != 2 or docs.shape[1] != 2 or int(docs[:, 0].sum()) != len(ids):
+        raise UserError(f"--input {path}: {table.name} does not index it ({len(ids):,} ids, the table counts "
+                        f"{int(docs[:, 0].sum()) if docs.ndim == 2 else '?'}); encode it again")
+    return ids, docs
 
 
 def cmd_decode(cfg: DecodeConfig) -> None:
@@ -364,15 +435,27 @@ def cmd_decode(cfg: DecodeConfig) -> None:
     tok = TextTokenizer(cfg.tokenizer, cfg.pad_token)
     if not cfg.input.is_file():
         raise UserError(f"--input {cfg.input}: no such file")
+
+    def rows():
+        if cfg.input.suffix == ".npy":
+            ids, docs = read_npy_docs(cfg.input)
+            pos = 0
+            for n in docs[:, 0].tolist():
+                yield ids[pos : pos + n].tolist()
+                pos += n
+            return
+        with open(cfg.input, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["ids"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{cfg.input}:{lineno}: expected a JSON object with an 'ids' list") from None
+
     n = 0
-    with open(cfg.input, encoding="utf-8") as f, atomic_text(cfg.output) as out:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                ids = json.loads(line)["ids"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{cfg.input}:{lineno}: expected a JSON object with an 'ids' list") from None
+    with atomic_text(cfg.output) as out:
+        for ids in rows():
             out.write(json.dumps({"text": tok.decode(ids, skip_special=not cfg.keep_special)}, ensure_ascii=False) + "\n")
             n += 1
     log(f"decoded {n:,} sequences -> {cfg.output}")

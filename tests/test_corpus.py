@@ -72,3 +72,28 @@ def test_local_folder_source(tmp_path):
     assert all("\r" not in r["text"] for r in iter_records(tmp_path / "out", "train"))
     with pytest.raises(UserError, match="matches no"):
         build_corpus(CorpusConfig(source=str(tmp_path / "missing")), tmp_path / "out2")
+
+
+def test_atomic_npy_streams_rows_and_never_leaves_a_partial_file(tmp_path):
+    import numpy as np
+
+    from lib.corpus import atomic_npy, npy_header
+
+    path = tmp_path / "ids.npy"
+    rows = np.arange(3000, dtype=np.int64).reshape(-1, 2)
+    with atomic_npy(path, "<i8", (2,)) as out:
+        for part in np.array_split(rows, 7):
+            out.write(part.tobytes())
+    assert np.array_equal(np.load(path), rows) and np.array_equal(np.load(path, mmap_mode="r"), rows)
+    with pytest.raises(RuntimeError):  # a failure midway: the earlier file stays as it was
+        with atomic_npy(path, "<i8", (2,)) as out:
+            out.write(rows[:5].tobytes())
+            raise RuntimeError("interrupted")
+    with pytest.raises(ValueError, match="not whole rows"):
+        with atomic_npy(path, "<i8", (2,)) as out:
+            out.write(b"\0" * 8)
+    assert np.array_equal(np.load(path), rows) and [p.name for p in tmp_path.iterdir()] == ["ids.npy"]
+    with atomic_npy(path, "<u2") as out:  # nothing written: an empty array
+        pass
+    assert np.load(path).shape == (0,)
+    assert len(npy_header("<u4", (10**18,))) == len(npy_header("<i8", (0, 2))) == 128

@@ -78,9 +78,43 @@ def test_encode_paths_agree_and_errors_name_the_line(tmp_path, tiny_data):
     assert [r["ids"] for r in general] == [[1] + sp.encode(t) + [2] for t in texts]
     assert all(r["attention_mask"] == [1] * len(r["ids"]) for r in rows + general)
 
+
+    # .npy: the same ids end to end, indexed per text, from the fast and the general path
+    import numpy as np
+
+    for name, extra in {"npy": ["--workers", "2", "--batch_size", "7"], "npy_general": ["--max_length", "1000000",
+                                                                                        "--add_eos"]}.items():
+        proc = run_script("scripts/tokenize.py", "encode", "--tokenizer", str(model), "--input", str(src),
+                          "--text_field", "body", "--output", str(tmp_path / f"{name}.npy"), *extra)
+        ids, docs = np.load(tmp_path / f"{name}.npy"), np.load(tmp_path / f"{name}.docs.npy")
+        want = [r["ids"] for r in (rows if name == "npy" else general)]
+        assert ids.dtype == np.uint16 and ids.tolist() == [i for r in want for i in r]
+        assert docs.tolist() == [[len(r), len(t.encode())] for r, t in zip(want, texts)]
+        assert f"into {len(ids):,} ids" in proc.stdout
+    back = tmp_path / "back.jsonl"
+    run_script("scripts/tokenize.py", "decode", "--tokenizer", str(model), "--input", str(tmp_path / "npy.npy"),
+               "--output", str(back))
+    # (SentencePiece decodes a literal "\u2581" as a space: that one text comes back changed)
+    assert [json.loads(line)["text"] for line in back.read_text().splitlines()] == [sp.decode(sp.encode(t)) for t in texts]
+    # padding has no place in a flat stream; a stream without its table cannot be decoded
+    proc = run_script("scripts/tokenize.py", "encode", "--tokenizer", str(model), "--input", str(src),
+                      "--text_field", "body", "--output", str(tmp_path / "p.npy"), "--padding", "longest",
+                      "--pad_token", "eos", check=False)
+    assert proc.returncode == 2 and "takes no --padding" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("p.*"))
+    (tmp_path / "npy.docs.npy").unlink()
+    proc = run_script("scripts/tokenize.py", "decode", "--tokenizer", str(model), "--input", str(tmp_path / "npy.npy"),
+                      "--output", str(back), check=False)
+    assert proc.returncode == 2 and "npy.docs.npy not found" in proc.stderr
+    assert json.loads(back.read_text().splitlines()[0])["text"] == texts[0]  # the earlier output is intact
+
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine line\nbad \xff byte\n")
     proc = run_script("scripts/tokenize.py", "encode", "--tokenizer", str(model), "--input", str(bad),
                       "--output", str(tmp_path / "o.jsonl"), "--workers", "2", check=False)
     assert proc.returncode == 2 and f"{bad}:2: not UTF-8" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()
+    proc = run_script("scripts/tokenize.py", "encode", "--tokenizer", str(model), "--input", str(bad),
+                      "--output", str(tmp_path / "o.npy"), check=False)
+    assert proc.returncode == 2 and f"{bad}:2: not UTF-8" in proc.stderr
+    assert not list(tmp_path.glob("o.*"))

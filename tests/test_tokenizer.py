@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from array import array
 
 import pytest
 
@@ -166,7 +167,7 @@ def _random_code_like(rng: random.Random, n: int) -> str:
 
 
 def test_word_cached_encoding_gives_sentencepiece_ids(tok):
-    from lib.tokenizer import _UNIT, _WORD, WordCachedEncoder, unit_local, word_local
+    from lib.tokenizer import _UNIT, _UNIT_ASCII, _WORD, WordCachedEncoder, unit_local, word_local
 
     sp, _, texts, tmp = tok
     if sp_model_type(sp) == "unigram":
@@ -180,6 +181,9 @@ def test_word_cached_encoding_gives_sentencepiece_ids(tok):
     samples = TRICKY + texts[:40] + [_random_code_like(rng, rng.randint(0, 200)) for _ in range(300)]
     for text in samples:  # the splits cover every character: none is silently dropped
         assert "".join(_WORD.findall(text)) == text and "".join(_UNIT.findall(text)) == text
+        ascii_text = text.encode("ascii", "replace").decode()  # the ASCII regex cuts ASCII the same
+        assert _UNIT_ASCII.findall(ascii_text) == _UNIT.findall(ascii_text)
+    assert any(not t.isascii() for t in samples) and any(t.isascii() and "_" in t for t in samples)
     # a tiny cache: it is cleared many times along the way and must still give the same ids
     for enc in (WordCachedEncoder(sp), WordCachedEncoder(sp, max_words=50),
                 WordCachedEncoder(sp, units=True), WordCachedEncoder(sp, max_words=50, units=True)):
@@ -188,13 +192,18 @@ def test_word_cached_encoding_gives_sentencepiece_ids(tok):
             batch = samples[start : start + 37]
             assert enc.encode(batch) == sp.encode(batch)
             assert enc.encode_text(batch) == [(", ".join(map(str, ids)), len(ids)) for ids in sp.encode(batch)]
+            for code, head, tail in (("H", b"", b""), ("I", array("I", [1]).tobytes(), array("I", [2, 2]).tobytes())):
+                packed = enc.encode_packed(batch, code, head, tail)
+                assert [array(code, p).tolist() for p in packed] == [array(code, head).tolist() + ids
+                                                                     + array(code, tail).tolist() for ids in sp.encode(batch)]
             # bounded by max_words, or by the distinct words (units) of the largest batch
             words = {w for text in batch for w in _WORD.findall(text)}
             most_words = max(most_words, len(words))
             most_units = max(most_units, len({u for w in words for u in _UNIT.findall(w)}) + 1)  # + _SEP
             assert len(enc.cache) <= max(enc.max_words, most_words)
             if enc.units is not None:
-                assert len(enc.units) <= max(enc.max_words, most_units)
+                for units in (enc.units, enc._packed["H"].units, enc._packed["I"].units):
+                    assert len(units) <= max(enc.max_words, most_units)
         assert enc.units is None or enc.units  # the unit cache was used
     assert TextTokenizer(tmp / "tok" / "sp.model")._words.units is not None
 
