@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from array import array
 
 import pytest
@@ -167,7 +168,12 @@ def _random_code_like(rng: random.Random, n: int) -> str:
 
 
 def test_word_cached_encoding_gives_sentencepiece_ids(tok):
-    from lib.tokenizer import _UNIT, _UNIT_ASCII, _WORD, WordCachedEncoder, unit_local, word_local
+    from lib.tokenizer import (_UNIT, _UNIT_ASCII, _WORD, WordCachedEncoder, _split_pieces, _split_units, unit_local,
+                               word_local)
+
+    # pieces, defined here independently: a run of spaces or not, then non-spaces or newlines with
+    # the spaces after them (where lib.tokenizer cuts at spaces after anything but a space/newline)
+    _PIECE = re.compile("[ \u2581]++(?:[^ \u2581\n]++|\n[ \u2581]*+)*+|(?:[^ \u2581\n]++|\n[ \u2581]*+)++")
 
     sp, _, texts, tmp = tok
     if sp_model_type(sp) == "unigram":
@@ -181,13 +187,18 @@ def test_word_cached_encoding_gives_sentencepiece_ids(tok):
     samples = TRICKY + texts[:40] + [_random_code_like(rng, rng.randint(0, 200)) for _ in range(300)]
     for text in samples:  # the splits cover every character: none is silently dropped
         assert "".join(_WORD.findall(text)) == text and "".join(_UNIT.findall(text)) == text
+        if "\x00" not in text and "\u2581" not in text:  # numpy's cuts are the regexes' cuts
+            pieces, first = _split_pieces([text.encode()])
+            assert first == [0] and [pieces[0]] + [b" " + p for p in pieces[1:]] == [p.encode() for p in _PIECE.findall(text) or [""]]
+            ascii_text = text.encode("ascii", "replace").decode()
+            assert _split_units(ascii_text.encode()) == [u.encode() for u in _UNIT.findall(ascii_text)]
         ascii_text = text.encode("ascii", "replace").decode()  # the ASCII regex cuts ASCII the same
         assert _UNIT_ASCII.findall(ascii_text) == _UNIT.findall(ascii_text)
     assert any(not t.isascii() for t in samples) and any(t.isascii() and "_" in t for t in samples)
     # a tiny cache: it is cleared many times along the way and must still give the same ids
     for enc in (WordCachedEncoder(sp), WordCachedEncoder(sp, max_words=50),
                 WordCachedEncoder(sp, units=True), WordCachedEncoder(sp, max_words=50, units=True)):
-        most_words = most_units = 0
+        most_keys = most_units = 0
         for start in range(0, len(samples), 37):
             batch = samples[start : start + 37]
             assert enc.encode(batch) == sp.encode(batch)
@@ -196,16 +207,16 @@ def test_word_cached_encoding_gives_sentencepiece_ids(tok):
                 packed = enc.encode_packed(batch, code, head, tail)
                 assert [array(code, p).tolist() for p in packed] == [array(code, head).tolist() + ids
                                                                      + array(code, tail).tolist() for ids in sp.encode(batch)]
-            # bounded by max_words, or by the distinct words (units) of the largest batch
-            words = {w for text in batch for w in _WORD.findall(text)}
-            most_words = max(most_words, len(words))
-            most_units = max(most_units, len({u for w in words for u in _UNIT.findall(w)}) + 1)  # + _SEP
-            assert len(enc.cache) <= max(enc.max_words, most_words)
-            if enc.units is not None:
-                for units in (enc.units, enc._packed["H"].units, enc._packed["I"].units):
-                    assert len(units) <= max(enc.max_words, most_units)
-        assert enc.units is None or enc.units  # the unit cache was used
-    assert TextTokenizer(tmp / "tok" / "sp.model")._words.units is not None
+            # bounded by max_words, or by the distinct keys (units) of the largest batch
+            keys = {k for t in batch for k in (_WORD if "\x00" in t or "\u2581" in t else _PIECE).findall(t)}
+            units = {u.encode() for t in batch for u in _UNIT.findall(t)}
+            units |= {u for t in batch for u in _split_units(t.encode())}  # (non-ASCII runs kept whole)
+            most_keys, most_units = max(most_keys, len(keys)), max(most_units, len(units) + 1)  # + the NUL
+            for form in enc._forms.values():
+                assert all(len(c) <= max(enc.max_words, most_keys) for c in form.caches())
+                assert form.codec.units is None or len(form.codec.units) <= max(enc.max_words, most_units)
+        assert all(bool(f.codec.units) == enc.use_units for f in enc._forms.values())  # the unit caches were used
+    assert TextTokenizer(tmp / "tok" / "sp.model")._words.use_units
 
 
 def test_unit_cache_is_off_for_models_with_pieces_across_classes(tmp_path):
@@ -218,7 +229,7 @@ def test_unit_cache_is_off_for_models_with_pieces_across_classes(tmp_path):
     path = train_sentencepiece(texts, tmp_path / "tok", TokenizerConfig(vocab_size=300, user_defined_symbols=["x.y"]))
     assert word_local(path) and not unit_local(path)
     tt = TextTokenizer(path)
-    assert tt._words is not None and tt._words.units is None
+    assert tt._words is not None and not tt._words.use_units
     assert tt.encode(texts[:5]) == tt._sp.encode(texts[:5])
     import sentencepiece as spm
 
