@@ -516,7 +516,10 @@ class WordCachedEncoder:
     def encode_packed(self, texts: list[str], code: str = "H", head: bytes = b"", tail: bytes = b"") -> list[bytes]:
         """Each text's ids packed as machine integers of array typecode `code` ("H": uint16,
         "I": uint32), between the packed ids `head` and `tail`."""
-        return [b"".join([head, *values, tail]) for values in self._doc_values(texts, self._form(code))]
+        docs = self._doc_values(texts, self._form(code))
+        if head or tail:
+            return [head + b"".join(values) + tail for values in docs]
+        return list(map(b"".join, docs))
 
 
 def _ids_text(encoded: list[list[int]]) -> list[str]:
