@@ -72,32 +72,38 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, cfg: Tokenize
         )
     spm.set_random_generator_seed(cfg.seed)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_line_iter(texts),
-        model_writer=model,
-        vocab_size=cfg.vocab_size,
-        model_type=cfg.model_type,
-        character_coverage=cfg.character_coverage,
-        byte_fallback=cfg.byte_fallback,
-        input_sentence_size=cfg.max_lines,
-        shuffle_input_sentence=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        user_defined_symbols=["\n", *cfg.user_defined_symbols],
-        unk_id=SPECIAL_IDS["unk"],
-        bos_id=SPECIAL_IDS["bos"],
-        eos_id=SPECIAL_IDS["eos"],
-        pad_id=SPECIAL_IDS["pad"],
-        unk_piece=SPECIAL_PIECES["unk"],
-        bos_piece=SPECIAL_PIECES["bos"],
-        eos_piece=SPECIAL_PIECES["eos"],
-        pad_piece=SPECIAL_PIECES["pad"],
-        num_threads=2,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_line_iter(texts),
+            model_writer=model,
+            vocab_size=cfg.vocab_size,
+            model_type=cfg.model_type,
+            character_coverage=cfg.character_coverage,
+            byte_fallback=cfg.byte_fallback,
+            input_sentence_size=cfg.max_lines,
+            shuffle_input_sentence=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            user_defined_symbols=["\n", *cfg.user_defined_symbols],
+            unk_id=SPECIAL_IDS["unk"],
+            bos_id=SPECIAL_IDS["bos"],
+            eos_id=SPECIAL_IDS["eos"],
+            pad_id=SPECIAL_IDS["pad"],
+            unk_piece=SPECIAL_PIECES["unk"],
+            bos_piece=SPECIAL_PIECES["bos"],
+            eos_piece=SPECIAL_PIECES["eos"],
+            pad_piece=SPECIAL_PIECES["pad"],
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:  # SentencePiece's own checks, such as a vocabulary too small for the characters
+        reason = str(exc).split("] ", 1)[-1].split(" Increase vocab_size")[0]
+        raise UserError(f"SentencePiece cannot train with tokenizer.vocab_size={cfg.vocab_size}, "
+                        f"tokenizer.character_coverage={cfg.character_coverage}: {reason} Raise "
+                        "--tokenizer.vocab_size or lower --tokenizer.character_coverage.") from None
     path = out_dir / SP_MODEL
     path.write_bytes(model.getvalue())
     return path

@@ -68,12 +68,16 @@ def write_tokenizer(texts, out_dir: Path, tok_cfg: TokenizerConfig, key: str | N
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    sp_path = train_sentencepiece(texts, tmp, tok_cfg)
-    build_hf_tokenizer(sp_path).save_pretrained(str(tmp))
-    sp = load_sentencepiece(sp_path)
-    info = {"key": key, "sp_model_sha256": sha256_file(sp_path), "vocab_size": sp.get_piece_size(),
-            "special_ids": special_ids(sp), "settings": dataclasses.asdict(tok_cfg)}
-    write_json(tmp / "build.json", info)
+    try:
+        sp_path = train_sentencepiece(texts, tmp, tok_cfg)
+        build_hf_tokenizer(sp_path).save_pretrained(str(tmp))
+        sp = load_sentencepiece(sp_path)
+        info = {"key": key, "sp_model_sha256": sha256_file(sp_path), "vocab_size": sp.get_piece_size(),
+                "special_ids": special_ids(sp), "settings": dataclasses.asdict(tok_cfg)}
+        write_json(tmp / "build.json", info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous tokenizer, if any, stays as it was
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return info
@@ -100,6 +104,69 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _pack_texts(task) -> tuple[bytes, list[int], list[int]]:
+    """One batch of texts -> their `bos ids eos` packed end to end (array typecode `code`), the
+    ids and the UTF-8 bytes of each text."""
+    from array import array
+
+    texts, code = task
+    ids = _ENCODER.ids
+    packed = _ENCODER._words.encode_packed(texts, code, array(code, [ids["bos"]]).tobytes(),
+                                           array(code, [ids["eos"]]).tobytes())
+    size = array(code).itemsize
+    return b"".join(packed), [len(p) // size for p in packed], [len(t.encode("utf-8")) for t in texts]
+
+
+def _encode_shards(model: Path, files: list[Path]):
+    """Yield (ids, ids per document, bytes per document) of each corpus shard in turn, documents
+    as `bos ids eos`: through the word cache in every core's worker (batches of about 1 MB, in
+    order), or SentencePiece's own threads for models the cache cannot take."""
+    import collections
+
+    import numpy as np
+
+    from lib.parallel import default_workers, ordered_map
+    from lib.tokenizer import TextTokenizer, packed_code
+
+    global _ENCODER
+    tok = _ENCODER = TextTokenizer(model)
+    if tok._words is None:
+        for path in files:
+            texts = [r["text"] for r in iter_shard(path)]
+            encoded = tok._sp.encode(texts, num_threads=os.cpu_count() or 1)
+            lengths = np.array([len(e) + 2 for e in encoded], np.int64)
+            flat = np.concatenate([np.array([tok.ids["bos"], *e, tok.ids["eos"]], np.int64) for e in encoded]
+                                  or [np.empty(0, np.int64)])
+            yield flat, lengths, np.array([len(t.encode("utf-8")) for t in texts], np.int64)
+        return
+    code = packed_code(tok.vocab_size)
+    ends = collections.deque()  # for each batch in flight: whether it ends its shard
+
+    def batches():
+        for path in files:
+            texts = [r["text"] for r in iter_shard(path)]
+            start, size = 0, 0
+            for i, t in enumerate(texts):
+                size += len(t)
+                if size >= 1 << 20 or i == len(texts) - 1:
+                    ends.append(i == len(texts) - 1)
+                    yield texts[start : i + 1], code
+                    start, size = i + 1, 0
+            if not texts:
+                ends.append(True)
+                yield [], code
+
+    parts, lengths, sizes = [], [], []
+    for packed, n_ids, n_bytes in ordered_map(_pack_texts, batches(), default_workers(), _init_encoder, (model, None)):
+        parts.append(packed)
+        lengths += n_ids
+        sizes += n_bytes
+        if ends.popleft():
+            yield (np.frombuffer(b"".join(parts), np.dtype(code)), np.array(lengths, np.int64),
+                   np.array(sizes, np.int64))
+            parts, lengths, sizes = [], [], []
+
+
 def stage_tokens(cfg: TokenizeConfig, corpus_dir: Path, corpus_manifest: dict, tok_dir: Path) -> dict:
     """Encode every corpus shard to a .npy token shard; keyed on corpus and sp.model hashes."""
     import numpy as np
@@ -122,32 +189,27 @@ def stage_tokens(cfg: TokenizeConfig, corpus_dir: Path, corpus_manifest: dict, t
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     splits, total_tokens, total_bytes = {}, 0, 0
+    encoded = _encode_shards(tok_dir / SP_MODEL, [corpus_dir / shard["file"] for info in corpus_manifest["splits"].values()
+                                                  for shard in info["shards"]])
     for split, info in corpus_manifest["splits"].items():
         shards = []
         for shard in info["shards"]:
-            texts = [r["text"] for r in iter_shard(corpus_dir / shard["file"])]
-            encoded = sp.encode(texts, num_threads=os.cpu_count() or 1)
-            lengths = [len(e) + 2 for e in encoded]  # + bos and eos
-            flat = np.empty(sum(lengths), dtype=dtype)
-            pos = 0
-            for e in encoded:
-                flat[pos] = ids["bos"]
-                flat[pos + 1 : pos + 1 + len(e)] = e
-                flat[pos + 1 + len(e)] = ids["eos"]
-                pos += len(e) + 2
-            docs = np.array([[n, len(t.encode("utf-8"))] for n, t in zip(lengths, texts)], dtype=np.int64)
+            flat, lengths, sizes = next(encoded)
+            flat = flat.astype(dtype, copy=False)
+            docs = np.stack([lengths, sizes], axis=1).astype(np.int64)
             stem = Path(shard["file"]).stem
             np.save(tmp / f"{stem}.npy", flat)
             np.save(tmp / f"{stem}.docs.npy", docs)
             shards.append({"file": f"{stem}.npy", "docs_file": f"{stem}.docs.npy",
                            "sha256": sha256_file(tmp / f"{stem}.npy"),
                            "docs_sha256": sha256_file(tmp / f"{stem}.docs.npy"),
-                           "tokens": int(len(flat)), "docs": len(texts),
+                           "tokens": int(len(flat)), "docs": len(docs),
                            "text_bytes": int(docs[:, 1].sum())})
         n_tok, n_bytes = sum(s["tokens"] for s in shards), sum(s["text_bytes"] for s in shards)
         splits[split] = {"shards": shards, "tokens": n_tok, "docs": sum(s["docs"] for s in shards),
                          "text_bytes": n_bytes}
         total_tokens, total_bytes = total_tokens + n_tok, total_bytes + n_bytes
+    encoded.close()
     manifest = {
         "kind": "tokens", "key": key, "dtype": np.dtype(dtype).name, "doc_format": "bos ids eos",
         "corpus_dir": "../corpus", "corpus_content_hash": corpus_manifest["content_hash"],

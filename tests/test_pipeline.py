@@ -39,6 +39,43 @@ def test_tokenized_data_is_consistent(tiny_data):
             assert (tokens[starts] == 1).all() and (tokens[starts + docs[:, 0] - 1] == 2).all()
 
 
+def _shard_docs_are_sentencepiece_ids(data: Path) -> int:
+    """Check that every document of every token shard is `bos` + SentencePiece's ids + `eos`."""
+    import sentencepiece as spm
+
+    from lib.corpus import iter_records
+
+    sp = spm.SentencePieceProcessor(model_file=str(data / "tokenizer" / "sp.model"))
+    manifest = json.loads((data / "tokens" / "manifest.json").read_text())
+    n = 0
+    for split, info in manifest["splits"].items():
+        tokens = np.concatenate([np.load(data / "tokens" / s["file"]) for s in info["shards"]])
+        ends = np.cumsum(np.concatenate([np.load(data / "tokens" / s["docs_file"])[:, 0] for s in info["shards"]]))
+        texts = [r["text"] for r in iter_records(data / "corpus", split)]
+        assert len(texts) == len(ends)
+        for text, start, end in zip(texts, np.concatenate([[0], ends[:-1]]), ends):
+            assert tokens[start:end].tolist() == [1, *sp.encode(text), 2]
+            n += 1
+    return n
+
+
+def test_token_shards_hold_sentencepiece_ids(tiny_data, tmp_path):
+    """The shards are encoded through the word cache in worker processes (BPE), or by
+    SentencePiece itself (unigram, which the cache cannot take): SentencePiece's ids either way."""
+    assert _shard_docs_are_sentencepiece_ids(tiny_data) > 50
+    out = tmp_path / "unigram"
+    args = ("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(out), "--corpus.max_files",
+            "30", "--tokenizer.model_type", "unigram", "--tokenizer.vocab_size")
+    # (too small a vocabulary for the corpus's characters: SentencePiece's refusal, as a clear error)
+    proc = run_script(*args, "300", check=False)
+    assert proc.returncode == 2 and "Vocabulary size is smaller than required_chars" in proc.stderr
+    assert "--tokenizer.vocab_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "tokenizer").exists() and not (out / "tokenizer.tmp").exists()
+    proc = run_script(*args, "600")
+    assert "tokens: encoded" in proc.stdout
+    assert _shard_docs_are_sentencepiece_ids(out) > 10
+
+
 def test_rerun_reuses_every_stage(tiny_data):
     proc = run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(tiny_data),
                       "--corpus.max_files", "80", "--tokenizer.vocab_size", "512")
