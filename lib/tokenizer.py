@@ -404,8 +404,12 @@ class WordCachedEncoder:
 
     def __init__(self, sp, max_words: int = 300_000, units: bool = False):
         self.sp, self.max_words, self.use_units = sp, max_words, units
+        self.threads: int | None = None  # SentencePiece's threads per call (None: every core)
         text = _IdsText(units)
         self._forms: dict[str, _Form] = {"text": _Form(text), "tuple": _Form(text, _ids_tuples)}
+
+    def _sp_encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=self.threads)
 
     def _form(self, code: str) -> _Form:
         """The form of packed ids of typecode `code`."""
@@ -428,14 +432,14 @@ class WordCachedEncoder:
         choosing: (keys, values)."""
         raws = keys if raws is None else raws
         if codec.units is None:
-            return keys, codec.from_ids(self.sp.encode([(prefix + r).decode("utf-8") for r in raws]))
+            return keys, codec.from_ids(self._sp_encode([(prefix + r).decode("utf-8") for r in raws]))
         sep = b"\0" + prefix
         joined = prefix + sep.join(raws)
         if joined.count(b"\0") != len(raws) - 1:  # texts holding a NUL (_SEP) are encoded whole
             odd = [i for i, r in enumerate(raws) if b"\0" in r]
             plain = [i for i, r in enumerate(raws) if b"\0" not in r]
             plain_keys, values = self._values([keys[i] for i in plain], codec, prefix, [raws[i] for i in plain])
-            values += codec.from_ids(self.sp.encode([(prefix + raws[i]).decode("utf-8") for i in odd]))
+            values += codec.from_ids(self._sp_encode([(prefix + raws[i]).decode("utf-8") for i in odd]))
             return plain_keys + [keys[i] for i in odd], values
         values = self._unit_values(_split_units(joined), codec)
         if not joined.isascii():
@@ -462,7 +466,7 @@ class WordCachedEncoder:
         missing.discard(b"\0")
         if missing:
             missing = list(missing)
-            cache.update(zip(missing, codec.from_ids(self.sp.encode([u.decode("utf-8") for u in missing]))))
+            cache.update(zip(missing, codec.from_ids(self._sp_encode([u.decode("utf-8") for u in missing]))))
         cache[b"\0"] = codec.sep
         return codec.split(codec.join(map(cache.__getitem__, units)))
 
@@ -554,7 +558,7 @@ class TextTokenizer:
 
     def __init__(self, path: str | Path, pad_token: str | None = None):
         path = Path(path)
-        self.path = path
+        self.path, self.threads = path, None
         if path.is_file():
             self.kind = "sentencepiece"
             self._sp = load_sentencepiece(path)
@@ -590,12 +594,19 @@ class TextTokenizer:
                     raise UserError(f"--pad_token {pad_token!r} is not a token of {path}")
                 self.ids["pad"] = pid
 
+    def set_threads(self, n: int | None) -> None:
+        """Threads SentencePiece may use per call (None: every core). 1 in worker processes
+        that already keep every core busy: its threads would only contend (a tenth more CPU)."""
+        self.threads = n
+        if self.kind == "sentencepiece" and self._words is not None:
+            self._words.threads = n
+
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Ids of each text, no special tokens added."""
         if self.kind == "sentencepiece":
             if self._words is not None:
                 return self._words.encode(texts)
-            return self._sp.encode(texts, num_threads=os.cpu_count() or 1)
+            return self._sp.encode(texts, num_threads=self.threads or os.cpu_count() or 1)
         return self._hf(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:

@@ -140,6 +140,9 @@ def _encode_shards(model: Path, files: list[Path]):
             yield flat, lengths, np.array([len(t.encode("utf-8")) for t in texts], np.int64)
         return
     code = packed_code(tok.vocab_size)
+    workers = default_workers()
+    if workers > 1:
+        tok.set_threads(1)  # (inherited by the forked workers)
     ends = collections.deque()  # for each batch in flight: whether it ends its shard
 
     def batches():
@@ -157,7 +160,8 @@ def _encode_shards(model: Path, files: list[Path]):
                 yield [], code
 
     parts, lengths, sizes = [], [], []
-    for packed, n_ids, n_bytes in ordered_map(_pack_texts, batches(), default_workers(), _init_encoder, (model, None)):
+    results = ordered_map(_pack_texts, batches(), workers, _init_encoder, (model, None, tok.threads))
+    for packed, n_ids, n_bytes in results:
         parts.append(packed)
         lengths += n_ids
         sizes += n_bytes
@@ -336,13 +340,14 @@ def parse_texts(path: Path, first: int, lines: list[bytes], text_field: str) -> 
 _ENCODER = None  # this process's TextTokenizer: cmd_encode's own, inherited by forked workers
 
 
-def _init_encoder(path: Path, pad_token: Optional[str]) -> None:
+def _init_encoder(path: Path, pad_token: Optional[str], threads: Optional[int] = None) -> None:
     """Load the tokenizer in a worker, unless it came with the fork (0.07 s saved per worker)."""
     from lib.tokenizer import TextTokenizer
 
     global _ENCODER
     if _ENCODER is None:  # a spawned (not forked) worker
         _ENCODER = TextTokenizer(path, pad_token)
+        _ENCODER.set_threads(threads)
 
 
 def _ones_json(n: int) -> str:
@@ -442,6 +447,8 @@ def cmd_encode(cfg: EncodeConfig) -> None:
     workers = cfg.workers or default_workers()
     if tok.kind != "sentencepiece":
         workers = 1  # the Rust tokenizer already spreads a batch over every core
+    elif workers > 1:
+        tok.set_threads(1)  # (inherited by the forked workers)
     n_texts = n_tokens = n_pad = n_bytes = 0
     t0 = time.time()
     bar = tqdm(total=cfg.input.stat().st_size, unit="B", unit_scale=True, desc="encode", dynamic_ncols=True,
@@ -457,7 +464,8 @@ def cmd_encode(cfg: EncodeConfig) -> None:
         else:
             out = files.enter_context(atomic_text(cfg.output))
         work = _encode_batch_to_npy if npy else _encode_batch_to_jsonl
-        for result, *counts in ordered_map(work, tasks, workers, _init_encoder, (cfg.tokenizer, cfg.pad_token)):
+        for result, *counts in ordered_map(work, tasks, workers, _init_encoder,
+                                                 (cfg.tokenizer, cfg.pad_token, tok.threads)):
             if npy:
                 out.write(result[0])
                 docs.write(result[1])
