@@ -421,11 +421,6 @@ class WordCachedEncoder:
             form = self._forms[code] = _Form(codec)
         return form
 
-    def caches(self) -> list[dict]:
-        """Every cache, of values and of units (for tests and memory checks)."""
-        out = [c for form in self._forms.values() for c in form.caches()]
-        return out + [f.codec.units for f in self._forms.values() if f.codec.units is not None]
-
     def _values(self, keys: list, codec, prefix: bytes = b"", raws: list[bytes] | None = None) -> tuple[list, list]:
         """The codec's value (ids as text or packed bytes) of the text `prefix + raw` of each
         key (raws: UTF-8, default the keys themselves), with its key, in an order of its

@@ -104,20 +104,14 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _pack_texts(task) -> tuple[bytes, list[int], list[int]]:
-    """One batch of texts -> their `bos ids eos` packed end to end (array typecode `code`), the
-    ids and the UTF-8 bytes of each text."""
-    from array import array
-
-    texts, code = task
-    ids = _ENCODER.ids
-    packed = _ENCODER._words.encode_packed(texts, code, array(code, [ids["bos"]]).tobytes(),
-                                           array(code, [ids["eos"]]).tobytes())
-    size = array(code).itemsize
-    return b"".join(packed), [len(p) // size for p in packed], [len(t.encode("utf-8")) for t in texts]
+def _pack_texts(texts: list[str]) -> tuple[bytes, list[int], list[int]]:
+    """One batch of texts -> their `bos ids eos` packed end to end, the ids and the UTF-8 bytes
+    of each text."""
+    tokens, counts = _packed_stream(texts, add_bos=True, add_eos=True)
+    return tokens, counts, [len(t.encode("utf-8")) for t in texts]
 
 
-def _encode_shards(model: Path, files: list[Path]):
+def _encode_shards(tok, files: list[Path]):
     """Yield (ids, ids per document, bytes per document) of each corpus shard in turn, documents
     as `bos ids eos`: through the word cache in every core's worker (batches of about 1 MB, in
     order), or SentencePiece's own threads for models the cache cannot take."""
@@ -126,20 +120,19 @@ def _encode_shards(model: Path, files: list[Path]):
     import numpy as np
 
     from lib.parallel import default_workers, ordered_map
-    from lib.tokenizer import TextTokenizer, packed_code
+    from lib.tokenizer import packed_code
 
     global _ENCODER
-    tok = _ENCODER = TextTokenizer(model)
+    _ENCODER = tok
+    bos, eos = tok.ids["bos"], tok.ids["eos"]
     if tok._words is None:
         for path in files:
             texts = [r["text"] for r in iter_shard(path)]
-            encoded = tok._sp.encode(texts, num_threads=os.cpu_count() or 1)
-            lengths = np.array([len(e) + 2 for e in encoded], np.int64)
-            flat = np.concatenate([np.array([tok.ids["bos"], *e, tok.ids["eos"]], np.int64) for e in encoded]
-                                  or [np.empty(0, np.int64)])
-            yield flat, lengths, np.array([len(t.encode("utf-8")) for t in texts], np.int64)
+            encoded = tok.encode(texts)
+            flat = np.fromiter(itertools.chain.from_iterable((bos, *e, eos) for e in encoded), np.int64)
+            yield (flat, np.array([len(e) + 2 for e in encoded], np.int64),
+                   np.array([len(t.encode("utf-8")) for t in texts], np.int64))
         return
-    code = packed_code(tok.vocab_size)
     workers = default_workers()
     if workers > 1:
         tok.set_threads(1)  # (inherited by the forked workers)
@@ -153,20 +146,20 @@ def _encode_shards(model: Path, files: list[Path]):
                 size += len(t)
                 if size >= 1 << 20 or i == len(texts) - 1:
                     ends.append(i == len(texts) - 1)
-                    yield texts[start : i + 1], code
+                    yield texts[start : i + 1]
                     start, size = i + 1, 0
             if not texts:
                 ends.append(True)
-                yield [], code
+                yield []
 
     parts, lengths, sizes = [], [], []
-    results = ordered_map(_pack_texts, batches(), workers, _init_encoder, (model, None, tok.threads))
+    results = ordered_map(_pack_texts, batches(), workers, _init_encoder, (tok.path, None, tok.threads))
     for packed, n_ids, n_bytes in results:
         parts.append(packed)
         lengths += n_ids
         sizes += n_bytes
         if ends.popleft():
-            yield (np.frombuffer(b"".join(parts), np.dtype(code)), np.array(lengths, np.int64),
+            yield (np.frombuffer(b"".join(parts), np.dtype(packed_code(tok.vocab_size))), np.array(lengths, np.int64),
                    np.array(sizes, np.int64))
             parts, lengths, sizes = [], [], []
 
@@ -175,7 +168,7 @@ def stage_tokens(cfg: TokenizeConfig, corpus_dir: Path, corpus_manifest: dict, t
     """Encode every corpus shard to a .npy token shard; keyed on corpus and sp.model hashes."""
     import numpy as np
 
-    from lib.tokenizer import load_sentencepiece, special_ids
+    from lib.tokenizer import TextTokenizer, special_ids
 
     tokens_dir = cfg.out_dir / "tokens"
     sp_hash = sha256_file(tok_dir / SP_MODEL)
@@ -186,15 +179,16 @@ def stage_tokens(cfg: TokenizeConfig, corpus_dir: Path, corpus_manifest: dict, t
             log(f"tokens: unchanged, reusing {tokens_dir}")
             return old
     t0 = time.time()
-    sp = load_sentencepiece(tok_dir / SP_MODEL)
+    tok = TextTokenizer(tok_dir / SP_MODEL)
+    sp = tok._sp
     ids = special_ids(sp)
     dtype = np.uint16 if sp.get_piece_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
     tmp = tokens_dir.with_name("tokens.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     splits, total_tokens, total_bytes = {}, 0, 0
-    encoded = _encode_shards(tok_dir / SP_MODEL, [corpus_dir / shard["file"] for info in corpus_manifest["splits"].values()
-                                                  for shard in info["shards"]])
+    encoded = _encode_shards(tok, [corpus_dir / shard["file"] for info in corpus_manifest["splits"].values()
+                                   for shard in info["shards"]])
     for split, info in corpus_manifest["splits"].items():
         shards = []
         for shard in info["shards"]:
@@ -389,6 +383,21 @@ def docs_path(output: Path) -> Path:
     return output.with_suffix(".docs.npy")
 
 
+def _packed_stream(texts: list[str], add_bos: bool, add_eos: bool) -> tuple[bytes, list[int]]:
+    """Texts encoded through this process's word cache, packed end to end (uint16, or uint32
+    for large vocabularies), each between bos and eos as asked, and the ids of each."""
+    from array import array
+
+    from lib.tokenizer import packed_code
+
+    code = packed_code(_ENCODER.vocab_size)
+    head = array(code, [_ENCODER.ids["bos"]] if add_bos else []).tobytes()
+    tail = array(code, [_ENCODER.ids["eos"]] if add_eos else []).tobytes()
+    packed = _ENCODER._words.encode_packed(texts, code, head, tail)
+    size = array(code).itemsize
+    return b"".join(packed), [len(p) // size for p in packed]
+
+
 def _encode_batch_to_npy(task) -> tuple[tuple[bytes, bytes], int, int, int, int]:
     """One batch: raw lines -> packed ids of every text end to end, and the bytes of its
     (tokens, text bytes) rows, with its counts."""
@@ -399,20 +408,13 @@ def _encode_batch_to_npy(task) -> tuple[tuple[bytes, bytes], int, int, int, int]
     cfg, first, lines = task
     texts = parse_texts(cfg.input, first, lines, cfg.text_field)
     sizes = [len(t.encode("utf-8")) for t in texts]
-    code = packed_code(_ENCODER.vocab_size)
-    words = getattr(_ENCODER, "_words", None)
-    if words is not None and cfg.max_length is None:
+    if getattr(_ENCODER, "_words", None) is not None and cfg.max_length is None:
         encode_batch(_ENCODER, [], cfg)  # the same option checks
-        head = array(code, [_ENCODER.ids["bos"]] if cfg.add_bos else []).tobytes()
-        tail = array(code, [_ENCODER.ids["eos"]] if cfg.add_eos else []).tobytes()
-        packed = words.encode_packed(texts, code, head, tail)
-        size = array(code).itemsize
-        counts = [len(p) // size for p in packed]
-        tokens = b"".join(packed)
+        tokens, counts = _packed_stream(texts, cfg.add_bos, cfg.add_eos)
     else:
         ids, _ = encode_batch(_ENCODER, texts, cfg)
         counts = list(map(len, ids))
-        tokens = array(code, itertools.chain.from_iterable(ids)).tobytes()
+        tokens = array(packed_code(_ENCODER.vocab_size), itertools.chain.from_iterable(ids)).tobytes()
     docs = array("q", itertools.chain.from_iterable(zip(counts, sizes))).tobytes()
     return (tokens, docs), len(texts), sum(counts), 0, sum(sizes)
 
