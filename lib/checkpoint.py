@@ -21,8 +21,10 @@ from lib.errors import UserError
 
 STATE = "trainer_state.json"
 PREFIX = "step_"
+SHARDS = "pytorch_model_fsdp_0"  # where Accelerate writes an FSDP model's shards (torch.distributed.checkpoint)
 
-__all__ = ["save", "load", "find_resume", "complete_checkpoints", "best_checkpoint", "remove_run", "write_json"]
+__all__ = ["save", "load", "find_resume", "complete_checkpoints", "best_checkpoint", "remove_run", "write_json",
+           "is_sharded", "tensor_names"]
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -49,6 +51,27 @@ def verify(path: Path) -> dict:
         if sha256_file(f) != digest:
             raise UserError(f"checkpoint {path}: file {name} is corrupt (sha256 mismatch)")
     return state
+
+
+def is_sharded(path: Path) -> bool:
+    """True for a checkpoint written by an FSDP job (one shard of the weights per process)."""
+    return (Path(path) / SHARDS / ".metadata").is_file()
+
+
+def tensor_names(path: Path) -> set[str]:
+    """Names of the model tensors a checkpoint holds, plain (model.safetensors) or sharded."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            return set(f.keys())
+    if is_sharded(path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(path / SHARDS)).read_metadata().state_dict_metadata
+        return {k[len("model."):] for k in keys if k.startswith("model.")}
+    raise UserError(f"{path} holds no model weights (neither model.safetensors nor {SHARDS}/)")
 
 
 def find_resume(run_dir: str | Path, resume: str, say=print) -> Path | None:
@@ -175,6 +198,13 @@ def load(accelerator, path: Path, data_content_hash: str, allow_data_change: boo
         if not allow_data_change:
             raise UserError(msg + "; pass --allow_data_change to resume on the new data anyway")
         accelerator.print(f"warning: {msg}; resuming anyway (--allow_data_change)")
+    from accelerate.utils import DistributedType
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if is_sharded(path) != fsdp:
+        raise UserError(f"checkpoint {path} was written by {'an FSDP' if is_sharded(path) else 'a non-FSDP'} job "
+                        f"and this one {'uses' if fsdp else 'does not use'} FSDP; resume with the launcher config "
+                        "it was written with (its provenance.json names the distributed type)")
     try:
         accelerator.load_state(str(path), strict=strict)
     except RuntimeError as exc:  # torch: "Error(s) in loading state_dict ... size mismatch for ..."

@@ -61,7 +61,9 @@ def save_trainable_only(accelerator, model) -> None:
     keep = set(trainable_names(target))  # saved names carry no DDP "module."
 
     def hook(models, weights, output_dir):
-        for i, m in enumerate(models):
+        # under FSDP Accelerate writes each model's shards itself (`weights` is empty): those
+        # checkpoints hold every weight, sharded
+        for i, m in enumerate(models[:len(weights)]):
             if accelerator.unwrap_model(m) is target:
                 weights[i] = {k: v for k, v in weights[i].items() if k in keep}
 
@@ -71,21 +73,21 @@ def save_trainable_only(accelerator, model) -> None:
 def check_checkpoint(checkpoint: Path, state: dict, model, base_sha: Optional[str], init_from: Optional[str]) -> None:
     """Refuse to resume adapters on another base, or adapters other than this run's: the
     checkpoint's tensors must be exactly `model`'s trainable ones (`model` unwrapped: no DDP or
-    compile wrapper). `state` is the checkpoint's verified record."""
-    from safetensors import safe_open
-
+    compile wrapper; an FSDP checkpoint holds the frozen base too). `state` is the checkpoint's
+    verified record."""
     if state.get("lora_base_sha256") != base_sha:
         raise UserError(f"{checkpoint} holds LoRA adapters trained on a base model whose weights hash to "
                         f"{str(state.get('lora_base_sha256'))[:12]}, but --model.init_from {init_from} hashes "
                         f"to {str(base_sha)[:12]}: adapters only make sense on their own base; point "
                         "--model.init_from at it")
-    path = Path(checkpoint) / "model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        saved = set(f.keys())
-    want = set(trainable_names(model))
-    if saved != want:
-        missing, extra = sorted(want - saved), sorted(saved - want)
-        raise UserError(f"{path} does not hold this run's adapters: {len(missing)} missing "
+    from lib.checkpoint import is_sharded, tensor_names
+
+    saved, want = tensor_names(Path(checkpoint)), set(trainable_names(model))
+    missing = sorted(want - saved)
+    # an FSDP job's shards hold the frozen base as well; a plain checkpoint holds the adapters only
+    extra = [] if is_sharded(Path(checkpoint)) else sorted(saved - want)
+    if missing or extra:
+        raise UserError(f"{checkpoint} does not hold this run's adapters: {len(missing)} missing "
                         f"({', '.join(missing[:3])}), {len(extra)} unexpected ({', '.join(extra[:3])}); "
                         "resume with the --lora options the run started with")
 

@@ -50,6 +50,7 @@ def provenance(cfg, data_manifest: dict, accelerator, n_params: int, resumed_fro
         "device": str(accelerator.device),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
         "mixed_precision": accelerator.mixed_precision,
         "torch_threads": torch.get_num_threads(),
         "n_params": n_params,

@@ -128,6 +128,7 @@ def main() -> None:
 
     from lib import checkpoint as ckpt
     from lib import lora
+    from lib.distributed import allow_fsdp_on_cpu, fsdp_requested
     from lib.data import BlockSampler, build_train_data, load_split, prefix_docs, tokens_dir
     from lib.corpus import read_manifest
     from lib.evaluate import evaluate_stream, summarize
@@ -147,10 +148,18 @@ def main() -> None:
         from lib.cpu import keep_freed_memory
 
         keep_freed_memory()
-    accelerator = Accelerator(mixed_precision=pick_precision(cfg.precision), cpu=cpu_only(),
+    on_cpu = cpu_only()
+    cpu_fsdp = on_cpu and allow_fsdp_on_cpu()  # an FSDP launcher config on CPU: FSDP, not DDP
+    accelerator = Accelerator(mixed_precision=pick_precision(cfg.precision), cpu=on_cpu,
                               gradient_accumulation_steps=cfg.grad_accum_steps)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     say = accelerator.print
+    if fsdp_requested() and accelerator.distributed_type != DistributedType.FSDP:
+        how = "one process" if world == 1 else f"{world} processes, {accelerator.distributed_type.value}"
+        say(f"warning: the launcher config asks for FSDP, but this job runs without it ({how}): nothing is sharded")
+    elif cpu_fsdp:
+        say(f"FSDP{accelerator.state.fsdp_plugin.fsdp_version} on CPU over gloo ({world} process(es)): parameters, "
+            "gradients and optimizer state sharded")
     if cfg.keep_best and (not cfg.eval_every or not cfg.checkpoint_every or cfg.checkpoint_every % cfg.eval_every):
         say(f"warning: --keep_best compares checkpoints written at evaluation steps; with checkpoint_every "
             f"{cfg.checkpoint_every} and eval_every {cfg.eval_every} only the final checkpoint has a held-out loss")
@@ -208,7 +217,8 @@ def main() -> None:
         model = lora.apply(model, cfg.lora)
         n_train = count_params(model, trainable_only=True)
         say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}: {n_train:,} trainable "
-            f"parameters ({n_train / n_params:.2%} of the base); checkpoints hold the adapters only")
+            f"parameters ({n_train / n_params:.2%} of the base); checkpoints hold "
+            f"{'every weight, sharded (FSDP)' if accelerator.distributed_type == DistributedType.FSDP else 'the adapters only'}")
     fused = (FusedHead.attach(model, compiled=cfg.compile)
              if cfg.fused_loss and accelerator.mixed_precision != "fp16" else None)
     say(f"forward: {'torch.compile' if cfg.compile else 'eager'}, attention {attention}, loss "
@@ -440,11 +450,17 @@ def main() -> None:
         metrics.write({"type": "final", "step": step, "world_size": world, "replicas_identical": in_sync,
                        "skipped_steps": skipped_steps, "tokens_seen": tokens_seen})
     save_checkpoint()
-    full_state = None if use_lora else accelerator.get_state_dict(prepared)  # FSDP: every rank gathers
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    # FSDP: every rank takes part in gathering the full weights
+    full_state = accelerator.get_state_dict(prepared) if sharded or not use_lora else None
     if is_main:
         if fused is not None:
             fused.detach()  # a plain nn.Linear output layer again in what is saved
         final_model = accelerator.unwrap_model(prepared)
+        if use_lora and sharded:  # peft saves and merges whole tensors: an unsharded copy, on this rank
+            final_model = lora.apply(build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"]), cfg.lora)
+            final_model.load_state_dict(full_state)
+            full_state = None
         if use_lora:  # the adapter alone, then the merged model that eval.py and generate load
             final_model.save_pretrained(str(run_dir / "final_adapter"), safe_serialization=True)
             final_model = final_model.merge_and_unload()

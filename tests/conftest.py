@@ -15,13 +15,15 @@ if str(REPO) not in sys.path:
 
 
 def run_script(script: str | Path, *args: str, cwd: str | Path | None = None, check: bool = True,
-               launcher: tuple[str, ...] = (), timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python <script> args...` (or `<launcher> <script> args...`) as a subprocess."""
+               launcher: tuple[str, ...] = (), timeout: float = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python <script> args...` (or `<launcher> <script> args...`) as a subprocess, with
+    `env` added to the environment."""
     script = Path(script)
     if not script.is_absolute():
         script = REPO / script
     cmd = [*(launcher or (sys.executable,)), str(script), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"

@@ -1,6 +1,6 @@
 """LoRA fine-tuning of a model loaded offline from a local folder: checkpoints hold the adapters
-and their optimizer state only, resume bit for bit, refuse another base model, and the final
-folder holds the merged model next to the adapter."""
+and their optimizer state only (under FSDP2, the shards of every weight), resume bit for bit,
+refuse another base model, and the final folder holds the merged model next to the adapter."""
 from __future__ import annotations
 
 import shutil
@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lib.checkpoint import complete_checkpoints
-from test_resume import assert_same_run, train
+from lib.checkpoint import complete_checkpoints, is_sharded, tensor_names
+from test_resume import DDP, FSDP, assert_same_run, train
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +84,34 @@ def test_unknown_target_module_is_a_clear_error(tiny_data, base, tmp_path):
     assert "--lora.target_modules 'qproj'" in proc.stderr and "q_proj" in proc.stderr
 
 
-def test_lora_under_ddp_saves_adapters_and_resumes_bitwise(tiny_data, base, tmp_path):
-    # Accelerate holds the bare model while training goes through the DDP wrapper: the adapter
-    # filter must find it either way
+@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
+def test_lora_data_parallel_saves_and_resumes_bitwise(tiny_data, base, tmp_path, launch):
+    # DDP: Accelerate holds the bare model while training goes through the DDP wrapper, and the
+    # adapter filter must find it either way. FSDP2: every weight is sharded, the checkpoint holds
+    # the shards, and the final adapter and merged model come from the gathered weights
+    launcher = DDP if launch == "ddp" else FSDP
     common = lora_args(base, "--max_steps", "4", "--checkpoint_every", "0", "--eval_every", "0")
-    train(tiny_data, tmp_path, "straight", *common, ddp=True)
-    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "2", ddp=True)
-    with safe_open(str(complete_checkpoints(tmp_path / "resumed")[-1] / "model.safetensors"), framework="pt") as f:
-        assert len(list(f.keys())) == 28
-    proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto", ddp=True)
+    train(tiny_data, tmp_path, "straight", *common, launcher=launcher)
+    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "2", launcher=launcher)
+    checkpoint = complete_checkpoints(tmp_path / "resumed")[-1]
+    if launch == "ddp":
+        with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+            assert len(list(f.keys())) == 28
+    else:
+        assert is_sharded(checkpoint) and len(tensor_names(checkpoint)) > 28  # the base's shards too
+    proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto", launcher=launcher)
     assert "resumed from" in proc.stdout
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    # what was trained is what was saved: the merged model differs from the base, and equals the
+    # base plus the saved adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final").eval()
+    original = AutoModelForCausalLM.from_pretrained(base)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], original.state_dict()[q])
+    adapted = PeftModel.from_pretrained(original, tmp_path / "straight" / "final_adapter").eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)

@@ -15,16 +15,17 @@ from safetensors.torch import load_file
 
 from conftest import REPO, run_script
 
-DDP = (str(Path(sys.executable).with_name("accelerate")), "launch",
-       "--config_file", str(REPO / "configs/accelerate/cpu_ddp.yaml"))
+LAUNCH = (str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file")
+DDP = (*LAUNCH, str(REPO / "configs/accelerate/cpu_ddp.yaml"))
+FSDP = (*LAUNCH, str(REPO / "configs/accelerate/cpu_fsdp2.yaml"))
 
 
-def train(data, runs, name, *extra, ddp=False, check=True, log_every=1):
+def train(data, runs, name, *extra, ddp=False, check=True, log_every=1, launcher=()):
     return run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(data),
                       "--runs_dir", str(runs), "--run_name", name, "--model.dropout", "0.1",
                       "--eval_tokens", "2000", "--log_every", str(log_every),
                       "--precision", "fp32", "--deterministic", *extra,
-                      launcher=DDP if ddp else (), check=check)
+                      launcher=DDP if ddp else launcher, check=check)
 
 
 def losses(run: Path) -> dict[int, float]:

@@ -123,7 +123,7 @@ def test_accelerate_configs_load():
 
     expected = {"cpu": DistributedType.NO, "cpu_ddp": DistributedType.MULTI_GPU, "gpu": DistributedType.NO,
                 "multi_gpu": DistributedType.MULTI_GPU, "fsdp2": DistributedType.FSDP,
-                "multi_node": DistributedType.MULTI_GPU}
+                "cpu_fsdp2": DistributedType.FSDP, "multi_node": DistributedType.MULTI_GPU}
     found = {p.stem: p for p in (REPO / "configs" / "accelerate").glob("*.yaml")}
     assert set(found) == set(expected)
     for name, path in found.items():
@@ -131,4 +131,7 @@ def test_accelerate_configs_load():
         assert cfg.distributed_type == expected[name], name
         assert path.read_text().startswith("#") and "accelerate launch" in path.read_text()
     assert load_config_from_file(str(found["fsdp2"])).fsdp_config["fsdp_version"] == 2
+    # the CPU config tries out the GPU one: the same FSDP settings
+    assert load_config_from_file(str(found["cpu_fsdp2"])).fsdp_config == load_config_from_file(
+        str(found["fsdp2"])).fsdp_config
     assert load_config_from_file(str(found["multi_node"])).num_machines == 2
