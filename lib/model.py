@@ -85,19 +85,36 @@ def pick_precision(choice: str) -> str:
     """Resolve a precision choice to Accelerate's mixed_precision value ('no', 'bf16', 'fp16').
 
     auto: bf16 on a CUDA GPU that supports it (else fp16), bf16 on a CPU with bf16 kernels
-    (AVX512-BF16 / AMX), else full fp32. fp16 needs CUDA.
+    (AVX512-BF16 / AMX), else full fp32. fp16 on CPU needs `fp16_on_cpu` after the Accelerator
+    is built.
     """
     import torch
 
     if choice == "fp32":
         return "no"
-    if choice == "fp16" and not torch.cuda.is_available():
-        raise UserError("precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     if choice != "auto":
         return choice
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
+def fp16_on_cpu(accelerator, init_scale: float | None = None) -> bool:
+    """Give a CPU Accelerator asked for fp16 what a GPU one has: float16 autocast and (with
+    `init_scale`, for training) a dynamic loss scaler. Accelerate alone leaves fp16 off on CPU and
+    runs in fp32. Call before `prepare`. True if it did anything.
+
+    Slow on CPUs without float16 units; it is there to run the fp16 path (loss scaling, skipped
+    overflow steps, the scaler's state in checkpoints) before paying for GPUs.
+    """
+    import torch
+
+    if accelerator.mixed_precision != "fp16" or accelerator.device.type != "cpu" or accelerator.native_amp:
+        return False
+    accelerator.native_amp = True  # Accelerate's autocast() and prepare() read it
+    if init_scale is not None:
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return True
 
 
 def cpu_only() -> bool:

@@ -97,7 +97,7 @@ def main() -> None:
     from lib.data import load_split, prefix_docs, tokens_dir
     from lib.evaluate import compressor_bpb, evaluate_stream, summarize
     from lib.metrics import JsonlWriter, read_jsonl, write_tables
-    from lib.model import load_pretrained, pick_precision
+    from lib.model import fp16_on_cpu, load_pretrained, pick_precision
 
     tok_dir = tokens_dir(data_dir)
     manifest = read_manifest(tok_dir, "tokens")
@@ -108,6 +108,7 @@ def main() -> None:
     mixed = pick_precision(cfg.precision)
     precision = {"no": "fp32"}.get(mixed, mixed)
     accelerator = Accelerator(mixed_precision=mixed)
+    fp16_on_cpu(accelerator)  # float16 autocast on CPU too (Accelerate alone would run fp32)
     model = load_pretrained(model_dir).to(accelerator.device)
     run_data = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}) if run_dir else {}
     seq_len = cfg.seq_len or run_data.get("seq_len") or model.config.max_position_embeddings

@@ -58,7 +58,12 @@ class TrainConfig:
     """Sequences per forward pass, per process."""
     grad_accum_steps: int = 1
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 where the device supports it (CUDA, or a CPU with bf16 units), else fp32."""
+    """auto: bf16 where the device supports it (CUDA, or a CPU with bf16 units), else fp32.
+    fp16: float16 autocast with a dynamic loss scaler (on CPU too, where it is slow: to try the
+    fp16 path before paying for GPUs)."""
+    fp16_init_scale: float = 65536.0
+    """fp16: the loss scaler's first scale. Halved at every step whose gradients overflow (that
+    update is skipped, counted as overflow_steps), doubled after 2000 steps without one."""
     eval_every: int = 200
     """Evaluate on held-out data every this many optimizer steps (0: only at the end)."""
     eval_tokens: Optional[int] = 65_536
@@ -123,7 +128,7 @@ def main() -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedType, GradScalerKwargs, set_seed
     from tqdm import tqdm
 
     from lib import checkpoint as ckpt
@@ -135,7 +140,7 @@ def main() -> None:
     from lib.fused_loss import FusedHead
     from lib.loss import step_scaled_loss, token_loss_sum
     from lib.metrics import JsonlWriter
-    from lib.model import build_model, count_params, cpu_only, flops_per_token, pick_precision
+    from lib.model import build_model, count_params, cpu_only, flops_per_token, fp16_on_cpu, pick_precision
     from lib.optim import build_optimizer, lr_at, set_lr
     from lib.provenance import provenance
     from lib.report import write_final, plot_metrics
@@ -151,9 +156,15 @@ def main() -> None:
     on_cpu = cpu_only()
     cpu_fsdp = on_cpu and allow_fsdp_on_cpu()  # an FSDP launcher config on CPU: FSDP, not DDP
     accelerator = Accelerator(mixed_precision=pick_precision(cfg.precision), cpu=on_cpu,
-                              gradient_accumulation_steps=cfg.grad_accum_steps)
+                              gradient_accumulation_steps=cfg.grad_accum_steps,
+                              kwargs_handlers=[GradScalerKwargs(init_scale=cfg.fp16_init_scale)])
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     say = accelerator.print
+    if accelerator.mixed_precision == "fp16" and on_cpu:
+        if cpu_fsdp:
+            raise UserError("--precision fp16 on CPU does not combine with FSDP; use bf16 or fp32 there")
+        fp16_on_cpu(accelerator, cfg.fp16_init_scale)
+        say("fp16 on CPU: float16 autocast and a loss scaler, as on a GPU (slow here: it is for trying that path)")
     if fsdp_requested() and accelerator.distributed_type != DistributedType.FSDP:
         how = "one process" if world == 1 else f"{world} processes, {accelerator.distributed_type.value}"
         say(f"warning: the launcher config asks for FSDP, but this job runs without it ({how}): nothing is sharded")
@@ -301,6 +312,12 @@ def main() -> None:
 
     last_eval = {"step": None, "loss": None}  # recorded in a checkpoint of the same step (--keep_best)
 
+    def fp16_state() -> dict:
+        """fp16: the loss scaler's scale now, and the updates it has dropped so far."""
+        if accelerator.scaler is None:
+            return {}
+        return {"loss_scale": accelerator.scaler.get_scale(), "overflow_steps": overflow_steps}
+
     def run_eval() -> dict:
         sums = evaluate_stream(accelerator.unwrap_model(prepared), val_tokens[:n_eval_tokens],
                                cfg.data.seq_len, cfg.micro_batch_size, device, accelerator.autocast,
@@ -325,7 +342,8 @@ def main() -> None:
                    # the partial logging window, so the next logged loss is the one an
                    # uninterrupted run logs (this rank's sums; the loss is a float64 sum as text)
                    "log_window": {"loss": window_loss.double().item(), "tokens": window_tokens,
-                                  "slots": window_slots, "pad": window_pad, "skipped": skipped_steps},
+                                  "slots": window_slots, "pad": window_pad, "skipped": skipped_steps,
+                                  "overflow": overflow_steps},
                    "data_content_hash": manifest["content_hash"],
                    "val_loss": last_eval["loss"] if last_eval["step"] == step else None,
                    **({"lora_base_sha256": base_sha} if use_lora else {})}, keep_best=cfg.keep_best)
@@ -339,11 +357,12 @@ def main() -> None:
     tokens_at_log, stopped_early = tokens_seen, False
     window_loss, window_tokens = torch.zeros((), device=device), 0  # since the last log line
     window_slots = window_pad = 0  # input positions and padded ones, this rank, since the last log line
-    skipped_steps = 0
+    skipped_steps = overflow_steps = 0  # updates dropped: by --on_nonfinite skip / by fp16's loss scaler
     if resume_from is not None:
         window_loss += window.get("loss", 0.0)
         window_tokens, window_slots = window.get("tokens", 0), window.get("slots", 0)
         window_pad, skipped_steps = window.get("pad", 0), window.get("skipped", 0)
+        overflow_steps = window.get("overflow", 0)
     while step < cfg.max_steps:
         sample_ids = [sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
         batches = [train_data.make_batch(ids, bos_id) for ids in sample_ids]
@@ -388,7 +407,11 @@ def main() -> None:
                             f"({skipped_steps} so far)")
                     else:
                         set_lr(optimizer, lr)
-                        optimizer.step()
+                        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+                        optimizer.step()  # fp16: the scaler skips it if a gradient overflowed...
+                        # ...and then lowers its scale. (Accelerate's optimizer_step_was_skipped
+                        # misses skips made inside a fused AdamW kernel, ours on CPU and GPU.)
+                        overflow_steps += scale is not None and accelerator.scaler.get_scale() < scale
                         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += step_tokens
@@ -411,13 +434,17 @@ def main() -> None:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if is_main:
                 padding = f" | padding {pad_frac:.1%}" if cfg.data.packing != "pack" else ""
+                fp16 = fp16_state()
+                scaling = (f" | loss scale {fp16['loss_scale']:g}, {fp16['overflow_steps']} overflow step(s)"
+                           if fp16 else "")
                 mfu = tps * fpt / (peak * world) if peak else None  # each process has its own device
                 bar.write(f"step {step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                           f"grad_norm {gn:.3f} | {tps:,.0f} tok/s | {tps * fpt / 1e9:.1f} GFLOP/s"
-                          f"{f' | MFU {mfu:.1%}' if mfu else ''}{padding}")
+                          f"{f' | MFU {mfu:.1%}' if mfu else ''}{padding}{scaling}")
                 metrics.write({"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": gn,
                                "tokens_seen": tokens_seen, "tokens_per_s": tps, "padding": pad_frac,
-                               "mfu": mfu, "skipped_steps": skipped_steps, "elapsed_s": now - t_start})
+                               "mfu": mfu, "skipped_steps": skipped_steps, "elapsed_s": now - t_start,
+                               **fp16_state()})
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
@@ -448,7 +475,7 @@ def main() -> None:
             say(f"weights identical on all {world} processes: {in_sync}")
     if metrics:
         metrics.write({"type": "final", "step": step, "world_size": world, "replicas_identical": in_sync,
-                       "skipped_steps": skipped_steps, "tokens_seen": tokens_seen})
+                       "skipped_steps": skipped_steps, "tokens_seen": tokens_seen, **fp16_state()})
     save_checkpoint()
     sharded = accelerator.distributed_type == DistributedType.FSDP
     # FSDP: every rank takes part in gathering the full weights

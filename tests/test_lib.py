@@ -206,3 +206,31 @@ def test_matmul_probe_leaves_the_global_random_state_alone():
     torch.manual_seed(5)
     measure_matmul_peak("fp32", size=64, seconds=0.01)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_fp16_on_cpu_gives_autocast_and_a_scaler_only_when_asked():
+    import subprocess
+    import sys
+
+    # each Accelerator setting needs its own process (Accelerate keeps one global state)
+    code = """
+import sys; sys.path.insert(0, {repo!r})
+import torch
+from accelerate import Accelerator
+from lib.model import fp16_on_cpu
+a = Accelerator(mixed_precision={mp!r}, cpu=True)
+print(a.native_amp, fp16_on_cpu(a, {scale!r}))
+with a.autocast():
+    print((torch.ones(2, 2) @ torch.ones(2, 2)).dtype, a.scaler is not None and a.scaler.get_scale())
+"""
+    from conftest import REPO
+
+    def run(mp, scale):
+        out = subprocess.run([sys.executable, "-c", code.format(repo=str(REPO), mp=mp, scale=scale)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out
+
+    # Accelerate alone runs "fp16" on CPU in fp32: no autocast, no scaler
+    assert run("fp16", 1024.0) == ["False", "True", "torch.float16", "1024.0"]
+    assert run("fp16", None) == ["False", "True", "torch.float16", "False"]  # evaluation: no scaler
+    assert run("bf16", 1024.0) == ["True", "False", "torch.bfloat16", "False"]  # not fp16: untouched

@@ -124,3 +124,38 @@ def test_corrupt_newest_checkpoint_is_named_and_skipped(tiny_data, tmp_path):
     assert f"skipping {ckpts / 'step_0000006'}" in proc.stdout and "resumed from" in proc.stdout
     assert "step_0000004 at step 4" in proc.stdout
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_fp16_loss_scaler_drops_overflowing_updates_and_resumes(tiny_data, tmp_path):
+    # fp16 runs on CPU the way it does on a GPU: a first scale of 2**24 makes the first updates
+    # overflow, each one halving the scale and leaving the weights alone, and none stopping the run
+    # (the default --on_nonfinite stop is about the loss, not a scaled gradient)
+    common = ["--precision", "fp16", "--fp16_init_scale", str(2.0 ** 24), "--max_steps", "16",
+              "--checkpoint_every", "2", "--keep_last_n", "20", "--eval_every", "0"]
+    proc = train(tiny_data, tmp_path, "straight", *common)
+    assert "fp16 on CPU: float16 autocast and a loss scaler" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    overflows = [r["overflow_steps"] for r in train_rows]
+    n = overflows[-1]
+    assert overflows[:3] == [1, 2, 3] and n < 12, overflows  # then mostly clean steps
+    assert all(b - a in (0, 1) for a, b in zip(overflows, overflows[1:])), overflows
+    assert all(r["loss_scale"] == 2.0 ** (24 - r["overflow_steps"]) for r in train_rows)
+    assert rows[-1]["type"] == "final" and rows[-1]["overflow_steps"] == n and rows[-1]["skipped_steps"] == 0
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5  # it trains once the scale fits
+    # the weights after two overflowing steps are the initial ones (those of a run at lr 0)
+    train(tiny_data, tmp_path, "initial", "--max_steps", "1", "--optim.lr", "0", "--checkpoint_every", "0",
+          "--eval_every", "0")
+    at_2 = load_file(tmp_path / "straight" / "checkpoints" / "step_0000002" / "model.safetensors")
+    initial = weights(tmp_path / "initial")
+    assert at_2.keys() <= initial.keys() and all((at_2[k] == initial[k]).all() for k in at_2)
+    # the scaler's state is in every checkpoint: stopped while it is still lowering its scale, the
+    # run resumes to the same losses, scales and weights
+    assert n >= 3 and (tmp_path / "straight" / "checkpoints" / "step_0000002" / "scaler.pt").is_file()
+    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "2")
+    proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto")
+    assert "step_0000002 at step 2" in proc.stdout
+    again = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss_scale"], r["overflow_steps"]) for r in again if r["type"] == "train"] == \
+        [(r["step"], r["loss_scale"], r["overflow_steps"]) for r in train_rows]
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
