@@ -38,3 +38,12 @@ def tiny_data(tmp_path_factory) -> Path:
     run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(out),
                "--corpus.max_files", "80", "--tokenizer.vocab_size", "512")
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory) -> Path:
+    """A tokenized dataset of 12 stdlib files (about 800 blocks of 64): epochs that end quickly."""
+    out = tmp_path_factory.mktemp("data") / "micro"
+    run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(out),
+               "--corpus.max_files", "12", "--tokenizer.vocab_size", "512")
+    return out

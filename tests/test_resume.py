@@ -62,13 +62,13 @@ def test_stop_and_resume_is_bitwise_the_straight_run(tiny_data, tmp_path, accum)
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
-def test_resume_across_an_epoch_boundary_and_with_ddp(tiny_data, tmp_path):
+def test_resume_across_an_epoch_boundary_and_with_ddp(tiny_data, micro_data, tmp_path):
     # a micro-batch of 8 and few blocks per epoch: stop exactly at the end of an epoch
-    steps_per_epoch = blocks_per_epoch(tiny_data) // 8
+    steps_per_epoch = blocks_per_epoch(micro_data) // 8
     common = ["--max_steps", str(steps_per_epoch + 3), "--checkpoint_every", "0", "--eval_every", "0"]
-    train(tiny_data, tmp_path, "straight", *common)
-    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", str(steps_per_epoch))
-    train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto")
+    train(micro_data, tmp_path, "straight", *common)
+    train(micro_data, tmp_path, "resumed", *common, "--stop_at_step", str(steps_per_epoch))
+    train(micro_data, tmp_path, "resumed", *common, "--resume", "auto")
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
     ddp = ["--max_steps", "8", "--checkpoint_every", "0", "--eval_every", "0"]
