@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke test bench gpu-check audit clean distclean
+.PHONY: help venv tokenize train eval smoke test bench gpu-check gpu-kit audit clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml, evaluate it (~6 min on 2 CPU cores)"
@@ -12,6 +12,7 @@ help:
 	@echo "make test      run the test suite"
 	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~20 min)"
 	@echo "make gpu-check on a CUDA GPU: a 126M model in bf16 with compile, tokens/s and MFU"
+	@echo "make gpu-kit   wheels for a GPU box without a package index (.whl/; see README)"
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
 	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"
 	@echo "make audit     environment and data integrity checks"
@@ -41,8 +42,10 @@ smoke: venv
 	$(PY) scripts/train.py --config configs/train/smoke.yaml --overwrite
 	$(PY) scripts/eval.py --model runs/smoke
 
+# most tests are subprocess runs held to one thread (bitwise checks): two workers use both cores
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 bench: tokenize
 	$(PY) scripts/bench_tokenize.py
@@ -50,6 +53,14 @@ bench: tokenize
 
 gpu-check: venv
 	$(PY) scripts/gpu_check.py
+
+# the pure-Python packages scripts/train.py needs that a CUDA image without a package index may
+# lack (tyro and what it requires), at this venv's versions
+gpu-kit: venv
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .whl \
+		$$($(PY) -m pip list --format=freeze | grep -iE '^(tyro|docstring.parser|typeguard)==')
+	ls .whl
 
 audit: venv
 	$(PY) scripts/audit.py --checks env data

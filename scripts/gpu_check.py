@@ -23,6 +23,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
 
 from lib import config as config_lib  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
@@ -38,8 +39,12 @@ class GpuCheckConfig:
     steps: int = 300
     skip: int = 50
     """Steps left out of the figures (compilation, warm-up)."""
+    data_dir: Optional[Path] = None
+    """Tokenized dataset; default: the preset's (data/stdlib is built when missing)."""
     runs_dir: Path = Path("runs")
     target_mfu: float = 0.40
+    require_gpu: bool = True
+    """Off: run on whatever device there is (to try the script itself on CPU with a small preset)."""
 
 
 @exit_on_user_error
@@ -47,32 +52,43 @@ def main() -> None:
     cfg = config_lib.parse(GpuCheckConfig, description=__doc__)
     import torch
 
-    if not torch.cuda.is_available():
-        raise UserError("no CUDA GPU visible: the GPU check needs one")
+    if cfg.require_gpu and not torch.cuda.is_available():
+        raise UserError("no CUDA GPU visible: the GPU check needs one (--no_require_gpu runs it anyway)")
+    if cfg.skip >= cfg.steps:
+        raise UserError(f"--skip {cfg.skip} leaves none of --steps {cfg.steps} to measure")
+    preset = config_lib.load_yaml(ROOT / cfg.preset)
+    data_dir = cfg.data_dir or Path((preset.get("data") or {}).get("dir", "data/stdlib"))
     py = sys.executable
-    if not (ROOT / "data" / "stdlib" / "tokens" / "manifest.json").is_file():
-        subprocess.run([py, str(ROOT / "scripts" / "tokenize.py"), "--config", str(ROOT / "configs/tokenize/stdlib.yaml")],
-                       check=True, cwd=ROOT)
+    if not ((data_dir if data_dir.is_absolute() else ROOT / data_dir) / "tokens" / "manifest.json").is_file():
+        if data_dir != Path("data/stdlib"):
+            raise UserError(f"{data_dir} holds no tokenized dataset: run scripts/tokenize.py for it first")
+        print("[gpu-check] building data/stdlib (scripts/tokenize.py)", flush=True)
+        if subprocess.run([py, str(ROOT / "scripts" / "tokenize.py"), "--config",
+                           str(ROOT / "configs/tokenize/stdlib.yaml")], cwd=ROOT).returncode != 0:
+            raise UserError("tokenizing the built-in corpus failed (output above)")
+    name = preset.get("run_name", cfg.preset.stem)
     cmd = [py, str(ROOT / "scripts" / "train.py"), "--config", str(cfg.preset), "--max_steps", str(cfg.steps),
-           "--runs_dir", str(cfg.runs_dir), "--overwrite"]
+           "--data.dir", str(data_dir), "--runs_dir", str(cfg.runs_dir), "--run_name", name, "--overwrite"]
     print("[gpu-check]", " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         raise UserError("training failed (output above)")
-    run = cfg.runs_dir / config_lib.load_yaml(cfg.preset).get("run_name", "gpu_124m")
-    rows = [json.loads(x) for x in (ROOT / run / "metrics.jsonl").read_text().splitlines()]
+    run = cfg.runs_dir if cfg.runs_dir.is_absolute() else ROOT / cfg.runs_dir
+    rows = [json.loads(x) for x in (run / name / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["type"] == "train" and r["step"] > cfg.skip]
     if not rows:
-        raise UserError(f"no logged steps after --skip {cfg.skip}")
+        raise UserError(f"no step after --skip {cfg.skip} was logged: raise --steps or lower --skip")
     tps = statistics.median(r["tokens_per_s"] for r in rows)
-    mfu = statistics.median(r["mfu"] for r in rows if r.get("mfu") is not None) if any(r.get("mfu") for r in rows) else None
-    name = torch.cuda.get_device_name(0)
-    print(f"[gpu-check] {name}: {tps:,.0f} tokens/s over steps {rows[0]['step']}-{rows[-1]['step']} "
-          f"(median of {len(rows)} windows)")
-    if mfu is None:
-        print("[gpu-check] MFU unknown: this GPU is not in lib/flops.py's table")
+    mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"[gpu-check] {device}: {tps:,.0f} tokens/s over steps {rows[0]['step']}-{rows[-1]['step']} "
+          f"(median of {len(rows)} logged windows)")
+    if not mfus:
+        print("[gpu-check] MFU unknown: this device has no peak in lib/flops.py's table")
         return
+    mfu = statistics.median(mfus)
     verdict = "met" if mfu >= cfg.target_mfu else "NOT met"
-    print(f"[gpu-check] MFU {mfu:.1%} of the dense bf16 peak (target >= {cfg.target_mfu:.0%}: {verdict})")
+    print(f"[gpu-check] MFU {mfu:.1%} of the device's peak for the run's precision (the train log names it; "
+          f"target >= {cfg.target_mfu:.0%}: {verdict})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ by running scripts/tokenize.py as a real subprocess."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,23 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (test processes may run side by side: no fixed ports)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+FREE_PORT = "{free port}"  # in a launcher: replaced by a port free at the moment of the launch
+
+
+def accelerate_launch(config: str) -> tuple[str, ...]:
+    """`accelerate launch` with configs/accelerate/<config>.yaml, its rendezvous on a port that is
+    free when it starts (not the config's fixed one: test processes may run side by side)."""
+    return (str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+            str(REPO / "configs" / "accelerate" / f"{config}.yaml"), "--main_process_port", FREE_PORT)
+
+
 def run_script(script: str | Path, *args: str, cwd: str | Path | None = None, check: bool = True,
                launcher: tuple[str, ...] = (), timeout: float = 600,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -22,7 +40,7 @@ def run_script(script: str | Path, *args: str, cwd: str | Path | None = None, ch
     script = Path(script)
     if not script.is_absolute():
         script = REPO / script
-    cmd = [*(launcher or (sys.executable,)), str(script), *args]
+    cmd = [*(str(free_port()) if a == FREE_PORT else a for a in launcher or (sys.executable,)), str(script), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
@@ -31,19 +49,21 @@ def run_script(script: str | Path, *args: str, cwd: str | Path | None = None, ch
     return proc
 
 
+def tokenized(tmp_path_factory, name: str, files: int) -> Path:
+    """The first `files` stdlib files tokenized with a 512-piece vocabulary."""
+    out = tmp_path_factory.mktemp("data") / name
+    run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(out),
+               "--corpus.max_files", str(files), "--tokenizer.vocab_size", "512")
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """A tokenized dataset of 80 stdlib files with a 512-piece vocabulary."""
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(out),
-               "--corpus.max_files", "80", "--tokenizer.vocab_size", "512")
-    return out
+    """80 stdlib files, about 11k blocks of 64."""
+    return tokenized(tmp_path_factory, "tiny", 80)
 
 
 @pytest.fixture(scope="session")
 def micro_data(tmp_path_factory) -> Path:
-    """A tokenized dataset of 12 stdlib files (about 800 blocks of 64): epochs that end quickly."""
-    out = tmp_path_factory.mktemp("data") / "micro"
-    run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(out),
-               "--corpus.max_files", "12", "--tokenizer.vocab_size", "512")
-    return out
+    """12 stdlib files, about 800 blocks of 64: epochs that end quickly."""
+    return tokenized(tmp_path_factory, "micro", 12)

@@ -4,17 +4,15 @@ non-finite loss is stopped or skipped before it reaches the weights."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import accelerate_launch, run_script
 
-LAUNCH = (str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file")
-DDP = (*LAUNCH, str(REPO / "configs/accelerate/cpu_ddp.yaml"))
-FSDP = (*LAUNCH, str(REPO / "configs/accelerate/cpu_fsdp2.yaml"))
+DDP = accelerate_launch("cpu_ddp")
+FSDP = accelerate_launch("cpu_fsdp2")
 
 
 def step_grads(tmp_path, name, accum, ddp=False, naive=False, plain=False):

@@ -7,17 +7,15 @@ disabled or in fp32), which no checkpoint can fix. See README, Checkpoints and r
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, run_script
+from conftest import REPO, accelerate_launch, run_script
 
-LAUNCH = (str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file")
-DDP = (*LAUNCH, str(REPO / "configs/accelerate/cpu_ddp.yaml"))
-FSDP = (*LAUNCH, str(REPO / "configs/accelerate/cpu_fsdp2.yaml"))
+DDP = accelerate_launch("cpu_ddp")
+FSDP = accelerate_launch("cpu_fsdp2")
 
 
 def train(data, runs, name, *extra, ddp=False, check=True, log_every=1, launcher=()):
