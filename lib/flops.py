@@ -87,10 +87,15 @@ def _probe_in_subprocess(dtype: str, threads: int) -> float:
 
 
 def cpu_peak(dtype: str, refresh: bool = False) -> float:
-    """The CPU's measured matmul peak in `dtype` on torch's current thread count (cached)."""
+    """The CPU's measured matmul peak in `dtype` on torch's current thread count (cached).
+
+    The cache key holds the kernel settings a run may restrict (--deterministic keeps oneDNN off
+    AMX, where fp16 matmuls ran 300x slower here): a peak measured under them must not stand
+    for runs without them, nor the other way round."""
     import torch
 
-    key = f"{cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    kernels = ",".join(f"{v}={os.environ.get(v, '-')}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR"))
+    key = f"{cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}|{kernels}"
     path = _cache_file()
     cache = {}
     if path.is_file():

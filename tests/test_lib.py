@@ -155,11 +155,17 @@ def test_peak_flops_table_and_cached_cpu_probe(tmp_path, monkeypatch):
     assert flops.gpu_peak("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 units
     assert flops.gpu_peak("Some Future GPU", "bf16") is None
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     calls = []
     monkeypatch.setattr(flops, "_probe_in_subprocess", lambda dtype, threads: calls.append(dtype) or 123e9)
     assert flops.cpu_peak("fp32") == 123e9 and flops.cpu_peak("fp32") == 123e9
     assert calls == ["fp32"]  # measured once, then read from the cache
     assert flops.cpu_peak("bf16") == 123e9 and calls == ["fp32", "bf16"]  # per dtype
+    # a run that keeps oneDNN off AMX (--deterministic) gets its own measurement
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert flops.cpu_peak("bf16") == 123e9 and calls == ["fp32", "bf16", "bf16"]
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert flops.cpu_peak("bf16") == 123e9 and calls == ["fp32", "bf16", "bf16"]
     assert (tmp_path / "lm-repo" / "peak_flops.json").is_file()
 
 
