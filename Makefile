@@ -42,8 +42,10 @@ smoke: venv
 	$(PY) scripts/train.py --config configs/train/smoke.yaml --overwrite
 	$(PY) scripts/eval.py --model runs/smoke
 
-# most tests are subprocess runs held to one thread (bitwise checks): two workers use both cores
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2 runs the suite in two pytest-xdist workers (most tests are one-thread subprocess
+# runs, so ~40% faster here), but in 2 of 4 such runs one 2-process launch hung until its timeout
+# (cause not found yet; never seen in serial runs): serial by default
+TEST_WORKERS ?= 0
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
