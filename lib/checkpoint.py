@@ -200,9 +200,9 @@ def load(accelerator, path: Path, data_content_hash: str, allow_data_change: boo
         accelerator.print(f"warning: {msg}; resuming anyway (--allow_data_change)")
     from accelerate.utils import DistributedType
 
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if is_sharded(path) != fsdp:
-        raise UserError(f"checkpoint {path} was written by {'an FSDP' if is_sharded(path) else 'a non-FSDP'} job "
+    fsdp, shards = accelerator.distributed_type == DistributedType.FSDP, is_sharded(path)
+    if shards != fsdp:
+        raise UserError(f"checkpoint {path} was written by {'an FSDP' if shards else 'a non-FSDP'} job "
                         f"and this one {'uses' if fsdp else 'does not use'} FSDP; resume with the launcher config "
                         "it was written with (its provenance.json names the distributed type)")
     try:

@@ -20,9 +20,9 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
         # a gathered state dict holds a tied weight (output layer = embedding) twice, as two
         # tensors: keep the model's first name for each shared parameter, as a plain save does
         first: dict[int, str] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if first.setdefault(id(param), name) != name:
-                state_dict = {k: v for k, v in state_dict.items() if k != name}
+        repeats = {name for name, param in model.named_parameters(remove_duplicate=False)
+                   if first.setdefault(id(param), name) != name}
+        state_dict = {k: v for k, v in state_dict.items() if k not in repeats}
     model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tmp))
     shutil.copy2(tok_dir / "sp.model", tmp / "sp.model")

@@ -159,13 +159,14 @@ def main() -> None:
                               gradient_accumulation_steps=cfg.grad_accum_steps,
                               kwargs_handlers=[GradScalerKwargs(init_scale=cfg.fp16_init_scale)])
     is_main, world = accelerator.is_main_process, accelerator.num_processes
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # one shard of every weight per process
     say = accelerator.print
     if accelerator.mixed_precision == "fp16" and on_cpu:
         if cpu_fsdp:
             raise UserError("--precision fp16 on CPU does not combine with FSDP; use bf16 or fp32 there")
         fp16_on_cpu(accelerator, cfg.fp16_init_scale)
         say("fp16 on CPU: float16 autocast and a loss scaler, as on a GPU (slow here: it is for trying that path)")
-    if fsdp_requested() and accelerator.distributed_type != DistributedType.FSDP:
+    if fsdp_requested() and not sharded:
         how = "one process" if world == 1 else f"{world} processes, {accelerator.distributed_type.value}"
         say(f"warning: the launcher config asks for FSDP, but this job runs without it ({how}): nothing is sharded")
     elif cpu_fsdp:
@@ -229,7 +230,7 @@ def main() -> None:
         n_train = count_params(model, trainable_only=True)
         say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}: {n_train:,} trainable "
             f"parameters ({n_train / n_params:.2%} of the base); checkpoints hold "
-            f"{'every weight, sharded (FSDP)' if accelerator.distributed_type == DistributedType.FSDP else 'the adapters only'}")
+            f"{'every weight, sharded (FSDP)' if sharded else 'the adapters only'}")
     fused = (FusedHead.attach(model, compiled=cfg.compile)
              if cfg.fused_loss and accelerator.mixed_precision != "fp16" else None)
     say(f"forward: {'torch.compile' if cfg.compile else 'eager'}, attention {attention}, loss "
@@ -444,7 +445,7 @@ def main() -> None:
                 metrics.write({"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": gn,
                                "tokens_seen": tokens_seen, "tokens_per_s": tps, "padding": pad_frac,
                                "mfu": mfu, "skipped_steps": skipped_steps, "elapsed_s": now - t_start,
-                               **fp16_state()})
+                               **fp16})
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
@@ -466,7 +467,7 @@ def main() -> None:
     # Data-parallel replicas must hold the same weights: one job of world size N, not N jobs.
     # (FSDP holds one shard per process instead: nothing to compare.)
     in_sync = None
-    if accelerator.distributed_type != DistributedType.FSDP:
+    if not sharded:
         params = accelerator.unwrap_model(prepared).parameters()
         checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
         sums = accelerator.gather(checksum.reshape(1).to(device)).tolist()
@@ -477,7 +478,6 @@ def main() -> None:
         metrics.write({"type": "final", "step": step, "world_size": world, "replicas_identical": in_sync,
                        "skipped_steps": skipped_steps, "tokens_seen": tokens_seen, **fp16_state()})
     save_checkpoint()
-    sharded = accelerator.distributed_type == DistributedType.FSDP
     # FSDP: every rank takes part in gathering the full weights
     full_state = accelerator.get_state_dict(prepared) if sharded or not use_lora else None
     if is_main:
