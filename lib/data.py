@@ -308,14 +308,28 @@ def tokens_dir(data_dir: str | Path) -> Path:
     return data_dir / "tokens" if (data_dir / "tokens").is_dir() else data_dir
 
 
-def prefix_docs(docs: np.ndarray, min_tokens: int | None) -> tuple[int, int]:
-    """(tokens, text bytes) of the fewest whole leading documents holding at least min_tokens
-    tokens (all documents when there are fewer, or when min_tokens is None).
+def sample_docs(docs: np.ndarray, min_tokens: int | None, seed: int = 0) -> np.ndarray:
+    """Indices (ascending) of whole documents drawn at random, with a fixed seed, from across the
+    split until they hold at least `min_tokens` tokens; every document when min_tokens is None or
+    the split holds no more than that.
 
-    Whole documents keep bits per byte exact: the bytes counted are exactly the text scored.
+    A sample from across the split, not its leading documents: held-out documents come in
+    corpus order (files of one package together), and the first ones alone scored 1.65 bits per
+    byte where the whole split scored 1.96. Whole documents keep bits per byte exact: the bytes
+    counted are exactly the text scored.
     """
-    if min_tokens is None:
-        return int(docs[:, 0].sum()), int(docs[:, 1].sum())
-    cum = np.cumsum(docs[:, 0])
-    k = min(len(cum), int(np.searchsorted(cum, min_tokens, side="left")) + 1)
-    return int(cum[k - 1]), int(docs[:k, 1].sum())
+    n = len(docs)
+    if min_tokens is None or int(docs[:, 0].sum()) <= min_tokens:
+        return np.arange(n)
+    order = np.random.default_rng(seed).permutation(n)
+    k = int(np.searchsorted(np.cumsum(docs[order, 0]), min_tokens, side="left")) + 1
+    return np.sort(order[: min(k, n)])
+
+
+def gather_docs(tokens: np.ndarray, docs: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, int]:
+    """(the tokens of the documents at `index`, in that order, as one stream; their text bytes)."""
+    ends = np.cumsum(docs[:, 0])
+    starts = ends - docs[:, 0]
+    parts = [tokens[starts[i]: ends[i]] for i in index]
+    stream = np.concatenate(parts) if parts else tokens[:0]
+    return stream, int(docs[index, 1].sum())

@@ -74,9 +74,9 @@ def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, de
     with torch.no_grad():
         starts = range(0, len(all_inputs), batch_size)
         if progress:
-            from tqdm import tqdm
+            from lib.progress import progress as bar
 
-            starts = tqdm(starts, desc="eval", unit="batch", dynamic_ncols=True)
+            starts = bar(starts, desc="eval", unit="batch")
         for start in starts:
             inputs = torch.from_numpy(all_inputs[start : start + batch_size]).to(device)
             targets = torch.from_numpy(all_targets[start : start + batch_size]).to(device)

@@ -81,22 +81,19 @@ def load_pretrained(path: str | Path, dtype=None):
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
 
 
-def pick_precision(choice: str) -> str:
-    """Resolve a precision choice to Accelerate's mixed_precision value ('no', 'bf16', 'fp16').
+def matmul_dims(cfg: ModelConfig, vocab_size: int) -> tuple[int, int, int]:
+    """(hidden size, MLP width, vocabulary) of the model `cfg` builds or loads, without building it:
+    the matrix shapes lib.precision measures to choose a precision."""
+    if cfg.init_from:
+        from transformers import AutoConfig
 
-    auto: bf16 on a CUDA GPU that supports it (else fp16), bf16 on a CPU with bf16 kernels
-    (AVX512-BF16 / AMX), else full fp32. fp16 on CPU needs `fp16_on_cpu` after the Accelerator
-    is built.
-    """
-    import torch
-
-    if choice == "fp32":
-        return "no"
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+        if not (Path(cfg.init_from) / "config.json").is_file():
+            raise UserError(f"{cfg.init_from} is not a model folder (no config.json); give a run's final/ folder")
+        hf = AutoConfig.from_pretrained(cfg.init_from, local_files_only=True)
+        hidden = hf.hidden_size
+        inter = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * hidden
+        return hidden, inter, hf.vocab_size
+    return cfg.d_model, _d_ff(cfg) if cfg.arch == "llama" else (cfg.d_ff or 4 * cfg.d_model), vocab_size
 
 
 def fp16_on_cpu(accelerator, init_scale: float | None = None) -> bool:

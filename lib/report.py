@@ -62,3 +62,20 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def set_report_section(report: str | Path, title: str, body: str) -> None:
+    """Put `body` under a `## title` heading of a run's report.md, replacing that section if it is
+    there already (a re-run of the same evaluation) and keeping the rest. Written atomically."""
+    from lib.corpus import atomic_text
+
+    report = Path(report)
+    text = report.read_text(encoding="utf-8") if report.is_file() else ""
+    head = f"## {title}\n"
+    if head in text:
+        before, _, after = text.partition(head)
+        rest = after.split("\n## ", 1)
+        text = before + ("## " + rest[1] if len(rest) > 1 else "")
+    text = text.rstrip("\n") + "\n\n" + head + "\n" + body.rstrip("\n") + "\n"
+    with atomic_text(report) as f:
+        f.write(text.lstrip("\n"))

@@ -75,10 +75,12 @@ def audit_env(rep: Report) -> None:
     import torch
 
     rep.line(None, f"torch threads {torch.get_num_threads()}, CUDA available: {torch.cuda.is_available()}")
-    from lib.model import pick_precision
+    from lib.precision import resolve
 
-    rep.line(None, f"CPU bf16 kernels: {torch.ops.mkldnn._is_mkldnn_bf16_supported()} "
-             f"(--precision auto picks {pick_precision('auto').replace('no', 'fp32')})")
+    # oneDNN's flag is True on any AVX-512 CPU, native bf16 or not: auto decides by measurement
+    choice = resolve("auto")
+    rep.line(None, f"CPU bf16 kernels reported by oneDNN: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; "
+             f"--precision auto picks {choice.name} ({choice.reason})")
     rep.line(None, f"GPU monitoring: {gpu_status()}")
     git = git_state()
     rep.line(None, f"git commit {git['commit']}, uncommitted changes: {git['dirty']}")

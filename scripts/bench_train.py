@@ -11,14 +11,18 @@ the steps after --warmup. Configurations:
 
   trainer_defaults  transformers.Trainer at its defaults: fp32, batches padded to their longest
   trainer_careful   Trainer as a careful user sets it: bf16, length-grouped batches
-  ours_default      scripts/train.py as shipped: packed blocks, document masking, bf16,
+  ours_default      scripts/train.py as shipped: packed blocks, document masking, --precision
+                    auto (bf16 only where this CPU measures it clearly faster than fp32),
                     torch.compile and the fused output layer + loss (its compile time falls
                     in the untimed warmup steps and is printed)
+  ours_fp32, ours_bf16  (first round only) ours_default with the precision forced, to show
+                    auto's choice against both
   ours_same_as_a    scripts/train.py in Trainer-default conditions: fp32, padded to the longest,
                     random batches, and the same malloc settings as the Trainer run (no tuning)
 
 It reports each one's tokens/s, its model FLOP/s (6N + 12*L*H*Q*T per token) as a share of the
 matmul peak of its dtype measured here in this run, and the ratios the targets name.
+Ratios are taken within a round and the median over rounds is reported.
 """
 import os
 import sys
@@ -159,12 +163,13 @@ def run_ours(cfg: BenchTrainConfig, name: str, *extra: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
         raise UserError(f"scripts/train.py ({name}) failed:\n{proc.stderr[-3000:]}")
+    dtype = json.loads((runs / name / "provenance.json").read_text())["mixed_precision"]
     rows = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["type"] == "train"]
     a = next(r for r in rows if r["step"] == cfg.warmup)
     b = rows[-1]
     return {"tokens_per_s": (b["tokens_seen"] - a["tokens_seen"]) / (b["elapsed_s"] - a["elapsed_s"]),
-            "warmup_s": a["elapsed_s"]}
+            "warmup_s": a["elapsed_s"], "dtype": {"no": "fp32"}.get(dtype, dtype)}
 
 
 @exit_on_user_error
@@ -191,20 +196,21 @@ def main() -> None:
     plan = [
         ("trainer_defaults", "fp32", lambda: run_trainer(cfg, "defaults")),
         ("trainer_careful", "bf16", lambda: run_trainer(cfg, "careful")),
-        ("ours_default", "bf16", lambda: run_ours(cfg, "ours_default")),
+        ("ours_default", None, lambda: run_ours(cfg, "ours_default")),
         ("ours_same_as_a", "fp32", lambda: run_ours(cfg, "ours_same_as_a", "--precision", "fp32",
                                                      "--data.packing", "pad_longest", "--no_keep_freed_memory",
                                                      "--no_compile")),
     ]
+    side_by_side = [(f"ours_{d}", d, lambda d=d: run_ours(cfg, f"ours_{d}", "--precision", d)) for d in ("fp32", "bf16")]
     targets = {("ours_default", "trainer_defaults"): 3.0, ("ours_default", "trainer_careful"): 1.0,
                ("ours_same_as_a", "trainer_defaults"): 0.97}
     rounds = []
     for k in range(cfg.rounds):
         results = {}
-        for name, dtype, fn in plan:
+        for name, dtype, fn in plan + (side_by_side if k == 0 else []):
             t = time.perf_counter()
             res = fn()
-            res["dtype"] = dtype
+            res["dtype"] = dtype or res["dtype"]  # ours_default: the precision auto chose
             res["model_flops_per_s"] = res["tokens_per_s"] * fpt
             res["share_of_peak"] = res["model_flops_per_s"] / peaks[dtype]
             results[name] = res
@@ -221,8 +227,10 @@ def main() -> None:
         ratios[f"{a} / {b}"] = value
         print(f"[bench] {a + ' / ' + b:<34} {value:5.2f}x median of {', '.join(f'{x:.2f}' for x in per_round)} "
               f"(target >= {target}x: {'met' if value >= target else 'NOT met'})")
-    results = {name: {**rounds[0][name], "tokens_per_s_by_round": [r[name]["tokens_per_s"] for r in rounds]}
+    results = {name: {**rounds[0][name], "tokens_per_s_by_round": [r[name]["tokens_per_s"] for r in rounds if name in r]}
                for name in rounds[0]}
+    print(f"[bench] precision, round 1: auto chose {rounds[0]['ours_default']['dtype']} | "
+          + " | ".join(f"{n} {rounds[0][n]['tokens_per_s']:,.0f} tokens/s" for n in ("ours_default", "ours_fp32", "ours_bf16")))
     out = {"peaks": peaks, "flops_per_token": fpt, "results": results,
            "ratios": ratios, "steps": cfg.steps, "warmup": cfg.warmup, "rounds": cfg.rounds}
     (cfg.out_dir / "train.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

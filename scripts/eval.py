@@ -52,8 +52,12 @@ class EvalConfig:
     the run was trained (data.doc_mask), off for a model folder outside a run."""
     batch_size: int = 16
     max_tokens: Optional[int] = None
-    """Evaluate only the fewest whole leading documents holding this many tokens; None: the whole split."""
+    """Evaluate a sample: whole documents drawn with a fixed seed (--sample_seed) from across the
+    split until they hold this many tokens (train.py's evaluations use seed 0); None: the whole split."""
+    sample_seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: as train.py decides it: bf16 on a GPU that has it; on a CPU, bf16 only where the model's
+    matrix products measure clearly faster in bf16 than in fp32 here."""
     out_dir: Optional[Path] = None
     """Where metrics and samples go; default: <run>/eval (or <model>/eval)."""
     samples: int = 2
@@ -94,10 +98,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lib.corpus import iter_records, read_manifest, sha256_file
-    from lib.data import load_split, prefix_docs, tokens_dir
+    from lib.data import gather_docs, load_split, sample_docs, tokens_dir
     from lib.evaluate import compressor_bpb, evaluate_stream, summarize
     from lib.metrics import JsonlWriter, read_jsonl, write_tables
-    from lib.model import fp16_on_cpu, load_pretrained, pick_precision
+    from lib.model import fp16_on_cpu, load_pretrained
+    from lib.precision import resolve, shapes_of
+    from transformers import AutoConfig
 
     tok_dir = tokens_dir(data_dir)
     manifest = read_manifest(tok_dir, "tokens")
@@ -105,30 +111,36 @@ def main() -> None:
     if model_sp.is_file() and sha256_file(model_sp) != manifest["sp_model_sha256"]:
         raise UserError(f"{model_dir} was trained with another tokenizer than {tok_dir}; "
                         "evaluate on data encoded with the model's own tokenizer")
-    mixed = pick_precision(cfg.precision)
-    precision = {"no": "fp32"}.get(mixed, mixed)
-    accelerator = Accelerator(mixed_precision=mixed)
+    run_data = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}) if run_dir else {}
+    model_cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    seq_len = cfg.seq_len or run_data.get("seq_len") or model_cfg.max_position_embeddings
+    choice = resolve(cfg.precision, shapes_of(model_cfg, cfg.batch_size * seq_len))
+    precision = choice.name
+    print(f"precision {precision}: {choice.reason}")
+    accelerator = Accelerator(mixed_precision=choice.mixed_precision)
     fp16_on_cpu(accelerator)  # float16 autocast on CPU too (Accelerate alone would run fp32)
     model = load_pretrained(model_dir).to(accelerator.device)
-    run_data = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}) if run_dir else {}
-    seq_len = cfg.seq_len or run_data.get("seq_len") or model.config.max_position_embeddings
     doc_mask = cfg.doc_mask if cfg.doc_mask is not None else bool(run_data.get("doc_mask", False))
 
     tokens, docs = load_split(tok_dir, cfg.split)
-    n_tokens, n_bytes = prefix_docs(docs, cfg.max_tokens)
-    n_docs = int((docs[:, 0].cumsum() <= n_tokens).sum())
+    chosen = sample_docs(docs, cfg.max_tokens, cfg.sample_seed)
+    stream, n_bytes = gather_docs(tokens, docs, chosen)
+    n_docs = len(chosen)
     t0 = time.perf_counter()
     stride = cfg.stride or max(1, seq_len // 2)
-    res = summarize(evaluate_stream(model, tokens[:n_tokens], seq_len, cfg.batch_size,
+    res = summarize(evaluate_stream(model, stream, seq_len, cfg.batch_size,
                                     accelerator.device, accelerator.autocast, stride, progress=True,
                                     bos_id=manifest["special_ids"]["bos"] if doc_mask else None), n_bytes)
     secs = time.perf_counter() - t0
-    text = "".join(r["text"] for _, r in zip(range(n_docs), iter_records(tok_dir / manifest["corpus_dir"], cfg.split)))
+    keep = set(chosen.tolist())
+    text = "".join(r["text"] for i, r in enumerate(iter_records(tok_dir / manifest["corpus_dir"], cfg.split))
+                   if i in keep)
     if len(text.encode("utf-8")) != n_bytes:
         raise UserError(f"{tok_dir}: token shards and corpus text disagree; rebuild with scripts/tokenize.py --force")
     baselines = compressor_bpb(text.encode("utf-8"))
 
-    print(f"model {model_dir} on {tok_dir} [{cfg.split}]: {n_docs} documents, {n_bytes:,} bytes, "
+    whole = "the whole split" if n_docs == len(docs) else f"a sample (seed {cfg.sample_seed})"
+    print(f"model {model_dir} on {tok_dir} [{cfg.split}], {whole}: {n_docs} of {len(docs)} documents, {n_bytes:,} bytes, "
           f"{res['tokens']:,} target tokens, seq_len {seq_len}, stride {stride}, doc_mask {doc_mask}, "
           f"{precision}, {secs:.1f}s")
     print(f"  loss        {res['loss']:.4f} nats/token")
@@ -166,7 +178,17 @@ def main() -> None:
             for i, s in enumerate(samples):
                 f.write(f"--- sample {i} (prompt {cfg.prompt!r}, temperature {cfg.temperature})\n{s}\n")
         print(f"sample 0:\n{samples[0]}")
-    print(f"wrote {out_dir}/metrics.ndjson, metrics.csv, metrics.parquet" + (", samples.txt" if samples else ""))
+    if run_dir is not None and (run_dir / "report.md").is_file():
+        from lib.report import set_report_section
+
+        set_report_section(run_dir / "report.md", f"Held-out evaluation by eval.py ({cfg.split})", (
+            f"- {record['time']}: {whole}, {n_docs} of {len(docs)} documents, {n_bytes:,} bytes, "
+            f"{res['tokens']:,} tokens; seq_len {seq_len}, stride {stride}, {precision}, {secs:.1f} s\n"
+            f"- bits/byte **{res['bits_per_byte']:.4f}** (lzma -9e {baselines['lzma']:.4f}, bz2 -9 "
+            f"{baselines['bz2']:.4f}, gzip -9 {baselines['gzip']:.4f}); loss {res['loss']:.4f}, "
+            f"perplexity {res['perplexity']:.2f}, next-token accuracy {res['accuracy']:.3f}"))
+    print(f"wrote {out_dir}/metrics.ndjson, metrics.csv, metrics.parquet" + (", samples.txt" if samples else "")
+          + (f"; {run_dir / 'report.md'}" if run_dir is not None and (run_dir / "report.md").is_file() else ""))
 
 
 if __name__ == "__main__":

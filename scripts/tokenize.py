@@ -431,9 +431,8 @@ def cmd_train(cfg: TrainTokenizerConfig) -> None:
 def cmd_encode(cfg: EncodeConfig) -> None:
     import contextlib
 
-    from tqdm import tqdm
-
     from lib.corpus import atomic_npy
+    from lib.progress import progress
     from lib.parallel import default_workers, ordered_map
     from lib.tokenizer import TextTokenizer, encode_batch, packed_code
 
@@ -453,8 +452,7 @@ def cmd_encode(cfg: EncodeConfig) -> None:
         tok.set_threads(1)  # (inherited by the forked workers)
     n_texts = n_tokens = n_pad = n_bytes = 0
     t0 = time.time()
-    bar = tqdm(total=cfg.input.stat().st_size, unit="B", unit_scale=True, desc="encode", dynamic_ncols=True,
-               mininterval=1.0)
+    bar = progress(total=cfg.input.stat().st_size, unit="B", unit_scale=True, desc="encode")
     # Batches of batch_size texts; unless they are padded to their longest, also cut at 1 MB so
     # that every worker has work even when a few texts are large.
     max_bytes = None if cfg.padding == "longest" else 1 << 20

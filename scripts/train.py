@@ -48,9 +48,16 @@ class TrainConfig:
     lora: LoraOptions = field(default_factory=LoraOptions)
     seed: int = 0
     max_steps: int = 1000
-    """Optimizer steps; the learning-rate schedule spans exactly these."""
+    """Optimizer steps at most; without a time budget the learning-rate schedule spans exactly these."""
     max_minutes: Optional[float] = None
-    """Stop early (saving everything) once training has run this long."""
+    """Time budget of the training loop (all resumed parts together). With fit_schedule, the
+    schedule is fitted to it; in any case the run stops (saving everything) once it is spent."""
+    fit_schedule: Optional[bool] = None
+    """With max_minutes: after warmup, measure the step time and end the schedule (its decay
+    included) at the last step that fits the budget, never past max_steps. The horizon is then
+    kept in checkpoints, so a resumed run continues the same schedule. Default: on, except with
+    --deterministic (a horizon measured from time differs between runs); off: the schedule spans
+    max_steps and the budget only stops the run."""
     stop_at_step: Optional[int] = None
     """Stop after this optimizer step (saving everything), the schedule still spanning
     max_steps: for preemptible slots; --resume auto continues exactly."""
@@ -58,7 +65,8 @@ class TrainConfig:
     """Sequences per forward pass, per process."""
     grad_accum_steps: int = 1
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 where the device supports it (CUDA, or a CPU with bf16 units), else fp32.
+    """auto: on a GPU, bf16 where supported (else fp16); on a CPU, bf16 only where the model's
+    matrix products measure clearly faster in bf16 than in fp32 on this machine (cached), else fp32.
     fp16: float16 autocast with a dynamic loss scaler (on CPU too, where it is slow: to try the
     fp16 path before paying for GPUs)."""
     fp16_init_scale: float = 65536.0
@@ -67,7 +75,8 @@ class TrainConfig:
     eval_every: int = 200
     """Evaluate on held-out data every this many optimizer steps (0: only at the end)."""
     eval_tokens: Optional[int] = 65_536
-    """Held-out tokens used by those evaluations (at least this many, in whole leading documents); None: all."""
+    """Held-out tokens used by those evaluations: whole documents drawn with a fixed seed from across
+    the split until they hold this many (the same sample every time); None: the whole split."""
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last_n: int = 2
@@ -112,7 +121,8 @@ class TrainConfig:
     """A non-finite loss or gradient norm: stop before the optimizer step (naming the step and its
     samples), or skip that update and count it."""
     mfu: bool = True
-    """Log model FLOP utilization against the device's peak (on CPU, measured once and cached)."""
+    """Log model FLOP utilization against the device's fastest dense matmul peak, whatever the
+    run's precision (on CPU, measured and cached; a figure above 100% triggers a new measurement)."""
     debug_nan_step: Optional[int] = None
     """Testing aid: make the loss NaN in this optimizer step (1-based) to exercise on_nonfinite."""
 
@@ -129,20 +139,22 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradScalerKwargs, set_seed
-    from tqdm import tqdm
 
     from lib import checkpoint as ckpt
     from lib import lora
     from lib.distributed import allow_fsdp_on_cpu, fsdp_requested
-    from lib.data import BlockSampler, build_train_data, load_split, prefix_docs, tokens_dir
+    from lib import budget
+    from lib import precision as precision_lib
+    from lib.data import BlockSampler, build_train_data, gather_docs, load_split, sample_docs, tokens_dir
     from lib.corpus import read_manifest
     from lib.evaluate import evaluate_stream, summarize
     from lib.fused_loss import FusedHead
     from lib.loss import step_scaled_loss, token_loss_sum
     from lib.metrics import JsonlWriter
-    from lib.model import build_model, count_params, cpu_only, flops_per_token, fp16_on_cpu, pick_precision
+    from lib.model import build_model, count_params, cpu_only, flops_per_token, fp16_on_cpu, matmul_dims
     from lib.optim import build_optimizer, lr_at, set_lr
     from lib.provenance import provenance
+    from lib.progress import progress, write
     from lib.report import write_final, plot_metrics
 
     # set even to torch's own default: torch then also turns off MKL's dynamic thread count,
@@ -155,12 +167,21 @@ def main() -> None:
         keep_freed_memory()
     on_cpu = cpu_only()
     cpu_fsdp = on_cpu and allow_fsdp_on_cpu()  # an FSDP launcher config on CPU: FSDP, not DDP
-    accelerator = Accelerator(mixed_precision=pick_precision(cfg.precision), cpu=on_cpu,
+    from accelerate import PartialState
+
+    state = PartialState(cpu=on_cpu)  # the processes, before the Accelerator: they agree on its precision
+    tok_dir = tokens_dir(cfg.data.dir)
+    manifest = read_manifest(tok_dir, "tokens")
+    shapes = precision_lib.model_matmul_shapes(*matmul_dims(cfg.model, manifest["vocab_size"]),
+                                               cfg.micro_batch_size * cfg.data.seq_len)
+    choice = precision_lib.resolve_on_main(cfg.precision, shapes, state)
+    accelerator = Accelerator(mixed_precision=choice.mixed_precision, cpu=on_cpu,
                               gradient_accumulation_steps=cfg.grad_accum_steps,
                               kwargs_handlers=[GradScalerKwargs(init_scale=cfg.fp16_init_scale)])
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     sharded = accelerator.distributed_type == DistributedType.FSDP  # one shard of every weight per process
     say = accelerator.print
+    say(f"precision {choice.name}: {choice.reason}")
     if accelerator.mixed_precision == "fp16" and on_cpu:
         if cpu_fsdp:
             raise UserError("--precision fp16 on CPU does not combine with FSDP; use bf16 or fp32 there")
@@ -202,11 +223,12 @@ def main() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_lib.save(cfg, run_dir / "config.yaml")
 
-    # ---- data
-    tok_dir = tokens_dir(cfg.data.dir)
-    manifest = read_manifest(tok_dir, "tokens")
+    # ---- data (the held-out sample is the same at every evaluation and in every process)
     val_tokens, val_docs = load_split(tok_dir, "val")
-    n_eval_tokens, eval_bytes = prefix_docs(val_docs, cfg.eval_tokens)
+    eval_docs = sample_docs(val_docs, cfg.eval_tokens, seed=0)
+    eval_stream, eval_bytes = gather_docs(val_tokens, val_docs, eval_docs)
+    split_desc = ("the whole held-out split" if len(eval_docs) == len(val_docs) else
+                  f"{len(eval_docs)} of {len(val_docs)} held-out documents")
     train_data = build_train_data(tok_dir, cfg.data, manifest["special_ids"])
     bos_id = manifest["special_ids"]["bos"] if cfg.data.doc_mask else None
 
@@ -269,6 +291,10 @@ def main() -> None:
     sampler = BlockSampler(len(train_data), cfg.micro_batch_size, cfg.seed, accelerator.process_index, world)
 
     step, tokens_seen = 0, 0
+    horizon, elapsed_before = cfg.max_steps, 0.0  # the schedule's last step; budget spent by earlier parts
+    fit_minutes = None  # the budget the horizon was fitted to, once it is
+    fit = cfg.fit_schedule if cfg.fit_schedule is not None else not cfg.deterministic
+    fit = bool(fit and cfg.max_minutes)
     if resume_from is not None:
         vet = (lambda st: lora.check_checkpoint(resume_from, st, accelerator.unwrap_model(prepared), base_sha,
                                                 cfg.model.init_from)) if use_lora else None
@@ -277,13 +303,16 @@ def main() -> None:
         sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
         step, tokens_seen = state["step"], state["tokens_seen"]
         window = state.get("log_window", {})
+        elapsed_before = state.get("elapsed_s", 0.0)
+        if state.get("fitted_horizon"):  # fitted to the budget before the stop: the same schedule
+            horizon, fit, fit_minutes = state["fitted_horizon"], False, state["fitted_to_minutes"]
         say(f"resumed from {resume_from} at step {step}")
     if is_main:
         ckpt.write_json(run_dir / "provenance.json",
                         provenance(cfg, manifest, accelerator, n_params, resumed_from=resume_from))
 
     rows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
-    epochs = rows_per_step * cfg.max_steps / len(train_data)
+    epochs = rows_per_step * horizon / len(train_data)
     if cfg.data.packing == "pack":
         layout = f"{len(train_data):,} packed blocks of {cfg.data.seq_len}" + (
             ", attention within documents" if cfg.data.doc_mask else "")
@@ -291,9 +320,14 @@ def main() -> None:
         pad = train_data.padding_fraction(sampler.epoch_order(0), cfg.micro_batch_size)
         layout = f"{len(train_data):,} documents (pieces) padded ({cfg.data.packing}): {pad:.1%} padding"
     say(f"model: {cfg.model.arch} {n_params / 1e6:.2f}M params | data: {train_data.n_tokens:,} train tokens, "
-        f"{layout} | {world} process(es), precision {accelerator.mixed_precision} | "
+        f"{layout} | {world} process(es), precision {choice.name} | "
         f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
-        f"{cfg.max_steps} steps ({epochs:.2f} epochs)")
+        f"{horizon} steps ({epochs:.2f} epochs)" + (" at most: the schedule is fitted to the budget after warmup"
+                                                   if fit else ""))
+    if cfg.max_minutes and not fit and resume_from is None:
+        say(f"the schedule spans {horizon} steps; the {cfg.max_minutes:g} minute budget only stops the run"
+            + (" (--deterministic: a horizon measured from time would differ between runs; "
+               "--fit_schedule True to fit it anyway)" if cfg.deterministic and cfg.fit_schedule is None else ""))
 
     if is_main and resume_from is not None:
         from lib.metrics import truncate_after_step
@@ -303,13 +337,12 @@ def main() -> None:
             say(f"metrics.jsonl: dropped {dropped} record(s) logged after step {step}; they are logged again")
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
     device = accelerator.device
-    peak, peak_source = None, ""
-    if cfg.mfu:
+    peak, reprobed = None, False
+    if cfg.mfu and is_main:  # the figure is logged by the main process only; one probe, not one per rank
         from lib.flops import device_peak
 
-        peak, peak_source = device_peak(device, {"no": "fp32"}.get(accelerator.mixed_precision,
-                                                                    accelerator.mixed_precision))
-        say(f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else f"MFU: {peak_source}")
+        peak, _, peak_source = device_peak(device)
+        say(f"MFU against {peak / 1e12:.2f} TFLOP/s, the {peak_source}" if peak else f"MFU: {peak_source}")
 
     last_eval = {"step": None, "loss": None}  # recorded in a checkpoint of the same step (--keep_best)
 
@@ -320,19 +353,21 @@ def main() -> None:
         return {"loss_scale": accelerator.scaler.get_scale(), "overflow_steps": overflow_steps}
 
     def run_eval() -> dict:
-        sums = evaluate_stream(accelerator.unwrap_model(prepared), val_tokens[:n_eval_tokens],
+        t = time.perf_counter()
+        sums = evaluate_stream(accelerator.unwrap_model(prepared), eval_stream,
                                cfg.data.seq_len, cfg.micro_batch_size, device, accelerator.autocast,
                                bos_id=bos_id)
         res = summarize(sums, eval_bytes)
-        last_eval.update(step=step, loss=res["loss"])
+        last_eval.update(step=step, loss=res["loss"], seconds=time.perf_counter() - t)
         say(f"eval step {step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
-            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f}")
+            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({split_desc})")
         if metrics:
             metrics.write({"type": "eval", "step": step, "tokens_seen": tokens_seen,
                            **{f"val_{k}": v for k, v in res.items()}})
         return res
 
     def save_checkpoint():
+        t = time.perf_counter()
         bad = [n for n, p in accelerator.unwrap_model(prepared).named_parameters()
                if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]  # FSDP2: the local shard
         if bad:
@@ -345,17 +380,20 @@ def main() -> None:
                    "log_window": {"loss": window_loss.double().item(), "tokens": window_tokens,
                                   "slots": window_slots, "pad": window_pad, "skipped": skipped_steps,
                                   "overflow": overflow_steps},
+                   "fitted_horizon": horizon if fit_minutes else None, "fitted_to_minutes": fit_minutes,
+                   "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                    "data_content_hash": manifest["content_hash"],
                    "val_loss": last_eval["loss"] if last_eval["step"] == step else None,
                    **({"lora_base_sha256": base_sha} if use_lora else {})}, keep_best=cfg.keep_best)
+        checkpoint_seconds.append(time.perf_counter() - t)
 
     # ---- the loop: one iteration = one optimizer step of grad_accum_steps micro-batches
     model.train()
-    # into a log file (not a terminal) the bar redraws once a minute, not ten times a second
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True,
-               desc="train", unit="step", mininterval=0.1 if sys.stderr.isatty() else 60)
+    bar = progress(total=horizon, initial=step, disable=not is_main, desc="train", unit="step")
+    clock, horizon_fixed, checkpoint_seconds = budget.StepClock(), not fit, []
+    fit_after = max(cfg.optim.warmup_steps, step)  # the horizon is fixed at the first timed step after warmup
     t_start = t_log = time.perf_counter()
-    tokens_at_log, stopped_early = tokens_seen, False
+    tokens_at_log, tokens_at_start, stopped_early = tokens_seen, tokens_seen, False
     window_loss, window_tokens = torch.zeros((), device=device), 0  # since the last log line
     window_slots = window_pad = 0  # input positions and padded ones, this rank, since the last log line
     skipped_steps = overflow_steps = 0  # updates dropped: by --on_nonfinite skip / by fp16's loss scaler
@@ -364,7 +402,8 @@ def main() -> None:
         window_tokens, window_slots = window.get("tokens", 0), window.get("slots", 0)
         window_pad, skipped_steps = window.get("pad", 0), window.get("skipped", 0)
         overflow_steps = window.get("overflow", 0)
-    while step < cfg.max_steps:
+    while step < horizon:
+        clock.start()
         sample_ids = [sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
         batches = [train_data.make_batch(ids, bos_id) for ids in sample_ids]
         # The step's target tokens over all ranks: each token's loss is weighted by its inverse,
@@ -388,7 +427,7 @@ def main() -> None:
                     grad_norm = accelerator.clip_grad_norm_(
                         model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
                     total_loss = accelerator.reduce(step_loss.clone(), reduction="sum")
-                    lr = lr_at(step, cfg.max_steps, cfg.optim)
+                    lr = lr_at(step, horizon, cfg.optim)
                     # fp16: an overflowing gradient is the loss scaler's business (it skips the step)
                     bad = [what for what, value in (("loss", total_loss), ("gradient norm", grad_norm))
                            if not torch.isfinite(value) and not (what == "gradient norm" and
@@ -420,8 +459,27 @@ def main() -> None:
             window_loss += step_loss
             window_tokens += step_tokens
         bar.update(1)
+        clock.stop()
+        if not horizon_fixed and step >= fit_after and clock.ready:
+            # every rank fixes the same horizon: the main process's figures, sent to all
+            eval_s = last_eval.get("seconds") or (
+                len(eval_stream) / max(step_tokens / world, 1) * clock.step_seconds * 0.5)  # forward only: ~1/3 of a step
+            ckpt_s = (sum(checkpoint_seconds) / len(checkpoint_seconds) if checkpoint_seconds
+                      else max(0.1, n_params * 16 / 2e8))  # weights + Adam moments at ~200 MB/s
+            plan = [budget.plan(step, cfg.max_steps, 60 * cfg.max_minutes,
+                                elapsed_before + time.perf_counter() - t_start, clock.step_seconds,
+                                eval_every=cfg.eval_every, eval_s=eval_s, checkpoint_every=cfg.checkpoint_every,
+                                checkpoint_s=ckpt_s)]
+            if world > 1:
+                from accelerate.utils import broadcast_object_list
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+                broadcast_object_list(plan, from_process=0)
+            horizon, why = plan[0]
+            horizon_fixed, fit_minutes = True, cfg.max_minutes
+            bar.total = horizon
+            say(f"schedule fitted to the budget at step {step}: it ends at step {horizon} ({why})")
+
+        if step % cfg.log_every == 0 or step == horizon:
             # mean over every target token since the last log line, all ranks
             loss = float(accelerator.reduce(window_loss, reduction="sum")) / max(window_tokens, 1)
             window_loss.zero_()
@@ -432,31 +490,40 @@ def main() -> None:
             gn = float(grad_norm)
             pad_frac = window_pad / max(window_slots, 1)
             window_slots = window_pad = 0
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)  # shown at its next redraw
             if is_main:
                 padding = f" | padding {pad_frac:.1%}" if cfg.data.packing != "pack" else ""
                 fp16 = fp16_state()
                 scaling = (f" | loss scale {fp16['loss_scale']:g}, {fp16['overflow_steps']} overflow step(s)"
                            if fp16 else "")
                 mfu = tps * fpt / (peak * world) if peak else None  # each process has its own device
-                bar.write(f"step {step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                if mfu and mfu > 1 and not reprobed:  # above 100%: the peak was measured wrong (under load)
+                    reprobed = True
+                    old = peak
+                    peak, _, peak_source = device_peak(device, refresh=True)
+                    say(f"MFU {mfu:.0%} against {old / 1e12:.3f} TFLOP/s cannot be: measured the peak again: "
+                        f"{peak / 1e12:.2f} TFLOP/s, the {peak_source}")
+                    mfu = tps * fpt / (peak * world)
+                write(bar, f"step {step:>6}/{horizon} | loss {loss:.4f} | lr {lr:.2e} | "
                           f"grad_norm {gn:.3f} | {tps:,.0f} tok/s | {tps * fpt / 1e9:.1f} GFLOP/s"
                           f"{f' | MFU {mfu:.1%}' if mfu else ''}{padding}{scaling}")
                 metrics.write({"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": gn,
+                               "horizon": horizon,
                                "tokens_seen": tokens_seen, "tokens_per_s": tps, "padding": pad_frac,
                                "mfu": mfu, "skipped_steps": skipped_steps, "elapsed_s": now - t_start,
                                **fp16})
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < horizon:
             run_eval()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < horizon:
             save_checkpoint()
-        if cfg.max_minutes and (time.perf_counter() - t_start) > 60 * cfg.max_minutes:
-            say(f"stopping at step {step}: the {cfg.max_minutes} minute budget is spent")
+        if (cfg.max_minutes and step < horizon
+                and elapsed_before + time.perf_counter() - t_start > 60 * cfg.max_minutes):
+            say(f"stopping at step {step} of {horizon} (lr {lr:.2e}): the {cfg.max_minutes:g} minute budget is spent")
             stopped_early = True
             break
-        if cfg.stop_at_step is not None and step >= cfg.stop_at_step and step < cfg.max_steps:
+        if cfg.stop_at_step is not None and step >= cfg.stop_at_step and step < horizon:
             say(f"stopping at step {step} (--stop_at_step); --resume auto continues from here")
             stopped_early = True
             break
@@ -500,10 +567,13 @@ def main() -> None:
         (run_dir / "report.md").write_text(
             f"# Run {cfg.run_name}\n\n"
             f"- model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, seq_len {cfg.data.seq_len}\n"
-            f"- steps: {step} of {cfg.max_steps}{' (stopped early)' if stopped_early else ''}, "
-            f"{tokens_seen:,} tokens, {train_secs / 60:.1f} min, "
-            f"{tokens_seen / max(train_secs, 1e-9):,.0f} tokens/s overall\n"
-            f"- held-out ({final_eval['tokens']:,} tokens): loss {final_eval['loss']:.4f}, "
+            f"- precision: {choice.name} ({choice.reason})\n"
+            f"- steps: {step} of {horizon}{' (stopped early)' if stopped_early else ''}"
+            f"{f', the schedule fitted to a {fit_minutes:g} minute budget' if fit_minutes else ''}"
+            f", {tokens_seen:,} tokens; this process: {train_secs / 60:.1f} min, "
+            f"{(tokens_seen - tokens_at_start) / max(train_secs, 1e-9):,.0f} tokens/s\n"
+            f"- held-out, {split_desc} ({final_eval['tokens']:,} tokens; the sample every evaluation of "
+            f"the run scores): loss {final_eval['loss']:.4f}, "
             f"perplexity {final_eval['perplexity']:.2f}, bits/byte {final_eval['bits_per_byte']:.4f}, "
             f"next-token accuracy {final_eval['accuracy']:.3f}\n\n![loss](loss.png)\n",
             encoding="utf-8")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from lib.data import BlockSampler, TokenBlocks, prefix_docs
+from lib.data import BlockSampler, TokenBlocks, gather_docs, sample_docs
 from lib.errors import UserError
 from lib.evaluate import compressor_bpb, stream_blocks, summarize
 from lib.loss import IGNORE_INDEX, step_scaled_loss, token_loss_sum
@@ -96,15 +96,22 @@ def test_summarize_bits_per_byte():
     assert out["accuracy"] == pytest.approx(0.2)
 
 
-def test_prefix_docs_takes_whole_documents():
-    docs = np.array([[10, 30], [20, 70], [5, 9]])
-    assert prefix_docs(docs, None) == (35, 109)
-    assert prefix_docs(docs, 3) == (10, 30)
-    assert prefix_docs(docs, 10) == (10, 30)
-    assert prefix_docs(docs, 11) == (30, 100)  # the document that crosses the limit is kept whole
-    assert prefix_docs(docs, 30) == (30, 100)
-    assert prefix_docs(docs, 1000) == (35, 109)
-
+def test_sample_docs_draws_whole_documents_from_across_the_split():
+    rng = np.random.default_rng(1)
+    docs = np.stack([rng.integers(5, 50, 400), rng.integers(20, 200, 400)], axis=1)
+    assert (sample_docs(docs, None) == np.arange(400)).all()
+    assert (sample_docs(docs, int(docs[:, 0].sum())) == np.arange(400)).all()  # the split is that small
+    idx = sample_docs(docs, 1000, seed=0)
+    assert (np.diff(idx) > 0).all()  # ascending, no repeats
+    assert docs[idx, 0].sum() >= 1000 and docs[idx[:-1], 0].sum() < 1000 + docs[:, 0].max()
+    assert idx[-1] > 200 and idx[0] < 200 and not (idx == np.arange(len(idx))).all()  # not a prefix
+    assert (sample_docs(docs, 1000, seed=0) == idx).all()  # the same sample every time
+    assert not np.array_equal(sample_docs(docs, 1000, seed=1), idx)
+    tokens = np.arange(int(docs[:, 0].sum()))
+    stream, n_bytes = gather_docs(tokens, docs, idx)
+    starts = np.concatenate([[0], np.cumsum(docs[:, 0])[:-1]])
+    expected = np.concatenate([tokens[starts[i]: starts[i] + docs[i, 0]] for i in idx])
+    assert (stream == expected).all() and n_bytes == docs[idx, 1].sum()
 
 def test_compressors_rank_as_expected():
     rng = np.random.default_rng(0)
@@ -145,28 +152,6 @@ def test_keep_freed_memory_applies_on_linux():
     from lib.cpu import keep_freed_memory
 
     assert keep_freed_memory() is sys.platform.startswith("linux")
-
-
-def test_peak_flops_table_and_cached_cpu_probe(tmp_path, monkeypatch):
-    from lib import flops
-
-    assert flops.gpu_peak("NVIDIA H200", "bf16") == 989e12
-    assert flops.gpu_peak("NVIDIA H100 PCIe", "bf16") == 756e12  # not the SXM figure
-    assert flops.gpu_peak("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 units
-    assert flops.gpu_peak("Some Future GPU", "bf16") is None
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    calls = []
-    monkeypatch.setattr(flops, "_probe_in_subprocess", lambda dtype, threads: calls.append(dtype) or 123e9)
-    assert flops.cpu_peak("fp32") == 123e9 and flops.cpu_peak("fp32") == 123e9
-    assert calls == ["fp32"]  # measured once, then read from the cache
-    assert flops.cpu_peak("bf16") == 123e9 and calls == ["fp32", "bf16"]  # per dtype
-    # a run that keeps oneDNN off AMX (--deterministic) gets its own measurement
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-    assert flops.cpu_peak("bf16") == 123e9 and calls == ["fp32", "bf16", "bf16"]
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    assert flops.cpu_peak("bf16") == 123e9 and calls == ["fp32", "bf16", "bf16"]
-    assert (tmp_path / "lm-repo" / "peak_flops.json").is_file()
 
 
 def test_matmul_probe_measures_something_plausible():

@@ -216,3 +216,25 @@ def test_padded_training_reports_its_padding(tiny_data, tmp_path):
         pad = sum(b.n_padding for b in window) / sum(b.input_ids.size for b in window)
         assert record["padding"] == pytest.approx(pad)
     assert train[-1]["tokens_seen"] == sum(b.n_targets for b in batches)
+
+
+def test_report_shows_both_evaluations_and_bars_stay_quiet_in_a_log(smoke_run, tiny_data, tmp_path):
+    """report.md holds the run's own evaluation (its fixed held-out sample) and eval.py's
+    whole-split one, replaced (not repeated) by a second eval.py; into a file or pipe, progress
+    bars are drawn about once a minute, not on every batch or log line."""
+    run, _ = smoke_run
+    for _ in range(2):
+        proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "0", "--out_dir", str(tmp_path / "ev"),
+                          env={"TQDM_DISABLE": ""})
+    assert 1 <= proc.stderr.count("eval:") <= 3, proc.stderr
+    report = (run / "report.md").read_text()
+    assert report.count("## Held-out evaluation by eval.py (val)") == 1
+    assert "held-out, " in report and "the sample every evaluation of the run scores" in report
+    line = next(x for x in report.splitlines() if "bits/byte **" in x)
+    bpb = json.loads((tmp_path / "ev" / "metrics.ndjson").read_text().splitlines()[-1])["bits_per_byte"]
+    assert f"**{bpb:.4f}**" in line and "lzma -9e" in line
+    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
+                      "--runs_dir", str(tmp_path), "--max_steps", "40", "--log_every", "1", "--eval_every", "0",
+                      "--checkpoint_every", "0", env={"TQDM_DISABLE": ""})
+    assert sum(x.startswith("step ") for x in proc.stdout.splitlines()) == 40
+    assert 1 <= proc.stderr.count("train:") <= 3, proc.stderr

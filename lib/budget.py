@@ -1,0 +1,71 @@
+"""A learning-rate schedule that fits a time budget, whatever the machine's speed.
+
+With a budget (train.py --max_minutes), the schedule's horizon (the step where its decay ends)
+is not a step count that suits one CPU: after warmup the loop measures its own step time and
+fixes the horizon at the last step that fits the remaining budget, counting the evaluations,
+checkpoints and the final evaluation and export still to come. From then on the horizon is part
+of the run's state (saved in every checkpoint), so a resumed run continues the same schedule.
+"""
+from __future__ import annotations
+
+import time
+
+SKIP_STEPS = 2  # untimed steps after a (re)start: compilation and first-touch allocations
+MIN_TIMED_STEPS = 8  # timed steps the fit needs
+MARGIN = 0.03  # share of the budget kept free: the step time measured early can drift
+
+
+class StepClock:
+    """Seconds spent in optimizer steps (not evaluations or checkpoints) since this process
+    started training, leaving out its first SKIP_STEPS steps."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.timed = 0
+        self.seconds = 0.0
+        self._t = None
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def stop(self) -> None:
+        self.seen += 1
+        if self.seen > SKIP_STEPS:
+            self.timed += 1
+            self.seconds += time.perf_counter() - self._t
+
+    @property
+    def ready(self) -> bool:
+        return self.timed >= MIN_TIMED_STEPS
+
+    @property
+    def step_seconds(self) -> float:
+        return self.seconds / max(self.timed, 1)
+
+
+def fit_horizon(step: int, max_steps: int, seconds_left: float, seconds_per_step: float,
+                final_seconds: float = 0.0) -> int:
+    """The last optimizer step of a schedule that, from `step` (steps done), ends within
+    `seconds_left`: each further step costs `seconds_per_step` (its share of evaluations and
+    checkpoints included) and `final_seconds` are kept for what follows the last step. Never
+    beyond max_steps, never before step + 1."""
+    room = max(seconds_left - final_seconds, 0.0)
+    return max(step + 1, min(max_steps, step + int(room // max(seconds_per_step, 1e-9))))
+
+
+def plan(step: int, max_steps: int, budget_s: float, elapsed_s: float, step_s: float, *,
+         eval_every: int, eval_s: float, checkpoint_every: int, checkpoint_s: float) -> tuple[int, str]:
+    """(horizon, explanation) for a budgeted run `elapsed_s` into its budget: `step_s` per
+    optimizer step measured, `eval_s` and `checkpoint_s` the estimated cost of one evaluation
+    and one checkpoint. The final evaluation, checkpoint and export are reserved for, and
+    MARGIN of the budget is kept free."""
+    per_step = step_s + (eval_s / eval_every if eval_every else 0.0) + (
+        checkpoint_s / checkpoint_every if checkpoint_every else 0.0)
+    final = eval_s + 2 * checkpoint_s  # the last evaluation, checkpoint and exported model
+    left = budget_s * (1 - MARGIN) - elapsed_s
+    horizon = fit_horizon(step, max_steps, left, per_step, final)
+    why = (f"{step_s:.3f} s per step measured, {per_step:.3f} s with evaluations and checkpoints; "
+           f"{max(left, 0) / 60:.1f} of the {budget_s / 60:g} minute budget left")
+    if horizon == max_steps:
+        why += f" (capped by max_steps {max_steps})"
+    return horizon, why
