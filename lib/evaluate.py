@@ -10,6 +10,8 @@ import gzip
 import lzma
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -53,21 +55,89 @@ def stream_blocks(tokens: np.ndarray, seq_len: int, stride: int | None = None) -
     return inputs, targets
 
 
+def token_byte_lengths(sp_model: str | Path) -> np.ndarray:
+    """UTF-8 bytes each token id of a SentencePiece model stands for in decoded text: 1 for a
+    byte piece, 0 for control and unknown pieces, else the piece's bytes (its U+2581 a space).
+    Exact for this project's tokenizers (identity normalization, no dummy prefix); callers check
+    the sum against the split's recorded bytes."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    out = np.zeros(sp.get_piece_size(), dtype=np.int64)
+    for i in range(len(out)):
+        if sp.is_byte(i):
+            out[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i)):
+            out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+@dataclass
+class HeldOutSample:
+    """Windows to evaluate (inputs, targets as stream_blocks makes them), the UTF-8 bytes of
+    the text their targets encode, and a description for the log."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    text_bytes: int
+    description: str
+
+
+def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_targets: int | None,
+                    byte_lengths: np.ndarray | None, seed: int = 0) -> HeldOutSample:
+    """The windows eval.py scores over the whole split (seq_len tokens every seq_len // 2, each
+    scoring the targets no earlier window scored), or a seeded random sample of them holding
+    about `n_targets` targets: an unbiased sample of eval.py's figure, from across the split.
+
+    Bits per byte of a sample needs the bytes of the sampled targets: `byte_lengths` per token
+    id (token_byte_lengths). If they are missing or do not add up to the split's recorded bytes,
+    whole documents are sampled instead (sample_docs), whose bytes are recorded."""
+    from lib.data import gather_docs, sample_docs
+
+    stride = max(1, seq_len // 2)
+    total_bytes = int(docs[:, 1].sum())
+    exact = byte_lengths is not None and int(byte_lengths[tokens].sum()) == total_bytes
+    if n_targets is None or len(tokens) - 1 <= n_targets:
+        inputs, targets = stream_blocks(tokens, seq_len, stride)
+        return HeldOutSample(inputs, targets, total_bytes, "the whole held-out split")
+    if not exact:
+        index = sample_docs(docs, n_targets, seed)
+        stream, n_bytes = gather_docs(tokens, docs, index)
+        inputs, targets = stream_blocks(stream, seq_len, stride)
+        return HeldOutSample(inputs, targets, n_bytes, f"{len(index)} of {len(docs)} held-out documents")
+    inputs, targets = stream_blocks(tokens, seq_len, stride)
+    scored = (targets != IGNORE_INDEX).sum(axis=1)
+    order = np.random.default_rng(seed).permutation(len(inputs))
+    k = min(len(order), int(np.searchsorted(np.cumsum(scored[order]), n_targets, side="left")) + 1)
+    pick = np.sort(order[:k])
+    inputs, targets = inputs[pick], targets[pick]
+    n_bytes = int(byte_lengths[targets[targets != IGNORE_INDEX]].sum())
+    return HeldOutSample(inputs, targets, n_bytes,
+                         f"{k} of {len(order)} windows drawn from across the held-out split")
+
+
 def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, device,
                     autocast=None, stride: int | None = None, progress: bool = False,
                     bos_id: int | None = None) -> dict[str, float]:
-    """Sum of target-token cross-entropy (nats), target count and correct argmax count.
+    """evaluate_blocks over the windows stream_blocks cuts from one token stream."""
+    inputs, targets = stream_blocks(np.asarray(tokens), seq_len, stride)
+    return evaluate_blocks(model, inputs, targets, batch_size, device, autocast, progress, bos_id)
 
-    Single process: every rank that calls it evaluates the whole stream. `autocast` is a
-    context manager factory (e.g. `accelerator.autocast`) or None. `progress` shows a bar.
-    With `bos_id`, position ids restart at each document (attention stays within it), as in
-    training with data.doc_mask.
+
+def evaluate_blocks(model, all_inputs: np.ndarray, all_targets: np.ndarray, batch_size: int, device,
+                    autocast=None, progress: bool = False, bos_id: int | None = None) -> dict[str, float]:
+    """Sum of target-token cross-entropy (nats), target count and correct argmax count over
+    rows of inputs and targets (IGNORE_INDEX where nothing is scored).
+
+    Single process: every rank that calls it evaluates every row. `autocast` is a context
+    manager factory (e.g. `accelerator.autocast`) or None. `progress` shows a bar. With `bos_id`,
+    position ids restart at each document (attention stays within it), as in training with
+    data.doc_mask.
     """
     import torch
 
     from lib.data import doc_position_ids
 
-    all_inputs, all_targets = stream_blocks(np.asarray(tokens), seq_len, stride)
     loss_sum, n_targets, n_correct = 0.0, 0, 0
     was_training = model.training
     model.eval()

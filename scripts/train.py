@@ -74,9 +74,10 @@ class TrainConfig:
     update is skipped, counted as overflow_steps), doubled after 2000 steps without one."""
     eval_every: int = 200
     """Evaluate on held-out data every this many optimizer steps (0: only at the end)."""
-    eval_tokens: Optional[int] = 65_536
-    """Held-out tokens used by those evaluations: whole documents drawn with a fixed seed from across
-    the split until they hold this many (the same sample every time); None: the whole split."""
+    eval_tokens: Optional[int] = 32_768
+    """Held-out tokens those evaluations score: a fixed, seeded sample of eval.py's windows (seq_len
+    tokens every seq_len // 2) drawn from across the split, the same every time, so the figure
+    estimates eval.py's whole-split one; None: the whole split."""
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last_n: int = 2
@@ -145,9 +146,9 @@ def main() -> None:
     from lib.distributed import allow_fsdp_on_cpu, fsdp_requested
     from lib import budget
     from lib import precision as precision_lib
-    from lib.data import BlockSampler, build_train_data, gather_docs, load_split, sample_docs, tokens_dir
+    from lib.data import BlockSampler, build_train_data, load_split, tokens_dir
     from lib.corpus import read_manifest
-    from lib.evaluate import evaluate_stream, summarize
+    from lib.evaluate import evaluate_blocks, held_out_sample, summarize, token_byte_lengths
     from lib.fused_loss import FusedHead
     from lib.loss import step_scaled_loss, token_loss_sum
     from lib.metrics import JsonlWriter
@@ -225,10 +226,9 @@ def main() -> None:
 
     # ---- data (the held-out sample is the same at every evaluation and in every process)
     val_tokens, val_docs = load_split(tok_dir, "val")
-    eval_docs = sample_docs(val_docs, cfg.eval_tokens, seed=0)
-    eval_stream, eval_bytes = gather_docs(val_tokens, val_docs, eval_docs)
-    split_desc = ("the whole held-out split" if len(eval_docs) == len(val_docs) else
-                  f"{len(eval_docs)} of {len(val_docs)} held-out documents")
+    sp_model = tok_dir / ".." / "tokenizer" / "sp.model"
+    held_out = held_out_sample(val_tokens, val_docs, cfg.data.seq_len, cfg.eval_tokens,
+                               token_byte_lengths(sp_model) if sp_model.is_file() else None, seed=0)
     train_data = build_train_data(tok_dir, cfg.data, manifest["special_ids"])
     bos_id = manifest["special_ids"]["bos"] if cfg.data.doc_mask else None
 
@@ -354,17 +354,30 @@ def main() -> None:
 
     def run_eval() -> dict:
         t = time.perf_counter()
-        sums = evaluate_stream(accelerator.unwrap_model(prepared), eval_stream,
-                               cfg.data.seq_len, cfg.micro_batch_size, device, accelerator.autocast,
-                               bos_id=bos_id)
-        res = summarize(sums, eval_bytes)
+        sums = evaluate_blocks(accelerator.unwrap_model(prepared), held_out.inputs, held_out.targets,
+                               cfg.micro_batch_size, device, accelerator.autocast, bos_id=bos_id)
+        res = summarize(sums, held_out.text_bytes)
         last_eval.update(step=step, loss=res["loss"], seconds=time.perf_counter() - t)
         say(f"eval step {step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
-            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({split_desc})")
+            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({held_out.description})")
         if metrics:
             metrics.write({"type": "eval", "step": step, "tokens_seen": tokens_seen,
                            **{f"val_{k}": v for k, v in res.items()}})
         return res
+
+    def time_eval_batches() -> float:
+        """Seconds one evaluation takes, from timing its last two batches (the first, timed
+        alone, pays one-off costs), scaled to all of them."""
+        n = cfg.micro_batch_size
+        rows = len(held_out.inputs)
+        if rows <= n:
+            return 0.0
+        t = [time.perf_counter()]
+        for k in (1, 2):
+            evaluate_blocks(accelerator.unwrap_model(prepared), held_out.inputs[-k * n:][:n],
+                            held_out.targets[-k * n:][:n], n, device, accelerator.autocast, bos_id=bos_id)
+            t.append(time.perf_counter())
+        return (t[2] - t[1]) * rows / n
 
     def save_checkpoint():
         t = time.perf_counter()
@@ -462,8 +475,7 @@ def main() -> None:
         clock.stop()
         if not horizon_fixed and step >= fit_after and clock.ready:
             # every rank fixes the same horizon: the main process's figures, sent to all
-            eval_s = last_eval.get("seconds") or (
-                len(eval_stream) / max(step_tokens / world, 1) * clock.step_seconds * 0.5)  # forward only: ~1/3 of a step
+            eval_s = last_eval.get("seconds") or time_eval_batches()
             ckpt_s = (sum(checkpoint_seconds) / len(checkpoint_seconds) if checkpoint_seconds
                       else max(0.1, n_params * 16 / 2e8))  # weights + Adam moments at ~200 MB/s
             plan = [budget.plan(step, cfg.max_steps, 60 * cfg.max_minutes,
@@ -572,8 +584,8 @@ def main() -> None:
             f"{f', the schedule fitted to a {fit_minutes:g} minute budget' if fit_minutes else ''}"
             f", {tokens_seen:,} tokens; this process: {train_secs / 60:.1f} min, "
             f"{(tokens_seen - tokens_at_start) / max(train_secs, 1e-9):,.0f} tokens/s\n"
-            f"- held-out, {split_desc} ({final_eval['tokens']:,} tokens; the sample every evaluation of "
-            f"the run scores): loss {final_eval['loss']:.4f}, "
+            f"- held-out, {held_out.description} ({final_eval['tokens']:,} tokens; the sample every "
+            f"evaluation of the run scores): loss {final_eval['loss']:.4f}, "
             f"perplexity {final_eval['perplexity']:.2f}, bits/byte {final_eval['bits_per_byte']:.4f}, "
             f"next-token accuracy {final_eval['accuracy']:.3f}\n\n![loss](loss.png)\n",
             encoding="utf-8")

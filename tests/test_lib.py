@@ -225,3 +225,31 @@ with a.autocast():
     assert run("fp16", 1024.0) == ["False", "True", "torch.float16", "1024.0"]
     assert run("fp16", None) == ["False", "True", "torch.float16", "False"]  # evaluation: no scaler
     assert run("bf16", 1024.0) == ["True", "False", "torch.bfloat16", "False"]  # not fp16: untouched
+
+
+def test_held_out_sample_is_evals_windows_with_exact_bytes(tiny_data):
+    """The in-training evaluation scores a seeded sample of exactly the windows eval.py scores
+    over the whole split, and knows the bytes of the text its targets encode."""
+    from lib.data import load_split
+    from lib.evaluate import IGNORE_INDEX, held_out_sample, stream_blocks, token_byte_lengths
+
+    tokens, docs = load_split(tiny_data / "tokens", "val")
+    lengths = token_byte_lengths(tiny_data / "tokenizer" / "sp.model")
+    ends = np.cumsum(docs[:, 0])
+    assert [int(lengths[tokens[e - n: e]].sum()) for n, e in zip(docs[:, 0], ends)] == docs[:, 1].tolist()
+    full_in, full_tg = stream_blocks(tokens, 64, 32)
+    whole = held_out_sample(tokens, docs, 64, None, lengths)
+    assert (whole.inputs == full_in).all() and whole.text_bytes == docs[:, 1].sum()
+    sample = held_out_sample(tokens, docs, 64, 2000, lengths, seed=0)
+    rows = {r.tobytes(): i for i, r in enumerate(full_in)}
+    index = [rows[r.tobytes()] for r in sample.inputs]  # every sampled window is one of eval.py's
+    assert index[-1] > len(full_in) // 2 and index[0] < len(full_in) // 2  # from across the split
+    assert all((full_tg[rows[r.tobytes()]] == t).all() for r, t in zip(sample.inputs, sample.targets))
+    scored = sample.targets[sample.targets != IGNORE_INDEX]
+    assert 2000 <= len(scored) < 2000 + 64 and sample.text_bytes == lengths[scored].sum()
+    assert "windows drawn from across" in sample.description
+    assert (held_out_sample(tokens, docs, 64, 2000, lengths, seed=0).inputs == sample.inputs).all()
+    # byte lengths that do not add up (another tokenizer): whole documents, whose bytes are recorded
+    docs_sample = held_out_sample(tokens, docs, 64, 2000, lengths + 1, seed=0)
+    assert "held-out documents" in docs_sample.description
+    assert docs_sample.text_bytes in {int(docs[sample_docs(docs, 2000, 0), 1].sum())}
