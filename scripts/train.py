@@ -359,25 +359,25 @@ def main() -> None:
         res = summarize(sums, held_out.text_bytes)
         last_eval.update(step=step, loss=res["loss"], seconds=time.perf_counter() - t)
         say(f"eval step {step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
-            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({held_out.description})")
+            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({held_out.description}, "
+            f"{last_eval['seconds']:.1f} s)")
         if metrics:
             metrics.write({"type": "eval", "step": step, "tokens_seen": tokens_seen,
                            **{f"val_{k}": v for k, v in res.items()}})
         return res
 
     def time_eval_batches() -> float:
-        """Seconds one evaluation takes, from timing its last two batches (the first, timed
-        alone, pays one-off costs), scaled to all of them."""
+        """Seconds one evaluation takes: the faster of its second and third batch, timed (the
+        first ones pay one-off kernel set-up), times its number of batches."""
         n = cfg.micro_batch_size
-        rows = len(held_out.inputs)
-        if rows <= n:
-            return 0.0
-        t = [time.perf_counter()]
-        for k in (1, 2):
-            evaluate_blocks(accelerator.unwrap_model(prepared), held_out.inputs[-k * n:][:n],
-                            held_out.targets[-k * n:][:n], n, device, accelerator.autocast, bos_id=bos_id)
-            t.append(time.perf_counter())
-        return (t[2] - t[1]) * rows / n
+        batches = -(-len(held_out.inputs) // n)
+        times = []
+        for k in range(min(3, batches)):
+            t = time.perf_counter()
+            evaluate_blocks(accelerator.unwrap_model(prepared), held_out.inputs[k * n:(k + 1) * n],
+                            held_out.targets[k * n:(k + 1) * n], n, device, accelerator.autocast, bos_id=bos_id)
+            times.append(time.perf_counter() - t)
+        return min(times[1:] or times) * batches
 
     def save_checkpoint():
         t = time.perf_counter()
