@@ -52,9 +52,15 @@ def test_killed_anywhere_and_resumed_is_the_uninterrupted_run(tiny_data, tmp_pat
         if attempt >= 8:  # enough: let it finish
             assert proc.wait(timeout=600) == 0, err.read_text()[-3000:]
             break
-        # strike at a random moment after start-up, or on odd attempts as soon as a checkpoint is
-        # being written (its .tmp folder exists) if that comes first
-        deadline = time.time() + rng.uniform(5, 10)
+        # strike at a random moment once training is under way (it wrote metrics.jsonl: timed from
+        # there, not from the launch, whose start-up time differs between machines), or on odd
+        # attempts as soon as a checkpoint is being written (its .tmp folder exists)
+        launched = time.time()
+        metrics = run / "metrics.jsonl"
+        while proc.poll() is None and time.time() < launched + 300 and not (
+                metrics.is_file() and metrics.stat().st_mtime > launched):
+            time.sleep(0.005)
+        deadline = time.time() + rng.uniform(0.2, 1.5)
         mode = "random"
         while proc.poll() is None and time.time() < deadline:
             if attempt % 2 and any(p.name.endswith(".tmp") for p in (run / "checkpoints").glob("step_*")):
