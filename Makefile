@@ -7,7 +7,7 @@ RUN    ?= default
 .PHONY: help venv tokenize train eval smoke test bench gpu-check gpu-kit audit clean distclean
 
 help:
-	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml, evaluate it (~6 min on 2 CPU cores)"
+	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9.5-minute budget), evaluate it"
 	@echo "make smoke     the same pipeline at toy size (under 2 minutes) -> runs/smoke/"
 	@echo "make test      run the test suite"
 	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~20 min)"

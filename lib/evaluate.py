@@ -86,8 +86,8 @@ class HeldOutSample:
 def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_targets: int | None,
                     byte_lengths: np.ndarray | None, seed: int = 0) -> HeldOutSample:
     """The windows eval.py scores over the whole split (seq_len tokens every seq_len // 2, each
-    scoring the targets no earlier window scored), or a seeded random sample of them holding
-    about `n_targets` targets: an unbiased sample of eval.py's figure, from across the split.
+    scoring the targets no earlier window scored), or a sample of them holding about `n_targets`
+    targets, evenly spaced from a seeded offset: an estimate of eval.py's whole-split figure.
 
     Bits per byte of a sample needs the bytes of the sampled targets: `byte_lengths` per token
     id (token_byte_lengths). If they are missing or do not add up to the split's recorded bytes,
@@ -106,14 +106,14 @@ def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_target
         inputs, targets = stream_blocks(stream, seq_len, stride)
         return HeldOutSample(inputs, targets, n_bytes, f"{len(index)} of {len(docs)} held-out documents")
     inputs, targets = stream_blocks(tokens, seq_len, stride)
-    scored = (targets != IGNORE_INDEX).sum(axis=1)
-    order = np.random.default_rng(seed).permutation(len(inputs))
-    k = min(len(order), int(np.searchsorted(np.cumsum(scored[order]), n_targets, side="left")) + 1)
-    pick = np.sort(order[:k])
+    n = len(inputs)
+    k = min(n, int(np.ceil(n_targets / (targets != IGNORE_INDEX).sum(axis=1).mean())))
+    # evenly spaced from a seeded offset: every part of the split (every document, in proportion
+    # to its size) is in the sample, which a simple random sample of a few hundred windows is not
+    pick = np.floor((np.arange(k) + np.random.default_rng(seed).random()) * n / k).astype(np.int64)
     inputs, targets = inputs[pick], targets[pick]
     n_bytes = int(byte_lengths[targets[targets != IGNORE_INDEX]].sum())
-    return HeldOutSample(inputs, targets, n_bytes,
-                         f"{k} of {len(order)} windows drawn from across the held-out split")
+    return HeldOutSample(inputs, targets, n_bytes, f"{k} of {n} windows, evenly spaced across the held-out split")
 
 
 def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, device,
