@@ -210,7 +210,7 @@ def main() -> None:
         for name, dtype, fn in plan + (side_by_side if k == 0 else []):
             t = time.perf_counter()
             res = fn()
-            res["dtype"] = dtype or res["dtype"]  # ours_default: the precision auto chose
+            dtype = res["dtype"] = dtype or res["dtype"]  # ours_default: the precision auto chose
             res["model_flops_per_s"] = res["tokens_per_s"] * fpt
             res["share_of_peak"] = res["model_flops_per_s"] / peaks[dtype]
             results[name] = res
