@@ -72,7 +72,8 @@ def resolve(choice: str, shapes: list[tuple[int, int, int]] | None = None, cuda:
         return Choice("fp16", "auto: the GPU has no bf16, fp16 with a loss scaler")
     from lib.flops import cpu_throughput
 
-    shapes = [list(s) for s in (shapes or model_matmul_shapes(1024, 2816, 32000, MAX_PROBE_ROWS))]
+    # no shapes given (audit.py): those of the default preset, 8 x 256 tokens (shares its cache entry)
+    shapes = [list(s) for s in (shapes or model_matmul_shapes(256, 704, 16384, 2048))]
     figures, how = cpu_throughput({"model_fp32": ("fp32", shapes), "model_bf16": ("bf16", shapes)}, refresh)
     mixed, why = decide_cpu(figures["model_fp32"], figures["model_bf16"])
     return Choice(mixed, f"auto: {why} ({how}, {torch.get_num_threads()} threads)")

@@ -80,7 +80,7 @@ def audit_env(rep: Report) -> None:
     # oneDNN's flag is True on any AVX-512 CPU, native bf16 or not: auto decides by measurement
     choice = resolve("auto")
     rep.line(None, f"CPU bf16 kernels reported by oneDNN: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; "
-             f"--precision auto picks {choice.name} ({choice.reason})")
+             f"--precision auto picks {choice.name} for the default preset's model ({choice.reason})")
     rep.line(None, f"GPU monitoring: {gpu_status()}")
     git = git_state()
     rep.line(None, f"git commit {git['commit']}, uncommitted changes: {git['dirty']}")
