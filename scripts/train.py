@@ -590,6 +590,9 @@ def main() -> None:
             f"next-token accuracy {final_eval['accuracy']:.3f}\n\n![loss](loss.png)\n",
             encoding="utf-8")
         say(f"done: {step} steps in {train_secs / 60:.1f} min; final model in {run_dir / 'final'}")
+    # every process tears its process group down together: a rank that destroyed its gloo group
+    # while the main one was still writing the final model once died with SIGABRT (FSDP2 on CPU)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
