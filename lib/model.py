@@ -81,6 +81,13 @@ def load_pretrained(path: str | Path, dtype=None):
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
 
 
+def config_dims(hf_config) -> tuple[int, int, int]:
+    """(hidden size, MLP width, vocabulary) of a Hugging Face config, Llama- or GPT-2-style."""
+    hidden = hf_config.hidden_size
+    inter = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden
+    return hidden, inter, hf_config.vocab_size
+
+
 def matmul_dims(cfg: ModelConfig, vocab_size: int) -> tuple[int, int, int]:
     """(hidden size, MLP width, vocabulary) of the model `cfg` builds or loads, without building it:
     the matrix shapes lib.precision measures to choose a precision."""
@@ -89,10 +96,7 @@ def matmul_dims(cfg: ModelConfig, vocab_size: int) -> tuple[int, int, int]:
 
         if not (Path(cfg.init_from) / "config.json").is_file():
             raise UserError(f"{cfg.init_from} is not a model folder (no config.json); give a run's final/ folder")
-        hf = AutoConfig.from_pretrained(cfg.init_from, local_files_only=True)
-        hidden = hf.hidden_size
-        inter = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * hidden
-        return hidden, inter, hf.vocab_size
+        return config_dims(AutoConfig.from_pretrained(cfg.init_from, local_files_only=True))
     return cfg.d_model, _d_ff(cfg) if cfg.arch == "llama" else (cfg.d_ff or 4 * cfg.d_model), vocab_size
 
 

@@ -39,9 +39,9 @@ def model_matmul_shapes(hidden: int, intermediate: int, vocab: int, tokens: int)
 
 def shapes_of(model_config, tokens: int) -> list[tuple[int, int, int]]:
     """model_matmul_shapes for a Hugging Face config (Llama- or GPT-2-style)."""
-    hidden = model_config.hidden_size
-    inter = getattr(model_config, "intermediate_size", None) or getattr(model_config, "n_inner", None) or 4 * hidden
-    return model_matmul_shapes(hidden, inter, model_config.vocab_size, tokens)
+    from lib.model import config_dims
+
+    return model_matmul_shapes(*config_dims(model_config), tokens)
 
 
 def decide_cpu(fp32: float, bf16: float) -> tuple[str, str]:

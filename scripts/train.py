@@ -170,12 +170,12 @@ def main() -> None:
     cpu_fsdp = on_cpu and allow_fsdp_on_cpu()  # an FSDP launcher config on CPU: FSDP, not DDP
     from accelerate import PartialState
 
-    state = PartialState(cpu=on_cpu)  # the processes, before the Accelerator: they agree on its precision
+    processes = PartialState(cpu=on_cpu)  # set up before the Accelerator: they agree on its precision
     tok_dir = tokens_dir(cfg.data.dir)
     manifest = read_manifest(tok_dir, "tokens")
     shapes = precision_lib.model_matmul_shapes(*matmul_dims(cfg.model, manifest["vocab_size"]),
                                                cfg.micro_batch_size * cfg.data.seq_len)
-    choice = precision_lib.resolve_on_main(cfg.precision, shapes, state)
+    choice = precision_lib.resolve_on_main(cfg.precision, shapes, processes)
     accelerator = Accelerator(mixed_precision=choice.mixed_precision, cpu=on_cpu,
                               gradient_accumulation_steps=cfg.grad_accum_steps,
                               kwargs_handlers=[GradScalerKwargs(init_scale=cfg.fp16_init_scale)])
@@ -403,7 +403,7 @@ def main() -> None:
     # ---- the loop: one iteration = one optimizer step of grad_accum_steps micro-batches
     model.train()
     bar = progress(total=horizon, initial=step, disable=not is_main, desc="train", unit="step")
-    clock, horizon_fixed, checkpoint_seconds = budget.StepClock(), not fit, []
+    clock, checkpoint_seconds = budget.StepClock(), []
     fit_after = max(cfg.optim.warmup_steps, step)  # the horizon is fixed at the first timed step after warmup
     t_start = t_log = time.perf_counter()
     tokens_at_log, tokens_at_start, stopped_early = tokens_seen, tokens_seen, False
@@ -473,7 +473,7 @@ def main() -> None:
             window_tokens += step_tokens
         bar.update(1)
         clock.stop()
-        if not horizon_fixed and step >= fit_after and clock.ready:
+        if fit and fit_minutes is None and step >= fit_after and clock.ready:
             # every rank fixes the same horizon: the main process's figures, sent to all
             eval_s = last_eval.get("seconds") or time_eval_batches()
             ckpt_s = (sum(checkpoint_seconds) / len(checkpoint_seconds) if checkpoint_seconds
@@ -487,7 +487,7 @@ def main() -> None:
 
                 broadcast_object_list(plan, from_process=0)
             horizon, why = plan[0]
-            horizon_fixed, fit_minutes = True, cfg.max_minutes
+            fit_minutes = cfg.max_minutes
             bar.total = horizon
             say(f"schedule fitted to the budget at step {step}: it ends at step {horizon} ({why})")
 
