@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke test bench gpu-check gpu-kit audit clean distclean
+.PHONY: help venv tokenize train eval smoke test bench gpu-check gpu-kit audit fork fork-diff clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9.5-minute budget), evaluate it"
@@ -16,6 +16,8 @@ help:
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
 	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"
 	@echo "make audit     environment and data integrity checks"
+	@echo "make fork NAME=my-idea [SCRIPT=train]       copy scripts/SCRIPT.py into experiments/NAME/, stamped"
+	@echo "make fork-diff NAME=my-idea [SCRIPT=train]  what the fork changed since the commit it came from"
 	@echo "make clean     delete data/ and runs/smoke/ (rebuildable); make distclean also deletes .venv and runs/"
 
 $(VENV)/.installed: requirements.txt
@@ -66,6 +68,23 @@ gpu-kit: venv
 
 audit: venv
 	$(PY) scripts/audit.py --checks env data
+
+# A fork is a stamped copy: FORKED_FROM holds the commit the script came from (and whether that
+# script had uncommitted changes then), so fork-diff shows the experiment's own changes only.
+SCRIPT ?= train
+fork:
+	@test -n "$(NAME)" || { echo "usage: make fork NAME=my-idea [SCRIPT=train]" >&2; exit 2; }
+	@test ! -e experiments/$(NAME)/$(SCRIPT).py || { echo "experiments/$(NAME)/$(SCRIPT).py exists" >&2; exit 2; }
+	mkdir -p experiments/$(NAME)
+	cp scripts/$(SCRIPT).py experiments/$(NAME)/$(SCRIPT).py
+	{ git rev-parse HEAD; git diff --quiet HEAD -- scripts/$(SCRIPT).py || echo "scripts/$(SCRIPT).py had uncommitted changes"; } \
+		> experiments/$(NAME)/FORKED_FROM
+	@echo "forked scripts/$(SCRIPT).py -> experiments/$(NAME)/$(SCRIPT).py; run it as python experiments/$(NAME)/$(SCRIPT).py ..."
+
+fork-diff:
+	@test -f experiments/$(NAME)/FORKED_FROM || { echo "experiments/$(NAME) is not a stamped fork (make fork NAME=...)" >&2; exit 2; }
+	git show $$(head -n1 experiments/$(NAME)/FORKED_FROM):scripts/$(SCRIPT).py | diff -u --label scripts/$(SCRIPT).py \
+		--label experiments/$(NAME)/$(SCRIPT).py - experiments/$(NAME)/$(SCRIPT).py || true
 
 clean:
 	rm -rf data runs/smoke .pytest_cache

@@ -16,14 +16,14 @@ import os
 import shutil
 from pathlib import Path
 
-from lib.corpus import sha256_file, write_json
+from lib.files import fresh_folder, publish_folder, read_json, sha256_file, write_json
 from lib.errors import UserError
 
 STATE = "trainer_state.json"
 PREFIX = "step_"
 SHARDS = "pytorch_model_fsdp_0"  # where Accelerate writes an FSDP model's shards (torch.distributed.checkpoint)
 
-__all__ = ["save", "load", "find_resume", "complete_checkpoints", "best_checkpoint", "remove_run", "write_json",
+__all__ = ["save", "load", "find_resume", "complete_checkpoints", "best_checkpoint", "remove_run", "assert_finite",
            "is_sharded", "tensor_names"]
 
 
@@ -43,7 +43,7 @@ def verify(path: Path) -> dict:
     state_file = path / STATE
     if not state_file.is_file():
         raise UserError(f"{path} is not a complete checkpoint (no {STATE})")
-    state = json.loads(state_file.read_text(encoding="utf-8"))
+    state = read_json(state_file, "checkpoint record")
     for name, digest in state.get("files", {}).items():
         f = path / name
         if not f.is_file():
@@ -93,21 +93,6 @@ def find_resume(run_dir: str | Path, resume: str, say=print) -> Path | None:
     return path
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under `root`, and the folders themselves, to disk."""
-    for p in sorted(root.rglob("*")) + [root]:
-        _fsync(p)
-
-
 def _clear_leftovers(root: Path) -> None:
     """Remove what an interrupted save or prune left: step_*.tmp and *.deleting folders."""
     for p in root.glob(f"{PREFIX}*"):
@@ -145,10 +130,22 @@ def prune(run_dir: str | Path, keep_last_n: int, keep_best: bool = False) -> lis
     return removed
 
 
+def assert_finite(model, step: int) -> None:
+    """A UserError naming the first parameter of `model` (this process's shard, under FSDP) that
+    holds a NaN or infinity: such weights are never written over a good checkpoint."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all():
+            raise UserError(f"step {step}: parameter {name} holds non-finite values; not writing a checkpoint "
+                            "(the newest complete one is kept)")
+
+
 def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: dict,
          keep_best: bool = False) -> Path:
     """Save a checkpoint of `step` (all ranks call this), then prune to `keep_last_n` (and the
-    best by `state["val_loss"]` with `keep_best`).
+    best by `state["val_loss"]` with `keep_best`). `state` is the trainer record (written by the
+    main process), saved as trainer_state.json with the sha256 of every file.
 
     A complete checkpoint of the same step is left as it is.
     """
@@ -162,19 +159,15 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(root)
-        tmp.mkdir(parents=True)
+        fresh_folder(final)  # = tmp
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _fsync_tree(tmp)
         write_json(tmp / STATE, {**state, "files": files})  # the completion record, last
-        _fsync_tree(tmp)
-        if final.exists():  # an incomplete folder of that name (no record): not a checkpoint
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
+        # (an incomplete folder of the final name, without a record, is no checkpoint: replaced)
+        publish_folder(tmp, final, durable=True)
         prune(run_dir, keep_last_n, keep_best)
     accelerator.wait_for_everyone()
     return final

@@ -10,13 +10,11 @@ what was skipped and why, and every shard's sha256. Rebuilding gives byte-identi
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import platform
-import shutil
 import sysconfig
 import unicodedata
 from collections import Counter
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional
 
 from lib.errors import UserError
+from lib.files import atomic_folder, canonical_hash, read_json, sha256_file, write_json
 from lib.sources import ANY_SUFFIX, InputFile, RecordReader, expand_inputs, hash_inputs, is_saved_dataset
 
 MANIFEST = "manifest.json"
@@ -109,21 +108,6 @@ def normalize(text: str, cfg: NormalizeConfig) -> str:
     return text
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def canonical_hash(obj) -> str:
-    """sha256 of an object's canonical JSON (sorted keys, no whitespace)."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
 class _ShardWriter:
     def __init__(self, out_dir: Path, split: str, shard_bytes: int):
         self.out_dir, self.split, self.shard_bytes = out_dir, split, shard_bytes
@@ -191,22 +175,23 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list) -> Iterator[tupl
 def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
     """Write `out_dir/{train,val}-NNNNN.jsonl` and `out_dir/manifest.json`; return the manifest.
 
-    Built in a temporary sibling folder and renamed into place, so a crash never leaves a
-    half-written corpus behind a manifest. When the new manifest equals the existing one the
-    existing folder is kept untouched (same content hash: nothing to redo downstream).
+    Built in a temporary sibling folder and renamed into place (lib/files.atomic_folder), so a
+    crash never leaves a half-written corpus behind a manifest. When the new manifest equals the
+    existing one the existing folder is kept untouched (same content hash: nothing to redo
+    downstream).
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     skipped: Counter = Counter()
     inputs: list[dict] = []
-    writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
-    try:
-        for split, record in _records(cfg, skipped, inputs):
-            writers[split].write(record)
-        for w in writers.values():
-            w.close()
+    with atomic_folder(out_dir) as build:
+        tmp = build.path
+        writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
+        try:
+            for split, record in _records(cfg, skipped, inputs):
+                writers[split].write(record)
+        finally:
+            for w in writers.values():
+                w.close()
         splits = {}
         for split, w in writers.items():
             if not w.shards:
@@ -236,94 +221,8 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
         write_json(tmp / MANIFEST, manifest)
         old = out_dir / MANIFEST
         if old.is_file() and old.read_bytes() == (tmp / MANIFEST).read_bytes():
-            shutil.rmtree(tmp)
-            return manifest
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        return manifest
-    finally:
-        for w in writers.values():
-            w.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically: to a temporary name, flushed, then renamed over `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_text(path: str | Path):
-    """Open `path` for writing text under a temporary name; rename it into place only when the
-    block finishes, and delete the temporary file when it raises."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class NpyAppender:
-    """Raw rows appended to an open .npy file (see atomic_npy)."""
-
-    def __init__(self, f, row_bytes: int):
-        self.f, self.row_bytes, self.nbytes = f, row_bytes, 0
-
-    def write(self, data: bytes) -> None:
-        self.f.write(data)
-        self.nbytes += len(data)
-
-
-_NPY_HEADER_BYTES = 128  # room for any shape's digits; a multiple of 64, as the format asks
-
-
-def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
-    """A version 1.0 .npy header of exactly _NPY_HEADER_BYTES bytes (the format allows spaces
-    before its final newline), so it can be written before the length is known and again after."""
-    import numpy as np
-
-    body = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)}).encode("latin1")
-    room = _NPY_HEADER_BYTES - 10  # magic (6), version (2), header length (2)
-    if len(body) >= room:
-        raise ValueError(f"a .npy header for shape {shape} does not fit {_NPY_HEADER_BYTES} bytes")
-    return b"\x93NUMPY\x01\x00" + room.to_bytes(2, "little") + body.ljust(room - 1) + b"\n"
-
-
-@contextlib.contextmanager
-def atomic_npy(path: str | Path, dtype: str, row_shape: tuple[int, ...] = ()):
-    """Stream a .npy array of unknown length: yields an appender taking raw bytes of `dtype`
-    rows of `row_shape`. Written under a temporary name with a placeholder header; the real
-    shape is written and the file renamed into place only when the block finishes, and the
-    temporary file is deleted when it raises. np.load (memory-mapped too) reads the result."""
-    import numpy as np
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    row_items = int(np.prod(row_shape, dtype=np.int64))
-    try:
-        with open(tmp, "wb") as f:
-            f.write(npy_header(dtype, (0, *row_shape)))
-            out = NpyAppender(f, row_items * np.dtype(dtype).itemsize)
-            yield out
-            rows, rest = divmod(out.nbytes, out.row_bytes)
-            if rest:
-                raise ValueError(f"{path}: {out.nbytes} bytes written, not whole rows of {out.row_bytes}")
-            f.seek(0)
-            f.write(npy_header(dtype, (rows, *row_shape)))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            build.discard()
+    return manifest
 
 
 def read_manifest(data_dir: str | Path, kind: str) -> dict:
@@ -331,7 +230,7 @@ def read_manifest(data_dir: str | Path, kind: str) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise UserError(f"{path} not found: build it first (make tokenize)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = read_json(path, "manifest")
     if manifest.get("kind") != kind:
         raise UserError(f"{path} is a {manifest.get('kind')!r} manifest, expected {kind!r}")
     return manifest

@@ -14,9 +14,9 @@ def keep_freed_memory() -> bool:
 
     A training step frees and reallocates the same large activation buffers every step. By
     default glibc serves blocks over a threshold with fresh mmap calls and unmaps them on free,
-    so every step page-faults its buffers back in: on a 2-core machine here a quarter of the
-    time went to the kernel, and this setting made steps 1.4-1.5x faster. The cost is that
-    the process keeps its peak memory. Returns False (and changes nothing) off glibc.
+    so every step page-faults its buffers back in, and a large share of a CPU step goes to the
+    kernel. The cost is that the process keeps its peak memory. Returns False (and changes
+    nothing) off glibc.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -36,3 +36,15 @@ def allow_fsdp_on_cpu() -> bool:
         return False  # a single process (nothing to shard), or already a GPU-type launch
     state.distributed_type = DistributedType.MULTI_GPU
     return True
+
+
+def broadcast_from_main(value, state):
+    """The main process's `value` (any picklable object) on every process of `state` (an
+    Accelerator or PartialState); every process must call this, the others' `value` is ignored."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

@@ -82,6 +82,25 @@ class HeldOutSample:
     text_bytes: int
     description: str
 
+    def evaluate(self, model, batch_size: int, device, autocast=None, bos_id: int | None = None) -> dict:
+        """lib/evaluate.summarize of `model` on every window (single process, as evaluate_blocks)."""
+        sums = evaluate_blocks(model, self.inputs, self.targets, batch_size, device, autocast, bos_id=bos_id)
+        return summarize(sums, self.text_bytes)
+
+    def estimate_seconds(self, model, batch_size: int, device, autocast=None, bos_id: int | None = None) -> float:
+        """Seconds one `evaluate` takes, from its first batches: the faster of the second and third
+        batch (the first ones pay one-off kernel set-up), times the number of batches."""
+        import time
+
+        batches = -(-len(self.inputs) // batch_size)
+        times = []
+        for k in range(min(3, batches)):
+            rows = slice(k * batch_size, (k + 1) * batch_size)
+            t = time.perf_counter()
+            evaluate_blocks(model, self.inputs[rows], self.targets[rows], batch_size, device, autocast, bos_id=bos_id)
+            times.append(time.perf_counter() - t)
+        return min(times[1:] or times) * batches
+
 
 def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_targets: int | None,
                     byte_lengths: np.ndarray | None, seed: int = 0) -> HeldOutSample:

@@ -16,6 +16,8 @@ import platform
 import time
 from pathlib import Path
 
+from lib.files import write_json
+
 # name fragment -> {dtype: dense TFLOP/s}; first match wins, so longer names come first
 GPU_PEAK_TFLOPS = [
     ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
@@ -149,9 +151,7 @@ def _write_cache(updates: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         cache = {**_read_cache(), **updates}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
+        write_json(path, cache)
     except OSError:
         pass  # a read-only home: measure again next time
 
@@ -161,7 +161,7 @@ def cpu_throughput(jobs: dict[str, tuple[str, list]], refresh: bool = False) -> 
     count, and where the figures came from ('cached', 'measured', or 'measured under load ...').
 
     The cache key holds the kernel settings a run may restrict (--deterministic keeps oneDNN off
-    AMX, where fp16 matmuls ran 300x slower here): a figure measured under them must not stand
+    AMX, where fp16 matmuls can run hundreds of times slower): a figure measured under them must not stand
     for runs without them, nor the other way round. Figures measured while other processes kept
     the CPU busy are returned but not cached."""
     import torch
@@ -210,3 +210,31 @@ def device_peak(device, dtypes: tuple[str, ...] = ("fp32", "bf16"), refresh: boo
         return figures[dtype], dtype, (f"{dtype} matmul peak of this CPU ({torch.get_num_threads()} threads), "
                                        f"{how}")
     return None, "", f"no peak known for {device.type}"
+
+
+class MfuMeter:
+    """Model FLOP utilization of a training job, against the device's fastest dense peak.
+
+    Probed on the main process only (one probe per machine, not one per rank; other processes'
+    meters return None). A figure above 100% means the peak was measured wrong (under load, or a
+    stale cache): it is then probed once more, and the new figure used."""
+
+    def __init__(self, device, flops_per_token: float, world_size: int, enabled: bool, say=print):
+        self.device, self.flops_per_token, self.world, self.say = device, flops_per_token, world_size, say
+        self.peak, self.reprobed = None, False
+        if enabled:
+            self.peak, _, source = device_peak(device)
+            say(f"MFU against {self.peak / 1e12:.2f} TFLOP/s, the {source}" if self.peak else f"MFU: {source}")
+
+    def __call__(self, tokens_per_s: float) -> float | None:
+        """MFU of a job running at `tokens_per_s` in all (each process has a device like this one)."""
+        if not self.peak:
+            return None
+        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.world)
+        if mfu > 1 and not self.reprobed:
+            self.reprobed, old = True, self.peak
+            self.peak, _, source = device_peak(self.device, refresh=True)
+            self.say(f"MFU {mfu:.0%} against {old / 1e12:.3f} TFLOP/s cannot be: measured the peak again: "
+                     f"{self.peak / 1e12:.2f} TFLOP/s, the {source}")
+            mfu = tokens_per_s * self.flops_per_token / (self.peak * self.world)
+        return mfu

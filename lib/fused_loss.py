@@ -42,9 +42,8 @@ def _softmax_grad(logits, t):
 
 @functools.cache
 def compiled_softmax_grad():
-    """`_softmax_grad` through torch.compile, which fuses its passes over a chunk (measured here
-    per 512 x 16k chunk: 9.9 ms against eager's 13.1 ms). Rows are a dynamic dimension, so
-    varying numbers of targets do not recompile."""
+    """`_softmax_grad` through torch.compile, which fuses its passes over a chunk into fewer trips
+    through memory. Rows are a dynamic dimension, so varying numbers of targets do not recompile."""
     return torch.compile(_softmax_grad, dynamic=True)
 
 

@@ -97,7 +97,7 @@ def base_fingerprint(init_from: Optional[str]) -> Optional[str]:
     which the seed determines)."""
     if not init_from:
         return None
-    from lib.corpus import sha256_file
+    from lib.files import sha256_file
 
     files = sorted(p for p in Path(init_from).iterdir() if p.suffix in (".safetensors", ".bin"))
     digest = hashlib.sha256()

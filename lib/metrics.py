@@ -4,8 +4,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
+
+from lib.files import atomic_file, atomic_text
 
 
 def _clean(v):
@@ -61,9 +62,8 @@ def truncate_after_step(path: str | Path, step: int) -> int:
                 kept.append(line if line.endswith("\n") else line + "\n")
             else:
                 dropped += 1
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_text(path) as f:
+        f.write("".join(kept))
     return dropped
 
 
@@ -77,13 +77,11 @@ def write_tables(records: list[dict], stem: str | Path) -> list[Path]:
     for r in records:
         columns += [k for k in r if k not in columns]
     csv_path, pq_path = stem.with_suffix(".csv"), stem.with_suffix(".parquet")
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(csv_path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
-    os.replace(tmp, csv_path)
     table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in records])
-    pq.write_table(table, str(pq_path) + ".tmp")
-    os.replace(str(pq_path) + ".tmp", pq_path)
+    with atomic_file(pq_path, "wb") as f:
+        pq.write_table(table, f)
     return [csv_path, pq_path]

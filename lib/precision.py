@@ -81,10 +81,6 @@ def resolve(choice: str, shapes: list[tuple[int, int, int]] | None = None, cuda:
 
 def resolve_on_main(choice: str, shapes, state) -> Choice:
     """`resolve` on the main process of `state` (an Accelerate PartialState), sent to every rank."""
-    if state.num_processes == 1:
-        return resolve(choice, shapes)
-    from accelerate.utils import broadcast_object_list
+    from lib.distributed import broadcast_from_main
 
-    box = [resolve(choice, shapes) if state.is_main_process else None]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+    return broadcast_from_main(resolve(choice, shapes) if state.is_main_process else None, state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from lib.files import atomic_folder, atomic_text
 from lib.metrics import read_jsonl
 
 
@@ -14,20 +15,17 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
 
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
     tok_dir = (tokens_dir / ".." / "tokenizer").resolve()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if state_dict is not None:
-        # a gathered state dict holds a tied weight (output layer = embedding) twice, as two
-        # tensors: keep the model's first name for each shared parameter, as a plain save does
-        first: dict[int, str] = {}
-        repeats = {name for name, param in model.named_parameters(remove_duplicate=False)
-                   if first.setdefault(id(param), name) != name}
-        state_dict = {k: v for k, v in state_dict.items() if k not in repeats}
-    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-    AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tmp))
-    shutil.copy2(tok_dir / "sp.model", tmp / "sp.model")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_folder(out_dir) as build:  # an older final/ stays until this one is complete
+        if state_dict is not None:
+            # a gathered state dict holds a tied weight (output layer = embedding) twice, as two
+            # tensors: keep the model's first name for each shared parameter, as a plain save does
+            first: dict[int, str] = {}
+            repeats = {name for name, param in model.named_parameters(remove_duplicate=False)
+                       if first.setdefault(id(param), name) != name}
+            state_dict = {k: v for k, v in state_dict.items() if k not in repeats}
+        model.save_pretrained(str(build.path), safe_serialization=True, state_dict=state_dict)
+        AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(build.path))
+        shutil.copy2(tok_dir / "sp.model", build.path / "sp.model")
     return out_dir
 
 
@@ -67,8 +65,6 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
 def set_report_section(report: str | Path, title: str, body: str) -> None:
     """Put `body` under a `## title` heading of a run's report.md, replacing that section if it is
     there already (a re-run of the same evaluation) and keeping the rest. Written atomically."""
-    from lib.corpus import atomic_text
-
     report = Path(report)
     text = report.read_text(encoding="utf-8") if report.is_file() else ""
     head = f"## {title}\n"
@@ -79,3 +75,17 @@ def set_report_section(report: str | Path, title: str, body: str) -> None:
     text = text.rstrip("\n") + "\n\n" + head + "\n" + body.rstrip("\n") + "\n"
     with atomic_text(report) as f:
         f.write(text.lstrip("\n"))
+
+
+def write_run_report(run_dir: str | Path, title: str, facts: list[str], final_eval: dict, held_out: str) -> Path:
+    """A run's report.md: `facts` as a list, the final held-out evaluation (a dict of
+    lib/evaluate.summarize with "tokens"), the loss plot. eval.py adds its own section later."""
+    path = Path(run_dir) / "report.md"
+    lines = [f"# Run {title}", ""] + [f"- {fact}" for fact in facts] + [
+        f"- held-out, {held_out} ({final_eval['tokens']:,} tokens; the sample every evaluation of the run "
+        f"scores): loss {final_eval['loss']:.4f}, perplexity {final_eval['perplexity']:.2f}, bits/byte "
+        f"{final_eval['bits_per_byte']:.4f}, next-token accuracy {final_eval['accuracy']:.3f}",
+        "", "![loss](loss.png)", ""]
+    with atomic_text(path) as f:
+        f.write("\n".join(lines))
+    return path

@@ -17,7 +17,6 @@ Bad input policies:
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import string
@@ -232,11 +231,6 @@ class RecordReader:
 
 def hash_inputs(files: list[InputFile]) -> list[dict]:
     """[{file, bytes, sha256}] for every raw input file, in order."""
-    out = []
-    for f in files:
-        h = hashlib.sha256()
-        with open(f.path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        out.append({"file": f.rel, "bytes": f.path.stat().st_size, "sha256": h.hexdigest()})
-    return out
+    from lib.files import sha256_file
+
+    return [{"file": f.rel, "bytes": f.path.stat().st_size, "sha256": sha256_file(f.path)} for f in files]

@@ -398,7 +398,7 @@ class WordCachedEncoder:
 
     With `units` (for models where `unit_local` holds), keys missing from a cache are built from
     a second cache of units instead of being encoded whole: SentencePiece's cost goes with the
-    characters it is given (about 0.4 us each here), and distinct units hold a fifth of the
+    characters it is given, and distinct units hold a fifth of the
     characters of distinct pieces ("self.assertEqual" and "self.assertTrue" share "self" and ".").
     """
 
@@ -603,6 +603,36 @@ class TextTokenizer:
                 return self._words.encode(texts)
             return self._sp.encode(texts, num_threads=self.threads or os.cpu_count() or 1)
         return self._hf(texts, add_special_tokens=False)["input_ids"]
+
+    @property
+    def word_cached(self) -> bool:
+        """True when texts go through the word cache (lib/tokenizer.WordCachedEncoder): encode_packed
+        and encode_id_text then skip building Python lists of ids."""
+        return self.kind == "sentencepiece" and self._words is not None
+
+    def encode_packed(self, texts: list[str], add_bos: bool, add_eos: bool) -> tuple[bytes, list[int]]:
+        """The texts' ids, each between bos and eos as asked, packed end to end as machine
+        integers of array typecode `packed_code(vocab_size)`, and the number of ids of each."""
+        from array import array
+
+        code = packed_code(self.vocab_size)
+        head = [self.ids["bos"]] if add_bos else []
+        tail = [self.ids["eos"]] if add_eos else []
+        if self.word_cached:
+            packed = self._words.encode_packed(texts, code, array(code, head).tobytes(), array(code, tail).tobytes())
+            return b"".join(packed), [len(p) // array(code).itemsize for p in packed]
+        ids = [head + x + tail for x in self.encode(texts)]
+        return array(code, itertools.chain.from_iterable(ids)).tobytes(), list(map(len, ids))
+
+    def encode_id_text(self, texts: list[str], add_bos: bool, add_eos: bool) -> list[tuple[str, int]]:
+        """Each text's ids (between bos and eos as asked) as the text json.dumps writes inside the
+        list's brackets ("1, 52, 9"), and their number."""
+        head = [str(self.ids["bos"])] if add_bos else []
+        tail = [str(self.ids["eos"])] if add_eos else []
+        pairs = self._words.encode_text(texts) if self.word_cached else [
+            (", ".join(map(str, x)), len(x)) for x in self.encode(texts)]
+        return [(", ".join(head + ([joined] if joined else []) + tail), n + len(head) + len(tail))
+                for joined, n in pairs]
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         if self.kind == "sentencepiece":

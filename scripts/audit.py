@@ -87,7 +87,8 @@ def audit_env(rep: Report) -> None:
 
 
 def audit_data(rep: Report, data: str) -> None:
-    from lib.corpus import read_manifest, sha256_file
+    from lib.corpus import read_manifest
+    from lib.files import sha256_file
     from lib.data import tokens_dir
 
     tok_dir = tokens_dir(data)

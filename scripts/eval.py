@@ -97,7 +97,8 @@ def main() -> None:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    from lib.corpus import iter_records, read_manifest, sha256_file
+    from lib.corpus import iter_records, read_manifest
+    from lib.files import sha256_file
     from lib.data import gather_docs, load_split, sample_docs, tokens_dir
     from lib.evaluate import compressor_bpb, evaluate_stream, summarize
     from lib.metrics import JsonlWriter, read_jsonl, write_tables

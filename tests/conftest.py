@@ -49,6 +49,30 @@ def run_script(script: str | Path, *args: str, cwd: str | Path | None = None, ch
     return proc
 
 
+def train_command(data: str | Path, runs: str | Path, name: str, *args: str,
+                  launcher: tuple[str, ...] = ()) -> list[str]:
+    """The command line of a smoke-preset training run `runs/name` on `data`, `args` after the
+    preset's (a later flag wins). For a process the test drives itself (kill tests)."""
+    return [*(launcher or (sys.executable,)), str(REPO / "scripts" / "train.py"), "--config",
+            str(REPO / "configs" / "train" / "smoke.yaml"), "--data.dir", str(data), "--runs_dir", str(runs),
+            "--run_name", name, *args]
+
+
+def train(data: str | Path, runs: str | Path, name: str, *args: str, launcher: tuple[str, ...] = (),
+          check: bool = True, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+          timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run scripts/train.py with the smoke preset as `runs/name` on `data` (as train_command),
+    through `launcher` (e.g. accelerate_launch("cpu_ddp")); every test launches training this way."""
+    return run_script("scripts/train.py", "--config", str(REPO / "configs" / "train" / "smoke.yaml"),
+                      "--data.dir", str(data), "--runs_dir", str(runs), "--run_name", name, *args,
+                      launcher=launcher, check=check, env=env, cwd=cwd, timeout=timeout)
+
+
+# what every bitwise resume test trains with: dropout on (the restored random state matters), fp32
+# and --deterministic (identical processes compute identical bits), a small held-out sample
+BITWISE = ("--model.dropout", "0.1", "--eval_tokens", "2000", "--precision", "fp32", "--deterministic")
+
+
 def tokenized(tmp_path_factory, name: str, files: int) -> Path:
     """The first `files` stdlib files tokenized with a 512-piece vocabulary."""
     out = tmp_path_factory.mktemp("data") / name

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+from conftest import train
 from lib import budget
 from lib.optim import OptimConfig, lr_at
 from test_resume import assert_same_run
@@ -50,22 +50,20 @@ def _rows(run: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
 
 
-def train(data, runs, name, *extra):
-    return run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(data),
-                      "--runs_dir", str(runs), "--run_name", name, "--eval_tokens", "2000", "--log_every", "1",
-                      "--precision", "fp32", "--deterministic", "--no_mfu", "--checkpoint_every", "0",
-                      "--eval_every", "100", *extra)
+# one process, bitwise reproducible, a quick held-out sample, logged every step
+QUIET = ("--eval_tokens", "2000", "--log_every", "1", "--precision", "fp32", "--deterministic", "--no_mfu",
+         "--checkpoint_every", "0", "--eval_every", "100")
 
 
 def test_budgeted_run_decays_in_time_and_resumes_the_same_schedule(tiny_data, tmp_path):
     budgeted = ["--max_steps", "100000", "--max_minutes", "0.2", "--fit_schedule", "True"]
     # stopped after the fit, then resumed: the horizon comes from the checkpoint (no budget needed)
-    first = train(tiny_data, tmp_path, "resumed", *budgeted, "--stop_at_step", "30")
+    first = train(tiny_data, tmp_path, "resumed", *QUIET, *budgeted, "--stop_at_step", "30")
     assert "schedule fitted to the budget at step 10" in first.stdout
     rows = _rows(tmp_path / "resumed")
     horizon = rows[-1]["horizon"]
     assert 30 < horizon < 100000 and all(r["horizon"] == horizon for r in rows if r["step"] >= 10)
-    train(tiny_data, tmp_path, "resumed", "--max_steps", "100000", "--max_minutes", "None", "--resume", "auto")
+    train(tiny_data, tmp_path, "resumed", *QUIET, "--max_steps", "100000", "--max_minutes", "None", "--resume", "auto")
     rows = _rows(tmp_path / "resumed")
     assert rows[-1]["step"] == horizon and {r["horizon"] for r in rows[10:]} == {horizon}
     cfg = OptimConfig(lr=1e-2, warmup_steps=10)  # smoke.yaml's
@@ -73,12 +71,12 @@ def test_budgeted_run_decays_in_time_and_resumes_the_same_schedule(tiny_data, tm
     report = (tmp_path / "resumed" / "report.md").read_text()
     assert f"{horizon} of {horizon}" in report and "fitted to a 0.2 minute budget" in report
     # bit for bit the run that was given that horizon as its step count from the start
-    train(tiny_data, tmp_path, "straight", "--max_steps", str(horizon))
+    train(tiny_data, tmp_path, "straight", *QUIET, "--max_steps", str(horizon))
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_deterministic_runs_keep_the_schedule_off_the_clock(tiny_data, tmp_path):
-    proc = train(tiny_data, tmp_path, "det", "--max_steps", "40", "--max_minutes", "5")
+    proc = train(tiny_data, tmp_path, "det", *QUIET, "--max_steps", "40", "--max_minutes", "5")
     assert "--deterministic: a horizon measured from time would differ" in proc.stdout
     assert "schedule fitted" not in proc.stdout
     rows = _rows(tmp_path / "det")

@@ -8,7 +8,7 @@ import pytest
 
 from lib.checkpoint import STATE, best_checkpoint, complete_checkpoints, prune
 from lib.errors import UserError
-from test_resume import train
+from conftest import train
 
 
 def fake_run(root, losses):
@@ -45,7 +45,8 @@ def test_best_within_the_last_n_keeps_nothing_extra(tmp_path):
 
 
 def test_training_records_val_loss_and_keeps_the_best(tiny_data, tmp_path):
-    train(tiny_data, tmp_path, "best", "--max_steps", "8", "--eval_every", "2", "--checkpoint_every", "2",
+    train(tiny_data, tmp_path, "best", "--eval_tokens", "2000", "--max_steps", "8", "--eval_every", "2",
+          "--checkpoint_every", "2",
           "--keep_last_n", "1", "--keep_best", "--optim.lr", "0.05")
     run = tmp_path / "best"
     evals = {r["step"]: r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())

@@ -34,14 +34,24 @@ def test_manifest_describes_shards(tmp_path):
             assert (stdlib_root() / r["source"]).is_file()
 
 
-def test_split_depends_on_path_only():
+def test_split_depends_on_path_only(tmp_path):
+    import hashlib
+
     files = list_source_files(stdlib_root())
     assert files == sorted(files) and len(files) > 300
-    val = [f for f in files if split_of(f, 20) == "val"]
-    # about 2% of files, and the same answer whatever the order or subset asked about
-    assert 0.005 < len(val) / len(files) < 0.05
-    assert [f for f in reversed(files) if split_of(f, 20) == "val"] == val[::-1]
-    assert split_of("json/decoder.py", 20) == split_of("json/decoder.py", 20)
+    # the split is the sha256 of the path, bucketed per mille (an independent computation)
+    bucket = {f: int(hashlib.sha256(f.encode()).hexdigest()[:16], 16) % 1000 for f in files}
+    val = {f for f in files if split_of(f, 20) == "val"}
+    assert val == {f for f in files if bucket[f] < 20} and 0.005 < len(val) / len(files) < 0.05
+    # a larger held-out share only moves files from train to val
+    assert val < {f for f in files if split_of(f, 40) == "val"}
+    # built corpora of different sizes put every file they share in the same split
+    splits = []
+    for n in (40, 120):
+        build_corpus(CorpusConfig(max_files=n, val_per_mille=100), tmp_path / str(n))
+        splits.append({r["id"]: s for s in ("train", "val") for r in iter_records(tmp_path / str(n), s)})
+    assert set(splits[0]) < set(splits[1]) and all(splits[1][i] == s for i, s in splits[0].items())
+    assert set(splits[0].values()) == {"train", "val"}
 
 
 def test_rebuild_keeps_existing_folder_when_unchanged(tmp_path):
@@ -77,7 +87,7 @@ def test_local_folder_source(tmp_path):
 def test_atomic_npy_streams_rows_and_never_leaves_a_partial_file(tmp_path):
     import numpy as np
 
-    from lib.corpus import atomic_npy, npy_header
+    from lib.files import atomic_npy, npy_header
 
     path = tmp_path / "ids.npy"
     rows = np.arange(3000, dtype=np.int64).reshape(-1, 2)

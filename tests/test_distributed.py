@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import accelerate_launch, run_script
+from conftest import accelerate_launch, run_script, train
 
 DDP = accelerate_launch("cpu_ddp")
 FSDP = accelerate_launch("cpu_fsdp2")
@@ -36,12 +36,6 @@ def test_gradient_is_the_same_however_the_step_is_split(tmp_path):
     assert (plain - whole).abs().max() <= 1e-5 * scale
 
 
-def train(tmp_path, name, data, *extra, ddp=False, check=True, launcher=(), env=None):
-    return run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(data),
-                      "--runs_dir", str(tmp_path), "--run_name", name, *extra,
-                      launcher=DDP if ddp else launcher, check=check, env=env)
-
-
 def records(run: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
 
@@ -54,12 +48,12 @@ PARALLEL_RUN = ["--max_steps", "12", "--log_every", "3", "--eval_every", "0", "-
 def ddp_run(tiny_data, tmp_path_factory):
     """A 2-process CPU DDP run of 12 steps (checkpoints at 6 and 12): (its folder, its output)."""
     root = tmp_path_factory.mktemp("ddp")
-    return root / "two", train(root, "two", tiny_data, *PARALLEL_RUN, ddp=True)
+    return root / "two", train(tiny_data, root, "two", *PARALLEL_RUN, launcher=DDP)
 
 
 def test_two_process_ddp_trains_as_one_job(tiny_data, tmp_path, ddp_run):
     two_dir, two = ddp_run
-    one = train(tmp_path, "one", tiny_data, *PARALLEL_RUN)
+    one = train(tiny_data, tmp_path, "one", *PARALLEL_RUN)
     assert "1 process(es)" in one.stdout and "2 process(es)" in two.stdout
     assert "weights identical on all 2 processes: True" in two.stdout
     final = records(two_dir, "final")[0]
@@ -80,7 +74,7 @@ def test_fsdp2_on_cpu_shards_trains_like_ddp_and_resumes(tiny_data, tmp_path, dd
     from safetensors.torch import load_file
 
     ddp_dir, _ = ddp_run
-    proc = train(tmp_path, "fsdp", tiny_data, *PARALLEL_RUN, launcher=FSDP)
+    proc = train(tiny_data, tmp_path, "fsdp", *PARALLEL_RUN, launcher=FSDP)
     assert "FSDP2 on CPU over gloo (2 process(es))" in proc.stdout and "weights identical" not in proc.stdout
     run = tmp_path / "fsdp"
     # really sharded: each rank wrote its own shard of the weights and of the optimizer state
@@ -103,7 +97,7 @@ def test_fsdp2_on_cpu_shards_trains_like_ddp_and_resumes(tiny_data, tmp_path, dd
     shutil.copytree(run, crashed)
     shutil.rmtree(crashed / "checkpoints" / "step_0000012")
     shutil.rmtree(crashed / "final")
-    proc = train(tmp_path, "crashed", tiny_data, *PARALLEL_RUN, "--resume", "auto", launcher=FSDP)
+    proc = train(tiny_data, tmp_path, "crashed", *PARALLEL_RUN, "--resume", "auto", launcher=FSDP)
     assert "resumed from" in proc.stdout and "step_0000006 at step 6" in proc.stdout
     assert [r["loss"] for r in records(crashed, "train")] == pytest.approx([r["loss"] for r in a], rel=1e-6)
     resumed_w = load_file(crashed / "final" / "model.safetensors")
@@ -111,8 +105,8 @@ def test_fsdp2_on_cpu_shards_trains_like_ddp_and_resumes(tiny_data, tmp_path, dd
 
     # shards cannot be resumed by a DDP job: a clear error, and the run is left as it was
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    proc = train(tmp_path, "fsdp", tiny_data, *PARALLEL_RUN, "--max_steps", "14", "--resume", "auto",
-                 ddp=True, check=False)
+    proc = train(tiny_data, tmp_path, "fsdp", *PARALLEL_RUN, "--max_steps", "14", "--resume", "auto",
+                 launcher=DDP, check=False)
     # (the launcher adds its own report of a failed child; the script itself raises no traceback)
     assert proc.returncode != 0 and "[rank0]: Traceback" not in proc.stderr and 'train.py", line' not in proc.stderr
     assert "was written by an FSDP job and this one does not use FSDP" in proc.stderr
@@ -121,7 +115,7 @@ def test_fsdp2_on_cpu_shards_trains_like_ddp_and_resumes(tiny_data, tmp_path, dd
 
 def test_fsdp_asked_for_but_not_applied_says_so(tiny_data, tmp_path):
     # what the launcher sets for an FSDP config, on a job it did not launch as a distributed one
-    proc = train(tmp_path, "fsdp1", tiny_data, "--max_steps", "1", "--eval_every", "0", "--eval_tokens", "500",
+    proc = train(tiny_data, tmp_path, "fsdp1", "--max_steps", "1", "--eval_every", "0", "--eval_tokens", "500",
                  "--checkpoint_every", "0", env={"ACCELERATE_USE_FSDP": "true"})
     assert "asks for FSDP, but this job runs without it (one process): nothing is sharded" in proc.stdout
 
@@ -130,7 +124,7 @@ def test_fsdp_asked_for_but_not_applied_says_so(tiny_data, tmp_path):
 def test_nonfinite_loss_is_stopped_or_skipped(tiny_data, tmp_path, policy):
     from safetensors.torch import load_file
 
-    proc = train(tmp_path, policy, tiny_data, "--max_steps", "10", "--log_every", "2", "--eval_every", "0",
+    proc = train(tiny_data, tmp_path, policy, "--max_steps", "10", "--log_every", "2", "--eval_every", "0",
                  "--eval_tokens", "2000", "--checkpoint_every", "4", "--debug_nan_step", "6",
                  "--on_nonfinite", policy, check=False)
     run = tmp_path / policy
@@ -151,8 +145,8 @@ def test_nonfinite_loss_is_stopped_or_skipped(tiny_data, tmp_path, policy):
 def test_activation_checkpointing_changes_memory_not_results(tiny_data, tmp_path):
     common = ["--max_steps", "6", "--log_every", "2", "--eval_every", "0", "--eval_tokens", "2000",
               "--checkpoint_every", "0", "--precision", "fp32"]
-    train(tmp_path, "plain", tiny_data, *common)
-    proc = train(tmp_path, "ckpt", tiny_data, *common, "--activation_checkpointing")
+    train(tiny_data, tmp_path, "plain", *common)
+    proc = train(tiny_data, tmp_path, "ckpt", *common, "--activation_checkpointing")
     assert "activation checkpointing: on" in proc.stdout
     a, b = records(tmp_path / "plain", "train"), records(tmp_path / "ckpt", "train")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
@@ -161,8 +155,8 @@ def test_activation_checkpointing_changes_memory_not_results(tiny_data, tmp_path
 def test_fused_output_layer_trains_like_full_logits(tiny_data, tmp_path):
     common = ["--max_steps", "6", "--log_every", "2", "--eval_every", "0", "--eval_tokens", "2000",
               "--checkpoint_every", "0", "--precision", "fp32"]
-    train(tmp_path, "fused", tiny_data, *common)  # the default
-    train(tmp_path, "full", tiny_data, *common, "--no_fused_loss")
+    train(tiny_data, tmp_path, "fused", *common)  # the default
+    train(tiny_data, tmp_path, "full", *common, "--no_fused_loss")
     a, b = records(tmp_path / "fused", "train"), records(tmp_path / "full", "train")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
@@ -175,9 +169,9 @@ def test_compiled_training_matches_eager(tiny_data, tmp_path):
     # compiled softmax of the fused loss must train as the uncompiled step does
     common = ["--max_steps", "4", "--log_every", "1", "--eval_every", "0", "--eval_tokens", "2000",
               "--checkpoint_every", "0", "--precision", "fp32"]
-    proc = train(tmp_path, "compiled", tiny_data, *common, "--compile")
+    proc = train(tiny_data, tmp_path, "compiled", *common, "--compile")
     assert "forward: torch.compile, attention eager, loss fused with the output layer" in proc.stdout
-    train(tmp_path, "eager", tiny_data, *common)
+    train(tiny_data, tmp_path, "eager", *common)
     a, b = records(tmp_path / "compiled", "train"), records(tmp_path / "eager", "train")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-3)

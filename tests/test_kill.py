@@ -7,23 +7,17 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 
-from conftest import REPO
+from conftest import BITWISE, REPO, train, train_command
 from lib.checkpoint import complete_checkpoints
-from test_resume import assert_same_run, train
-
-
-def command(data, runs, name, *extra):
-    return [sys.executable, str(REPO / "scripts" / "train.py"), "--config", "configs/train/smoke.yaml",
-            "--data.dir", str(data), "--runs_dir", str(runs), "--run_name", name, "--model.dropout", "0.1",
-            "--eval_tokens", "2000", "--log_every", "1", "--precision", "fp32", "--deterministic", *extra]
+from test_resume import assert_same_run
 
 
 def test_killed_anywhere_and_resumed_is_the_uninterrupted_run(tiny_data, tmp_path):
-    common = ["--max_steps", "500", "--checkpoint_every", "5", "--keep_last_n", "2", "--eval_every", "100"]
+    common = [*BITWISE, "--log_every", "1", "--max_steps", "500", "--checkpoint_every", "5", "--keep_last_n", "2",
+              "--eval_every", "100"]
     train(tiny_data, tmp_path, "straight", *common)
     run = tmp_path / "killed"
     seen = {"min_after_first": None, "polls": 0}
@@ -47,7 +41,7 @@ def test_killed_anywhere_and_resumed_is_the_uninterrupted_run(tiny_data, tmp_pat
         # block the run's next write for ever
         err = tmp_path / f"stderr_{attempt}.txt"
         with open(err, "wb") as err_file:
-            proc = subprocess.Popen(command(tiny_data, tmp_path, "killed", *common, "--resume", "auto"), cwd=REPO,
+            proc = subprocess.Popen(train_command(tiny_data, tmp_path, "killed", *common, "--resume", "auto"), cwd=REPO,
                                     env=env, stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)
         if attempt >= 8:  # enough: let it finish
             assert proc.wait(timeout=600) == 0, err.read_text()[-3000:]

@@ -11,19 +11,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lib.checkpoint import complete_checkpoints, is_sharded, tensor_names
-from test_resume import DDP, FSDP, assert_same_run, train
+from conftest import BITWISE, train
+from test_resume import DDP, FSDP, assert_same_run
 
 
 @pytest.fixture(scope="module")
 def base(tiny_data, tmp_path_factory):
     """A tiny pretrained model saved the way any local Hugging Face model is."""
     runs = tmp_path_factory.mktemp("base")
-    train(tiny_data, runs, "base", "--max_steps", "3", "--checkpoint_every", "0", "--eval_every", "0")
+    train(tiny_data, runs, "base", *BITWISE, "--max_steps", "3", "--checkpoint_every", "0", "--eval_every", "0")
     return runs / "base" / "final"
 
 
 def lora_args(base_dir, *extra):
-    return ("--model.init_from", str(base_dir), "--lora.r", "4", "--lora.dropout", "0.1", *extra)
+    return (*BITWISE, "--log_every", "1", "--model.init_from", str(base_dir), "--lora.r", "4", "--lora.dropout", "0.1",
+            *extra)
 
 
 def test_checkpoints_hold_adapters_and_final_is_merged(tiny_data, base, tmp_path):

@@ -3,14 +3,16 @@ result with transformers' Auto classes."""
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_script
-from lib.corpus import sha256_file
+from conftest import REPO, run_script, train
+from lib.files import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +21,16 @@ def smoke_run(tiny_data, tmp_path_factory):
     # through `accelerate launch`, from another working directory, as a user would
     launcher = (str(Path(sys.executable).with_name("accelerate")), "launch",
                 "--config_file", str(REPO / "configs/accelerate/cpu.yaml"))
-    proc = run_script("scripts/train.py", "--config", str(REPO / "configs/train/smoke.yaml"),
-                      "--data.dir", str(tiny_data), "--runs_dir", str(runs), "--max_steps", "80",
-                      "--eval_every", "40", "--checkpoint_every", "40", "--log_every", "10", launcher=launcher, cwd=runs)
+    proc = train(tiny_data, runs, "smoke", "--max_steps", "80", "--eval_every", "40", "--checkpoint_every", "40",
+                 "--log_every", "10", launcher=launcher, cwd=runs)
     return runs / "smoke", proc
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    """A copy of the shared smoke run, for a test that extends or changes it (the others then
+    see the run as it was made, whatever order the tests run in)."""
+    shutil.copytree(run, tmp_path / run.name)
+    return tmp_path / run.name
 
 
 def test_tokenized_data_is_consistent(tiny_data):
@@ -85,12 +93,12 @@ def test_rerun_reuses_every_stage(tiny_data):
 def test_training_loss_falls(smoke_run):
     run, proc = smoke_run
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["type"] == "train"]
+    rows = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
-    assert train[0]["step"] == 10 and train[-1]["step"] == 80
-    assert train[-1]["loss"] < train[0]["loss"] - 0.5, (train[0]["loss"], train[-1]["loss"])
+    assert rows[0]["step"] == 10 and rows[-1]["step"] == 80
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, (rows[0]["loss"], rows[-1]["loss"])
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
     assert "loss" in proc.stdout and "tok/s" in proc.stdout
 
 
@@ -112,10 +120,22 @@ def test_final_loads_with_auto_classes_and_generates(smoke_run):
     run, _ = smoke_run
     model = AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)
     tok = AutoTokenizer.from_pretrained(run / "final", local_files_only=True)
+    import sentencepiece as spm
+
     ids = tok("def ", return_tensors="pt").input_ids
+    # the Hugging Face tokenizer shipped in final/ gives SentencePiece's own ids (after its bos)
+    sp = spm.SentencePieceProcessor(model_file=str(run / "final" / "sp.model"))
+    assert ids[0].tolist()[-len(sp.encode("def ")):] == sp.encode("def ")
     out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1]
-    assert isinstance(tok.decode(out[0], skip_special_tokens=True), str)
+    # greedy generation follows the saved weights: each new token is the argmax after the ones before
+    with torch.no_grad():
+        logits = model(out[:, :-1]).logits[0]
+    new = out[0, ids.shape[1]:]
+    assert torch.equal(logits[ids.shape[1] - 1:].argmax(-1)[:len(new)], new)
+    text = tok.decode(out[0], skip_special_tokens=True)
+    assert text.startswith("def") and len(text) > len("def ") and text == sp.decode(
+        [i for i in out[0].tolist() if i not in tok.all_special_ids])
     # the tied output layer was saved and reloaded (not re-initialised)
     torch.testing.assert_close(model.lm_head.weight, model.model.embed_tokens.weight)
 
@@ -129,7 +149,16 @@ def test_eval_writes_all_sinks(smoke_run):
         assert name in proc.stdout
     out = run / "eval"
     rec = json.loads((out / "metrics.ndjson").read_text().splitlines()[-1])
-    assert 0 < rec["bits_per_byte"] < 8 and rec["tokens"] > 0 and rec["bytes"] > rec["tokens"]
+    tokens = json.loads((Path(json.loads((run / "provenance.json").read_text())["config"]["data"]["dir"]) / "tokens"
+                         / "manifest.json").read_text())
+    # the whole held-out split: every byte of its text, and bits per byte = nats per token in bits
+    # times tokens over bytes; a model 80 steps in is clearly better than a uniform guess over the
+    # vocabulary, and close to what the run's own last evaluation (a sample of the split) said
+    assert rec["bytes"] == tokens["splits"]["val"]["text_bytes"] and rec["bytes"] > rec["tokens"] > 0
+    assert rec["bits_per_byte"] == pytest.approx(rec["loss"] * rec["tokens"] / math.log(2) / rec["bytes"], rel=1e-9)
+    assert rec["bits_per_byte"] < 0.85 * math.log2(tokens["vocab_size"]) * rec["tokens"] / rec["bytes"]
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]
+    assert rec["loss"] == pytest.approx(last["val_loss"], rel=0.1)
     for k in ("gzip_bits_per_byte", "bz2_bits_per_byte", "lzma_bits_per_byte"):
         assert 0.5 < rec[k] < 8
     assert abs(rec["perplexity"] - np.exp(rec["loss"])) < 1e-6 * rec["perplexity"]
@@ -142,17 +171,15 @@ def test_eval_writes_all_sinks(smoke_run):
 def test_existing_run_is_not_clobbered(smoke_run, tiny_data):
     run, _ = smoke_run
     before = sha256_file(run / "final" / "model.safetensors")
-    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
-                      "--runs_dir", str(run.parent), check=False)
+    proc = train(tiny_data, run.parent, run.name, check=False)
     assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
     assert sha256_file(run / "final" / "model.safetensors") == before
 
 
 def test_resume_continues_from_the_last_checkpoint(smoke_run, tiny_data, tmp_path):
-    run, _ = smoke_run
-    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
-                      "--runs_dir", str(run.parent), "--resume", "auto", "--max_steps", "100",
-                      "--checkpoint_every", "40", "--log_every", "10")
+    run = copy_of(smoke_run[0], tmp_path)
+    proc = train(tiny_data, tmp_path, run.name, "--resume", "auto", "--max_steps", "100", "--checkpoint_every", "40",
+                 "--log_every", "10")
     assert "resumed from" in proc.stdout and "step_0000080" in proc.stdout
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
@@ -184,45 +211,43 @@ def test_audit_passes_then_names_a_corrupted_file(smoke_run, tiny_data, tmp_path
 
 
 def test_resume_on_other_data_is_refused_unless_allowed(smoke_run, tmp_path):
-    run, _ = smoke_run
+    run = copy_of(smoke_run[0], tmp_path)
     other = tmp_path / "other"
     run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(other),
                "--corpus.max_files", "70", "--tokenizer.vocab_size", "512")
-    args = ("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(other),
-            "--runs_dir", str(run.parent), "--resume", "auto", "--max_steps", "105")
+    args = ("--resume", "auto", "--max_steps", "85")
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    proc = run_script(*args, check=False)
+    proc = train(other, tmp_path, run.name, *args, check=False)
     assert proc.returncode == 2 and "trained on other data" in proc.stderr and "--allow_data_change" in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
-    proc = run_script(*args, "--allow_data_change")
+    proc = train(other, tmp_path, run.name, *args, "--allow_data_change")
     assert "resuming anyway" in proc.stdout
 
 
 def test_padded_training_reports_its_padding(tiny_data, tmp_path):
     from lib.data import BlockSampler, DataConfig, build_train_data
 
-    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
-                      "--runs_dir", str(tmp_path), "--max_steps", "6", "--log_every", "3", "--eval_every", "0",
-                      "--eval_tokens", "2000", "--data.packing", "pad_multiple", "--data.pad_multiple", "48")
+    proc = train(tiny_data, tmp_path, "smoke", "--max_steps", "6", "--log_every", "3", "--eval_every", "0",
+                 "--eval_tokens", "2000", "--data.packing", "pad_multiple", "--data.pad_multiple", "48")
     assert "padded (pad_multiple)" in proc.stdout and "| padding " in proc.stdout
-    train = [json.loads(line) for line in (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
     # the same batches rebuilt here: the logged padding and token counts are theirs
     data = build_train_data(tiny_data / "tokens", DataConfig(seq_len=64, packing="pad_multiple", pad_multiple=48),
                             {"pad": 3})
     sampler = BlockSampler(len(data), 8, seed=0)
     batches = [data.make_batch(sampler.next_batch()) for _ in range(6)]
-    for record, window in zip(train, (batches[:3], batches[3:])):
+    for record, window in zip(rows, (batches[:3], batches[3:])):
         pad = sum(b.n_padding for b in window) / sum(b.input_ids.size for b in window)
         assert record["padding"] == pytest.approx(pad)
-    assert train[-1]["tokens_seen"] == sum(b.n_targets for b in batches)
+    assert rows[-1]["tokens_seen"] == sum(b.n_targets for b in batches)
 
 
 def test_report_shows_both_evaluations_and_bars_stay_quiet_in_a_log(smoke_run, tiny_data, tmp_path):
     """report.md holds the run's own evaluation (its fixed held-out sample) and eval.py's
     whole-split one, replaced (not repeated) by a second eval.py; into a file or pipe, progress
     bars are drawn about once a minute, not on every batch or log line."""
-    run, _ = smoke_run
+    run = copy_of(smoke_run[0], tmp_path)
     for _ in range(2):
         proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "0", "--out_dir", str(tmp_path / "ev"),
                           env={"TQDM_DISABLE": ""})
@@ -233,8 +258,7 @@ def test_report_shows_both_evaluations_and_bars_stay_quiet_in_a_log(smoke_run, t
     line = next(x for x in report.splitlines() if "bits/byte **" in x)
     bpb = json.loads((tmp_path / "ev" / "metrics.ndjson").read_text().splitlines()[-1])["bits_per_byte"]
     assert f"**{bpb:.4f}**" in line and "lzma -9e" in line
-    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
-                      "--runs_dir", str(tmp_path), "--max_steps", "40", "--log_every", "1", "--eval_every", "0",
-                      "--checkpoint_every", "0", env={"TQDM_DISABLE": ""})
+    proc = train(tiny_data, tmp_path, "quiet", "--max_steps", "40", "--log_every", "1", "--eval_every", "0",
+                 "--checkpoint_every", "0", env={"TQDM_DISABLE": ""})
     assert sum(x.startswith("step ") for x in proc.stdout.splitlines()) == 40
     assert 1 <= proc.stderr.count("train:") <= 3, proc.stderr

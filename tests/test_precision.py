@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, train
 from lib import flops, precision
 
 
@@ -126,8 +126,6 @@ def test_auto_without_native_bf16_picks_fp32_for_real(tmp_path):
 def test_mfu_above_100_percent_makes_the_run_measure_the_peak_again(tiny_data, tmp_path):
     """A peak cached under load (far too low) gives MFU above 100% at the first log line: the run
     measures again and logs against the new figure."""
-    from conftest import run_script
-
     jobs = {d: f"{d}:{d}:{[list(flops.PEAK_SHAPE)]}" for d in ("fp32", "bf16")}
     code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from lib import flops; "
             f"print(json.dumps({{flops._key(k, 1): 1e6 for k in {list(jobs.values())!r}}}))")
@@ -136,10 +134,9 @@ def test_mfu_above_100_percent_makes_the_run_measure_the_peak_again(tiny_data, t
                            env=env).stdout
     (tmp_path / "lm-repo").mkdir()
     (tmp_path / "lm-repo" / "peak_flops.json").write_text(stale)
-    proc = run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
-                      "--runs_dir", str(tmp_path), "--max_steps", "30", "--log_every", "10", "--threads", "1",
-                      "--precision", "fp32", "--eval_every", "0", "--checkpoint_every", "0",
-                      env={"XDG_CACHE_HOME": str(tmp_path)})
+    proc = train(tiny_data, tmp_path, "smoke", "--max_steps", "30", "--log_every", "10", "--threads", "1",
+                 "--precision", "fp32", "--eval_every", "0", "--checkpoint_every", "0",
+                 env={"XDG_CACHE_HOME": str(tmp_path)})
     assert "MFU against 0.00 TFLOP/s" in proc.stdout  # the stale figure, read from the cache
     assert "cannot be: measured the peak again" in proc.stdout
     rows = [json.loads(x) for x in (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()]

@@ -12,18 +12,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, run_script
+from conftest import BITWISE, REPO, accelerate_launch, run_script, train
 
 DDP = accelerate_launch("cpu_ddp")
 FSDP = accelerate_launch("cpu_fsdp2")
-
-
-def train(data, runs, name, *extra, ddp=False, check=True, log_every=1, launcher=()):
-    return run_script("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(data),
-                      "--runs_dir", str(runs), "--run_name", name, "--model.dropout", "0.1",
-                      "--eval_tokens", "2000", "--log_every", str(log_every),
-                      "--precision", "fp32", "--deterministic", *extra,
-                      launcher=DDP if ddp else launcher, check=check)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -50,12 +42,12 @@ def blocks_per_epoch(data: Path, seq_len: int = 64) -> int:
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_stop_and_resume_is_bitwise_the_straight_run(tiny_data, tmp_path, accum):
-    common = ["--max_steps", "14", "--grad_accum_steps", str(accum), "--checkpoint_every", "0",
-              "--eval_every", "5"]
     # logged every 4 steps and stopped at 6: mid-epoch and inside a logging window
-    train(tiny_data, tmp_path, "straight", *common, log_every=4)
-    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "6", log_every=4)
-    proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto", log_every=4)
+    common = [*BITWISE, "--log_every", "4", "--max_steps", "14", "--grad_accum_steps", str(accum),
+              "--checkpoint_every", "0", "--eval_every", "5"]
+    train(tiny_data, tmp_path, "straight", *common)
+    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "6")
+    proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto")
     assert "resumed from" in proc.stdout and "step_0000006" in proc.stdout
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
@@ -63,16 +55,20 @@ def test_stop_and_resume_is_bitwise_the_straight_run(tiny_data, tmp_path, accum)
 def test_resume_across_an_epoch_boundary_and_with_ddp(tiny_data, micro_data, tmp_path):
     # a micro-batch of 8 and few blocks per epoch: stop exactly at the end of an epoch
     steps_per_epoch = blocks_per_epoch(micro_data) // 8
-    common = ["--max_steps", str(steps_per_epoch + 3), "--checkpoint_every", "0", "--eval_every", "0"]
+    common = [*BITWISE, "--log_every", "1", "--max_steps", str(steps_per_epoch + 3), "--checkpoint_every", "0",
+              "--eval_every", "0"]
     train(micro_data, tmp_path, "straight", *common)
     train(micro_data, tmp_path, "resumed", *common, "--stop_at_step", str(steps_per_epoch))
     train(micro_data, tmp_path, "resumed", *common, "--resume", "auto")
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
-    ddp = ["--max_steps", "8", "--checkpoint_every", "0", "--eval_every", "0"]
-    train(tiny_data, tmp_path, "ddp_straight", *ddp, ddp=True)
-    train(tiny_data, tmp_path, "ddp_resumed", *ddp, "--stop_at_step", "3", ddp=True)
-    train(tiny_data, tmp_path, "ddp_resumed", *ddp, "--resume", "auto", ddp=True)
+    # 2 processes, stopped at step 6 inside a logging window of 4 steps: each rank's partial
+    # window (its own blocks' loss sum) must come back to that rank, or step 8 logs another loss
+    ddp = [*BITWISE, "--log_every", "4", "--max_steps", "12", "--checkpoint_every", "0", "--eval_every", "0"]
+    train(tiny_data, tmp_path, "ddp_straight", *ddp, launcher=DDP)
+    train(tiny_data, tmp_path, "ddp_resumed", *ddp, "--stop_at_step", "6", launcher=DDP)
+    train(tiny_data, tmp_path, "ddp_resumed", *ddp, "--resume", "auto", launcher=DDP)
+    assert sorted(losses(tmp_path / "ddp_resumed")) == [4, 8, 12]
     assert_same_run(tmp_path / "ddp_straight", tmp_path / "ddp_resumed")
 
 
@@ -96,7 +92,8 @@ def test_audit_resume_passes_and_names_the_first_diverging_step(tiny_data, tmp_p
 
 
 def test_corrupt_newest_checkpoint_is_named_and_skipped(tiny_data, tmp_path):
-    common = ["--max_steps", "10", "--checkpoint_every", "2", "--keep_last_n", "3", "--eval_every", "0"]
+    common = [*BITWISE, "--log_every", "1", "--max_steps", "10", "--checkpoint_every", "2", "--keep_last_n", "3",
+              "--eval_every", "0"]
     train(tiny_data, tmp_path, "straight", *common)
     train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "6")
     ckpts = tmp_path / "resumed" / "checkpoints"
@@ -128,8 +125,8 @@ def test_fp16_loss_scaler_drops_overflowing_updates_and_resumes(tiny_data, tmp_p
     # fp16 runs on CPU the way it does on a GPU: a first scale of 2**24 makes the first updates
     # overflow, each one halving the scale and leaving the weights alone, and none stopping the run
     # (the default --on_nonfinite stop is about the loss, not a scaled gradient)
-    common = ["--precision", "fp16", "--fp16_init_scale", str(2.0 ** 24), "--max_steps", "16",
-              "--checkpoint_every", "2", "--keep_last_n", "20", "--eval_every", "0"]
+    common = [*BITWISE, "--log_every", "1", "--precision", "fp16", "--fp16_init_scale", str(2.0 ** 24),
+              "--max_steps", "16", "--checkpoint_every", "2", "--keep_last_n", "20", "--eval_every", "0"]
     proc = train(tiny_data, tmp_path, "straight", *common)
     assert "fp16 on CPU: float16 autocast and a loss scaler" in proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -142,8 +139,8 @@ def test_fp16_loss_scaler_drops_overflowing_updates_and_resumes(tiny_data, tmp_p
     assert rows[-1]["type"] == "final" and rows[-1]["overflow_steps"] == n and rows[-1]["skipped_steps"] == 0
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5  # it trains once the scale fits
     # the weights after two overflowing steps are the initial ones (those of a run at lr 0)
-    train(tiny_data, tmp_path, "initial", "--max_steps", "1", "--optim.lr", "0", "--checkpoint_every", "0",
-          "--eval_every", "0")
+    train(tiny_data, tmp_path, "initial", *BITWISE, "--max_steps", "1", "--optim.lr", "0", "--checkpoint_every",
+          "0", "--eval_every", "0")
     at_2 = load_file(tmp_path / "straight" / "checkpoints" / "step_0000002" / "model.safetensors")
     initial = weights(tmp_path / "initial")
     assert at_2.keys() <= initial.keys() and all((at_2[k] == initial[k]).all() for k in at_2)

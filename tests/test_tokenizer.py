@@ -266,3 +266,30 @@ def test_word_cache_is_off_for_models_that_merge_across_words(tmp_path):
     assert not word_local(tmp_path / "n.model")
     tt = TextTokenizer(tmp_path / "n.model")
     assert tt._words is None and tt.encode(texts[:3]) == tt._sp.encode(texts[:3])
+
+
+def test_packed_and_id_text_encodings_match_encode_batch(tmp_path, tiny_data):
+    """The fast public encodings (the word cache's, and the plain fallback for a model that cannot
+    take the cache) give exactly encode_batch's ids, with bos/eos where asked."""
+    import json
+    from array import array
+
+    import sentencepiece as spm
+
+    from lib.tokenizer import EncodeOptions, encode_batch, packed_code
+
+    texts = ["def f(x):\n    return x + 1\n", "", "naïve café ▁ \x00 end", "a  b\n\n\tc"]
+    whole = [f"alpha beta gamma {i} delta  epsilon\n" * 3 for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(whole), model_prefix=str(tmp_path / "n"),
+                                   vocab_size=60, model_type="bpe", hard_vocab_limit=False, minloglevel=2,
+                                   normalization_rule_name="identity", add_dummy_prefix=False,
+                                   remove_extra_whitespaces=False, split_by_whitespace=False)
+    for tok in (TextTokenizer(tiny_data / "tokenizer" / "sp.model"), TextTokenizer(tmp_path / "n.model")):
+        for bos, eos in ((True, False), (True, True), (False, False)):
+            ids, _ = encode_batch(tok, texts, EncodeOptions(add_bos=bos, add_eos=eos))
+            packed, counts = tok.encode_packed(texts, bos, eos)
+            assert counts == list(map(len, ids))
+            assert packed == array(packed_code(tok.vocab_size), [i for x in ids for i in x]).tobytes()
+            assert [json.loads(f"[{t}]") for t, _ in tok.encode_id_text(texts, bos, eos)] == ids
+    assert TextTokenizer(tiny_data / "tokenizer" / "sp.model").word_cached
+    assert not TextTokenizer(tmp_path / "n.model").word_cached

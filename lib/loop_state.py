@@ -1,0 +1,106 @@
+"""The training loop's own state, in one object that a checkpoint saves and restores.
+
+Where the loop is (optimizer step, tokens seen, the schedule's horizon and the budget it was
+fitted to, training time of earlier parts of the run), what it has counted (updates skipped for a
+non-finite loss, updates fp16's loss scaler dropped), the last evaluation, and the logging window:
+the loss and token sums since the last log line, so that the first line logged after a resume is
+the one an uninterrupted run logs.
+
+Most of it is the same in every process. The logging window is not: each process sums the loss
+of its own micro-batches (the logged mean is their sum over processes), so every process's window
+is saved, in process order, and each process restores its own.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass
+class LogWindow:
+    """Sums since the last log line. `loss` (nats, a float32 tensor on the device, so adding to it
+    never waits for the device) and `slots`/`pad` (input positions, padded ones) are this
+    process's; `tokens` counts the target tokens of every process (the mean's denominator)."""
+
+    loss: object = None
+    tokens: int = 0
+    slots: int = 0
+    pad: int = 0
+
+    def state_dict(self) -> dict:
+        """This process's sums; the float32 loss sum as a Python float (exact, restored bit for bit)."""
+        return {"loss": float(self.loss.double().item()) if self.loss is not None else 0.0,
+                "tokens": self.tokens, "slots": self.slots, "pad": self.pad}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore sums saved by state_dict (an empty dict: an empty window)."""
+        self.loss.zero_()
+        self.loss += d.get("loss", 0.0)
+        self.tokens, self.slots, self.pad = d.get("tokens", 0), d.get("slots", 0), d.get("pad", 0)
+
+    def reset(self) -> None:
+        """Empty the window (after a log line)."""
+        self.loss.zero_()
+        self.tokens = self.slots = self.pad = 0
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from one optimizer step to the next, besides the model, the
+    optimizer, the sampler and random states (which Accelerate and the sampler save)."""
+
+    horizon: int
+    """The schedule's last optimizer step (max_steps, or fitted to a time budget)."""
+    step: int = 0
+    """Optimizer steps done."""
+    tokens_seen: int = 0
+    """Target tokens trained on, all processes."""
+    skipped_steps: int = 0
+    """Updates dropped for a non-finite loss or gradient (--on_nonfinite skip)."""
+    overflow_steps: int = 0
+    """Updates fp16's loss scaler dropped for an overflowing gradient."""
+    fitted_to_minutes: Optional[float] = None
+    """The time budget `horizon` was fitted to, once it is (then it is never fitted again)."""
+    elapsed_before_s: float = 0.0
+    """Training seconds spent by the earlier parts of a resumed run."""
+    last_eval: dict = field(default_factory=lambda: {"step": None, "loss": None, "seconds": None})
+    """Step, held-out loss and seconds of the latest evaluation."""
+    window: LogWindow = field(default_factory=LogWindow)
+    started_at: float = field(default_factory=time.perf_counter)
+    """When this process started (or resumed) training; not saved."""
+    device: object = "cpu"
+    """Where the window's loss sum lives (the training device); not saved."""
+
+    def __post_init__(self) -> None:
+        import torch
+
+        if self.window.loss is None:
+            self.window.loss = torch.zeros((), device=self.device)
+
+    def elapsed_s(self) -> float:
+        """Training seconds of the whole run so far, resumed parts included."""
+        return self.elapsed_before_s + time.perf_counter() - self.started_at
+
+    def state_dict(self, gather: Callable[[list], list]) -> dict:
+        """What a checkpoint of this step records. `gather(items)` concatenates every process's
+        list in process order (accelerate.utils.gather_object); every process must call this
+        together."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "overflow_steps": self.overflow_steps,
+                "fitted_horizon": self.horizon if self.fitted_to_minutes else None,
+                "fitted_to_minutes": self.fitted_to_minutes, "elapsed_s": self.elapsed_s(),
+                "val_loss": self.last_eval["loss"] if self.last_eval["step"] == self.step else None,
+                "log_windows": gather([self.window.state_dict()])}
+
+    def load_state_dict(self, d: dict, process_index: int) -> None:
+        """Restore from a checkpoint's record; this process takes its own logging window (none,
+        that is an empty one, when the checkpoint was written by fewer processes)."""
+        self.step, self.tokens_seen = d["step"], d["tokens_seen"]
+        self.skipped_steps, self.overflow_steps = d.get("skipped_steps", 0), d.get("overflow_steps", 0)
+        self.elapsed_before_s = d.get("elapsed_s", 0.0)
+        if d.get("fitted_horizon"):  # fitted to the budget before the stop: the same schedule
+            self.horizon, self.fitted_to_minutes = d["fitted_horizon"], d["fitted_to_minutes"]
+        windows = d.get("log_windows", [])
+        self.window.load_state_dict(windows[process_index] if process_index < len(windows) else {})
+        self.started_at = time.perf_counter()
