@@ -2,6 +2,8 @@
 copy under experiments/, without scripts/tokenize.py shadowing the standard library."""
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import subprocess
 import sys
@@ -152,3 +154,55 @@ def test_gpu_check_plumbing_runs_on_cpu(tiny_data, tmp_path):
     proc = run_script("scripts/gpu_check.py", "--data_dir", str(tmp_path / "nowhere"), "--no_require_gpu",
                       check=False)
     assert proc.returncode == 2 and "holds no tokenized dataset" in proc.stderr
+
+
+def test_zloss_fork_changes_one_function_and_trains(tiny_data, tmp_path):
+    """experiments/zloss is a fork of scripts/train.py that adds a z-loss term: the loop is laid out
+    so that a new loss is a small diff (one function and its option), and the fork runs from
+    another folder and trains with its loss."""
+    import difflib
+
+    fork = REPO / "experiments" / "zloss" / "train.py"
+    original = (REPO / "scripts" / "train.py").read_text().splitlines()
+    changed = [line for line in difflib.unified_diff(original, fork.read_text().splitlines(), lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert 0 < len(changed) <= 30, "\n".join(changed)
+    assert "--z_loss" in run_script(fork, "--help", cwd=tmp_path).stdout
+
+    def first_loss(script, name, *args):
+        run_script(script, "--config", str(REPO / "configs/train/smoke.yaml"), "--data.dir", str(tiny_data),
+                   "--runs_dir", str(tmp_path), "--run_name", name, "--max_steps", "2", "--log_every", "1",
+                   "--eval_every", "0", "--eval_tokens", "2000", "--checkpoint_every", "0", "--precision", "fp32",
+                   *args, cwd=tmp_path)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return next(r["loss"] for r in rows if r["type"] == "train")
+
+    # step 1 starts from the same weights: the fork's loss is the cross-entropy plus its z term
+    plain = first_loss(REPO / "scripts" / "train.py", "plain")
+    assert first_loss(fork, "z0", "--z_loss", "0") == pytest.approx(plain, rel=1e-5)
+    # initial logits are near zero, so log(Z) is about log(vocabulary size) for every token
+    vocab = json.loads((tiny_data / "tokens" / "manifest.json").read_text())["vocab_size"]
+    assert first_loss(fork, "z", "--z_loss", "0.1") - plain == pytest.approx(0.1 * math.log(vocab) ** 2, rel=0.02)
+
+
+def test_make_fork_stamps_the_copy_and_fork_diff_shows_its_changes():
+    import re
+
+    name = "_pytest_fork"
+    exp = REPO / "experiments" / name
+    shutil.rmtree(exp, ignore_errors=True)
+    try:
+        subprocess.run(["make", "-s", "fork", f"NAME={name}"], cwd=REPO, check=True, capture_output=True, text=True)
+        assert (exp / "train.py").read_bytes() == (REPO / "scripts" / "train.py").read_bytes()
+        stamp = (exp / "FORKED_FROM").read_text().splitlines()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        assert re.fullmatch("[0-9a-f]{40}", stamp[0]) and stamp[0] == head
+        again = subprocess.run(["make", "-s", "fork", f"NAME={name}"], cwd=REPO, capture_output=True, text=True)
+        assert again.returncode != 0 and "exists" in again.stderr  # a fork is never overwritten
+        src = (exp / "train.py").read_text()
+        (exp / "train.py").write_text(src.replace("    seed: int = 0\n", "    seed: int = 7\n"))
+        diff = subprocess.run(["make", "-s", "fork-diff", f"NAME={name}"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout
+        assert "-    seed: int = 0" in diff and "+    seed: int = 7" in diff
+    finally:
+        shutil.rmtree(exp, ignore_errors=True)

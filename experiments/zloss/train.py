@@ -1,0 +1,522 @@
+#!/usr/bin/env python
+"""Train a causal language model with Accelerate: the whole loop, top to bottom, in this file.
+Experiment zloss: the loss adds z_loss * log(Z)^2 per target token (Z: the softmax normalizer).
+
+    python scripts/train.py --config configs/train/default.yaml
+    accelerate launch --config_file configs/accelerate/cpu.yaml scripts/train.py --config ...
+
+Writes runs/<run_name>/: config.yaml (resolved), provenance.json, metrics.jsonl, checkpoints/
+(resumable with --resume auto), final/ (a Hugging Face model and tokenizer), loss.png, report.md.
+"""
+# Reading order: TrainConfig (every option), loss_sum (the objective: edit it to train on another
+# loss), optimizer_step (one step), main (set up, data, model, the loop, finish), then helpers.
+import os
+import sys
+
+# Python puts this file's folder first on sys.path, where scripts/tokenize.py would shadow the
+# standard library's `tokenize` for everything imported after it: use the repo root instead.
+_here = os.path.dirname(os.path.realpath(__file__))
+_root = _here
+while not os.path.isfile(os.path.join(_root, "lib", "__init__.py")) and _root != os.path.dirname(_root):
+    _root = os.path.dirname(_root)
+sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
+
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Literal, Optional  # noqa: E402
+
+from lib import config as config_lib  # noqa: E402
+from lib import runtime  # noqa: E402
+from lib.data import DataConfig  # noqa: E402
+from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.lora import LoraOptions  # noqa: E402
+from lib.loss import step_scaled_loss, token_loss_sum  # noqa: E402
+from lib.model import ModelConfig  # noqa: E402
+from lib.optim import OptimConfig, lr_at, set_lr  # noqa: E402
+
+
+@dataclass
+class TrainConfig:
+    """Pretrain from scratch or fine-tune a local model."""
+
+    config: Optional[Path] = None
+    """YAML preset applied before these flags."""
+    print_config: bool = False
+    """Print the resolved config as YAML and exit."""
+    run_name: str = "default"
+    runs_dir: Path = Path("runs")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    seed: int = 0
+    max_steps: int = 1000
+    """Optimizer steps at most; without a time budget the learning-rate schedule spans exactly these."""
+    max_minutes: Optional[float] = None
+    """Time budget of the training loop (all resumed parts together). With fit_schedule, the
+    schedule is fitted to it; in any case the run stops (saving everything) once it is spent."""
+    fit_schedule: Optional[bool] = None
+    """With max_minutes: after warmup, measure the step time and end the schedule (its decay
+    included) at the last step that fits the budget, never past max_steps. The horizon is then
+    kept in checkpoints, so a resumed run continues the same schedule. Default: on, except with
+    --deterministic (a horizon measured from time differs between runs); off: the schedule spans
+    max_steps and the budget only stops the run."""
+    stop_at_step: Optional[int] = None
+    """Stop after this optimizer step (saving everything), the schedule still spanning
+    max_steps: for preemptible slots; --resume auto continues exactly."""
+    micro_batch_size: int = 16
+    """Sequences per forward pass, per process."""
+    grad_accum_steps: int = 1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: on a GPU, bf16 where supported (else fp16); on a CPU, bf16 only where the model's
+    matrix products measure clearly faster in bf16 than in fp32 on this machine (cached), else fp32.
+    fp16: float16 autocast with a dynamic loss scaler (on CPU too, where it is slow: to try the
+    fp16 path before paying for GPUs)."""
+    fp16_init_scale: float = 65536.0
+    """fp16: the loss scaler's first scale. Halved at every step whose gradients overflow (that
+    update is skipped, counted as overflow_steps), doubled after 2000 steps without one."""
+    eval_every: int = 200
+    """Evaluate on held-out data every this many optimizer steps (0: only at the end)."""
+    eval_tokens: Optional[int] = 32_768
+    """Held-out tokens those evaluations score: a fixed, seeded sample of eval.py's windows (seq_len
+    tokens every seq_len // 2) drawn from across the split, the same every time, so the figure
+    estimates eval.py's whole-split one; None: the whole split."""
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last_n: int = 2
+    """Complete checkpoints to keep; older ones are deleted after a new one is written."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the lowest held-out loss (of those written at an evaluation
+    step: make checkpoint_every a multiple of eval_every)."""
+    resume: Optional[str] = None
+    """'auto' (newest checkpoint of this run) or a checkpoint folder."""
+    allow_data_change: bool = False
+    """Resume even though the data's content hash differs from the checkpoint's."""
+    overwrite: bool = False
+    """Delete an existing run folder of the same name instead of refusing to start."""
+    fused_loss: bool = True
+    """Compute the output layer and the loss together in row chunks that stay in cache, never
+    holding the full logits (and skipping padded rows): the same loss and gradients, the head's
+    time and memory roughly halved. Off: plain logits then cross-entropy. Not used for fp16 or a
+    LoRA-wrapped output layer."""
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """Attention kernel while training (saved models load with the library default either way).
+    auto: eager (plain matmuls and a softmax, which torch.compile fuses) when compiling on CPU, where
+    that beat sdpa's CPU flash kernel; else sdpa."""
+    compile: bool = False
+    """torch.compile the model: compiling costs time at start-up (and again after a resume), then
+    steps run faster; worth it for runs of more than a few minutes."""
+    keep_freed_memory: bool = True
+    """Let glibc malloc keep freed memory for reuse instead of unmapping and faulting the same
+    activation buffers back in every step (faster CPU steps; the process holds its peak memory)."""
+    threads: Optional[int] = None
+    """torch intra-op threads on CPU (default: torch's choice)."""
+    deterministic: bool = False
+    """Same results in every process on this machine, for bitwise resume: one intra-op thread on
+    CPU unless --threads says otherwise (with several, identical processes sometimes split a sum
+    differently and got last-bit different gradients), MKL's reproducible mode
+    (MKL_CBWR=AUTO,STRICT), oneDNN kept off AMX (whose bf16 results varied between identical
+    processes), and torch's deterministic algorithms (on CUDA also CUBLAS_WORKSPACE_CONFIG)."""
+    fit_micro_batch: bool = False
+    """Before training, halve micro_batch_size (doubling grad_accum_steps, so optimizer steps do
+    not change) until it fits in memory: trial steps on a GPU, a measured estimate on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm: stop before the optimizer step (naming the step and its
+    samples), or skip that update and count it."""
+    mfu: bool = True
+    """Log model FLOP utilization against the device's fastest dense matmul peak, whatever the
+    run's precision (on CPU, measured and cached; a figure above 100% triggers a new measurement)."""
+    z_loss: float = 1e-4
+    """Weight of log(Z)^2, the squared log of the softmax normalizer, added to each token's loss:
+    keeps the output layer's logits from drifting (PaLM uses 1e-4)."""
+    debug_nan_step: Optional[int] = None
+    """Testing aid: make the loss NaN in this optimizer step (1-based) to exercise on_nonfinite."""
+
+
+def loss_sum(cfg, model, batch, labels, fused):
+    """The training objective of one micro-batch: (sum of its per-token losses, its target
+    tokens). The loop divides by the step's target tokens over all micro-batches and processes, so
+    every token weighs the same (lib/loss.py). To train on another loss, edit this function (and
+    add its options to TrainConfig)."""
+    import torch
+
+    from lib.loss import IGNORE_INDEX
+
+    inputs = batch.model_inputs(labels.device)
+    logits = model(**inputs).logits.float()  # z-loss needs the logits: the fused head is not used
+    ce, n = token_loss_sum(logits, labels)
+    log_z = torch.logsumexp(logits, dim=-1)
+    return ce + cfg.z_loss * log_z.square()[labels != IGNORE_INDEX].sum(), n
+
+
+class NonFiniteStep(Exception):
+    """The loss or gradient norm of a step was not finite; the weights are untouched."""
+
+
+def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches, loop):
+    """One optimizer step over the step's micro-batches (grad_accum_steps of them, each process its
+    own): forward, backward, clip, step. Returns (this process's loss sum, target tokens of all
+    processes, gradient norm, learning rate, what was non-finite: [] when the update was applied).
+    A non-finite loss or gradient norm raises NonFiniteStep before the update, or with
+    --on_nonfinite skip drops the update and counts it."""
+    import torch
+
+    device, world = accelerator.device, accelerator.num_processes
+    # every token of the step, all processes, weighs 1/step_tokens, however the rows are padded
+    step_tokens = int(accelerator.reduce(torch.tensor(sum(b.n_targets for b in batches), device=device), "sum"))
+    step_loss = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        labels = torch.from_numpy(batch.labels).to(device)
+        with accelerator.accumulate(prepared):  # gradients are all-reduced on the last micro-batch only
+            loss, _ = loss_sum(cfg, model, batch, labels, fused)
+            if cfg.debug_nan_step == loop.step + 1 and i == 0 and accelerator.is_main_process:
+                loss = loss * float("nan")
+            accelerator.backward(step_scaled_loss(loss, step_tokens, world, cfg.grad_accum_steps))
+            step_loss += loss.detach()
+    # the norm is always computed (clipping at infinity changes nothing), so that a non-finite
+    # gradient is caught before it reaches the weights
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+    total_loss = accelerator.reduce(step_loss.clone(), reduction="sum")
+    lr = lr_at(loop.step, loop.horizon, cfg.optim)
+    # fp16: an overflowing gradient is the loss scaler's business (it skips the update itself)
+    bad = [what for what, value in (("loss", total_loss), ("gradient norm", grad_norm))
+           if not torch.isfinite(value) and not (what == "gradient norm" and accelerator.mixed_precision == "fp16")]
+    if bad and cfg.on_nonfinite == "stop":
+        raise NonFiniteStep(" and ".join(bad))
+    if bad:
+        loop.skipped_steps += 1
+        accelerator.print(f"step {loop.step + 1}: non-finite {' and '.join(bad)}; update skipped "
+                          f"({loop.skipped_steps} so far)")
+    else:
+        set_lr(optimizer, lr)
+        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+        optimizer.step()  # fp16: the scaler skips it when a gradient overflowed, then lowers its scale
+        # (Accelerate's optimizer_step_was_skipped misses skips inside a fused AdamW kernel)
+        loop.overflow_steps += scale is not None and accelerator.scaler.get_scale() < scale
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, step_tokens, float(grad_norm), lr, bad
+
+
+@exit_on_user_error
+def main() -> None:
+    cfg = config_lib.parse(TrainConfig, description=__doc__)
+    if cfg.keep_last_n < 1:
+        raise UserError("--keep_last_n must be at least 1")
+    runtime.prepare_environment(cfg.deterministic)  # read when MKL and cuBLAS start: before torch
+    from accelerate.utils import gather_object, set_seed
+
+    from lib import budget, export, run_folder
+    from lib import checkpoint as ckpt
+    from lib import lora
+    from lib.corpus import read_manifest
+    from lib.data import BlockSampler, build_train_data, load_split, tokens_dir
+    from lib.distributed import broadcast_from_main
+    from lib.evaluate import held_out_sample, token_byte_lengths
+    from lib.files import write_json
+    from lib.flops import MfuMeter
+    from lib.loop_state import LoopState
+    from lib.metrics import JsonlWriter, truncate_after_step
+    from lib.model import build_model, matmul_dims
+    from lib.precision import model_matmul_shapes
+    from lib.progress import progress
+    from lib.provenance import provenance
+    from lib.report import plot_metrics, write_run_report
+
+    # ---- set up: processes and precision, the run folder
+    tok_dir = tokens_dir(cfg.data.dir)
+    manifest = read_manifest(tok_dir, "tokens")
+    vocab, special = manifest["vocab_size"], manifest["special_ids"]
+    shapes = model_matmul_shapes(*matmul_dims(cfg.model, vocab), cfg.micro_batch_size * cfg.data.seq_len)
+    accelerator, choice = runtime.start(cfg.precision, shapes, grad_accum_steps=cfg.grad_accum_steps,
+                                        fp16_init_scale=cfg.fp16_init_scale, threads=cfg.threads,
+                                        deterministic=cfg.deterministic, keep_freed_memory=cfg.keep_freed_memory)
+    say, is_main, world, device = accelerator.print, accelerator.is_main_process, accelerator.num_processes, \
+        accelerator.device
+    if cfg.keep_best and (not cfg.eval_every or not cfg.checkpoint_every or cfg.checkpoint_every % cfg.eval_every):
+        say(f"warning: --keep_best compares checkpoints written at evaluation steps; with checkpoint_every "
+            f"{cfg.checkpoint_every} and eval_every {cfg.eval_every} only the final checkpoint has a held-out loss")
+    run_dir = cfg.runs_dir / cfg.run_name
+    resume_from = run_folder.claim(accelerator, run_dir, cfg.resume, cfg.overwrite)
+    if is_main:
+        config_lib.save(cfg, run_dir / "config.yaml")
+
+    # ---- data: training blocks, and a held-out sample that is the same at every evaluation
+    val_tokens, val_docs = load_split(tok_dir, "val")
+    sp_model = tok_dir / ".." / "tokenizer" / "sp.model"
+    held_out = held_out_sample(val_tokens, val_docs, cfg.data.seq_len, cfg.eval_tokens,
+                               token_byte_lengths(sp_model) if sp_model.is_file() else None, seed=0)
+    train_data = build_train_data(tok_dir, cfg.data, special)
+    bos_id = special["bos"] if cfg.data.doc_mask else None  # position ids restart at each document
+
+    # ---- model and optimizer (the same seed in every process: identical initial weights)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    model, prepared, optimizer, fused, n_params, fpt = build(cfg, accelerator, vocab, special)
+    use_lora = lora.enabled(cfg.lora)
+    base_sha = lora.base_fingerprint(cfg.model.init_from) if use_lora else None  # checkpoints name their base
+    if cfg.fit_micro_batch:
+        fit_micro_batch(cfg, accelerator, model, optimizer, fused, train_data, bos_id)
+    sampler = BlockSampler(len(train_data), cfg.micro_batch_size, cfg.seed, accelerator.process_index, world)
+
+    # ---- the loop's state: fresh, or restored from a checkpoint with the sampler, weights,
+    # optimizer and random states
+    loop = LoopState(horizon=cfg.max_steps, device=device)
+    fit = bool(cfg.max_minutes and (cfg.fit_schedule if cfg.fit_schedule is not None else not cfg.deterministic))
+    if resume_from is not None:
+        vet = (lambda st: lora.check_checkpoint(resume_from, st, accelerator.unwrap_model(prepared), base_sha,
+                                                cfg.model.init_from)) if use_lora else None
+        state = ckpt.load(accelerator, resume_from, manifest["content_hash"], cfg.allow_data_change,
+                          strict=not use_lora, check=vet)
+        sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
+        loop.load_state_dict(state, accelerator.process_index)
+        say(f"resumed from {resume_from} at step {loop.step}")
+    fit = fit and loop.fitted_to_minutes is None
+    if is_main:
+        write_json(run_dir / "provenance.json", provenance(cfg, manifest, accelerator, n_params, resume_from))
+        dropped = truncate_after_step(run_dir / "metrics.jsonl", loop.step) if resume_from is not None else 0
+        if dropped:
+            say(f"metrics.jsonl: dropped {dropped} record(s) logged after step {loop.step}; they are logged again")
+    describe_run(cfg, say, train_data, sampler, n_params, world, choice, loop.horizon, fit, resume_from)
+    metrics = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
+    mfu = MfuMeter(device, fpt, world, enabled=cfg.mfu and is_main, say=say)
+
+    def evaluate() -> dict:
+        t = time.perf_counter()
+        res = held_out.evaluate(accelerator.unwrap_model(prepared), cfg.micro_batch_size, device,
+                                accelerator.autocast, bos_id)
+        loop.last_eval.update(step=loop.step, loss=res["loss"], seconds=time.perf_counter() - t)
+        say(f"eval step {loop.step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
+            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({held_out.description}, "
+            f"{loop.last_eval['seconds']:.1f} s)")
+        if metrics:
+            metrics.write({"type": "eval", "step": loop.step, "tokens_seen": loop.tokens_seen,
+                           **{f"val_{k}": v for k, v in res.items()}})
+        return res
+
+    checkpoint_seconds = []
+
+    def save_checkpoint() -> None:
+        t = time.perf_counter()
+        ckpt.assert_finite(accelerator.unwrap_model(prepared), loop.step)
+        ckpt.save(accelerator, run_dir, loop.step, cfg.keep_last_n,
+                  {**loop.state_dict(gather_object), "sampler": sampler.state_dict(),
+                   "data_content_hash": manifest["content_hash"],
+                   **({"lora_base_sha256": base_sha} if use_lora else {})}, keep_best=cfg.keep_best)
+        checkpoint_seconds.append(time.perf_counter() - t)
+
+    # ---- the loop: one iteration = one optimizer step
+    model.train()
+    bar = progress(total=loop.horizon, initial=loop.step, disable=not is_main, desc="train", unit="step")
+    clock, stopped_early = budget.StepClock(), False
+    fit_after = max(cfg.optim.warmup_steps, loop.step)  # the horizon is fixed at the first timed step after warmup
+    tokens_at_start = tokens_at_log = loop.tokens_seen
+    loop.started_at = t_log = time.perf_counter()
+    while loop.step < loop.horizon:
+        clock.start()
+        sample_ids = [sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
+        batches = [train_data.make_batch(ids, bos_id) for ids in sample_ids]
+        try:
+            step_loss, step_tokens, grad_norm, lr, bad = optimizer_step(
+                cfg, accelerator, model, prepared, optimizer, fused, batches, loop)
+        except NonFiniteStep as exc:
+            found = ckpt.complete_checkpoints(run_dir)
+            raise UserError(
+                f"step {loop.step + 1}: non-finite {exc}; stopped before the optimizer step. Samples (block "
+                f"indices) of this step on rank {accelerator.process_index}: {[j for ids in sample_ids for j in ids]}. "
+                f"Weights are untouched; newest checkpoint: {found[-1] if found else 'none'}. Lower optim.lr, "
+                "check those samples, or pass --on_nonfinite skip") from None
+        loop.step += 1
+        loop.tokens_seen += step_tokens
+        loop.window.slots += sum(b.input_ids.size for b in batches)
+        loop.window.pad += sum(b.n_padding for b in batches)
+        if not bad:  # a skipped step's loss would make the whole logging window non-finite
+            loop.window.loss += step_loss
+            loop.window.tokens += step_tokens
+        bar.update(1)
+        clock.stop()
+
+        if fit and loop.step >= fit_after and clock.ready:  # fit the schedule's end to the time budget
+            eval_s = loop.last_eval["seconds"] or held_out.estimate_seconds(
+                accelerator.unwrap_model(prepared), cfg.micro_batch_size, device, accelerator.autocast, bos_id)
+            ckpt_s = (sum(checkpoint_seconds) / len(checkpoint_seconds) if checkpoint_seconds
+                      else max(0.1, n_params * 16 / 2e8))  # weights + Adam moments at ~200 MB/s
+            plan = budget.plan(loop.step, cfg.max_steps, 60 * cfg.max_minutes, loop.elapsed_s(),
+                               clock.step_seconds, eval_every=cfg.eval_every, eval_s=eval_s,
+                               checkpoint_every=cfg.checkpoint_every, checkpoint_s=ckpt_s)
+            loop.horizon, why = broadcast_from_main(plan, accelerator)  # every process: one schedule
+            loop.fitted_to_minutes, fit = cfg.max_minutes, False
+            bar.total = loop.horizon
+            say(f"schedule fitted to the budget at step {loop.step}: it ends at step {loop.horizon} ({why})")
+        if loop.step % cfg.log_every == 0 or loop.step == loop.horizon:
+            now = time.perf_counter()
+            tps = (loop.tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
+            t_log, tokens_at_log = now, loop.tokens_seen
+            log_step(cfg, accelerator, loop, metrics, bar, tps, mfu, grad_norm, lr)
+        if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < loop.horizon:
+            evaluate()
+        if cfg.checkpoint_every and loop.step % cfg.checkpoint_every == 0 and loop.step < loop.horizon:
+            save_checkpoint()
+        if cfg.max_minutes and loop.step < loop.horizon and loop.elapsed_s() > 60 * cfg.max_minutes:
+            say(f"stopping at step {loop.step} of {loop.horizon} (lr {lr:.2e}): the {cfg.max_minutes:g} minute "
+                "budget is spent")
+            stopped_early = True
+            break
+        if cfg.stop_at_step is not None and cfg.stop_at_step <= loop.step < loop.horizon:
+            say(f"stopping at step {loop.step} (--stop_at_step); --resume auto continues from here")
+            stopped_early = True
+            break
+    bar.close()
+    train_secs = time.perf_counter() - loop.started_at
+
+    # ---- finish: final evaluation, checkpoint, model, report
+    final_eval = evaluate()
+    in_sync = runtime.replicas_identical(accelerator, accelerator.unwrap_model(prepared))
+    if world > 1 and in_sync is not None:
+        say(f"weights identical on all {world} processes: {in_sync}")
+    if metrics:
+        metrics.write({"type": "final", "step": loop.step, "world_size": world, "replicas_identical": in_sync,
+                       "skipped_steps": loop.skipped_steps, "tokens_seen": loop.tokens_seen,
+                       **fp16_state(accelerator, loop)})
+    save_checkpoint()
+    export.final_model(accelerator, prepared, run_dir / "final", tok_dir, fused, cfg.lora if use_lora else None,
+                       rebuild=lambda: build_model(cfg.model, vocab, special))
+    if is_main:
+        best = ckpt.best_checkpoint(run_dir) if cfg.keep_best else None
+        if best is not None:
+            say(f"best checkpoint by held-out loss: {best}")
+        metrics.close()
+        plot_metrics(run_dir)
+        fitted = f", the schedule fitted to a {loop.fitted_to_minutes:g} minute budget" if loop.fitted_to_minutes else ""
+        write_run_report(run_dir, cfg.run_name, [
+            f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, seq_len {cfg.data.seq_len}",
+            f"precision: {choice.name} ({choice.reason})",
+            f"steps: {loop.step} of {loop.horizon}{' (stopped early)' if stopped_early else ''}{fitted}, "
+            f"{loop.tokens_seen:,} tokens; this process: {train_secs / 60:.1f} min, "
+            f"{(loop.tokens_seen - tokens_at_start) / max(train_secs, 1e-9):,.0f} tokens/s"],
+            final_eval, held_out.description)
+        say(f"done: {loop.step} steps in {train_secs / 60:.1f} min; final model in {run_dir / 'final'}")
+    # every process tears its process group down together: a rank that destroyed its gloo group
+    # while the main one was still writing the final model once died with SIGABRT (FSDP2 on CPU)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def build(cfg, accelerator, vocab_size: int, special: dict):
+    """The model (built from config or loaded from init_from, LoRA applied), its optimizer, both
+    prepared by Accelerate. Returns (the model to call: compiled or not, the prepared model: what
+    checkpoints save, the optimizer, the fused output layer or None, base parameters, model
+    FLOPs per token)."""
+    import torch
+
+    from lib import lora
+    from lib.fused_loss import FusedHead
+    from lib.model import build_model, count_params, flops_per_token
+    from lib.optim import build_optimizer
+
+    say = accelerator.print
+    if cfg.data.seq_len > cfg.model.max_seq_len and not cfg.model.init_from:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    model = build_model(cfg.model, vocab_size, special)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        say("activation checkpointing: on (activations recomputed in the backward pass)")
+    attention = cfg.attention if cfg.attention != "auto" else (
+        "eager" if cfg.compile and accelerator.device.type == "cpu" else "sdpa")
+    if attention != model.config._attn_implementation:
+        model.set_attn_implementation(attention)
+    n_params, fpt = count_params(model), flops_per_token(model, cfg.data.seq_len)
+    if lora.enabled(cfg.lora):
+        model = lora.apply(model, cfg.lora)
+        n_train = count_params(model, trainable_only=True)
+        say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}: {n_train:,} trainable "
+            f"parameters ({n_train / n_params:.2%} of the base); checkpoints hold "
+            f"{'every weight, sharded (FSDP)' if runtime.is_sharded(accelerator) else 'the adapters only'}")
+    fused = (FusedHead.attach(model, compiled=cfg.compile)
+             if cfg.fused_loss and accelerator.mixed_precision != "fp16" else None)
+    say(f"forward: {'torch.compile' if cfg.compile else 'eager'}, attention {attention}, loss "
+        f"{'fused with the output layer' if fused is not None else 'over full logits'}")
+    optimizer = build_optimizer(model, cfg.optim)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    if lora.enabled(cfg.lora):
+        lora.save_trainable_only(accelerator, prepared)
+    return torch.compile(prepared) if cfg.compile else prepared, prepared, optimizer, fused, n_params, fpt
+
+
+def fp16_state(accelerator, loop) -> dict:
+    """fp16: the loss scaler's scale now, and the updates it has dropped so far ({} otherwise)."""
+    if accelerator.scaler is None:
+        return {}
+    return {"loss_scale": accelerator.scaler.get_scale(), "overflow_steps": loop.overflow_steps}
+
+
+def log_step(cfg, accelerator, loop, metrics, bar, tps: float, mfu, grad_norm: float, lr: float) -> None:
+    """One log line and metrics record: the mean loss over every target token of every process
+    since the last one (the window is then emptied), throughput and MFU, padding, fp16's scale."""
+    from lib.progress import write
+
+    loss = float(accelerator.reduce(loop.window.loss, reduction="sum")) / max(loop.window.tokens, 1)
+    pad_frac = loop.window.pad / max(loop.window.slots, 1)
+    loop.window.reset()
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)  # shown at its next redraw
+    if accelerator.is_main_process:
+        fp16 = fp16_state(accelerator, loop)
+        utilization = mfu(tps)
+        padding = f" | padding {pad_frac:.1%}" if cfg.data.packing != "pack" else ""
+        scaling = f" | loss scale {fp16['loss_scale']:g}, {fp16['overflow_steps']} overflow step(s)" if fp16 else ""
+        write(bar, f"step {loop.step:>6}/{loop.horizon} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+                   f"{tps:,.0f} tok/s | {tps * mfu.flops_per_token / 1e9:.1f} GFLOP/s"
+                   f"{f' | MFU {utilization:.1%}' if utilization else ''}{padding}{scaling}")
+        metrics.write({"type": "train", "step": loop.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "horizon": loop.horizon, "tokens_seen": loop.tokens_seen, "tokens_per_s": tps,
+                       "padding": pad_frac, "mfu": utilization, "skipped_steps": loop.skipped_steps,
+                       "elapsed_s": time.perf_counter() - loop.started_at, **fp16})
+    if not math.isfinite(loss):
+        raise UserError(f"loss became {loss} at step {loop.step}; lower optim.lr or check the data")
+
+
+def describe_run(cfg, say, train_data, sampler, n_params, world, choice, horizon, fit, resume_from) -> None:
+    """The start-up line: model, data layout, processes, batch and schedule."""
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
+    if cfg.data.packing == "pack":
+        layout = f"{len(train_data):,} packed blocks of {cfg.data.seq_len}" + (
+            ", attention within documents" if cfg.data.doc_mask else "")
+    else:
+        pad = train_data.padding_fraction(sampler.epoch_order(0), cfg.micro_batch_size)
+        layout = f"{len(train_data):,} documents (pieces) padded ({cfg.data.packing}): {pad:.1%} padding"
+    say(f"model: {cfg.model.arch} {n_params / 1e6:.2f}M params | data: {train_data.n_tokens:,} train tokens, "
+        f"{layout} | {world} process(es), precision {choice.name} | "
+        f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
+        f"{horizon} steps ({rows_per_step * horizon / len(train_data):.2f} epochs)"
+        + (" at most: the schedule is fitted to the budget after warmup" if fit else ""))
+    if cfg.max_minutes and not fit and resume_from is None:
+        say(f"the schedule spans {horizon} steps; the {cfg.max_minutes:g} minute budget only stops the run"
+            + (" (--deterministic: a horizon measured from time would differ between runs; "
+               "--fit_schedule True to fit it anyway)" if cfg.deterministic and cfg.fit_schedule is None else ""))
+
+
+def fit_micro_batch(cfg, accelerator, model, optimizer, fused, train_data, bos_id) -> None:
+    """--fit_micro_batch: halve cfg.micro_batch_size (doubling grad_accum_steps) until a step fits."""
+    import torch
+
+    from lib.memory import fit_micro_batch as fit
+
+    def trial(n: int) -> None:  # one forward+backward on n sequences; nothing is applied
+        batch = train_data.make_batch(list(range(min(n, len(train_data)))), bos_id)
+        labels = torch.from_numpy(batch.labels).to(accelerator.device)
+        accelerator.backward(loss_sum(cfg, model, batch, labels, fused)[0] * 0)
+        optimizer.zero_grad(set_to_none=True)
+
+    fitted = fit(trial, cfg.micro_batch_size, cfg.grad_accum_steps, accelerator.device, say=accelerator.print)
+    if fitted != (cfg.micro_batch_size, cfg.grad_accum_steps):
+        accelerator.print(f"micro_batch_size {cfg.micro_batch_size} -> {fitted[0]}, grad_accum_steps "
+                          f"{cfg.grad_accum_steps} -> {fitted[1]} (the same sequences per optimizer step)")
+    cfg.micro_batch_size, cfg.grad_accum_steps = fitted
+    accelerator.gradient_accumulation_steps = cfg.grad_accum_steps
+
+
+if __name__ == "__main__":
+    main()
