@@ -27,6 +27,11 @@ __all__ = ["save", "load", "find_resume", "complete_checkpoints", "best_checkpoi
            "is_sharded", "tensor_names"]
 
 
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives (complete or not)."""
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:07d}"
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -38,13 +43,26 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+REQUIRED = {"step": int, "tokens_seen": int, "sampler": dict, "data_content_hash": str, "files": dict}
+
+
 def verify(path: Path) -> dict:
-    """Read a checkpoint's record and check every file's sha256; a UserError names a bad file."""
+    """Read a checkpoint's record, check it is whole (the fields a resume needs, its own step,
+    the model's files listed) and every listed file's sha256; a UserError says what is wrong."""
+    path = Path(path)
     state_file = path / STATE
     if not state_file.is_file():
         raise UserError(f"{path} is not a complete checkpoint (no {STATE})")
     state = read_json(state_file, "checkpoint record")
-    for name, digest in state.get("files", {}).items():
+    wrong = [k for k, tp in REQUIRED.items() if not isinstance(state, dict) or not isinstance(state.get(k), tp)]
+    if wrong:
+        raise UserError(f"checkpoint {path}: {STATE} is corrupt (no valid {', '.join(wrong)})")
+    if path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit() and state["step"] != int(
+            path.name[len(PREFIX):]):
+        raise UserError(f"checkpoint {path}: {STATE} is corrupt (it records step {state['step']})")
+    if not any(name.startswith(("model", SHARDS)) for name in state["files"]):
+        raise UserError(f"checkpoint {path}: {STATE} is corrupt (it lists no model weights)")
+    for name, digest in state["files"].items():
         f = path / name
         if not f.is_file():
             raise UserError(f"checkpoint {path}: file {name} is missing")
@@ -74,17 +92,29 @@ def tensor_names(path: Path) -> set[str]:
     raise UserError(f"{path} holds no model weights (neither model.safetensors nor {SHARDS}/)")
 
 
+def set_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint to `<name>.corrupt` (`.corrupt-2`, ... if taken): no longer a
+    checkpoint, so its step is written anew when reached again, and kept for a person to look at
+    (never deleted by pruning)."""
+    target, n = path.with_name(path.name + ".corrupt"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{n}")
+    os.replace(path, target)
+    return target
+
+
 def find_resume(run_dir: str | Path, resume: str, say=print) -> Path | None:
-    """The checkpoint to resume from: 'auto' = the newest complete one whose files all match
-    their sha256 (falling back past corrupt ones, each reported; None if the run has none), else
-    the given folder, which must exist and verify."""
+    """The checkpoint to resume from: 'auto' = the newest complete one that verifies (falling back
+    past corrupt ones, each reported and set aside; None if the run has none), else the given
+    folder, which must exist and verify. Call it on one process (it renames corrupt folders)."""
     if resume == "auto":
         for path in reversed(complete_checkpoints(run_dir)):
             try:
                 verify(path)
                 return path
             except UserError as exc:
-                say(f"warning: skipping {path}: {exc}")
+                say(f"warning: skipping {path}: {exc}; moved aside to {set_aside(path)}")
         return None
     path = Path(resume)
     if not path.is_dir():
@@ -150,8 +180,8 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
     A complete checkpoint of the same step is left as it is.
     """
     root = Path(run_dir) / "checkpoints"
-    final = root / f"{PREFIX}{step:07d}"
-    tmp = root / f"{PREFIX}{step:07d}.tmp"
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")  # what fresh_folder makes
     if (final / STATE).is_file():
         # already saved (a run resumed at its last step): the state is the same, and replacing
         # it would briefly leave no complete checkpoint behind

@@ -213,6 +213,7 @@ def main() -> None:
     from lib.loop_state import LoopState
     from lib.metrics import JsonlWriter, truncate_after_step
     from lib.model import build_model, matmul_dims
+    from lib.preemption import EXIT_STOPPED, StopRequests
     from lib.precision import model_matmul_shapes
     from lib.progress import progress
     from lib.provenance import provenance
@@ -300,6 +301,7 @@ def main() -> None:
         checkpoint_seconds.append(time.perf_counter() - t)
 
     # ---- the loop: one iteration = one optimizer step
+    stops = StopRequests()  # SIGTERM, Ctrl-C: finish the step, checkpoint, exit (a second one: at once)
     model.train()
     bar = progress(total=loop.horizon, initial=loop.step, disable=not is_main, desc="train", unit="step")
     clock, stopped_early = budget.StepClock(), False
@@ -360,6 +362,15 @@ def main() -> None:
             say(f"stopping at step {loop.step} (--stop_at_step); --resume auto continues from here")
             stopped_early = True
             break
+        signalled = stops.agreed(accelerator) if loop.step < loop.horizon else None  # the same on every process
+        if signalled:
+            bar.close()
+            save_checkpoint()
+            say(f"stopped by {signalled} after step {loop.step}: checkpoint {ckpt.step_dir(run_dir, loop.step)} "
+                f"written; --resume auto continues from there")
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            sys.exit(EXIT_STOPPED)
     bar.close()
     train_secs = time.perf_counter() - loop.started_at
 

@@ -53,6 +53,7 @@ def train_command(data: str | Path, runs: str | Path, name: str, *args: str,
                   launcher: tuple[str, ...] = ()) -> list[str]:
     """The command line of a smoke-preset training run `runs/name` on `data`, `args` after the
     preset's (a later flag wins). For a process the test drives itself (kill tests)."""
+    launcher = tuple(str(free_port()) if a == FREE_PORT else a for a in launcher)
     return [*(launcher or (sys.executable,)), str(REPO / "scripts" / "train.py"), "--config",
             str(REPO / "configs" / "train" / "smoke.yaml"), "--data.dir", str(data), "--runs_dir", str(runs),
             "--run_name", name, *args]
