@@ -11,6 +11,7 @@ next save.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -171,14 +172,35 @@ def assert_finite(model, step: int) -> None:
                             "(the newest complete one is kept)")
 
 
+def folder_bytes(path: Path) -> int:
+    """Bytes of every file under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _room_for(root: Path, need: int) -> str | None:
+    """None when the file system holding `root` has room for `need` bytes (and some to spare),
+    else the UserError message saying it does not."""
+    free = shutil.disk_usage(root).free
+    if free >= need * 1.05 + (1 << 20):
+        return None
+    return (f"disk full: {free / 1e6:.1f} MB free on the file system of {root}, and a checkpoint of this run takes "
+            f"about {need / 1e6:.1f} MB; free some space (older runs, or --keep_last_n 1), then run again with "
+            "--resume auto (nothing written so far is lost)")
+
+
 def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: dict,
-         keep_best: bool = False) -> Path:
+         keep_best: bool = False, expect_bytes: int = 0) -> Path:
     """Save a checkpoint of `step` (all ranks call this), then prune to `keep_last_n` (and the
     best by `state["val_loss"]` with `keep_best`). `state` is the trainer record (written by the
     main process), saved as trainer_state.json with the sha256 of every file.
 
-    A complete checkpoint of the same step is left as it is.
+    A complete checkpoint of the same step is left as it is. Out of space: checked first, against
+    the size of the newest checkpoint (`expect_bytes` before there is one), and a save that fails
+    anyway is removed; either way a UserError on every process says the disk is full and where,
+    and the complete checkpoints are untouched.
     """
+    from lib.distributed import broadcast_from_main
+
     root = Path(run_dir) / "checkpoints"
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")  # what fresh_folder makes
@@ -186,18 +208,33 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
         # already saved (a run resumed at its last step): the state is the same, and replacing
         # it would briefly leave no complete checkpoint behind
         return final
+    full, newest = None, complete_checkpoints(run_dir)
+    need = folder_bytes(newest[-1]) if newest else expect_bytes
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(root)
-        fresh_folder(final)  # = tmp
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        full = _room_for(root, need)
+        if full is None:
+            fresh_folder(final)  # = tmp
+    full = broadcast_from_main(full, accelerator)
+    if full:
+        raise UserError(full)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            write_json(tmp / STATE, {**state, "files": files})  # the completion record, last
+            # (an incomplete folder of the final name, without a record, is no checkpoint: replaced)
+            publish_folder(tmp, final, durable=True)
+    except (OSError, RuntimeError) as exc:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = _room_for(root, need)
+        if full is None and not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise
+        raise UserError(f"writing checkpoint {final} failed: {full or str(exc)}") from None
     if accelerator.is_main_process:
-        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        write_json(tmp / STATE, {**state, "files": files})  # the completion record, last
-        # (an incomplete folder of the final name, without a record, is no checkpoint: replaced)
-        publish_folder(tmp, final, durable=True)
         prune(run_dir, keep_last_n, keep_best)
     accelerator.wait_for_everyone()
     return final

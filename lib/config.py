@@ -196,7 +196,11 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML; `--config` on that file reproduces it."""
+    """Write the resolved config as YAML (atomically: never a half-written file); `--config` on
+    that file reproduces it."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    from lib.files import atomic_text
+
+    with atomic_text(path) as f:
+        f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))

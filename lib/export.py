@@ -18,6 +18,7 @@ def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Pa
     LoRA run (None otherwise); `rebuild()` returns the bare base model, needed for LoRA under FSDP,
     where peft must merge whole tensors."""
     from lib import lora
+    from lib.files import atomic_folder, write_checksums
     from lib.report import write_final
     from lib.runtime import is_sharded
 
@@ -34,6 +35,8 @@ def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Pa
         model.load_state_dict(full_state)
         full_state = None
     if use_lora:
-        model.save_pretrained(str(out_dir.with_name(out_dir.name + "_adapter")), safe_serialization=True)
+        with atomic_folder(out_dir.with_name(out_dir.name + "_adapter")) as build:
+            model.save_pretrained(str(build.path), safe_serialization=True)
+            write_checksums(build.path)
         model = model.merge_and_unload()
     write_final(model, tokens_dir, out_dir, full_state)

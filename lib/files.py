@@ -20,7 +20,10 @@ from typing import Iterator
 from lib.errors import UserError
 
 __all__ = ["sha256_file", "canonical_hash", "read_json", "write_json", "atomic_file", "atomic_text", "atomic_npy",
-           "npy_header", "atomic_folder", "fresh_folder", "publish_folder", "fsync", "fsync_tree"]
+           "npy_header", "atomic_folder", "fresh_folder", "publish_folder", "fsync", "fsync_tree", "ensure_writable",
+           "write_checksums", "verify_checksums", "CHECKSUMS"]
+
+CHECKSUMS = "checksums.json"  # a folder's own record of its files' sha256 (exported models)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -196,3 +199,45 @@ def atomic_folder(path: str | Path, durable: bool = False) -> Iterator[FolderWri
             publish_folder(write.path, path, durable)
     finally:
         shutil.rmtree(write.path, ignore_errors=True)
+
+
+def ensure_writable(folder: str | Path, option: str) -> Path:
+    """Create `folder` if needed and check a file can be written in it, before any work is done:
+    a UserError naming `option` and the folder otherwise (a read-only or full file system, no
+    permission)."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {folder} is not writable ({exc.strerror or exc}); pick a folder you can "
+                        "write to") from None
+    return folder
+
+
+def write_checksums(folder: str | Path) -> dict:
+    """Record the sha256 of every file under `folder` in `folder/checksums.json` (returned)."""
+    folder = Path(folder)
+    sums = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS}
+    write_json(folder / CHECKSUMS, sums)
+    return sums
+
+
+def verify_checksums(folder: str | Path) -> int:
+    """Check every file `folder/checksums.json` lists against its sha256; the number checked, or a
+    UserError naming the first missing or changed file (or the unreadable record)."""
+    folder = Path(folder)
+    sums = read_json(folder / CHECKSUMS, "checksum record")
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise UserError(f"{folder / CHECKSUMS} is corrupt (not a file -> sha256 table)")
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing (listed in {CHECKSUMS})")
+        if sha256_file(path) != digest:
+            raise UserError(f"{path} is corrupt (sha256 differs from {CHECKSUMS})")
+    return len(sums)

@@ -69,6 +69,8 @@ class LoopState:
     window: LogWindow = field(default_factory=LogWindow)
     started_at: float = field(default_factory=time.perf_counter)
     """When this process started (or resumed) training; not saved."""
+    stopped_at: Optional[float] = None
+    """When this process's loop ended (stop_timing); not saved."""
     device: object = "cpu"
     """Where the window's loss sum lives (the training device); not saved."""
 
@@ -79,8 +81,13 @@ class LoopState:
             self.window.loss = torch.zeros((), device=self.device)
 
     def elapsed_s(self) -> float:
-        """Training seconds of the whole run so far, resumed parts included."""
-        return self.elapsed_before_s + time.perf_counter() - self.started_at
+        """Seconds in the training loop over the whole run, resumed parts included (evaluations and
+        checkpoints inside the loop count; the final evaluation and export after it do not)."""
+        return self.elapsed_before_s + (self.stopped_at or time.perf_counter()) - self.started_at
+
+    def stop_timing(self) -> None:
+        """The loop is over: elapsed_s stops growing (what checkpoints and the report record)."""
+        self.stopped_at = time.perf_counter()
 
     def state_dict(self, gather: Callable[[list], list]) -> dict:
         """What a checkpoint of this step records. `gather(items)` concatenates every process's
@@ -103,4 +110,4 @@ class LoopState:
             self.horizon, self.fitted_to_minutes = d["fitted_horizon"], d["fitted_to_minutes"]
         windows = d.get("log_windows", [])
         self.window.load_state_dict(windows[process_index] if process_index < len(windows) else {})
-        self.started_at = time.perf_counter()
+        self.started_at, self.stopped_at = time.perf_counter(), None

@@ -43,10 +43,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def truncate_after_step(path: str | Path, step: int) -> int:
+def truncate_after_step(path: str | Path, step: int, drop_at_step: tuple[str, ...] = ()) -> int:
     """Keep the records of an NDJSON log up to `step` (a resumed run logs the later steps
-    again) and drop a torn last line a kill may have left; rewritten atomically. Returns the
-    number of records dropped."""
+    again), less those of `step` itself whose type is in `drop_at_step` (logged again too), and
+    drop a torn last line a kill may have left; rewritten atomically. Returns the number of
+    records dropped."""
     path = Path(path)
     if not path.is_file():
         return 0
@@ -58,7 +59,8 @@ def truncate_after_step(path: str | Path, step: int) -> int:
             except json.JSONDecodeError:  # torn by a kill mid-write
                 dropped += 1
                 continue
-            if record.get("step", 0) <= step:
+            if record.get("step", 0) < step or (record.get("step", 0) == step
+                                                 and record.get("type") not in drop_at_step):
                 kept.append(line if line.endswith("\n") else line + "\n")
             else:
                 dropped += 1

@@ -78,7 +78,12 @@ def load_pretrained(path: str | Path, dtype=None):
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model folder (no config.json); give a run's final/ folder")
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    except Exception as exc:  # a truncated or foreign weights file (safetensors, torch, json): the user's input
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise UserError(f"{path}: cannot load the model ({type(exc).__name__}: {first}); check or re-copy its "
+                        "files (a run's final/ carries checksums.json: scripts/audit.py --checks run)") from None
 
 
 def config_dims(hf_config) -> tuple[int, int, int]:

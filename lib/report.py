@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from lib.files import atomic_folder, atomic_text
+from lib.files import atomic_folder, atomic_text, write_checksums
 from lib.metrics import read_jsonl
 
 
@@ -26,6 +26,7 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
         model.save_pretrained(str(build.path), safe_serialization=True, state_dict=state_dict)
         AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(build.path))
         shutil.copy2(tok_dir / "sp.model", build.path / "sp.model")
+        write_checksums(build.path)  # audit.py and eval.py check them before trusting the weights
     return out_dir
 
 

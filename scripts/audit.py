@@ -116,6 +116,7 @@ def audit_data(rep: Report, data: str) -> None:
 
 def audit_run(rep: Report, run: Path) -> None:
     from lib.checkpoint import complete_checkpoints, verify
+    from lib.files import CHECKSUMS, verify_checksums
 
     if not run.is_dir():
         raise UserError(f"--run {run}: no such run folder")
@@ -127,7 +128,14 @@ def audit_run(rep: Report, run: Path) -> None:
             rep.line(True, f"{c.name}: step {state['step']}, {len(state['files'])} files match their sha256")
         except UserError as exc:
             rep.line(False, str(exc))
-    rep.line((run / "final" / "config.json").is_file(), f"{run / 'final'} holds a saved model")
+    for folder in (run / "final", run / "final_adapter"):
+        if folder.name == "final_adapter" and not folder.is_dir():
+            continue  # only LoRA runs have one
+        try:
+            n = verify_checksums(folder)
+            rep.line(True, f"{folder}: {n} files match {CHECKSUMS}")
+        except UserError as exc:
+            rep.line(False, f"{folder}: {exc}")
 
 
 @dataclass

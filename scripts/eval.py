@@ -88,6 +88,14 @@ def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
 def main() -> None:
     cfg = config_lib.parse(EvalConfig, description=__doc__)
     model_dir, run_dir, data_dir = resolve_paths(cfg)
+    from lib.files import CHECKSUMS, ensure_writable, verify_checksums
+
+    # before any work: where the results go, and whether the weights are the ones the run wrote
+    out_dir = ensure_writable(cfg.out_dir or ((run_dir or model_dir) / "eval"), "--out_dir")
+    if (model_dir / CHECKSUMS).is_file():
+        print(f"{model_dir}: {verify_checksums(model_dir)} files match {CHECKSUMS}")
+    else:
+        print(f"warning: {model_dir} has no {CHECKSUMS} (a model not written by train.py): its files are not checked")
     from lib.cpu import keep_freed_memory
 
     keep_freed_memory()  # reused activation buffers instead of page faults on every batch
@@ -98,7 +106,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lib.corpus import iter_records, read_manifest
-    from lib.files import sha256_file
+    from lib.files import atomic_text, sha256_file
     from lib.data import gather_docs, load_split, sample_docs, tokens_dir
     from lib.evaluate import compressor_bpb, evaluate_stream, summarize
     from lib.metrics import JsonlWriter, read_jsonl, write_tables
@@ -168,14 +176,12 @@ def main() -> None:
                                  pad_token_id=tok.pad_token_id)
         samples = [tok.decode(o, skip_special_tokens=True) for o in out]
 
-    out_dir = cfg.out_dir or ((run_dir or model_dir) / "eval")
-    out_dir.mkdir(parents=True, exist_ok=True)
     sink = JsonlWriter(out_dir / "metrics.ndjson")
     sink.write(record)
     sink.close()
     write_tables(read_jsonl(out_dir / "metrics.ndjson"), out_dir / "metrics")
     if samples:
-        with open(out_dir / "samples.txt", "w", encoding="utf-8") as f:
+        with atomic_text(out_dir / "samples.txt") as f:
             for i, s in enumerate(samples):
                 f.write(f"--- sample {i} (prompt {cfg.prompt!r}, temperature {cfg.temperature})\n{s}\n")
         print(f"sample 0:\n{samples[0]}")

@@ -123,10 +123,12 @@ def cmd_train(cfg: TrainTokenizerConfig) -> None:
 
 def cmd_encode(cfg: EncodeConfig) -> None:
     from lib.encode import docs_path, encode_file
+    from lib.files import ensure_writable
     from lib.parallel import default_workers
     from lib.progress import progress
     from lib.tokenizer import TextTokenizer
 
+    ensure_writable(cfg.output.parent, "--output's folder")
     tok = TextTokenizer(cfg.tokenizer, cfg.pad_token)
     # one process for a Hugging Face tokenizer: its Rust code already spreads a batch over every core
     workers = (cfg.workers or default_workers()) if tok.kind == "sentencepiece" else 1
@@ -146,8 +148,10 @@ def cmd_decode(cfg: DecodeConfig) -> None:
     import json
 
     from lib.encode import read_npy_docs
+    from lib.files import ensure_writable
     from lib.tokenizer import TextTokenizer
 
+    ensure_writable(cfg.output.parent, "--output's folder")
     tok = TextTokenizer(cfg.tokenizer, cfg.pad_token)
     if not cfg.input.is_file():
         raise UserError(f"--input {cfg.input}: no such file")
@@ -204,10 +208,10 @@ def main() -> None:
         prog = f"{os.path.basename(sys.argv[0])} {argv[0]}"
         return run(config_lib.parse(cls, argv[1:], description=cls.__doc__, prog=prog))
     cfg = config_lib.parse(TokenizeConfig, argv, description=__doc__)
+    from lib.files import ensure_writable
     from lib.pipeline import stage_tokenizer, stage_tokens
 
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, cfg.out_dir / "tokenize_config.yaml")
+    ensure_writable(cfg.out_dir, "--out_dir")
     t0 = time.time()
     corpus_dir = cfg.out_dir / "corpus"
     corpus = build_corpus(cfg.corpus, corpus_dir)
@@ -220,6 +224,7 @@ def main() -> None:
     log(f"special ids: {tokens['special_ids']}; vocab {tokens['vocab_size']}")
     for split, info in tokens["splits"].items():
         log(f"tokens: {split}: {info['tokens']:,} tokens in {info['docs']} documents")
+    config_lib.save(cfg, cfg.out_dir / "tokenize_config.yaml")  # what built the dataset, once it is built
     log(f"done in {time.time() - t0:.1f}s: {cfg.out_dir}")
 
 

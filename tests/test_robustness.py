@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import BITWISE, REPO, train, train_command
 
 
@@ -86,7 +88,7 @@ def test_sigterm_and_ctrl_c_checkpoint_the_step_and_resume_exactly(tiny_data, tm
         line = next(x for x in out.splitlines() if x.startswith(f"stopped by {name} after step"))
         step = int(line.split("after step ")[1].split(":")[0])
         assert 5 <= step < 300 and f"step_{step:07d}" in line and "--resume auto" in line
-        assert f"resumed from" in resumed and f"at step {step}" in resumed
+        assert "resumed from" in resumed and f"at step {step}" in resumed
         assert_same_run(runs / "straight", runs / "stopped")
 
 
@@ -162,3 +164,165 @@ def test_records_without_their_checks_are_not_trusted(tmp_path):
     assert len(said) == 3 and all("corrupt" in s for s in said), said  # 8, 6, 4 (2 never completed)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_0000002", "step_0000004.corrupt", "step_0000006.corrupt", "step_0000008.corrupt"]
+
+
+import contextlib  # noqa: E402
+import shutil  # noqa: E402
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str = "8m", read_only: bool = False):
+    """A small tmpfs mounted at `where` (a full disk, or a read-only folder: as root, permissions
+    alone do not stop writes). These tests need root, as CI and the development machines have."""
+    assert os.geteuid() == 0, "this test mounts a tmpfs: run the suite as root (CI does)"
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs",
+                    str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_data, tmp_path_factory):
+    """A finished 6-step run with checkpoints at 3 and 6."""
+    runs = tmp_path_factory.mktemp("small")
+    train(tiny_data, runs, "small", "--max_steps", "6", "--checkpoint_every", "3", "--eval_every", "3",
+          "--eval_tokens", "2000", "--log_every", "1")
+    return runs / "small"
+
+
+def test_corrupt_final_weights_fail_the_audit_and_stop_eval(small_run, tmp_path):
+    from conftest import run_script
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    assert run_audit("--checks", "run", "--run", str(run)).returncode == 0
+    weights = run / "final" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    proc = run_audit("--checks", "run", "--run", str(run))
+    assert proc.returncode == 1 and "final/model.safetensors" in proc.stdout and "[FAIL]" in proc.stdout
+    proc = run_script("scripts/eval.py", "--model", str(run), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "model.safetensors" in proc.stderr
+    assert "bits/byte" not in proc.stdout  # nothing was scored
+
+
+def test_bad_values_and_broken_inputs_are_one_line_errors(tiny_data, small_run, tmp_path):
+    for args, says in ((("--optim.lr", "-1"), "optim.lr"), (("--max_steps", "0"), "max_steps"),
+                       (("--micro_batch_size", "0"), "micro_batch_size")):
+        proc = train(tiny_data, tmp_path, "bad", *args, check=False)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "bad").exists()  # nothing written
+    broken = tmp_path / "broken"
+    shutil.copytree(small_run / "final", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = train(tiny_data, tmp_path, "ft", "--model.init_from", str(broken), "--max_steps", "2", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and str(broken) in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "ft").exists()
+
+
+def test_read_only_output_folders_are_named_before_any_work(tiny_data, small_run, tmp_path):
+    from conftest import run_script
+
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        cases = [
+            ("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(ro / "data"),
+             "--corpus.max_files", "20"),
+            ("scripts/train.py", "--config", "configs/train/smoke.yaml", "--data.dir", str(tiny_data),
+             "--runs_dir", str(ro / "runs"), "--max_steps", "2"),
+            ("scripts/eval.py", "--model", str(small_run), "--out_dir", str(ro / "eval")),
+            ("scripts/tokenize.py", "encode", "--tokenizer", str(tiny_data / "tokenizer"), "--input",
+             str(REPO / "README.md"), "--output", str(ro / "ids.jsonl")),
+        ]
+        for script, *args in cases:
+            proc = run_script(script, *args, check=False)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert "not writable" in proc.stderr and str(ro) in proc.stderr, proc.stderr
+            assert "bits/byte" not in proc.stdout  # eval.py: refused before scoring anything
+
+
+def test_a_failed_tokenize_leaves_the_dataset_and_its_config_alone(tiny_data, tmp_path):
+    from conftest import run_script
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    proc = run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(data),
+                      "--corpus.source", str(tmp_path / "missing*.jsonl"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+
+def test_resuming_a_finished_run_logs_nothing_twice_and_reports_whole_run_speed(small_run, tiny_data, tmp_path):
+    run = tmp_path / "small"
+    shutil.copytree(small_run, run)
+    first = (run / "report.md").read_text()
+    train(tiny_data, tmp_path, "small", "--max_steps", "6", "--checkpoint_every", "3", "--eval_every", "3",
+          "--eval_tokens", "2000", "--log_every", "1", "--resume", "auto")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    kinds = [(r["type"], r["step"]) for r in rows]
+    assert len(kinds) == len(set(kinds)), kinds  # each record once
+    assert kinds.count(("final", 6)) == 1 and kinds.count(("eval", 6)) == 1
+
+    def speed(report: str) -> float:
+        return float(report.split(" tokens/s")[0].rsplit(" ", 1)[1].replace(",", ""))
+
+    assert speed((run / "report.md").read_text()) == pytest.approx(speed(first), rel=0.05)
+
+
+def test_a_full_disk_is_named_leaves_nothing_half_written_and_resumes_once_freed(tiny_data, tmp_path):
+    args = ("--max_steps", "12", "--checkpoint_every", "4", "--keep_last_n", "2", "--eval_every", "0",
+            "--eval_tokens", "2000", "--log_every", "1", "--no_mfu")
+    with tmpfs(tmp_path / "disk", size="10m") as disk:
+        runs = disk / "runs"
+        # a filler leaving room for the run's small files and one checkpoint (1.7 MB), not two
+        filler = disk / "filler"
+        free = shutil.disk_usage(disk).free
+        filler.write_bytes(b"\0" * (free - 3_300_000))
+        proc = train(tiny_data, runs, "full", *args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "disk" in proc.stderr and "full" in proc.stderr and str(disk) in proc.stderr, proc.stderr
+        ckpts = sorted(p.name for p in (runs / "full" / "checkpoints").iterdir())
+        assert ckpts == ["step_0000004"], ckpts  # complete, and nothing half-written beside it
+        leftovers = [p for p in runs.rglob("*") if p.name.endswith((".tmp", ".old")) or ".tmp" in p.name]
+        assert not leftovers, leftovers
+        filler.unlink()  # space freed: the run continues where it stopped
+        proc = train(tiny_data, runs, "full", *args, "--resume", "auto")
+        assert "step_0000004 at step 4" in proc.stdout and (runs / "full" / "final" / "model.safetensors").is_file()
+    # a fresh start on a full disk writes nothing at all
+    with tmpfs(tmp_path / "disk2", size="1m") as disk:
+        (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - 4096))
+        proc = train(tiny_data, disk / "runs", "none", *args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert not (disk / "runs" / "none").exists() or not any((disk / "runs" / "none").iterdir())
+
+
+def test_a_save_that_fails_midway_is_removed_and_only_a_full_disk_is_called_one(tmp_path):
+    import errno
+
+    from lib.checkpoint import complete_checkpoints, save
+    from lib.errors import UserError
+
+    class Half:
+        """An Accelerator of one process whose save_state writes a file, then fails."""
+        is_main_process, num_processes = True, 1
+
+        def __init__(self, exc):
+            self.exc = exc
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            (Path(path) / "model.safetensors").write_bytes(b"x" * 1000)
+            raise self.exc
+
+    with pytest.raises(UserError, match="disk full|No space"):
+        save(Half(OSError(errno.ENOSPC, "No space left on device")), tmp_path, 2, 1, {"step": 2})
+    with pytest.raises(RuntimeError, match="a bug"):  # plenty of space: not called a full disk
+        save(Half(RuntimeError("a bug")), tmp_path, 2, 1, {"step": 2})
+    assert complete_checkpoints(tmp_path) == [] and list((tmp_path / "checkpoints").iterdir()) == []
