@@ -205,8 +205,7 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
 @exit_on_user_error
 def main() -> None:
     cfg = config_lib.parse(TrainConfig, description=__doc__)
-    if cfg.keep_last_n < 1:
-        raise UserError("--keep_last_n must be at least 1")
+    check_options(cfg)
     runtime.prepare_environment(cfg.deterministic)  # read when MKL and cuBLAS start: before torch
     from accelerate.utils import gather_object, set_seed
 
@@ -217,11 +216,12 @@ def main() -> None:
     from lib.data import BlockSampler, build_train_data, load_split, tokens_dir
     from lib.distributed import broadcast_from_main
     from lib.evaluate import held_out_sample, token_byte_lengths
-    from lib.files import write_json
+    from lib.files import ensure_writable, write_json
     from lib.flops import MfuMeter
     from lib.loop_state import LoopState
     from lib.metrics import JsonlWriter, truncate_after_step
     from lib.model import build_model, matmul_dims
+    from lib.preemption import EXIT_STOPPED, StopRequests
     from lib.precision import model_matmul_shapes
     from lib.progress import progress
     from lib.provenance import provenance
@@ -240,10 +240,7 @@ def main() -> None:
     if cfg.keep_best and (not cfg.eval_every or not cfg.checkpoint_every or cfg.checkpoint_every % cfg.eval_every):
         say(f"warning: --keep_best compares checkpoints written at evaluation steps; with checkpoint_every "
             f"{cfg.checkpoint_every} and eval_every {cfg.eval_every} only the final checkpoint has a held-out loss")
-    run_dir = cfg.runs_dir / cfg.run_name
-    resume_from = run_folder.claim(accelerator, run_dir, cfg.resume, cfg.overwrite)
-    if is_main:
-        config_lib.save(cfg, run_dir / "config.yaml")
+    ensure_writable(cfg.runs_dir, "--runs_dir")
 
     # ---- data: training blocks, and a held-out sample that is the same at every evaluation
     val_tokens, val_docs = load_split(tok_dir, "val")
@@ -260,6 +257,12 @@ def main() -> None:
     base_sha = lora.base_fingerprint(cfg.model.init_from) if use_lora else None  # checkpoints name their base
     if cfg.fit_micro_batch:
         fit_micro_batch(cfg, accelerator, model, optimizer, fused, train_data, bos_id)
+
+    # ---- the run folder, now that every input has been read: this job's, continued or fresh
+    run_dir = cfg.runs_dir / cfg.run_name
+    resume_from = run_folder.claim(accelerator, run_dir, cfg.resume, cfg.overwrite)
+    if is_main:
+        config_lib.save(cfg, run_dir / "config.yaml")
     sampler = BlockSampler(len(train_data), cfg.micro_batch_size, cfg.seed, accelerator.process_index, world)
 
     # ---- the loop's state: fresh, or restored from a checkpoint with the sampler, weights,
@@ -277,7 +280,9 @@ def main() -> None:
     fit = fit and loop.fitted_to_minutes is None
     if is_main:
         write_json(run_dir / "provenance.json", provenance(cfg, manifest, accelerator, n_params, resume_from))
-        dropped = truncate_after_step(run_dir / "metrics.jsonl", loop.step) if resume_from is not None else 0
+        # resuming a finished run (its last checkpoint) redoes its final evaluation and records
+        again = ("eval", "final") if loop.step >= loop.horizon else ()
+        dropped = truncate_after_step(run_dir / "metrics.jsonl", loop.step, again) if resume_from is not None else 0
         if dropped:
             say(f"metrics.jsonl: dropped {dropped} record(s) logged after step {loop.step}; they are logged again")
     describe_run(cfg, say, train_data, sampler, n_params, world, choice, loop.horizon, fit, resume_from)
@@ -298,6 +303,8 @@ def main() -> None:
         return res
 
     checkpoint_seconds = []
+    # before the first checkpoint, its size estimated: the trained weights and AdamW's two moments
+    checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in prepared.parameters() if p.requires_grad)
 
     def save_checkpoint() -> None:
         t = time.perf_counter()
@@ -305,15 +312,17 @@ def main() -> None:
         ckpt.save(accelerator, run_dir, loop.step, cfg.keep_last_n,
                   {**loop.state_dict(gather_object), "sampler": sampler.state_dict(),
                    "data_content_hash": manifest["content_hash"],
-                   **({"lora_base_sha256": base_sha} if use_lora else {})}, keep_best=cfg.keep_best)
+                   **({"lora_base_sha256": base_sha} if use_lora else {})}, keep_best=cfg.keep_best,
+                  expect_bytes=checkpoint_bytes)
         checkpoint_seconds.append(time.perf_counter() - t)
 
     # ---- the loop: one iteration = one optimizer step
+    stops = StopRequests()  # SIGTERM, Ctrl-C: finish the step, checkpoint, exit (a second one: at once)
     model.train()
     bar = progress(total=loop.horizon, initial=loop.step, disable=not is_main, desc="train", unit="step")
     clock, stopped_early = budget.StepClock(), False
     fit_after = max(cfg.optim.warmup_steps, loop.step)  # the horizon is fixed at the first timed step after warmup
-    tokens_at_start = tokens_at_log = loop.tokens_seen
+    tokens_at_log = loop.tokens_seen
     loop.started_at = t_log = time.perf_counter()
     while loop.step < loop.horizon:
         clock.start()
@@ -369,8 +378,17 @@ def main() -> None:
             say(f"stopping at step {loop.step} (--stop_at_step); --resume auto continues from here")
             stopped_early = True
             break
+        signalled = stops.agreed(accelerator) if loop.step < loop.horizon else None  # the same on every process
+        if signalled:
+            bar.close()
+            save_checkpoint()
+            say(f"stopped by {signalled} after step {loop.step}: checkpoint {ckpt.step_dir(run_dir, loop.step)} "
+                f"written; --resume auto continues from there")
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            sys.exit(EXIT_STOPPED)
     bar.close()
-    train_secs = time.perf_counter() - loop.started_at
+    loop.stop_timing()
 
     # ---- finish: final evaluation, checkpoint, model, report
     final_eval = evaluate()
@@ -395,10 +413,10 @@ def main() -> None:
             f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, seq_len {cfg.data.seq_len}",
             f"precision: {choice.name} ({choice.reason})",
             f"steps: {loop.step} of {loop.horizon}{' (stopped early)' if stopped_early else ''}{fitted}, "
-            f"{loop.tokens_seen:,} tokens; this process: {train_secs / 60:.1f} min, "
-            f"{(loop.tokens_seen - tokens_at_start) / max(train_secs, 1e-9):,.0f} tokens/s"],
+            f"{loop.tokens_seen:,} tokens in {loop.elapsed_s() / 60:.1f} min of training (all parts of the run), "
+            f"{loop.tokens_seen / max(loop.elapsed_s(), 1e-9):,.0f} tokens/s"],
             final_eval, held_out.description)
-        say(f"done: {loop.step} steps in {train_secs / 60:.1f} min; final model in {run_dir / 'final'}")
+        say(f"done: {loop.step} steps in {loop.elapsed_s() / 60:.1f} min of training; final model in {run_dir / 'final'}")
     # every process tears its process group down together: a rank that destroyed its gloo group
     # while the main one was still writing the final model once died with SIGABRT (FSDP2 on CPU)
     accelerator.wait_for_everyone()
@@ -444,6 +462,27 @@ def build(cfg, accelerator, vocab_size: int, special: dict):
     if lora.enabled(cfg.lora):
         lora.save_trainable_only(accelerator, prepared)
     return torch.compile(prepared) if cfg.compile else prepared, prepared, optimizer, fused, n_params, fpt
+
+
+def check_options(cfg: TrainConfig) -> None:
+    """Values no run can use, refused before anything is read or written (a UserError naming the
+    option)."""
+    rules = [("max_steps", cfg.max_steps >= 1, "at least 1"), ("micro_batch_size", cfg.micro_batch_size >= 1,
+             "at least 1"), ("grad_accum_steps", cfg.grad_accum_steps >= 1, "at least 1"),
+             ("keep_last_n", cfg.keep_last_n >= 1, "at least 1"), ("optim.lr", cfg.optim.lr >= 0, "0 or more"),
+             ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "0 or more"),
+             ("max_minutes", cfg.max_minutes is None or cfg.max_minutes > 0, "more than 0"),
+             ("eval_tokens", cfg.eval_tokens is None or cfg.eval_tokens >= 1, "at least 1, or None"),
+             ("data.seq_len", cfg.data.seq_len >= 2, "at least 2")]
+    rules += [(name, getattr(cfg, name) >= 0, "0 or more (0: never)")
+              for name in ("eval_every", "checkpoint_every")]
+    rules += [("log_every", cfg.log_every >= 1, "at least 1")]
+    for name, ok, need in rules:
+        if not ok:
+            value = cfg
+            for part in name.split("."):
+                value = getattr(value, part)
+            raise UserError(f"--{name} {value}: must be {need}")
 
 
 def fp16_state(accelerator, loop) -> dict:
