@@ -108,7 +108,8 @@ def set_aside(path: Path) -> Path:
 def find_resume(run_dir: str | Path, resume: str, say=print) -> Path | None:
     """The checkpoint to resume from: 'auto' = the newest complete one that verifies (falling back
     past corrupt ones, each reported and set aside; None if the run has none), else the given
-    folder, which must exist and verify. Call it on one process (it renames corrupt folders)."""
+    folder (or a `.tar.gz` archive of one, unpacked into the run's checkpoints/ first), which must
+    exist and verify. Call it on one process (it renames corrupt folders)."""
     if resume == "auto":
         for path in reversed(complete_checkpoints(run_dir)):
             try:
@@ -118,8 +119,14 @@ def find_resume(run_dir: str | Path, resume: str, say=print) -> Path | None:
                 say(f"warning: skipping {path}: {exc}; moved aside to {set_aside(path)}")
         return None
     path = Path(resume)
+    from lib import archive
+
+    if archive.is_archive(path):  # a packed checkpoint (scripts/audit.py pack): into this run's checkpoints/
+        target = archive.unpack(path, Path(run_dir) / "checkpoints")
+        say(f"unpacked {path} into {target}")
+        return target
     if not path.is_dir():
-        raise UserError(f"--resume {resume}: no such checkpoint folder")
+        raise UserError(f"--resume {resume}: no such checkpoint folder (or {archive.SUFFIX} archive)")
     verify(path)
     return path
 

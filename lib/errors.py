@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 
 
@@ -12,6 +13,29 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config file or flag that does not fit the script's config dataclass."""
+
+
+_where = [lambda: f"process {os.environ.get('RANK', '0')}"]
+collective_timeout_minutes: float | None = None  # set by lib/runtime.start, for the message
+
+
+def where_am_i(describe) -> None:
+    """Tell the error wrapper how to say where this process is (e.g. its rank and step), for the
+    one line it prints when a wait for the other processes fails."""
+    _where[:] = [describe]
+
+
+def _collective_failure(exc: BaseException) -> str | None:
+    """What went wrong, when `exc` is a collective or rendezvous that failed because of the other
+    processes (a timeout, or a peer that went away); None for anything else."""
+    text = str(exc)
+    if any(s in text for s in ("Timed out", "timed out", "Timeout", "DistStoreError")):
+        limit = f" {collective_timeout_minutes:g} min" if collective_timeout_minutes else ""
+        return (f"waited more than{limit} for the other processes (one of them died, hangs, or works alone for "
+                "longer: then raise --dist_timeout_minutes); its own error, if any, is in the log")
+    if any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
+        return "another process of the job went away (its own error, if any, is in the log)"
+    return None
 
 
 def exit_on_user_error(main):
@@ -28,6 +52,12 @@ def exit_on_user_error(main):
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except RuntimeError as exc:
+            failure = _collective_failure(exc)
+            if failure is None:
+                raise
+            print(f"error: {_where[0]()}: {failure}", file=sys.stderr, flush=True)
+            sys.exit(3)
         except OSError as exc:  # the machine's, not the code's: a full, read-only or forbidden place to write
             where = f" writing {exc.filename}" if exc.filename else ""
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -24,18 +24,24 @@ def prepare_environment(deterministic: bool) -> None:
 
 
 def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: float, threads: int | None,
-          deterministic: bool, keep_freed_memory: bool, say=None):
+          deterministic: bool, keep_freed_memory: bool, timeout_minutes: float = 10.0, say=None):
     """(accelerator, precision Choice) for this process, every process of the launch calling it.
 
     `precision`: auto | fp32 | bf16 | fp16 (see lib/precision.resolve); `shapes`: the model's
     matrix products (m, k, n) that auto times on a CPU. `threads`: torch intra-op threads (None:
     torch's choice; one under `deterministic` on a CPU). Prints, from the main process, what was
     chosen and why, and warns when a launcher's FSDP config cannot shard this job.
+    `timeout_minutes`: the longest any collective (the process group's start included) waits for
+    the other processes; past it, the collective fails (lib/errors turns that into one line naming
+    the process and, where the script said, the step).
     """
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, GradScalerKwargs
 
+    from datetime import timedelta
+
+    from lib import errors
     from lib import precision as precision_lib
     from lib.distributed import allow_fsdp_on_cpu, fsdp_requested
     from lib.errors import UserError
@@ -50,9 +56,12 @@ def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: flo
         from lib.cpu import keep_freed_memory as keep
 
         keep()
+    # the process group first (so that every rank uses the main process's precision choice), with
+    # the time any process may wait for the others
+    state = PartialState(cpu=on_cpu, timeout=timedelta(minutes=timeout_minutes))
+    errors.collective_timeout_minutes = timeout_minutes
     cpu_fsdp = on_cpu and allow_fsdp_on_cpu()  # an FSDP launcher config on CPU: FSDP, not DDP
-    # the process group first, so that every rank uses the main process's precision choice
-    choice = precision_lib.resolve_on_main(precision, shapes, PartialState(cpu=on_cpu))
+    choice = precision_lib.resolve_on_main(precision, shapes, state)
     accelerator = Accelerator(mixed_precision=choice.mixed_precision, cpu=on_cpu,
                               gradient_accumulation_steps=grad_accum_steps,
                               kwargs_handlers=[GradScalerKwargs(init_scale=fp16_init_scale)])

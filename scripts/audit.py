@@ -14,6 +14,12 @@ Checks:
   resume (a subcommand) trains a training config at tiny size twice, straight through and
         stopped mid-way then resumed in a new process, and checks that every logged loss and
         every final weight is bitwise the same; it names the first diverging step otherwise.
+
+  pack / unpack (subcommands) turn a checkpoint folder into one compressed file, verified by
+        reading it back (--remove then deletes the folder), and back; train.py --resume also
+        takes the archive itself:
+    python scripts/audit.py pack --checkpoint runs/x/checkpoints/step_0000400 --remove
+    python scripts/audit.py unpack --archive runs/x/checkpoints/step_0000400.tar.gz
 """
 import os
 import sys
@@ -218,8 +224,53 @@ def resume_check(cfg: ResumeCheckConfig) -> None:
     sys.exit(1 if rep.failures else 0)
 
 
+@dataclass
+class PackConfig:
+    """Pack a checkpoint folder into one .tar.gz, checked by reading it back."""
+
+    checkpoint: Path
+    """The checkpoint folder (runs/<run>/checkpoints/step_NNNNNNN)."""
+    out: Optional[Path] = None
+    """The archive to write (default: the folder's path + .tar.gz)."""
+    remove: bool = False
+    """Delete the folder once the archive is written and checked."""
+    level: int = 6
+    """gzip compression level, 1 (fastest) to 9 (smallest)."""
+
+
+@dataclass
+class UnpackConfig:
+    """Unpack a checkpoint archive into a checkpoints folder, verified."""
+
+    archive: Path
+    into: Optional[Path] = None
+    """The checkpoints folder to unpack into (default: the archive's own folder)."""
+
+
+def pack_command(cfg: PackConfig) -> None:
+    from lib.archive import pack
+    from lib.checkpoint import folder_bytes
+
+    before = folder_bytes(cfg.checkpoint) if cfg.checkpoint.is_dir() else 0
+    out = pack(cfg.checkpoint, cfg.out, cfg.remove, cfg.level)
+    size = out.stat().st_size
+    print(f"packed {cfg.checkpoint} ({before / 1e6:.1f} MB) into {out} ({size / 1e6:.1f} MB, "
+          f"{size / max(before, 1):.1%} of it); every file checked against its sha256"
+          + ("; folder removed" if cfg.remove else ""))
+
+
+def unpack_command(cfg: UnpackConfig) -> None:
+    from lib.archive import unpack
+
+    print(f"unpacked {cfg.archive} into {unpack(cfg.archive, cfg.into or cfg.archive.parent)} (verified)")
+
+
 @exit_on_user_error
 def main() -> None:
+    for name, cls, run in (("pack", PackConfig, pack_command), ("unpack", UnpackConfig, unpack_command)):
+        if sys.argv[1:2] == [name]:
+            return run(config_lib.parse(cls, sys.argv[2:], description=cls.__doc__,
+                                        prog=f"{os.path.basename(sys.argv[0])} {name}", presets=False))
     if sys.argv[1:2] == ["resume"]:
         return resume_check(config_lib.parse(ResumeCheckConfig, sys.argv[2:], description=ResumeCheckConfig.__doc__,
                                              prog=f"{os.path.basename(sys.argv[0])} resume", presets=False))

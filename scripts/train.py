@@ -29,7 +29,7 @@ from typing import Literal, Optional  # noqa: E402
 from lib import config as config_lib  # noqa: E402
 from lib import runtime  # noqa: E402
 from lib.data import DataConfig  # noqa: E402
-from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.errors import UserError, exit_on_user_error, where_am_i  # noqa: E402
 from lib.lora import LoraOptions  # noqa: E402
 from lib.loss import step_scaled_loss, token_loss_sum  # noqa: E402
 from lib.model import ModelConfig  # noqa: E402
@@ -129,6 +129,12 @@ class TrainConfig:
     mfu: bool = True
     """Log model FLOP utilization against the device's fastest dense matmul peak, whatever the
     run's precision (on CPU, measured and cached; a figure above 100% triggers a new measurement)."""
+    dist_timeout_minutes: float = 10.0
+    """Longest any process waits for the others (start-up, a collective, a barrier) before the job
+    stops with an error naming the process and the step: a process that died or hangs never keeps
+    the rest waiting for ever. Raise it if one process legitimately works alone for longer."""
+    debug_stall: Optional[str] = None
+    """Testing aid: 'RANK:STEP:SECONDS' makes that process sleep before that optimizer step (1-based)."""
     debug_nan_step: Optional[int] = None
     """Testing aid: make the loss NaN in this optimizer step (1-based) to exercise on_nonfinite."""
 
@@ -157,6 +163,9 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
     import torch
 
     device, world = accelerator.device, accelerator.num_processes
+    if cfg.debug_stall and [int(x) for x in cfg.debug_stall.split(":")[:2]] == [accelerator.process_index,
+                                                                                 loop.step + 1]:
+        time.sleep(float(cfg.debug_stall.split(":")[2]))
     # every token of the step, all processes, weighs 1/step_tokens, however the rows are padded
     step_tokens = int(accelerator.reduce(torch.tensor(sum(b.n_targets for b in batches), device=device), "sum"))
     step_loss = torch.zeros((), device=device)
@@ -225,7 +234,8 @@ def main() -> None:
     shapes = model_matmul_shapes(*matmul_dims(cfg.model, vocab), cfg.micro_batch_size * cfg.data.seq_len)
     accelerator, choice = runtime.start(cfg.precision, shapes, grad_accum_steps=cfg.grad_accum_steps,
                                         fp16_init_scale=cfg.fp16_init_scale, threads=cfg.threads,
-                                        deterministic=cfg.deterministic, keep_freed_memory=cfg.keep_freed_memory)
+                                        deterministic=cfg.deterministic, keep_freed_memory=cfg.keep_freed_memory,
+                                        timeout_minutes=cfg.dist_timeout_minutes)
     say, is_main, world, device = accelerator.print, accelerator.is_main_process, accelerator.num_processes, \
         accelerator.device
     if cfg.keep_best and (not cfg.eval_every or not cfg.checkpoint_every or cfg.checkpoint_every % cfg.eval_every):
@@ -259,6 +269,7 @@ def main() -> None:
     # ---- the loop's state: fresh, or restored from a checkpoint with the sampler, weights,
     # optimizer and random states
     loop = LoopState(horizon=cfg.max_steps, device=device)
+    where_am_i(lambda: f"process {accelerator.process_index} of {world}, at step {loop.step + 1}")
     fit = bool(cfg.max_minutes and (cfg.fit_schedule if cfg.fit_schedule is not None else not cfg.deterministic))
     if resume_from is not None:
         vet = (lambda st: lora.check_checkpoint(resume_from, st, accelerator.unwrap_model(prepared), base_sha,
@@ -464,7 +475,8 @@ def check_options(cfg: TrainConfig) -> None:
              ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "0 or more"),
              ("max_minutes", cfg.max_minutes is None or cfg.max_minutes > 0, "more than 0"),
              ("eval_tokens", cfg.eval_tokens is None or cfg.eval_tokens >= 1, "at least 1, or None"),
-             ("data.seq_len", cfg.data.seq_len >= 2, "at least 2")]
+             ("data.seq_len", cfg.data.seq_len >= 2, "at least 2"),
+             ("dist_timeout_minutes", cfg.dist_timeout_minutes > 0, "more than 0")]
     rules += [(name, getattr(cfg, name) >= 0, "0 or more (0: never)")
               for name in ("eval_every", "checkpoint_every")]
     rules += [("log_every", cfg.log_every >= 1, "at least 1")]

@@ -326,3 +326,44 @@ def test_a_save_that_fails_midway_is_removed_and_only_a_full_disk_is_called_one(
     with pytest.raises(RuntimeError, match="a bug"):  # plenty of space: not called a full disk
         save(Half(RuntimeError("a bug")), tmp_path, 2, 1, {"step": 2})
     assert complete_checkpoints(tmp_path) == [] and list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_process_that_stops_answering_ends_the_job_with_an_error_naming_rank_and_step(tiny_data, tmp_path):
+    """Process 1 of a 2-process job stalls at step 3 for longer than the collective timeout: the
+    job ends by itself, well before the stall would, saying which process waited at which step."""
+    from conftest import accelerate_launch
+
+    t = time.time()
+    proc = train(tiny_data, tmp_path, "stall", "--max_steps", "8", "--log_every", "1", "--eval_every", "0",
+                 "--eval_tokens", "2000", "--checkpoint_every", "0", "--precision", "fp32", "--no_mfu",
+                 "--dist_timeout_minutes", "0.25", "--debug_stall", "1:3:120",
+                 launcher=accelerate_launch("cpu_ddp"), check=False, timeout=300)
+    assert proc.returncode != 0 and time.time() - t < 100, (time.time() - t, proc.stderr[-3000:])
+    out = proc.stdout + proc.stderr
+    assert "process 0 of 2" in out and "step 3" in out and "waited more than 0.25 min" in out, out[-3000:]
+    assert "[rank0]: Traceback" not in out
+
+
+def test_a_packed_checkpoint_resumes_exactly_and_a_damaged_archive_is_named(tiny_data, tmp_path):
+    from conftest import run_script
+    from test_resume import assert_same_run
+
+    common = (*BITWISE, "--log_every", "1", "--max_steps", "8", "--checkpoint_every", "4", "--eval_every", "0")
+    train(tiny_data, tmp_path, "straight", *common)
+    train(tiny_data, tmp_path, "run", *common, "--stop_at_step", "4")
+    folder = tmp_path / "run" / "checkpoints" / "step_0000004"
+    proc = run_script("scripts/audit.py", "pack", "--checkpoint", str(folder), "--remove")
+    archive = folder.with_name("step_0000004.tar.gz")
+    assert archive.is_file() and not folder.exists() and "every file checked" in proc.stdout
+    damaged = tmp_path / "damaged.tar.gz"
+    blob = bytearray(archive.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(blob))
+    proc = run_script("scripts/audit.py", "unpack", "--archive", str(damaged), "--into", str(tmp_path / "x"),
+                      check=False)
+    assert proc.returncode == 2 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x" / "step_0000004").exists()
+    shutil.move(archive, tmp_path / "elsewhere.tar.gz")  # --resume takes the archive wherever it is
+    proc = train(tiny_data, tmp_path, "run", *common, "--resume", str(tmp_path / "elsewhere.tar.gz"))
+    assert "unpacked" in proc.stdout and "at step 4" in proc.stdout
+    assert_same_run(tmp_path / "straight", tmp_path / "run")
