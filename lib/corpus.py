@@ -27,6 +27,11 @@ from lib.files import atomic_folder, canonical_hash, read_json, sha256_file, wri
 from lib.sources import ANY_SUFFIX, InputFile, RecordReader, expand_inputs, hash_inputs, is_saved_dataset
 
 MANIFEST = "manifest.json"
+MANIFEST_KEYS = {  # what every reader of a manifest relies on
+    "corpus": ("splits", "content_hash"),
+    "tokens": ("splits", "content_hash", "vocab_size", "special_ids", "sp_model_sha256", "corpus_content_hash",
+               "corpus_dir", "tokenizer_dir"),
+}
 # Test suites ship deliberately odd files (bad encodings, huge generated data); library code is
 # what we want the model to learn.
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -231,8 +236,14 @@ def read_manifest(data_dir: str | Path, kind: str) -> dict:
     if not path.is_file():
         raise UserError(f"{path} not found: build it first (make tokenize)")
     manifest = read_json(path, "manifest")
-    if manifest.get("kind") != kind:
-        raise UserError(f"{path} is a {manifest.get('kind')!r} manifest, expected {kind!r}")
+    if not isinstance(manifest, dict) or manifest.get("kind") != kind:
+        found = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path} is a {found!r} manifest, expected {kind!r}")
+    missing = [k for k in MANIFEST_KEYS[kind] if k not in manifest]
+    if missing or not isinstance(manifest["splits"], dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("shards"), list) for v in manifest["splits"].values()):
+        raise UserError(f"{path} is corrupt ({'no ' + ', '.join(missing) if missing else 'malformed splits'}); "
+                        "rebuild it (scripts/tokenize.py --force)")
     return manifest
 
 

@@ -40,13 +40,17 @@ def _collective_failure(exc: BaseException) -> str | None:
 
 def exit_on_user_error(main):
     """Wrap a script's main(): a UserError prints `error: <message>` to stderr and exits 2, and so
-    does an OSError for a full disk or a place that cannot be written (naming the file).
+    does an OSError for a full disk or a place that cannot be written (naming the file); a wait for
+    the other processes that failed (timeout, a peer gone) prints where this process was, exit 3.
 
-    Anything else propagates with its traceback, since it is a bug rather than bad input.
+    Anything else propagates with its traceback, since it is a bug rather than bad input. With
+    LM_DEBUG=1 in the environment, every error shows its traceback.
     """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        if os.environ.get("LM_DEBUG"):  # LM_DEBUG=1: every error with its traceback
+            return main(*args, **kwargs)
         try:
             return main(*args, **kwargs)
         except UserError as exc:

@@ -59,6 +59,9 @@ def truncate_after_step(path: str | Path, step: int, drop_at_step: tuple[str, ..
             except json.JSONDecodeError:  # torn by a kill mid-write
                 dropped += 1
                 continue
+            if not isinstance(record, dict):  # not a record this code wrote
+                dropped += 1
+                continue
             if record.get("step", 0) < step or (record.get("step", 0) == step
                                                  and record.get("type") not in drop_at_step):
                 kept.append(line if line.endswith("\n") else line + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from lib.corpus import iter_records, read_manifest
+from lib.errors import UserError
 from lib.files import atomic_folder, canonical_hash, read_json, sha256_file, write_json
 from lib.tokenizer import SP_MODEL, TokenizerConfig
 
@@ -42,7 +43,11 @@ def stage_tokenizer(out_dir: Path, corpus_dir: Path, corpus_hash: str, tok_cfg: 
     tok_dir = out_dir / "tokenizer"
     key = canonical_hash({"corpus": corpus_hash, "settings": dataclasses.asdict(tok_cfg)})
     stamp = tok_dir / "build.json"
-    if not force and stamp.is_file() and read_json(stamp, "tokenizer record").get("key") == key:
+    try:
+        old_key = read_json(stamp, "tokenizer record").get("key") if stamp.is_file() else None
+    except (UserError, AttributeError):  # unreadable: trained again below
+        old_key = None
+    if not force and old_key == key:
         log(f"tokenizer: unchanged, reusing {tok_dir}")
         return tok_dir
     t0 = time.time()
@@ -66,7 +71,11 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
     sp_hash = sha256_file(tok_dir / SP_MODEL)
     key = canonical_hash({"corpus": corpus_manifest["content_hash"], "sp_model": sp_hash})
     if not force and (tokens_dir / "manifest.json").is_file():
-        old = read_manifest(tokens_dir, "tokens")
+        try:
+            old = read_manifest(tokens_dir, "tokens")
+        except UserError as exc:  # unreadable: rebuilt below
+            log(f"tokens: {exc}")
+            old = {}
         if old.get("key") == key:
             log(f"tokens: unchanged, reusing {tokens_dir}")
             return old

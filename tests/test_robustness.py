@@ -367,3 +367,29 @@ def test_a_packed_checkpoint_resumes_exactly_and_a_damaged_archive_is_named(tiny
     proc = train(tiny_data, tmp_path, "run", *common, "--resume", str(tmp_path / "elsewhere.tar.gz"))
     assert "unpacked" in proc.stdout and "at step 4" in proc.stdout
     assert_same_run(tmp_path / "straight", tmp_path / "run")
+
+
+def test_unreadable_manifests_and_log_lines_are_named_or_rebuilt(tiny_data, small_run, tmp_path):
+    from conftest import run_script
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = data / "tokens" / "manifest.json"
+    good = manifest.read_bytes()
+    for bad in (b"\xff\xfe", b"[]", json.dumps({"kind": "tokens"}).encode()):
+        manifest.write_bytes(bad)
+        proc = train(data, tmp_path, "x", "--max_steps", "1", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and str(manifest) in proc.stderr, proc.stderr
+    # the pipeline rebuilds what it cannot read, and ends with the same tokens
+    proc = run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir", str(data),
+                      "--corpus.max_files", "80", "--tokenizer.vocab_size", "512")
+    assert "tokens: encoded" in proc.stdout
+    assert json.loads(manifest.read_bytes())["content_hash"] == json.loads(good)["content_hash"]
+    # a metrics line that is not a record is dropped on resume, not a traceback
+    run = tmp_path / "small"
+    shutil.copytree(small_run, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n{\"type\": \"train\", \"st")
+    proc = train(tiny_data, tmp_path, "small", "--max_steps", "6", "--checkpoint_every", "3", "--eval_every", "3",
+                 "--eval_tokens", "2000", "--log_every", "1", "--resume", "auto")
+    assert "dropped" in proc.stdout and all(x.startswith("{") for x in (run / "metrics.jsonl").read_text().splitlines())
