@@ -393,3 +393,12 @@ def test_unreadable_manifests_and_log_lines_are_named_or_rebuilt(tiny_data, smal
     proc = train(tiny_data, tmp_path, "small", "--max_steps", "6", "--checkpoint_every", "3", "--eval_every", "3",
                  "--eval_tokens", "2000", "--log_every", "1", "--resume", "auto")
     assert "dropped" in proc.stdout and all(x.startswith("{") for x in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_folder_left_by_a_failed_start_does_not_block_the_next(tiny_data, tmp_path):
+    left = tmp_path / "early"
+    left.mkdir()
+    (left / "config.yaml").write_text("run_name: early\n")
+    (left / "metrics.jsonl").write_text("")
+    proc = train(tiny_data, tmp_path, "early", "--max_steps", "2", "--eval_every", "0", "--eval_tokens", "2000")
+    assert "starting it over" in proc.stdout and (left / "final" / "model.safetensors").is_file()
