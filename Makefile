@@ -45,8 +45,9 @@ smoke: venv
 	$(PY) scripts/eval.py --model runs/smoke
 
 # TEST_WORKERS=2 runs the suite in two pytest-xdist workers (most tests are one-thread subprocess
-# runs, so ~40% faster here), but in 2 of 4 such runs one 2-process launch hung until its timeout
-# (cause not found yet; never seen in serial runs): serial by default
+# runs, so faster), but in 2 of 4 such runs once one 2-process launch hung until its timeout (cause
+# not found; not seen since, see docs/2026-12-01-measurements.md; a stuck wait now ends as an error
+# after --dist_timeout_minutes): serial by default
 TEST_WORKERS ?= 0
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests

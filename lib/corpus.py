@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sysconfig
 import unicodedata
 from collections import Counter
@@ -54,8 +55,8 @@ class CorpusConfig:
 
     source: str = "stdlib"
     """'stdlib' (this interpreter's standard library sources); or files, directories and globs of
-    .txt/.py/.md (a document per file), .jsonl (a record per line) and .parquet (a record per
-    row), comma-separated; or a folder written by datasets' save_to_disk."""
+    .py (a document per file), .txt/.md (documents per text_docs), .jsonl (a record per line) and
+    .parquet (a record per row), comma-separated; or a folder written by datasets' save_to_disk."""
     text_field: str = "text"
     """The field holding the text (jsonl, parquet, datasets)."""
     template: Optional[str] = None
@@ -69,9 +70,17 @@ class CorpusConfig:
     """Malformed JSON, a missing field, a non-string text, an empty file: stop, or skip and count."""
     on_bad_utf8: Literal["error", "skip", "replace"] = "error"
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    text_docs: Literal["auto", "file", "paragraphs", "chunks"] = "auto"
+    """How a plain-text file (.txt, .md) becomes documents: 'file', the whole file; 'paragraphs',
+    one per paragraph (text up to a blank line); 'chunks', runs of whole paragraphs of about
+    chunk_bytes each (a longer paragraph is cut at line ends); 'auto', chunks for a file larger
+    than chunk_bytes, else the file. One large file (a book, a log) thus gets a held-out share."""
+    chunk_bytes: int = 8000
+    """Size of a 'chunks' document, in UTF-8 bytes (about; cuts fall on paragraph or line ends)."""
     val_per_mille: int = 20
     """Held-out share, in 1/1000 of documents, chosen by the sha256 of each document id
-    (the file's relative path, or path:line)."""
+    (the file's relative path, or path:line). Should no document fall in it (and the share is not
+    0), the one whose hash is lowest is held out, so a small corpus still has a held-out split."""
     max_files: Optional[int] = None
     """Keep only the first N files in sorted path order (toy runs)."""
     shard_bytes: int = 4_000_000
@@ -94,10 +103,60 @@ def list_source_files(root: Path, suffixes=(".py",), skip_dirs=STDLIB_SKIP_DIRS)
     return sorted(found)
 
 
-def split_of(rel_path: str, val_per_mille: int) -> str:
-    """'val' or 'train' for a file, from the sha256 of its relative path alone."""
-    bucket = int.from_bytes(hashlib.sha256(rel_path.encode("utf-8")).digest()[:8], "big") % 1000
-    return "val" if bucket < val_per_mille else "train"
+def bucket_of(doc_id: str) -> int:
+    """0..999 from the sha256 of a document id alone (its relative path, or path:line)."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") % 1000
+
+
+def split_of(doc_id: str, val_per_mille: int) -> str:
+    """'val' or 'train' for a document, from the sha256 of its id alone."""
+    return "val" if bucket_of(doc_id) < val_per_mille else "train"
+
+
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+def text_documents(text: str, mode: str, chunk_bytes: int) -> list[tuple[int, str]]:
+    """(first line number, text) of each document of a plain-text file (see CorpusConfig.text_docs).
+    The pieces are consecutive slices of `text`: joined they give it back exactly."""
+    if mode == "file" or (mode == "auto" and len(text.encode("utf-8")) <= chunk_bytes):
+        return [(1, text)]
+    # paragraphs: each runs to the end of the blank lines that follow it
+    pieces, start = [], 0
+    for m in re.finditer(r"\n(?:[ \t]*\n)+", text):
+        pieces.append(text[start:m.end()])
+        start = m.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    if mode == "chunks" or mode == "auto":
+        merged, size = [], 0
+        for piece in pieces:
+            n = len(piece.encode("utf-8"))
+            if n > 2 * chunk_bytes:  # a long paragraph: cut at line ends
+                lines = piece.splitlines(keepends=True)
+                piece_parts, part = [], ""
+                for line in lines:
+                    if part and len((part + line).encode("utf-8")) > chunk_bytes:
+                        piece_parts.append(part)
+                        part = ""
+                    part += line
+                piece_parts.append(part)
+            else:
+                piece_parts = [piece]
+            for part in piece_parts:  # a new document once this one is full enough
+                n = len(part.encode("utf-8"))
+                if merged and (size + n <= chunk_bytes or size < chunk_bytes // 2):
+                    merged[-1] += part
+                    size += n
+                else:
+                    merged.append(part)
+                    size = n
+        pieces = merged
+    out, line = [], 1
+    for piece in pieces:
+        out.append((line, piece))
+        line += piece.count("\n")
+    return out
 
 
 def normalize(text: str, cfg: NormalizeConfig) -> str:
@@ -140,8 +199,10 @@ class _ShardWriter:
             self._f = None
 
 
-def _records(cfg: CorpusConfig, skipped: Counter, inputs: list) -> Iterator[tuple[str, dict]]:
-    """(split, record) pairs; fills `inputs` with the hashed raw files as a side result."""
+def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozenset = frozenset()
+             ) -> Iterator[tuple[str, dict]]:
+    """(split, record) pairs; fills `inputs` with the hashed raw files as a side result. Ids in
+    `held_out` go to val whatever their hash."""
     if cfg.source == "stdlib":
         root = stdlib_root()
         files = [InputFile(root / rel, rel) for rel in list_source_files(root)]
@@ -167,13 +228,20 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list) -> Iterator[tupl
         stream = (r for f in files for r in reader.read(f))
     for raw in stream:
         text = normalize(raw.text, cfg.normalize)
-        if not text.strip():
-            skipped["blank_text"] += 1
-            continue
-        record = {"id": raw.id, "text": text, "source": raw.source}
-        if raw.line is not None:
-            record["line"] = raw.line
-        yield split_of(raw.id, cfg.val_per_mille), record
+        if raw.line is None and raw.source.endswith(TEXT_SUFFIXES) and cfg.source != "stdlib":
+            docs = text_documents(text, cfg.text_docs, cfg.chunk_bytes)
+            parts = [(f"{raw.id}:{line}" if len(docs) > 1 else raw.id, line if len(docs) > 1 else None, piece)
+                     for line, piece in docs]
+        else:
+            parts = [(raw.id, raw.line, text)]
+        for doc_id, line, piece in parts:
+            if not piece.strip():
+                skipped["blank_text"] += 1
+                continue
+            record = {"id": doc_id, "text": piece, "source": raw.source}
+            if line is not None:
+                record["line"] = line
+            yield "val" if doc_id in held_out else split_of(doc_id, cfg.val_per_mille), record
     skipped.update(reader.counts)
 
 
@@ -186,22 +254,34 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
     downstream).
     """
     out_dir = Path(out_dir)
-    skipped: Counter = Counter()
-    inputs: list[dict] = []
     with atomic_folder(out_dir) as build:
         tmp = build.path
-        writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
-        try:
-            for split, record in _records(cfg, skipped, inputs):
-                writers[split].write(record)
-        finally:
-            for w in writers.values():
-                w.close()
+        held_out: frozenset = frozenset()
+        while True:
+            skipped: Counter = Counter()
+            inputs: list[dict] = []
+            writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
+            lowest = None  # the train document whose hash is lowest: held out if no other is
+            try:
+                for split, record in _records(cfg, skipped, inputs, held_out):
+                    writers[split].write(record)
+                    if split == "train" and (lowest is None or bucket_of(record["id"]) < bucket_of(lowest)):
+                        lowest = record["id"]
+            finally:
+                for w in writers.values():
+                    w.close()
+            if (writers["val"].shards or held_out or not cfg.val_per_mille
+                    or sum(s["records"] for s in writers["train"].shards) < 2):
+                break
+            held_out = frozenset([lowest])  # a small corpus: write it again with that one held out
+            for p in tmp.iterdir():
+                p.unlink()
         splits = {}
         for split, w in writers.items():
             if not w.shards:
                 raise UserError(
-                    f"corpus: the {split} split is empty; raise corpus.val_per_mille or corpus.max_files"
+                    f"corpus: the {split} split is empty; raise corpus.val_per_mille or corpus.max_files, or give "
+                    "more documents (a text file becomes several with --corpus.text_docs chunks)"
                 )
             for shard in w.shards:
                 shard["sha256"] = sha256_file(tmp / shard["file"])
@@ -217,6 +297,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
             "settings": dataclasses.asdict(cfg),
             "normalization": dataclasses.asdict(cfg.normalize),
             "skipped": dict(sorted(skipped.items())),
+            "held_out_by_rule": sorted(held_out),
             "inputs": inputs,
             "splits": splits,
         }

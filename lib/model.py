@@ -154,3 +154,35 @@ def flops_per_token(model, seq_len: int) -> float:
     cfg = model.config
     n = count_params(model) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def check_data_fits(init_from: str | Path, manifest: dict, seq_len: int) -> None:
+    """A UserError unless data with this tokens manifest can train the model in `init_from`: the
+    same vocabulary size and special ids, the same SentencePiece model when the folder holds one
+    (sha256), and sequences no longer than the model's positions."""
+    from transformers import AutoConfig
+
+    from lib.files import sha256_file
+
+    path = Path(init_from)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model.init_from {path} is not a model folder (no config.json); give a run's final/ folder")
+    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    differences = []
+    if getattr(cfg, "vocab_size", None) != manifest["vocab_size"]:
+        differences.append(f"vocabulary {getattr(cfg, 'vocab_size', '?')} vs the data's {manifest['vocab_size']}")
+    for name in ("bos", "eos"):
+        model_id = getattr(cfg, f"{name}_token_id", None)
+        if model_id is not None and model_id != manifest["special_ids"].get(name):
+            differences.append(f"{name} id {model_id} vs the data's {manifest['special_ids'].get(name)}")
+    sp = path / "sp.model"
+    if not differences and sp.is_file() and sha256_file(sp) != manifest.get("sp_model_sha256"):
+        differences.append("its sp.model differs from the one the data was encoded with")
+    if differences:
+        raise UserError(f"--model.init_from {path} uses another tokenizer than the data ({'; '.join(differences)}); "
+                        "train on data tokenized with the model's own tokenizer (for a model made by train.py, the "
+                        "--data.dir of the run that made it: see its config.yaml)")
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if positions and seq_len > positions:
+        raise UserError(f"--data.seq_len {seq_len} is longer than the {positions} positions of --model.init_from "
+                        f"{path}; use --data.seq_len {positions} or less")

@@ -20,6 +20,7 @@ while not os.path.isfile(os.path.join(_root, "lib", "__init__.py")) and _root !=
     _root = os.path.dirname(_root)
 sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
 
+import json  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -63,7 +64,8 @@ class EvalConfig:
     samples: int = 2
     """Text samples to generate (0: none)."""
     sample_tokens: int = 120
-    prompt: str = "def "
+    prompt: Optional[str] = None
+    """What the samples continue; default: the opening words of held-out documents, one each."""
     temperature: float = 0.8
     seed: int = 0
 
@@ -80,7 +82,16 @@ def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
         raise UserError(f"--model {model}: neither a run folder with final/ nor a model folder with config.json")
     data = cfg.data
     if data is None and run is not None:
-        data = (config_lib.load_yaml(run / "config.yaml").get("data") or {}).get("dir")
+        # the run's data as its config gives it (relative to where the run was started), or the
+        # absolute path its provenance recorded
+        given = (config_lib.load_yaml(run / "config.yaml").get("data") or {}).get("dir")
+        prov = run / "provenance.json"
+        recorded = (json.loads(prov.read_text(encoding="utf-8")).get("data") or {}).get("dir") if prov.is_file() else None
+        found = [d for d in (given, recorded) if d and Path(d).is_dir()]
+        if not found:
+            raise UserError(f"--model {model}: the run's data ({given}{f' or {recorded}' if recorded else ''}) is not "
+                            "found from here; pass --data DATA_DIR (the folder tokenize.py wrote)")
+        data = found[0]
     return model_dir, run, data or "data/stdlib"
 
 
@@ -142,8 +153,9 @@ def main() -> None:
                                     bos_id=manifest["special_ids"]["bos"] if doc_mask else None), n_bytes)
     secs = time.perf_counter() - t0
     keep = set(chosen.tolist())
-    text = "".join(r["text"] for i, r in enumerate(iter_records(tok_dir / manifest["corpus_dir"], cfg.split))
-                   if i in keep)
+    doc_texts = [r["text"] for i, r in enumerate(iter_records(tok_dir / manifest["corpus_dir"], cfg.split))
+                 if i in keep]
+    text = "".join(doc_texts)
     if len(text.encode("utf-8")) != n_bytes:
         raise UserError(f"{tok_dir}: token shards and corpus text disagree; rebuild with scripts/tokenize.py --force")
     baselines = compressor_bpb(text.encode("utf-8"))
@@ -169,12 +181,15 @@ def main() -> None:
     if cfg.samples > 0:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         set_seed(cfg.seed)
-        ids = tok(cfg.prompt, return_tensors="pt").input_ids.to(accelerator.device)
-        with torch.no_grad(), accelerator.autocast():
-            out = model.generate(ids, do_sample=True, temperature=cfg.temperature,
-                                 max_new_tokens=cfg.sample_tokens, num_return_sequences=cfg.samples,
-                                 pad_token_id=tok.pad_token_id)
-        samples = [tok.decode(o, skip_special_tokens=True) for o in out]
+        # the opening words (up to 48 characters, cut at a space) of held-out documents, unless given
+        prompts = [cfg.prompt] * cfg.samples if cfg.prompt is not None else [
+            (t[:48].rsplit(" ", 1)[0] if " " in t[:48] else t[:48]) for t in doc_texts[:cfg.samples]]
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt").input_ids.to(accelerator.device)
+            with torch.no_grad(), accelerator.autocast():
+                out = model.generate(ids, do_sample=True, temperature=cfg.temperature, max_new_tokens=cfg.sample_tokens,
+                                     pad_token_id=tok.pad_token_id)
+            samples.append((prompt, tok.decode(out[0], skip_special_tokens=True)))
 
     sink = JsonlWriter(out_dir / "metrics.ndjson")
     sink.write(record)
@@ -182,9 +197,9 @@ def main() -> None:
     write_tables(read_jsonl(out_dir / "metrics.ndjson"), out_dir / "metrics")
     if samples:
         with atomic_text(out_dir / "samples.txt") as f:
-            for i, s in enumerate(samples):
-                f.write(f"--- sample {i} (prompt {cfg.prompt!r}, temperature {cfg.temperature})\n{s}\n")
-        print(f"sample 0:\n{samples[0]}")
+            for i, (prompt, s) in enumerate(samples):
+                f.write(f"--- sample {i} (prompt {prompt!r}, temperature {cfg.temperature})\n{s}\n")
+        print(f"sample 0 (prompt {samples[0][0]!r}):\n{samples[0][1]}")
     if run_dir is not None and (run_dir / "report.md").is_file():
         from lib.report import set_report_section
 

@@ -107,3 +107,40 @@ def test_atomic_npy_streams_rows_and_never_leaves_a_partial_file(tmp_path):
         pass
     assert np.load(path).shape == (0,)
     assert len(npy_header("<u4", (10**18,))) == len(npy_header("<i8", (0, 2))) == 128
+
+
+def test_plain_text_becomes_documents_that_join_back_exactly():
+    from lib.corpus import text_documents
+
+    text = "Title\n\nFirst paragraph,\ntwo lines.\n\n  \n\nSecond.\n" + ("A long line of words here.\n" * 400) + "\nEnd"
+    for mode in ("paragraphs", "chunks", "auto"):
+        docs = text_documents(text, mode, chunk_bytes=2000)
+        assert "".join(piece for _, piece in docs) == text  # nothing lost, nothing added
+        # each document starts on the line its number says
+        assert all(text.splitlines()[line - 1] == piece.splitlines()[0] for line, piece in docs)
+    paragraphs = text_documents(text, "paragraphs", 2000)
+    assert [p for _, p in paragraphs[:3]] == ["Title\n\n", "First paragraph,\ntwo lines.\n\n  \n\n",
+                                              "Second.\n" + "A long line of words here.\n" * 400 + "\n"]
+    chunks = text_documents(text, "chunks", 2000)
+    sizes = [len(p.encode()) for _, p in chunks]
+    assert len(chunks) >= 5 and all(1000 <= s <= 3000 for s in sizes[:-1]), sizes
+    assert text_documents(text, "auto", 100_000) == [(1, text)] == text_documents(text, "file", 10)
+
+
+def test_one_text_file_is_split_and_held_out_by_chunk(tmp_path):
+    from pydoc_data.topics import topics
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(topics[k] for k in sorted(topics))[:300_000], encoding="utf-8")
+    manifest = build_corpus(CorpusConfig(source=str(book)), tmp_path / "c")
+    records = {s: list(iter_records(tmp_path / "c", s)) for s in ("train", "val")}
+    assert manifest["splits"]["val"]["records"] >= 1 and manifest["splits"]["train"]["records"] > 20
+    assert {r["id"] for r in records["val"]}.isdisjoint(r["id"] for r in records["train"])
+    ordered = sorted(records["train"] + records["val"], key=lambda r: r["line"])
+    assert "".join(r["text"] for r in ordered) == book.read_text(encoding="utf-8")
+    # a file of a few chunks still gets a held-out one: the chunk with the lowest hash
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(f"paragraph {i} " * 40 for i in range(6)), encoding="utf-8")
+    manifest = build_corpus(CorpusConfig(source=str(small), text_docs="paragraphs"), tmp_path / "s")
+    assert manifest["splits"]["val"]["records"] == 1 and manifest["splits"]["train"]["records"] == 5
+    assert manifest["held_out_by_rule"] == [next(iter(iter_records(tmp_path / "s", "val")))["id"]]

@@ -117,3 +117,13 @@ def test_lora_data_parallel_saves_and_resumes_bitwise(tiny_data, base, tmp_path,
     ids = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_is_not_trained_on_data_of_another_tokenizer(tiny_data, micro_data, base, tmp_path):
+    # micro_data has its own tokenizer (also 512 pieces, trained on other files): ids mean other text
+    proc = train(micro_data, tmp_path, "other", "--model.init_from", str(base), "--max_steps", "2", check=False)
+    assert proc.returncode == 2 and "another tokenizer" in proc.stderr and "sp.model" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "other").exists()
+    proc = train(tiny_data, tmp_path, "long", "--model.init_from", str(base), "--data.seq_len", "256",
+                 "--max_steps", "2", check=False)
+    assert proc.returncode == 2 and "longer than the 128 positions" in proc.stderr, proc.stderr

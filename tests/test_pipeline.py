@@ -165,7 +165,10 @@ def test_eval_writes_all_sinks(smoke_run):
     table = pq.read_table(out / "metrics.parquet").to_pylist()
     assert table[-1]["bits_per_byte"] == pytest.approx(rec["bits_per_byte"])
     assert "bits_per_byte" in (out / "metrics.csv").read_text().splitlines()[0]
-    assert (out / "samples.txt").read_text().startswith("--- sample 0")
+    # the sample continues the opening words of a held-out document
+    head, sample = (out / "samples.txt").read_text().split("\n", 1)
+    prompt = head.split("(prompt ")[1].rsplit(", temperature", 1)[0]
+    assert head.startswith("--- sample 0") and sample.startswith(eval(prompt)) and len(eval(prompt)) > 5
 
 
 def test_existing_run_is_not_clobbered(smoke_run, tiny_data):
@@ -262,3 +265,43 @@ def test_report_shows_both_evaluations_and_bars_stay_quiet_in_a_log(smoke_run, t
                  "--checkpoint_every", "0", env={"TQDM_DISABLE": ""})
     assert sum(x.startswith("step ") for x in proc.stdout.splitlines()) == 40
     assert 1 <= proc.stderr.count("train:") <= 3, proc.stderr
+
+
+def test_one_text_file_from_tokenize_to_eval(tmp_path):
+    """A single plain-text file (here ~300 KB of Python's own documentation, which every machine
+    has) as a user's corpus: split into documents, some held out, trained on, evaluated."""
+    from pydoc_data.topics import topics
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(topics[k] for k in sorted(topics))[:300_000], encoding="utf-8")
+    data = tmp_path / "data"
+    run_script("scripts/tokenize.py", "--corpus.source", str(book), "--out_dir", str(data),
+               "--tokenizer.vocab_size", "512")
+    manifest = json.loads((data / "corpus" / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["records"] >= 1 and manifest["splits"]["train"]["records"] > 20
+    train(data, tmp_path, "book", "--max_steps", "60", "--eval_every", "0", "--eval_tokens", "4000",
+          "--checkpoint_every", "0")
+    proc = run_script("scripts/eval.py", "--model", str(tmp_path / "book"), "--samples", "0")
+    rec = json.loads((tmp_path / "book" / "eval" / "metrics.ndjson").read_text().splitlines()[-1])
+    assert rec["bytes"] == manifest["splits"]["val"]["text_bytes"] and "bits/byte" in proc.stdout
+    rows = [json.loads(x) for x in (tmp_path / "book" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["type"] == "train"]
+    assert losses[-1] < losses[0] and losses[-1] < math.log(512) - 1.0  # it learned the text
+
+
+def test_eval_finds_a_runs_data_from_another_folder_or_asks_for_it(smoke_run, tiny_data, tmp_path):
+    import yaml
+
+    run = copy_of(smoke_run[0], tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["dir"] = "data/tiny"  # as given on a command line run elsewhere
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "0", "--max_tokens", "2000", cwd=elsewhere)
+    assert str(tiny_data) in proc.stdout  # the absolute path the run recorded
+    prov = json.loads((run / "provenance.json").read_text())
+    prov["data"]["dir"] = str(tmp_path / "moved")
+    (run / "provenance.json").write_text(json.dumps(prov))
+    proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "0", cwd=elsewhere, check=False)
+    assert proc.returncode == 2 and "--data" in proc.stderr and "data/tiny" in proc.stderr, proc.stderr

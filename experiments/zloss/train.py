@@ -262,7 +262,7 @@ def main() -> None:
 
     # ---- model and optimizer (the same seed in every process: identical initial weights)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
-    model, prepared, optimizer, fused, n_params, fpt = build(cfg, accelerator, vocab, special)
+    model, prepared, optimizer, fused, n_params, fpt = build(cfg, accelerator, manifest)
     use_lora = lora.enabled(cfg.lora)
     base_sha = lora.base_fingerprint(cfg.model.init_from) if use_lora else None  # checkpoints name their base
     if cfg.fit_micro_batch:
@@ -434,7 +434,7 @@ def main() -> None:
     accelerator.end_training()
 
 
-def build(cfg, accelerator, vocab_size: int, special: dict):
+def build(cfg, accelerator, manifest: dict):
     """The model (built from config or loaded from init_from, LoRA applied), its optimizer, both
     prepared by Accelerate. Returns (the model to call: compiled or not, the prepared model: what
     checkpoints save, the optimizer, the fused output layer or None, base parameters, model
@@ -443,13 +443,15 @@ def build(cfg, accelerator, vocab_size: int, special: dict):
 
     from lib import lora
     from lib.fused_loss import FusedHead
-    from lib.model import build_model, count_params, flops_per_token
+    from lib.model import build_model, check_data_fits, count_params, flops_per_token
     from lib.optim import build_optimizer
 
     say = accelerator.print
-    if cfg.data.seq_len > cfg.model.max_seq_len and not cfg.model.init_from:
+    if cfg.model.init_from:  # the data must be in the model's tokens, in sequences it has positions for
+        check_data_fits(cfg.model.init_from, manifest, cfg.data.seq_len)
+    elif cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    model = build_model(cfg.model, vocab_size, special)
+    model = build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"])
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         say("activation checkpointing: on (activations recomputed in the backward pass)")
