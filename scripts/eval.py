@@ -70,6 +70,16 @@ class EvalConfig:
     seed: int = 0
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """The exact weights scored: the sha256 of the model's weight file (of the file -> sha256 table
+    when they are several)."""
+    from lib.files import canonical_hash, sha256_file
+
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    sums = {p.name: sha256_file(p) for p in files}
+    return next(iter(sums.values())) if len(sums) == 1 else canonical_hash(sums)
+
+
 def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
     """(model folder, run folder or None, data folder)."""
     model = cfg.model
@@ -175,7 +185,8 @@ def main() -> None:
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": str(model_dir), "data": str(tok_dir),
               "split": cfg.split, "data_content_hash": manifest["content_hash"], "seq_len": seq_len,
               "doc_mask": doc_mask, "stride": stride, "precision": precision, "documents": n_docs, **res,
-              **{f"{k}_bits_per_byte": v for k, v in baselines.items()}, "eval_seconds": secs}
+              **{f"{k}_bits_per_byte": v for k, v in baselines.items()}, "eval_seconds": secs,
+              "weights_sha256": weights_sha256(model_dir)}
 
     samples = []
     if cfg.samples > 0:

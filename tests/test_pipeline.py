@@ -149,6 +149,7 @@ def test_eval_writes_all_sinks(smoke_run):
         assert name in proc.stdout
     out = run / "eval"
     rec = json.loads((out / "metrics.ndjson").read_text().splitlines()[-1])
+    assert rec["weights_sha256"] == sha256_file(run / "final" / "model.safetensors")  # what was scored
     tokens = json.loads((Path(json.loads((run / "provenance.json").read_text())["config"]["data"]["dir"]) / "tokens"
                          / "manifest.json").read_text())
     # the whole held-out split: every byte of its text, and bits per byte = nats per token in bits
