@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lib.errors import UserError
+
 
 def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Path, fused=None,
-                lora_opts=None, rebuild=None) -> None:
+                lora_opts=None, rebuild=None, base_dir=None, probe_ids=None) -> None:
     """Write `out_dir` (replaced atomically) from the prepared model. `fused`: a FusedHead to take
     off first, so the saved output layer is a plain nn.Linear. `lora_opts`: the LoRA options of a
     LoRA run (None otherwise); `rebuild()` returns the bare base model, needed for LoRA under FSDP,
-    where peft must merge whole tensors."""
+    where peft must merge whole tensors. A LoRA run from a saved base (`base_dir`) has its merge
+    checked on `probe_ids` (check_merge) before `out_dir` is put in place, and the figures written
+    to `out_dir/export.json`; a failed check leaves the previous `out_dir` and raises."""
     from lib import lora
-    from lib.files import atomic_folder, write_checksums
+    from lib.files import atomic_folder, write_checksums, write_json
     from lib.report import write_final
     from lib.runtime import is_sharded
 
@@ -34,9 +38,53 @@ def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Pa
         model = lora.apply(rebuild(), lora_opts)
         model.load_state_dict(full_state)
         full_state = None
+    check = None
     if use_lora:
-        with atomic_folder(out_dir.with_name(out_dir.name + "_adapter")) as build:
+        adapter_dir = out_dir.with_name(out_dir.name + "_adapter")
+        with atomic_folder(adapter_dir) as build:
             model.save_pretrained(str(build.path), safe_serialization=True)
             write_checksums(build.path)
         model = model.merge_and_unload()
-    write_final(model, tokens_dir, out_dir, full_state)
+        if base_dir is not None and probe_ids is not None:
+            check = lambda folder: write_json(  # noqa: E731
+                folder / EXPORT_RECORD, check_merge(folder, base_dir, adapter_dir, probe_ids))
+    write_final(model, tokens_dir, out_dir, full_state, check=check)
+
+
+MERGE_TOLERANCE = 1e-3  # largest |logit| difference accepted between the merged model and base + adapter
+EXPORT_RECORD = "export.json"
+
+
+def check_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str | Path, probe_ids,
+                tolerance: float = MERGE_TOLERANCE) -> dict:
+    """Reload the merged model from `merged_dir` and the base from `base_dir` with the adapter from
+    `adapter_dir` (fresh, as a user would), run both on `probe_ids` (a [rows, tokens] integer array)
+    and compare: the largest absolute logit difference and the perplexity of each on the probe's
+    next tokens. A UserError when the difference exceeds `tolerance`; else the figures."""
+    import math
+
+    import torch
+    from peft import PeftModel
+
+    from lib.model import load_pretrained
+
+    ids = torch.as_tensor(probe_ids, dtype=torch.long)
+    merged = load_pretrained(merged_dir).eval()
+    adapted = PeftModel.from_pretrained(load_pretrained(base_dir), str(adapter_dir)).eval()
+
+    def logits_and_ppl(model):
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        return logits, math.exp(float(loss))
+
+    a, ppl_merged = logits_and_ppl(merged)
+    b, ppl_adapted = logits_and_ppl(adapted)
+    record = {"probe_tokens": int(ids.numel()), "max_abs_logit_diff": float((a - b).abs().max()),
+              "perplexity_merged": ppl_merged, "perplexity_base_plus_adapter": ppl_adapted,
+              "perplexity_rel_diff": abs(ppl_merged - ppl_adapted) / ppl_adapted, "tolerance": tolerance}
+    if not record["max_abs_logit_diff"] <= tolerance:
+        raise UserError(f"{merged_dir}: the merged model's logits differ from base + adapter by "
+                        f"{record['max_abs_logit_diff']:.3g} (tolerance {tolerance:g}) on {ids.numel()} probe tokens; "
+                        f"the merge is wrong (the adapter alone is in {adapter_dir})")
+    return record

@@ -8,9 +8,11 @@ from lib.files import atomic_folder, atomic_text, write_checksums
 from lib.metrics import read_jsonl
 
 
-def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: dict | None = None,
+                check=None) -> Path:
     """Save `model` (with `state_dict`, the full one, when its parameters are sharded) and the
-    dataset's tokenizer so the Auto classes load them offline."""
+    dataset's tokenizer so the Auto classes load them offline; `check(folder)`, if given, runs on
+    the complete folder before it replaces `out_dir` (its files are covered by checksums.json)."""
     from transformers import AutoTokenizer
 
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
@@ -26,6 +28,8 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
         model.save_pretrained(str(build.path), safe_serialization=True, state_dict=state_dict)
         AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(build.path))
         shutil.copy2(tok_dir / "sp.model", build.path / "sp.model")
+        if check is not None:  # e.g. a LoRA merge reloaded and compared: raising keeps the old out_dir
+            check(build.path)
         write_checksums(build.path)  # audit.py and eval.py check them before trusting the weights
     return out_dir
 

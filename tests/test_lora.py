@@ -3,6 +3,7 @@ and their optimizer state only (under FSDP2, the shards of every weight), resume
 refuse another base model, and the final folder holds the merged model next to the adapter."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -56,6 +57,23 @@ def test_checkpoints_hold_adapters_and_final_is_merged(tiny_data, base, tmp_path
     ids = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+
+    # the run checked its merge the same way before writing final/, and recorded it
+    from lib.errors import UserError
+    from lib.export import MERGE_TOLERANCE, check_merge
+
+    record = json.loads((run / "final" / "export.json").read_text())
+    assert record["max_abs_logit_diff"] <= MERGE_TOLERANCE and record["perplexity_rel_diff"] < 1e-4, record
+    assert record["probe_tokens"] > 0
+    # a merged model whose weights were changed afterwards fails the same check
+    tampered = tmp_path / "tampered"
+    shutil.copytree(run / "final", tampered)
+    weights = load_file(tampered / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"] += 0.05
+    save_file(weights, tampered / "model.safetensors", metadata={"format": "pt"})
+    assert check_merge(run / "final", base, run / "final_adapter", ids)["max_abs_logit_diff"] <= MERGE_TOLERANCE
+    with pytest.raises(UserError, match="differ from base"):
+        check_merge(tampered, base, run / "final_adapter", ids)
 
 
 def test_lora_resume_is_bitwise_and_refuses_another_base(tiny_data, base, tmp_path):

@@ -412,7 +412,8 @@ def main() -> None:
                        **fp16_state(accelerator, loop)})
     save_checkpoint()
     export.final_model(accelerator, prepared, run_dir / "final", tok_dir, fused, cfg.lora if use_lora else None,
-                       rebuild=lambda: build_model(cfg.model, vocab, special))
+                       rebuild=lambda: build_model(cfg.model, vocab, special), base_dir=cfg.model.init_from,
+                       probe_ids=held_out.inputs[:2])
     if is_main:
         best = ckpt.best_checkpoint(run_dir) if cfg.keep_best else None
         if best is not None:
