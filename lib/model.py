@@ -27,7 +27,13 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     init_std: float = 0.02
     init_from: Optional[str] = None
-    """A local Hugging Face model folder to start from instead (never downloads)."""
+    """A model to start from instead: a folder (a run's final/, any Hugging Face model folder), a
+    name (gpt2, tinyllama, smollm-135m, ...) or an org/name id, looked up in the Hugging Face cache
+    (lib/registry.py). Nothing is downloaded unless allow_download."""
+    allow_download: bool = False
+    """Let init_from fetch a named model that is not on this machine from the Hugging Face hub."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code when loading it (only for repositories you trust)."""
 
 
 def _d_ff(cfg: ModelConfig) -> int:
@@ -43,7 +49,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
     With `cfg.init_from` set, the weights come from that local folder instead.
     """
     if cfg.init_from:
-        return load_pretrained(cfg.init_from)
+        return load_pretrained(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
     if cfg.d_model % cfg.n_heads:
         raise UserError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
     import torch
@@ -70,7 +76,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
     return AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
 
 
-def load_pretrained(path: str | Path, dtype=None):
+def load_pretrained(path: str | Path, dtype=None, trust_remote_code: bool = False):
     """Load a causal LM from a local folder, offline; a clear error if it is not one."""
     from transformers import AutoModelForCausalLM
 
@@ -78,6 +84,7 @@ def load_pretrained(path: str | Path, dtype=None):
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model folder (no config.json); give a run's final/ folder")
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs["trust_remote_code"] = trust_remote_code
     try:
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as exc:  # a truncated or foreign weights file (safetensors, torch, json): the user's input

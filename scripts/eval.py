@@ -39,7 +39,8 @@ class EvalConfig:
     print_config: bool = False
     """Print the resolved config as YAML and exit."""
     model: Path = Path("runs/default")
-    """A run folder (its final/ is used) or a Hugging Face model folder."""
+    """A run folder (its final/ is used), a Hugging Face model folder, or a model name found in the
+    Hugging Face cache (gpt2, tinyllama, org/name: see lib/registry.py)."""
     data: Optional[str] = None
     """Tokenized dataset folder; default: the one the run trained on, else data/stdlib."""
     split: str = "val"
@@ -88,6 +89,10 @@ def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
     elif (model / "config.json").is_file():
         run = model.parent if (model.parent / "config.yaml").is_file() else None
         model_dir = model
+    elif not model.exists():  # a model name (gpt2, tinyllama, org/name): its folder in the Hugging Face cache
+        from lib.registry import resolve
+
+        run, model_dir = None, resolve(str(model))
     else:
         raise UserError(f"--model {model}: neither a run folder with final/ nor a model folder with config.json")
     data = cfg.data

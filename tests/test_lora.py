@@ -145,3 +145,23 @@ def test_a_model_is_not_trained_on_data_of_another_tokenizer(tiny_data, micro_da
     proc = train(tiny_data, tmp_path, "long", "--model.init_from", str(base), "--data.seq_len", "256",
                  "--max_steps", "2", check=False)
     assert proc.returncode == 2 and "longer than the 128 positions" in proc.stderr, proc.stderr
+
+
+def test_full_fine_tuning_from_a_cached_model_name_lowers_the_loss(tiny_data, base, tmp_path):
+    """A model given by name is found in the Hugging Face cache layout (here: the tiny base, saved
+    there as 'org/tiny-base'), fully fine-tuned on data in its own tokens, and its loss falls."""
+    import json
+
+    repo_dir = tmp_path / "hf" / "hub" / "models--org--tiny-base"
+    shutil.copytree(base, repo_dir / "snapshots" / "rev1")
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("rev1")
+    proc = train(tiny_data, tmp_path, "full", "--model.init_from", "org/tiny-base", "--max_steps", "30",
+                 "--log_every", "5", "--eval_every", "0", "--eval_tokens", "2000", "--checkpoint_every", "0",
+                 "--optim.lr", "3e-3", env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": ""})
+    assert "Traceback" not in proc.stderr
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["type"] == "train"]
+    assert losses[-1] < losses[0] - 0.2, losses
+    # config.yaml records the folder the name resolved to
+    assert str(repo_dir / "snapshots" / "rev1") in (tmp_path / "full" / "config.yaml").read_text()

@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 from typing import Literal, Optional  # noqa: E402
 
 from lib import config as config_lib  # noqa: E402
-from lib import runtime  # noqa: E402
+from lib import registry, runtime  # noqa: E402
 from lib.data import DataConfig  # noqa: E402
 from lib.errors import UserError, exit_on_user_error, where_am_i  # noqa: E402
 from lib.lora import LoraOptions  # noqa: E402
@@ -215,6 +215,8 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
 def main() -> None:
     cfg = config_lib.parse(TrainConfig, description=__doc__)
     check_options(cfg)
+    if cfg.model.init_from:  # a name or a folder -> the folder, as config.yaml then records it
+        cfg.model.init_from = str(registry.resolve(cfg.model.init_from, cfg.model.allow_download))
     runtime.prepare_environment(cfg.deterministic)  # read when MKL and cuBLAS start: before torch
     from accelerate.utils import gather_object, set_seed
 
