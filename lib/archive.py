@@ -34,23 +34,24 @@ def _check_members(archive: Path) -> tuple[str, dict[str, str]]:
 
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            digests, top = {}, None
+            digests, top, record = {}, None, None
             for member in tar:
                 parts = Path(member.name).parts
                 if not parts or member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
                     raise UserError(f"{archive}: unexpected entry {member.name!r}; not a checkpoint archive")
                 top = top or parts[0]
                 if member.isfile():
-                    digests[Path(*parts[1:]).as_posix()] = hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+                    name, data = Path(*parts[1:]).as_posix(), tar.extractfile(member).read()
+                    digests[name] = hashlib.sha256(data).hexdigest()
+                    record = data if name == STATE else record
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise UserError(f"{archive} is damaged or not a {SUFFIX} archive ({exc})") from None
-    if top is None or STATE not in digests:
+    if top is None or record is None:
         raise UserError(f"{archive} holds no checkpoint ({STATE} missing)")
-    with tarfile.open(archive, "r:gz") as tar:
-        try:
-            recorded = json.loads(tar.extractfile(f"{top}/{STATE}").read())["files"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{archive} is damaged: its {STATE} cannot be read") from None
+    try:
+        recorded = json.loads(record)["files"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{archive} is damaged: its {STATE} cannot be read") from None
     for name, digest in recorded.items():
         if digests.get(name) != digest:
             raise UserError(f"{archive} is damaged: {name} is {'missing' if name not in digests else 'changed'} "

@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lib.files import fresh_folder, publish_folder, read_json, sha256_file, write_json
+from lib.files import fresh_folder, publish_folder, tmp_folder, read_json, sha256_file, write_json
 from lib.errors import UserError
 
 STATE = "trainer_state.json"
@@ -210,7 +210,7 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
 
     root = Path(run_dir) / "checkpoints"
     final = step_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")  # what fresh_folder makes
+    tmp = tmp_folder(final)  # made by fresh_folder on the main process, written by every process
     if (final / STATE).is_file():
         # already saved (a run resumed at its last step): the state is the same, and replacing
         # it would briefly leave no complete checkpoint behind

@@ -261,12 +261,12 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
             skipped: Counter = Counter()
             inputs: list[dict] = []
             writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
-            lowest = None  # the train document whose hash is lowest: held out if no other is
+            lowest, lowest_bucket = None, 1000  # the train document whose hash is lowest: held out if no other is
             try:
                 for split, record in _records(cfg, skipped, inputs, held_out):
                     writers[split].write(record)
-                    if split == "train" and (lowest is None or bucket_of(record["id"]) < bucket_of(lowest)):
-                        lowest = record["id"]
+                    if split == "train" and bucket_of(record["id"]) < lowest_bucket:
+                        lowest, lowest_bucket = record["id"], bucket_of(record["id"])
             finally:
                 for w in writers.values():
                     w.close()

@@ -21,7 +21,7 @@ from lib.errors import UserError
 
 __all__ = ["sha256_file", "canonical_hash", "read_json", "write_json", "atomic_file", "atomic_text", "atomic_npy",
            "npy_header", "atomic_folder", "fresh_folder", "publish_folder", "fsync", "fsync_tree", "ensure_writable",
-           "write_checksums", "verify_checksums", "CHECKSUMS"]
+           "write_checksums", "verify_checksums", "CHECKSUMS", "tmp_folder"]
 
 CHECKSUMS = "checksums.json"  # a folder's own record of its files' sha256 (exported models)
 
@@ -148,11 +148,16 @@ def atomic_npy(path: str | Path, dtype: str, row_shape: tuple[int, ...] = ()):
         f.write(npy_header(dtype, (rows, *row_shape)))
 
 
+def tmp_folder(path: str | Path) -> Path:
+    """Where a new version of folder `path` is built: `<path>.tmp` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
 def fresh_folder(path: str | Path) -> Path:
     """An empty `<path>.tmp` folder beside `path` (what an earlier, interrupted write left there
     is deleted) to build a new version of `path` in; publish it with publish_folder."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_folder(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -227,9 +232,9 @@ def write_checksums(folder: str | Path) -> dict:
     return sums
 
 
-def verify_checksums(folder: str | Path) -> int:
-    """Check every file `folder/checksums.json` lists against its sha256; the number checked, or a
-    UserError naming the first missing or changed file (or the unreadable record)."""
+def verify_checksums(folder: str | Path) -> dict[str, str]:
+    """Check every file `folder/checksums.json` lists against its sha256; the verified table (file
+    -> sha256), or a UserError naming the first missing or changed file (or the unreadable record)."""
     folder = Path(folder)
     sums = read_json(folder / CHECKSUMS, "checksum record")
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
@@ -240,4 +245,4 @@ def verify_checksums(folder: str | Path) -> int:
             raise UserError(f"{path} is missing (listed in {CHECKSUMS})")
         if sha256_file(path) != digest:
             raise UserError(f"{path} is corrupt (sha256 differs from {CHECKSUMS})")
-    return len(sums)
+    return sums

@@ -37,7 +37,7 @@ def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: flo
     """
     import torch
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, GradScalerKwargs
+    from accelerate.utils import GradScalerKwargs
 
     from datetime import timedelta
 
@@ -74,8 +74,7 @@ def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: flo
         fp16_on_cpu(accelerator, fp16_init_scale)
         say("fp16 on CPU: float16 autocast and a loss scaler, as on a GPU (slow on most CPUs: it is "
             "for trying that path)")
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp_requested() and not sharded:
+    if fsdp_requested() and not is_sharded(accelerator):
         how = "one process" if world == 1 else f"{world} processes, {accelerator.distributed_type.value}"
         say(f"warning: the launcher config asks for FSDP, but this job runs without it ({how}): nothing is sharded")
     elif cpu_fsdp:

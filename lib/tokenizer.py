@@ -620,7 +620,8 @@ class TextTokenizer:
         tail = [self.ids["eos"]] if add_eos else []
         if self.word_cached:
             packed = self._words.encode_packed(texts, code, array(code, head).tobytes(), array(code, tail).tobytes())
-            return b"".join(packed), [len(p) // array(code).itemsize for p in packed]
+            size = array(code).itemsize
+            return b"".join(packed), [len(p) // size for p in packed]
         ids = [head + x + tail for x in self.encode(texts)]
         return array(code, itertools.chain.from_iterable(ids)).tobytes(), list(map(len, ids))
 

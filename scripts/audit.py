@@ -138,7 +138,7 @@ def audit_run(rep: Report, run: Path) -> None:
         if folder.name == "final_adapter" and not folder.is_dir():
             continue  # only LoRA runs have one
         try:
-            n = verify_checksums(folder)
+            n = len(verify_checksums(folder))
             rep.line(True, f"{folder}: {n} files match {CHECKSUMS}")
         except UserError as exc:
             rep.line(False, f"{folder}: {exc}")

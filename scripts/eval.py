@@ -71,13 +71,13 @@ class EvalConfig:
     seed: int = 0
 
 
-def weights_sha256(model_dir: Path) -> str:
+def weights_sha256(model_dir: Path, verified: dict[str, str] | None = None) -> str:
     """The exact weights scored: the sha256 of the model's weight file (of the file -> sha256 table
-    when they are several)."""
+    when they are several), taken from `verified` (checksums just checked) where it has them."""
     from lib.files import canonical_hash, sha256_file
 
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
-    sums = {p.name: sha256_file(p) for p in files}
+    sums = {p.name: (verified or {}).get(p.name) or sha256_file(p) for p in files}
     return next(iter(sums.values())) if len(sums) == 1 else canonical_hash(sums)
 
 
@@ -118,8 +118,10 @@ def main() -> None:
 
     # before any work: where the results go, and whether the weights are the ones the run wrote
     out_dir = ensure_writable(cfg.out_dir or ((run_dir or model_dir) / "eval"), "--out_dir")
+    verified = None
     if (model_dir / CHECKSUMS).is_file():
-        print(f"{model_dir}: {verify_checksums(model_dir)} files match {CHECKSUMS}")
+        verified = verify_checksums(model_dir)
+        print(f"{model_dir}: {len(verified)} files match {CHECKSUMS}")
     else:
         print(f"warning: {model_dir} has no {CHECKSUMS} (a model not written by train.py): its files are not checked")
     from lib.cpu import keep_freed_memory
@@ -191,7 +193,7 @@ def main() -> None:
               "split": cfg.split, "data_content_hash": manifest["content_hash"], "seq_len": seq_len,
               "doc_mask": doc_mask, "stride": stride, "precision": precision, "documents": n_docs, **res,
               **{f"{k}_bits_per_byte": v for k, v in baselines.items()}, "eval_seconds": secs,
-              "weights_sha256": weights_sha256(model_dir)}
+              "weights_sha256": weights_sha256(model_dir, verified)}
 
     samples = []
     if cfg.samples > 0:
