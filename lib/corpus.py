@@ -30,7 +30,7 @@ from lib.sources import ANY_SUFFIX, InputFile, RecordReader, expand_inputs, hash
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = {  # what every reader of a manifest relies on
     "corpus": ("splits", "content_hash"),
-    "tokens": ("splits", "content_hash", "vocab_size", "special_ids", "sp_model_sha256", "corpus_content_hash",
+    "tokens": ("splits", "content_hash", "vocab_size", "special_ids", "tokenizer_sha256", "corpus_content_hash",
                "corpus_dir", "tokenizer_dir"),
 }
 # Test suites ship deliberately odd files (bad encodings, huge generated data); library code is
@@ -320,6 +320,8 @@ def read_manifest(data_dir: str | Path, kind: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
         found = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
         raise UserError(f"{path} is a {found!r} manifest, expected {kind!r}")
+    if kind == "tokens" and "sp_model_sha256" in manifest:  # written before tokenizers other than SentencePiece
+        manifest.setdefault("tokenizer_sha256", manifest["sp_model_sha256"])
     missing = [k for k in MANIFEST_KEYS[kind] if k not in manifest]
     if missing or not isinstance(manifest["splits"], dict) or not all(
             isinstance(v, dict) and isinstance(v.get("shards"), list) for v in manifest["splits"].values()):

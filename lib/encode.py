@@ -200,13 +200,13 @@ def read_npy_docs(path: Path):
 def _pack_documents(texts: list[str]) -> tuple[bytes, list[int], list[int]]:
     """One batch of documents -> their `bos ids eos` packed end to end, the ids and the UTF-8
     bytes of each."""
-    tokens, counts = _tokenizer.encode_packed(texts, add_bos=True, add_eos=True)
+    tokens, counts = _tokenizer.encode_packed(texts, *_tokenizer.document_ends())
     return tokens, counts, [len(t.encode("utf-8")) for t in texts]
 
 
 def encode_shards(tok, files: list[Path]) -> Iterator[tuple]:
     """Yield (ids, ids per document, bytes per document) of each corpus shard in turn, documents
-    as `bos ids eos`: through the word cache in every core's worker (batches of about 1 MB, in
+    as `bos ids eos` (or as the tokenizer's specials allow: TextTokenizer.document_ends): through the word cache in every core's worker (batches of about 1 MB, in
     order), or the tokenizer's own threads for models the cache cannot take."""
     import numpy as np
 
@@ -218,7 +218,7 @@ def encode_shards(tok, files: list[Path]) -> Iterator[tuple]:
     if not tok.word_cached:
         for path in files:
             texts = [r["text"] for r in iter_shard(path)]
-            packed, counts = tok.encode_packed(texts, add_bos=True, add_eos=True)
+            packed, counts = tok.encode_packed(texts, *tok.document_ends())
             yield (np.frombuffer(packed, dtype), np.array(counts, np.int64),
                    np.array([len(t.encode("utf-8")) for t in texts], np.int64))
         return

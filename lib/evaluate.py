@@ -9,6 +9,7 @@ import bz2
 import gzip
 import lzma
 import math
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,20 +56,44 @@ def stream_blocks(tokens: np.ndarray, seq_len: int, stride: int | None = None) -
     return inputs, targets
 
 
-def token_byte_lengths(sp_model: str | Path) -> np.ndarray:
-    """UTF-8 bytes each token id of a SentencePiece model stands for in decoded text: 1 for a
-    byte piece, 0 for control and unknown pieces, else the piece's bytes (its U+2581 a space).
-    Exact for this project's tokenizers (identity normalization, no dummy prefix); callers check
-    the sum against the split's recorded bytes."""
-    import sentencepiece as spm
+def token_byte_lengths(tokenizer: str | Path) -> np.ndarray:
+    """UTF-8 bytes each token id stands for in decoded text; 0 for special tokens. `tokenizer`:
+    a SentencePiece model (the file, or a folder holding sp.model) or a Hugging Face tokenizer
+    folder. SentencePiece and SentencePiece-style pieces: 1 for a byte piece (<0x0A>), else the
+    piece's bytes with U+2581 as a space. Byte-level BPE (GPT-2): one byte per character of
+    the token. Exact for this project's tokenizers and byte-level ones; a tokenizer that adds a
+    space in front of each text (Llama's) makes them a byte short per document, which is why
+    callers check the sum against the split's recorded bytes."""
+    from lib.tokenizer import SP_MODEL
 
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    out = np.zeros(sp.get_piece_size(), dtype=np.int64)
-    for i in range(len(out)):
-        if sp.is_byte(i):
+    path = Path(tokenizer)
+    sp_file = path if path.is_file() else path / SP_MODEL
+    if sp_file.is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+        out = np.zeros(sp.get_piece_size(), dtype=np.int64)
+        for i in range(len(out)):
+            if sp.is_byte(i):
+                out[i] = 1
+            elif not (sp.is_control(i) or sp.is_unknown(i)):
+                out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    byte_level = "ByteLevel" in repr(hf.backend_tokenizer.decoder) if hasattr(hf, "backend_tokenizer") else False
+    special = set(hf.all_special_ids)
+    out = np.zeros(len(hf), dtype=np.int64)
+    for i, piece in enumerate(hf.convert_ids_to_tokens(list(range(len(hf))))):
+        if i in special or piece is None:
+            continue
+        if byte_level:
+            out[i] = len(piece)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
             out[i] = 1
-        elif not (sp.is_control(i) or sp.is_unknown(i)):
-            out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        else:
+            out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
     return out
 
 

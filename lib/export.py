@@ -14,13 +14,15 @@ from lib.errors import UserError
 
 
 def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Path, fused=None,
-                lora_opts=None, rebuild=None, base_dir=None, probe_ids=None) -> None:
+                lora_opts=None, rebuild=None, base_dir=None, probe_ids=None, trained_len: int | None = None) -> None:
     """Write `out_dir` (replaced atomically) from the prepared model. `fused`: a FusedHead to take
     off first, so the saved output layer is a plain nn.Linear. `lora_opts`: the LoRA options of a
     LoRA run (None otherwise); `rebuild()` returns the bare base model, needed for LoRA under FSDP,
     where peft must merge whole tensors. A LoRA run from a saved base (`base_dir`) has its merge
     checked on `probe_ids` (check_merge) before `out_dir` is put in place, and the figures written
-    to `out_dir/export.json`; a failed check leaves the previous `out_dir` and raises."""
+    to `out_dir/export.json`; a failed check leaves the previous `out_dir` and raises.
+    `trained_len`: for a model trained from scratch, the sequence length it learned, recorded as
+    its length (record_trained_length)."""
     from lib import lora
     from lib.files import atomic_folder, write_checksums, write_json
     from lib.report import write_final
@@ -48,7 +50,7 @@ def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Pa
         if base_dir is not None and probe_ids is not None:
             check = lambda folder: write_json(  # noqa: E731
                 folder / EXPORT_RECORD, check_merge(folder, base_dir, adapter_dir, probe_ids))
-    write_final(model, tokens_dir, out_dir, full_state, check=check)
+    write_final(model, tokens_dir, out_dir, full_state, check=check, trained_len=trained_len)
 
 
 MERGE_TOLERANCE = 1e-3  # largest |logit| difference accepted between the merged model and base + adapter
@@ -88,3 +90,38 @@ def check_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str |
                         f"{record['max_abs_logit_diff']:.3g} (tolerance {tolerance:g}) on {ids.numel()} probe tokens; "
                         f"the merge is wrong (the adapter alone is in {adapter_dir})")
     return record
+
+
+def record_trained_length(folder: str | Path, seq_len: int) -> None:
+    """Make a saved model from scratch say the sequence length it was trained on, where
+    transformers and lm-evaluation-harness read it (config.json first, then the tokenizer's
+    model_max_length): positions past `seq_len` never trained, and a client that fills them scores
+    worse than the model is. A Llama's max_position_embeddings is set to `seq_len` (rotary
+    positions have no weights); a GPT-2's learned position table is cut to its first `seq_len` rows
+    (the rest were never updated) and n_positions set to match."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lib.files import read_json, write_json
+
+    folder = Path(folder)
+    cfg = read_json(folder / "config.json", "model config")
+    if "n_positions" in cfg and cfg["n_positions"] > seq_len:  # GPT-2: the position table is a weight
+        index = folder / "model.safetensors.index.json"
+        name = "transformer.wpe.weight"
+        shard = folder / (json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors")
+        with safe_open(str(shard), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors[name] = tensors[name][:seq_len].contiguous()
+        save_file(tensors, str(shard), metadata=meta)
+        cfg["n_positions"] = seq_len
+        if cfg.get("n_ctx", 0) > seq_len:
+            cfg["n_ctx"] = seq_len
+    elif cfg.get("max_position_embeddings", 0) > seq_len:
+        cfg["max_position_embeddings"] = seq_len
+    write_json(folder / "config.json", cfg)
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        write_json(tok_cfg, {**read_json(tok_cfg, "tokenizer config"), "model_max_length": seq_len})

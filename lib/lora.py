@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from lib.errors import UserError
 
@@ -21,13 +21,35 @@ class LoraOptions:
     """Dropout on the adapter's input."""
     target_modules: str = "all-linear"
     """Comma-separated module names to adapt (q_proj,v_proj), or all-linear (every linear layer
-    but the output head)."""
+    but the output head: GPT-2's c_attn, c_proj, c_fc; a Llama's q/k/v/o and gate/up/down_proj)."""
+    quantize: Literal["none", "4bit"] = "none"
+    """4bit: QLoRA, the frozen base held in 4-bit NF4 (needs a CUDA GPU and bitsandbytes)."""
 
 
 def enabled(opts: LoraOptions) -> bool:
     if opts.r < 0:
         raise UserError(f"--lora.r must be 0 (off) or a positive rank, got {opts.r}")
+    if opts.quantize != "none":
+        check_quantize(opts)
     return opts.r > 0
+
+
+def check_quantize(opts: LoraOptions) -> None:
+    """A UserError saying what is missing for QLoRA here: adapters, a CUDA GPU, bitsandbytes; and,
+    where all are present, that this version does not load 4-bit bases yet (DEFERRED.md)."""
+    import importlib.util
+
+    import torch
+
+    if opts.r <= 0:
+        raise UserError("--lora.quantize 4bit quantizes the frozen base under LoRA adapters: give --lora.r too")
+    if not torch.cuda.is_available():
+        raise UserError("--lora.quantize 4bit (QLoRA) needs a CUDA GPU, and this machine has none: drop it to train "
+                        "plain LoRA, whose frozen base stays in the run's precision (bf16 halves its memory)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--lora.quantize 4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes, or drop the flag")
+    raise UserError("--lora.quantize 4bit: loading a 4-bit base is not in this version yet (see DEFERRED.md); "
+                    "drop the flag to train plain LoRA with a bf16 base")
 
 
 def apply(model, opts: LoraOptions):

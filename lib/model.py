@@ -76,6 +76,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
     return AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
 
 
+def refuse_masked_lm(path: str | Path) -> None:
+    """A UserError for a masked-LM folder (BERT-style): AutoModelForCausalLM would load it as a
+    causal model without complaint and score it wrongly (DEFERRED.md says why it is not supported)."""
+    from lib.files import read_json
+
+    archs = read_json(Path(path) / "config.json", "model config").get("architectures") or []
+    masked = [a for a in archs if a.endswith("ForMaskedLM")]
+    if masked:
+        raise UserError(f"{path} is a masked language model ({masked[0]}); this project trains and evaluates causal "
+                        "models only: a masked LM has no left-to-right probability of a text to report (DEFERRED.md)")
+
+
 def load_pretrained(path: str | Path, dtype=None, trust_remote_code: bool = False):
     """Load a causal LM from a local folder, offline; a clear error if it is not one."""
     from transformers import AutoModelForCausalLM
@@ -83,6 +95,7 @@ def load_pretrained(path: str | Path, dtype=None, trust_remote_code: bool = Fals
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model folder (no config.json); give a run's final/ folder")
+    refuse_masked_lm(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     kwargs["trust_remote_code"] = trust_remote_code
     try:
@@ -165,30 +178,36 @@ def flops_per_token(model, seq_len: int) -> float:
 
 def check_data_fits(init_from: str | Path, manifest: dict, seq_len: int) -> None:
     """A UserError unless data with this tokens manifest can train the model in `init_from`: the
-    same vocabulary size and special ids, the same SentencePiece model when the folder holds one
-    (sha256), and sequences no longer than the model's positions."""
+    same tokenizer files when the folder holds a tokenizer (lib.tokenizer.tokenizer_fingerprint)
+    and then no more ids than the model's embedding rows, else exactly its vocabulary size; the
+    same bos and eos ids; and sequences no longer than the model's positions."""
     from transformers import AutoConfig
 
-    from lib.files import sha256_file
+    from lib.tokenizer import tokenizer_fingerprint
 
     path = Path(init_from)
     if not (path / "config.json").is_file():
         raise UserError(f"--model.init_from {path} is not a model folder (no config.json); give a run's final/ folder")
+    refuse_masked_lm(path)
     cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    fingerprint = tokenizer_fingerprint(path)
+    rows, vocab = getattr(cfg, "vocab_size", None), manifest["vocab_size"]
     differences = []
-    if getattr(cfg, "vocab_size", None) != manifest["vocab_size"]:
-        differences.append(f"vocabulary {getattr(cfg, 'vocab_size', '?')} vs the data's {manifest['vocab_size']}")
+    if fingerprint is not None and fingerprint != manifest["tokenizer_sha256"]:
+        differences.append("its tokenizer files differ from those the data was encoded with")
+    # a model may have more embedding rows than its tokenizer has ids (padded to a multiple)
+    if rows is not None and (vocab > rows or (fingerprint is None and vocab != rows)):
+        differences.append(f"vocabulary {rows} vs the data's {vocab}")
     for name in ("bos", "eos"):
         model_id = getattr(cfg, f"{name}_token_id", None)
-        if model_id is not None and model_id != manifest["special_ids"].get(name):
-            differences.append(f"{name} id {model_id} vs the data's {manifest['special_ids'].get(name)}")
-    sp = path / "sp.model"
-    if not differences and sp.is_file() and sha256_file(sp) != manifest.get("sp_model_sha256"):
-        differences.append("its sp.model differs from the one the data was encoded with")
+        data_id = manifest["special_ids"].get(name)
+        if model_id is not None and data_id is not None and model_id != data_id:
+            differences.append(f"{name} id {model_id} vs the data's {data_id}")
     if differences:
-        raise UserError(f"--model.init_from {path} uses another tokenizer than the data ({'; '.join(differences)}); "
-                        "train on data tokenized with the model's own tokenizer (for a model made by train.py, the "
-                        "--data.dir of the run that made it: see its config.yaml)")
+        raise UserError(f"--model.init_from {path} uses another tokenizer than the data ({'; '.join(differences)}). "
+                        f"Encode your text with the model's own tokenizer: python scripts/tokenize.py --tokenizer "
+                        f"{path} --corpus.source YOUR_TEXT --out_dir data/NAME, then --data.dir data/NAME (for a "
+                        "model made by train.py, its run's --data.dir also fits: see the run's config.yaml)")
     positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if positions and seq_len > positions:
         raise UserError(f"--data.seq_len {seq_len} is longer than the {positions} positions of --model.init_from "

@@ -5,6 +5,7 @@ interrupted stage leaves the previous output as it was.
 
     data/<name>/corpus/     JSONL shards + manifest              (lib/corpus.py)
     data/<name>/tokenizer/  sp.model + Hugging Face files + build.json   stage_tokenizer
+                            (or a base model's own tokenizer files, copied)
     data/<name>/tokens/     .npy ids + .docs.npy tables + manifest       stage_tokens
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable, Iterable
 from lib.corpus import iter_records, read_manifest
 from lib.errors import UserError
 from lib.files import atomic_folder, canonical_hash, read_json, sha256_file, write_json
-from lib.tokenizer import SP_MODEL, TokenizerConfig
+from lib.tokenizer import SP_MODEL, TokenizerConfig, tokenizer_fingerprint
 
 
 def write_tokenizer(texts: Iterable[str], out_dir: Path, tok_cfg: TokenizerConfig, key: str | None = None) -> dict:
@@ -30,7 +31,7 @@ def write_tokenizer(texts: Iterable[str], out_dir: Path, tok_cfg: TokenizerConfi
         sp_path = train_sentencepiece(texts, build.path, tok_cfg)
         build_hf_tokenizer(sp_path).save_pretrained(str(build.path))
         sp = load_sentencepiece(sp_path)
-        info = {"key": key, "sp_model_sha256": sha256_file(sp_path), "vocab_size": sp.get_piece_size(),
+        info = {"key": key, "tokenizer_sha256": sha256_file(sp_path), "vocab_size": sp.get_piece_size(),
                 "special_ids": special_ids(sp), "settings": dataclasses.asdict(tok_cfg)}
         write_json(build.path / "build.json", info)
     return info
@@ -39,21 +40,51 @@ def write_tokenizer(texts: Iterable[str], out_dir: Path, tok_cfg: TokenizerConfi
 def stage_tokenizer(out_dir: Path, corpus_dir: Path, corpus_hash: str, tok_cfg: TokenizerConfig,
                     force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Train (or reuse) `out_dir/tokenizer` on the corpus's train split; the cache key is the
-    corpus content hash and the tokenizer settings."""
+    corpus content hash and the tokenizer settings. With `tok_cfg.pretrained`, copy that model's
+    tokenizer files instead (keyed on their fingerprint)."""
     tok_dir = out_dir / "tokenizer"
-    key = canonical_hash({"corpus": corpus_hash, "settings": dataclasses.asdict(tok_cfg)})
+    if tok_cfg.pretrained:
+        from lib.registry import resolve_tokenizer
+
+        source = resolve_tokenizer(tok_cfg.pretrained)
+        key = canonical_hash({"pretrained": tokenizer_fingerprint(source)})
+    else:
+        key = canonical_hash({"corpus": corpus_hash, "settings": dataclasses.asdict(tok_cfg)})
     stamp = tok_dir / "build.json"
     try:
         old_key = read_json(stamp, "tokenizer record").get("key") if stamp.is_file() else None
-    except (UserError, AttributeError):  # unreadable: trained again below
+    except (UserError, AttributeError):  # unreadable: made again below
         old_key = None
     if not force and old_key == key:
         log(f"tokenizer: unchanged, reusing {tok_dir}")
         return tok_dir
     t0 = time.time()
+    if tok_cfg.pretrained:
+        info = copy_pretrained_tokenizer(source, tok_dir, tok_cfg.pretrained, key)
+        log(f"tokenizer: {tok_cfg.pretrained}'s own ({source}): vocab {info['vocab_size']}, "
+            f"special ids {info['special_ids']} -> {tok_dir}")
+        return tok_dir
     info = write_tokenizer((r["text"] for r in iter_records(corpus_dir, "train")), tok_dir, tok_cfg, key)
     log(f"tokenizer: trained {tok_cfg.model_type} vocab {info['vocab_size']} in {time.time() - t0:.1f}s -> {tok_dir}")
     return tok_dir
+
+
+def copy_pretrained_tokenizer(source: Path, out_dir: Path, name: str, key: str | None = None) -> dict:
+    """Copy the tokenizer files of `source` (a model or tokenizer folder) into `out_dir` byte for
+    byte, with build.json (returned: key, fingerprint, vocabulary size, special ids, where from)."""
+    from lib.tokenizer import TextTokenizer, copy_tokenizer_files
+
+    with atomic_folder(out_dir) as build:
+        if (source / SP_MODEL).is_file():
+            import shutil
+
+            shutil.copy2(source / SP_MODEL, build.path / SP_MODEL)
+        files = copy_tokenizer_files(source, build.path)
+        tok = TextTokenizer(build.path / SP_MODEL if (build.path / SP_MODEL).is_file() else build.path)
+        info = {"key": key, "tokenizer_sha256": tokenizer_fingerprint(build.path), "vocab_size": tok.vocab_size,
+                "special_ids": tok.ids, "pretrained": name, "source": str(source.resolve()), "files": files}
+        write_json(build.path / "build.json", info)
+    return info
 
 
 def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir: Path, force: bool = False,
@@ -61,15 +92,16 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
     """Encode every corpus shard to `out_dir/tokens`: per shard a .npy of its documents as
     `bos ids eos` end to end and a .docs.npy table of (tokens, text bytes) per document, and a
     manifest (returned) with every file's sha256 and a content hash. Keyed on the corpus content
-    hash and sp.model's sha256."""
+    hash and the tokenizer's fingerprint. A document is `bos ids eos` where the tokenizer has
+    both (TextTokenizer.document_ends: `bos ids` for GPT-2's one <|endoftext|>)."""
     import numpy as np
 
     from lib.encode import encode_shards
-    from lib.tokenizer import TextTokenizer, load_sentencepiece, special_ids
+    from lib.tokenizer import TextTokenizer
 
     tokens_dir = out_dir / "tokens"
-    sp_hash = sha256_file(tok_dir / SP_MODEL)
-    key = canonical_hash({"corpus": corpus_manifest["content_hash"], "sp_model": sp_hash})
+    tok_hash = tokenizer_fingerprint(tok_dir)
+    key = canonical_hash({"corpus": corpus_manifest["content_hash"], "tokenizer": tok_hash})
     if not force and (tokens_dir / "manifest.json").is_file():
         try:
             old = read_manifest(tokens_dir, "tokens")
@@ -80,7 +112,8 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
             log(f"tokens: unchanged, reusing {tokens_dir}")
             return old
     t0 = time.time()
-    tok = TextTokenizer(tok_dir / SP_MODEL)
+    tok = TextTokenizer(tok_dir / SP_MODEL if (tok_dir / SP_MODEL).is_file() else tok_dir)
+    add_bos, add_eos = tok.document_ends()
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     splits, total_tokens, total_bytes = {}, 0, 0
     with atomic_folder(tokens_dir) as build:
@@ -107,10 +140,11 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
             total_tokens, total_bytes = total_tokens + n_tok, total_bytes + n_bytes
         encoded.close()
         manifest = {
-            "kind": "tokens", "key": key, "dtype": np.dtype(dtype).name, "doc_format": "bos ids eos",
+            "kind": "tokens", "key": key, "dtype": np.dtype(dtype).name,
+            "doc_format": " ".join(["bos"] * add_bos + ["ids"] + ["eos"] * add_eos),
             "corpus_dir": "../corpus", "corpus_content_hash": corpus_manifest["content_hash"],
-            "tokenizer_dir": "../tokenizer", "sp_model_sha256": sp_hash, "vocab_size": tok.vocab_size,
-            "special_ids": special_ids(load_sentencepiece(tok_dir / SP_MODEL)), "splits": splits,
+            "tokenizer_dir": "../tokenizer", "tokenizer_sha256": tok_hash, "vocab_size": tok.vocab_size,
+            "special_ids": tok.ids, "splits": splits,
         }
         manifest["content_hash"] = canonical_hash({s: [sh["sha256"] for sh in v["shards"]] for s, v in splits.items()})
         write_json(tmp / "manifest.json", manifest)

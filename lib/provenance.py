@@ -57,7 +57,7 @@ def provenance(cfg, data_manifest: dict, accelerator, n_params: int, resumed_fro
         "data": {"dir": str(Path(cfg.data.dir).resolve()),  # where it was, whatever the working directory
                  "tokens_content_hash": data_manifest["content_hash"],
                  "corpus_content_hash": data_manifest["corpus_content_hash"],
-                 "sp_model_sha256": data_manifest["sp_model_sha256"]},
+                 "tokenizer_sha256": data_manifest["tokenizer_sha256"]},
         "resumed_from": str(resumed_from) if resumed_from else None,
         "config": to_dict(cfg),
     }

@@ -49,18 +49,19 @@ def _snapshot(repo_dir: Path) -> Path | None:
     return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
 
 
-def resolve(spec: str | Path, download: bool = False) -> Path:
-    """The local folder of a model given as a folder, a short name (MODELS) or a repository id."""
+def resolve(spec: str | Path, download: bool = False, option: str = "--model.init_from") -> Path:
+    """The local folder of a model given as a folder, a short name (MODELS) or a repository id;
+    errors name `option`, the flag the user gave it with."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a model folder (no config.json); give a run's final/ folder, a "
+            raise UserError(f"{option} {path} is not a model folder (no config.json); give a run's final/ folder, a "
                             f"Hugging Face model folder, or a name ({', '.join(sorted(MODELS))})")
         return path
     name = str(spec)
     repo = MODELS.get(name, name if name.count("/") == 1 and not name.startswith((".", "/")) else None)
     if repo is None:
-        raise UserError(f"--model.init_from {name}: no such folder, and not a model name "
+        raise UserError(f"{option} {name}: no such folder, and not a model name "
                         f"({', '.join(sorted(MODELS))}) or an org/name repository id")
     cache = hub_cache()
     repo_dir = cache / ("models--" + repo.replace("/", "--"))
@@ -71,8 +72,21 @@ def resolve(spec: str | Path, download: bool = False) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo, cache_dir=str(cache)))
-    raise UserError(f"model {name} ({repo}) is not on this machine: looked for a folder {path.resolve()} and for "
+    raise UserError(f"{option}: model {name} ({repo}) is not on this machine: looked for a folder {path.resolve()} and for "
                     f"{repo_dir}/snapshots/* (the Hugging Face cache: HF_HUB_CACHE, HF_HOME/hub or "
                     f"~/.cache/huggingface/hub). On a machine with internet run `hf download {repo}` (it fills "
                     f"that cache; copy {repo_dir.name}/ into this machine's cache), or pass --model.allow_download "
                     "to fetch it from here")
+
+
+def resolve_tokenizer(spec: str | Path, download: bool = False, option: str = "--tokenizer") -> Path:
+    """The local folder of a tokenizer given as a folder of tokenizer files, a model folder, a
+    short name or a repository id (looked up as `resolve` does)."""
+    from lib.tokenizer import has_tokenizer
+
+    path = Path(spec).expanduser()
+    folder = path if path.is_dir() else resolve(spec, download, option)
+    if not has_tokenizer(folder):
+        raise UserError(f"{option} {spec}: {folder} holds no tokenizer (tokenizer.json, vocab.json + merges.txt, "
+                        "tokenizer.model or sp.model); give the folder the model's tokenizer was saved to")
+    return folder

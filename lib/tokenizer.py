@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Optional
 
 from lib.errors import UserError
 
@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 SP_MODEL = "sp.model"
+# A Hugging Face tokenizer's files that decide which ids a text becomes: copied verbatim from a
+# base model, so that the data, the base and the final model show the same fingerprint.
+ENCODING_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+# Its files that only tell a client how to use it (special tokens, bos handling, chat template).
+CLIENT_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 @dataclass
@@ -47,6 +52,10 @@ class TokenizerConfig:
     user_defined_symbols: list[str] = field(default_factory=list)
     """Extra strings that always become one piece (added after "\\n")."""
     seed: int = 0
+    pretrained: Optional[str] = None
+    """Encode with this model's own tokenizer instead of training one (the settings above are then
+    unused): a model name (gpt2, tinyllama, org/name in the Hugging Face cache), a model folder,
+    or a folder of tokenizer files. The way to prepare text for fine-tuning that model."""
 
 
 def _line_iter(texts: Iterable[str]) -> Iterator[str]:
@@ -122,6 +131,39 @@ def load_sentencepiece(path: str | Path) -> "sentencepiece.SentencePieceProcesso
     except (OSError, RuntimeError) as exc:
         raise UserError(f"{path} is not a SentencePiece model ({exc})") from None
     return sp
+
+
+def tokenizer_fingerprint(path: str | Path) -> str | None:
+    """What decides a tokenizer's ids, as one sha256: a SentencePiece model's bytes (the file, or a
+    folder holding sp.model), else a hash of the encoding files a folder holds (ENCODING_FILES),
+    else None (no tokenizer there). Client settings (tokenizer_config.json) are left out: an
+    export may rewrite them without changing a single id."""
+    from lib.files import canonical_hash, sha256_file
+
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if (path / SP_MODEL).is_file():
+        return sha256_file(path / SP_MODEL)
+    files = {name: sha256_file(path / name) for name in ENCODING_FILES if (path / name).is_file()}
+    return canonical_hash(files) if files else None
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether `folder` holds a tokenizer this project can load (SentencePiece or Hugging Face)."""
+    folder = Path(folder)
+    return (folder / SP_MODEL).is_file() or any((folder / n).is_file() for n in ENCODING_FILES)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy a Hugging Face tokenizer's files (encoding and client files) from `src` to `dst`
+    byte for byte; returns their names."""
+    import shutil
+
+    names = [n for n in ENCODING_FILES + CLIENT_FILES if (Path(src) / n).is_file()]
+    for name in names:
+        shutil.copy2(Path(src) / name, Path(dst) / name)
+    return names
 
 
 def special_ids(sp) -> dict[str, int]:
@@ -588,6 +630,13 @@ class TextTokenizer:
                 if pid is None or (self.ids["unk"] is not None and pid == self.ids["unk"] and pad_token != "<unk>"):
                     raise UserError(f"--pad_token {pad_token!r} is not a token of {path}")
                 self.ids["pad"] = pid
+
+    def document_ends(self) -> tuple[bool, bool]:
+        """(add bos, add eos) for a document stored in the token shards: bos where the tokenizer
+        has one, eos where it has one that is not also its bos. GPT-2's one <|endoftext|> thus
+        separates documents once, as in its own training, and never twice in a row."""
+        bos, eos = self.ids["bos"], self.ids["eos"]
+        return bos is not None, eos is not None and eos != bos
 
     def set_threads(self, n: int | None) -> None:
         """Threads SentencePiece may use per call (None: every core). 1 in worker processes

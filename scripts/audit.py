@@ -96,6 +96,7 @@ def audit_data(rep: Report, data: str) -> None:
     from lib.corpus import read_manifest
     from lib.files import sha256_file
     from lib.data import tokens_dir
+    from lib.tokenizer import tokenizer_fingerprint
 
     tok_dir = tokens_dir(data)
     tokens = read_manifest(tok_dir, "tokens")
@@ -115,9 +116,9 @@ def audit_data(rep: Report, data: str) -> None:
                  else f"{where}: changed or missing: {', '.join(bad)}")
     rep.line(tokens["corpus_content_hash"] == corpus["content_hash"],
              "token shards were encoded from this corpus (content hash matches)")
-    sp = tok_dir / tokens["tokenizer_dir"] / "sp.model"
-    rep.line(sp.is_file() and sha256_file(sp) == tokens["sp_model_sha256"],
-             f"{sp} is the tokenizer the shards were encoded with")
+    tokenizer = (tok_dir / tokens["tokenizer_dir"]).resolve()
+    rep.line(tokenizer_fingerprint(tokenizer) == tokens["tokenizer_sha256"],
+             f"{tokenizer} is the tokenizer the shards were encoded with")
 
 
 def audit_run(rep: Report, run: Path) -> None:

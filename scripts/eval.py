@@ -92,7 +92,7 @@ def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
     elif not model.exists():  # a model name (gpt2, tinyllama, org/name): its folder in the Hugging Face cache
         from lib.registry import resolve
 
-        run, model_dir = None, resolve(str(model))
+        run, model_dir = None, resolve(str(model), option="--model")
     else:
         raise UserError(f"--model {model}: neither a run folder with final/ nor a model folder with config.json")
     data = cfg.data
@@ -134,20 +134,22 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lib.corpus import iter_records, read_manifest
-    from lib.files import atomic_text, sha256_file
+    from lib.files import atomic_text
+    from lib.tokenizer import tokenizer_fingerprint
     from lib.data import gather_docs, load_split, sample_docs, tokens_dir
     from lib.evaluate import compressor_bpb, evaluate_stream, summarize
     from lib.metrics import JsonlWriter, read_jsonl, write_tables
-    from lib.model import fp16_on_cpu, load_pretrained
+    from lib.model import fp16_on_cpu, load_pretrained, refuse_masked_lm
     from lib.precision import resolve, shapes_of
     from transformers import AutoConfig
 
     tok_dir = tokens_dir(data_dir)
     manifest = read_manifest(tok_dir, "tokens")
-    model_sp = model_dir / "sp.model"
-    if model_sp.is_file() and sha256_file(model_sp) != manifest["sp_model_sha256"]:
-        raise UserError(f"{model_dir} was trained with another tokenizer than {tok_dir}; "
-                        "evaluate on data encoded with the model's own tokenizer")
+    refuse_masked_lm(model_dir)
+    model_tok = tokenizer_fingerprint(model_dir)
+    if model_tok is not None and model_tok != manifest["tokenizer_sha256"]:
+        raise UserError(f"{model_dir} was trained with another tokenizer than {tok_dir}; evaluate on data encoded "
+                        f"with the model's own tokenizer (scripts/tokenize.py --tokenizer {model_dir} ...)")
     run_data = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}) if run_dir else {}
     model_cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     seq_len = cfg.seq_len or run_data.get("seq_len") or model_cfg.max_position_embeddings
@@ -202,11 +204,17 @@ def main() -> None:
         # the opening words (up to 48 characters, cut at a space) of held-out documents, unless given
         prompts = [cfg.prompt] * cfg.samples if cfg.prompt is not None else [
             (t[:48].rsplit(" ", 1)[0] if " " in t[:48] else t[:48]) for t in doc_texts[:cfg.samples]]
+        bos = manifest["special_ids"].get("bos")
+        positions = getattr(model_cfg, "n_positions", None) or getattr(model_cfg, "max_position_embeddings", None)
         for prompt in prompts:
-            ids = tok(prompt, return_tensors="pt").input_ids.to(accelerator.device)
+            # a document as the shards hold it: bos first (where there is one), whatever the client
+            # tokenizer's own habit of adding it or not
+            ids = ([bos] if bos is not None else []) + tok(prompt, add_special_tokens=False).input_ids
+            new = cfg.sample_tokens if positions is None else max(0, min(cfg.sample_tokens, positions - len(ids)))
             with torch.no_grad(), accelerator.autocast():
-                out = model.generate(ids, do_sample=True, temperature=cfg.temperature, max_new_tokens=cfg.sample_tokens,
-                                     pad_token_id=tok.pad_token_id)
+                out = model.generate(torch.tensor([ids], device=accelerator.device), do_sample=True,
+                                     temperature=cfg.temperature, max_new_tokens=new,
+                                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else bos)
             samples.append((prompt, tok.decode(out[0], skip_special_tokens=True)))
 
     sink = JsonlWriter(out_dir / "metrics.ndjson")

@@ -2,13 +2,16 @@
 """Corpus -> SentencePiece tokenizer -> token shards; and train/encode/decode/inspect tools.
 
     python scripts/tokenize.py --config configs/tokenize/stdlib.yaml     # the pipeline (prepare)
+    python scripts/tokenize.py --corpus.source book.txt --tokenizer gpt2 --out_dir data/book
+                                                   # the pipeline with a base model's own tokenizer
     python scripts/tokenize.py train   --corpus.source my_texts/ --out_dir tok/
     python scripts/tokenize.py encode  --tokenizer tok/sp.model --input in.jsonl --max_length 128
     python scripts/tokenize.py decode  --tokenizer tok/sp.model --input ids.jsonl --output text.jsonl
     python scripts/tokenize.py inspect --tokenizer runs/default/final
 
 The pipeline writes OUT_DIR/corpus (JSONL shards + manifest), OUT_DIR/tokenizer (sp.model and a
-Hugging Face tokenizer with identical ids) and OUT_DIR/tokens (.npy token shards + manifest).
+Hugging Face tokenizer with identical ids; or, with --tokenizer NAME_OR_FOLDER, that model's own
+tokenizer files, for fine-tuning it) and OUT_DIR/tokens (.npy token shards + manifest).
 A stage is redone only when what it is built from changed: the corpus bytes, the tokenizer
 settings, or the tokenizer model file. `X --help` shows each subcommand's options.
 """
@@ -115,6 +118,9 @@ def cmd_train(cfg: TrainTokenizerConfig) -> None:
     from lib.corpus import iter_source
     from lib.pipeline import write_tokenizer
 
+    if cfg.tokenizer.pretrained:
+        raise UserError("--tokenizer.pretrained: `train` makes a new tokenizer; a base model's own is used by the "
+                        "pipeline (scripts/tokenize.py --tokenizer NAME --corpus.source ...)")
     t0 = time.time()
     info = write_tokenizer((r["text"] for r in iter_source(cfg.corpus)), cfg.out_dir, cfg.tokenizer)
     log(f"trained {cfg.tokenizer.model_type} vocab {info['vocab_size']} in {time.time() - t0:.1f}s -> "
@@ -207,6 +213,10 @@ def main() -> None:
         cls, run = SUBCOMMANDS[argv[0]]
         prog = f"{os.path.basename(sys.argv[0])} {argv[0]}"
         return run(config_lib.parse(cls, argv[1:], description=cls.__doc__, prog=prog))
+    # `--tokenizer NAME_OR_FOLDER`, as the subcommands spell it, is the pipeline's --tokenizer.pretrained
+    argv = [a.replace("--tokenizer=", "--tokenizer.pretrained=", 1) for a in argv]
+    argv = ["--tokenizer.pretrained" if a == "--tokenizer" and i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            else a for i, a in enumerate(argv)]
     cfg = config_lib.parse(TokenizeConfig, argv, description=__doc__)
     from lib.files import ensure_writable
     from lib.pipeline import stage_tokenizer, stage_tokens

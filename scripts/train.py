@@ -228,6 +228,7 @@ def main() -> None:
     from lib.progress import progress
     from lib.provenance import provenance
     from lib.report import plot_metrics, write_run_report
+    from lib.tokenizer import has_tokenizer
 
     # ---- set up: processes and precision, the run folder
     tok_dir = tokens_dir(cfg.data.dir)
@@ -247,11 +248,13 @@ def main() -> None:
 
     # ---- data: training blocks, and a held-out sample that is the same at every evaluation
     val_tokens, val_docs = load_split(tok_dir, "val")
-    sp_model = tok_dir / ".." / "tokenizer" / "sp.model"
+    tokenizer = (tok_dir / manifest["tokenizer_dir"]).resolve()
     held_out = held_out_sample(val_tokens, val_docs, cfg.data.seq_len, cfg.eval_tokens,
-                               token_byte_lengths(sp_model) if sp_model.is_file() else None, seed=0)
+                               token_byte_lengths(tokenizer) if has_tokenizer(tokenizer) else None, seed=0)
     train_data = build_train_data(tok_dir, cfg.data, special)
     bos_id = special["bos"] if cfg.data.doc_mask else None  # position ids restart at each document
+    if cfg.data.doc_mask and bos_id is None:
+        say("note: the tokenizer has no bos token, so attention spans documents (--data.doc_mask needs one)")
 
     # ---- model and optimizer (the same seed in every process: identical initial weights)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
@@ -406,7 +409,7 @@ def main() -> None:
     save_checkpoint()
     export.final_model(accelerator, prepared, run_dir / "final", tok_dir, fused, cfg.lora if use_lora else None,
                        rebuild=lambda: build_model(cfg.model, vocab, special), base_dir=cfg.model.init_from,
-                       probe_ids=held_out.inputs[:2])
+                       probe_ids=held_out.inputs[:2], trained_len=None if cfg.model.init_from else cfg.data.seq_len)
     if is_main:
         best = ckpt.best_checkpoint(run_dir) if cfg.keep_best else None
         if best is not None:
@@ -534,7 +537,8 @@ def describe_run(cfg, say, train_data, sampler, n_params, world, choice, horizon
     else:
         pad = train_data.padding_fraction(sampler.epoch_order(0), cfg.micro_batch_size)
         layout = f"{len(train_data):,} documents (pieces) padded ({cfg.data.packing}): {pad:.1%} padding"
-    say(f"model: {cfg.model.arch} {n_params / 1e6:.2f}M params | data: {train_data.n_tokens:,} train tokens, "
+    what = f"{cfg.model.init_from} (from it)" if cfg.model.init_from else f"{cfg.model.arch} (new)"
+    say(f"model: {what} {n_params / 1e6:.2f}M params | data: {train_data.n_tokens:,} train tokens, "
         f"{layout} | {world} process(es), precision {choice.name} | "
         f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
         f"{horizon} steps ({rows_per_step * horizon / len(train_data):.2f} epochs)"

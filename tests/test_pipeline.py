@@ -122,10 +122,11 @@ def test_final_loads_with_auto_classes_and_generates(smoke_run):
     tok = AutoTokenizer.from_pretrained(run / "final", local_files_only=True)
     import sentencepiece as spm
 
-    ids = tok("def ", return_tensors="pt").input_ids
-    # the Hugging Face tokenizer shipped in final/ gives SentencePiece's own ids (after its bos)
+    # the Hugging Face tokenizer shipped in final/ gives SentencePiece's own ids, and leaves bos to
+    # the client (which adds it, as training documents start with it: never twice)
     sp = spm.SentencePieceProcessor(model_file=str(run / "final" / "sp.model"))
-    assert ids[0].tolist()[-len(sp.encode("def ")):] == sp.encode("def ")
+    assert tok("def ").input_ids == sp.encode("def ")
+    ids = torch.tensor([[tok.bos_token_id] + tok("def ").input_ids])
     out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1]
     # greedy generation follows the saved weights: each new token is the argmax after the ones before
