@@ -226,17 +226,19 @@ def main() -> None:
             for i, (prompt, s) in enumerate(samples):
                 f.write(f"--- sample {i} (prompt {prompt!r}, temperature {cfg.temperature})\n{s}\n")
         print(f"sample 0 (prompt {samples[0][0]!r}):\n{samples[0][1]}")
-    if run_dir is not None and (run_dir / "report.md").is_file():
+    # the run's report shows the evaluation of the run's own data, not of text it was never about
+    report = run_dir / "report.md" if run_dir is not None and cfg.data is None else None
+    if report is not None and report.is_file():
         from lib.report import set_report_section
 
-        set_report_section(run_dir / "report.md", f"Held-out evaluation by eval.py ({cfg.split})", (
+        set_report_section(report, f"Held-out evaluation by eval.py ({cfg.split})", (
             f"- {record['time']}: {whole}, {n_docs} of {len(docs)} documents, {n_bytes:,} bytes, "
             f"{res['tokens']:,} tokens; seq_len {seq_len}, stride {stride}, {precision}, {secs:.1f} s\n"
             f"- bits/byte **{res['bits_per_byte']:.4f}** (lzma -9e {baselines['lzma']:.4f}, bz2 -9 "
             f"{baselines['bz2']:.4f}, gzip -9 {baselines['gzip']:.4f}); loss {res['loss']:.4f}, "
             f"perplexity {res['perplexity']:.2f}, next-token accuracy {res['accuracy']:.3f}"))
     print(f"wrote {out_dir}/metrics.ndjson, metrics.csv, metrics.parquet" + (", samples.txt" if samples else "")
-          + (f"; {run_dir / 'report.md'}" if run_dir is not None and (run_dir / "report.md").is_file() else ""))
+          + (f"; {report}" if report is not None and report.is_file() else ""))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ class TrainTokenizerConfig(_Preset):
 @dataclass
 class _TokenizerArgs:
     tokenizer: Path = Path("data/stdlib/tokenizer/sp.model")
-    """A SentencePiece .model file or a Hugging Face tokenizer folder."""
+    """A SentencePiece .model file, a Hugging Face tokenizer or model folder, or a model name (gpt2,
+    tinyllama, org/name) in the Hugging Face cache."""
     pad_token: Optional[str] = None
     """For tokenizers without one (GPT-2): 'eos' pads with eos, or name a token of the vocabulary."""
 
@@ -114,6 +115,18 @@ class InspectConfig(_TokenizerArgs, _Preset):
     text: str = "def greet(name):\n    return f'hello {name}'\n"
 
 
+def open_tokenizer(cfg: _TokenizerArgs):
+    """The tokenizer --tokenizer names: a file or folder, else a model name looked up offline."""
+    from lib.tokenizer import TextTokenizer
+
+    path = cfg.tokenizer
+    if not path.exists():
+        from lib.registry import resolve_tokenizer
+
+        path = resolve_tokenizer(str(path))
+    return TextTokenizer(path, cfg.pad_token)
+
+
 def cmd_train(cfg: TrainTokenizerConfig) -> None:
     from lib.corpus import iter_source
     from lib.pipeline import write_tokenizer
@@ -132,10 +145,9 @@ def cmd_encode(cfg: EncodeConfig) -> None:
     from lib.files import ensure_writable
     from lib.parallel import default_workers
     from lib.progress import progress
-    from lib.tokenizer import TextTokenizer
 
     ensure_writable(cfg.output.parent, "--output's folder")
-    tok = TextTokenizer(cfg.tokenizer, cfg.pad_token)
+    tok = open_tokenizer(cfg)
     # one process for a Hugging Face tokenizer: its Rust code already spreads a batch over every core
     workers = (cfg.workers or default_workers()) if tok.kind == "sentencepiece" else 1
     t0 = time.time()
@@ -155,10 +167,9 @@ def cmd_decode(cfg: DecodeConfig) -> None:
 
     from lib.encode import read_npy_docs
     from lib.files import ensure_writable
-    from lib.tokenizer import TextTokenizer
 
     ensure_writable(cfg.output.parent, "--output's folder")
-    tok = TextTokenizer(cfg.tokenizer, cfg.pad_token)
+    tok = open_tokenizer(cfg)
     if not cfg.input.is_file():
         raise UserError(f"--input {cfg.input}: no such file")
 
@@ -188,9 +199,7 @@ def cmd_decode(cfg: DecodeConfig) -> None:
 
 
 def cmd_inspect(cfg: InspectConfig) -> None:
-    from lib.tokenizer import TextTokenizer
-
-    tok = TextTokenizer(cfg.tokenizer, cfg.pad_token)
+    tok = open_tokenizer(cfg)
     ids = tok.encode([cfg.text])[0]
     print(f"tokenizer   {cfg.tokenizer} ({tok.kind})")
     print(f"vocab size  {tok.vocab_size}")

@@ -60,6 +60,8 @@ def test_text_is_encoded_with_the_base_models_own_tokenizer(gpt2_book):
     again = run_script("scripts/tokenize.py", "--corpus.source", str(root / "book.txt"), "--tokenizer", str(base),
                        "--out_dir", str(data))  # the same files by path: nothing to redo
     assert "tokenizer: unchanged" in again.stdout and "tokens: unchanged" in again.stdout
+    shown = run_script("scripts/tokenize.py", "inspect", "--tokenizer", "gpt2", env={"HF_HOME": str(hf)})
+    assert f"vocab size  {len(tok)}" in shown.stdout and "round trip exact: True" in shown.stdout
 
 
 def test_full_fine_tune_of_a_base_by_name_beats_the_base_and_ships_its_tokenizer(gpt2_book, tmp_path):
@@ -148,3 +150,45 @@ def test_qlora_says_what_this_machine_lacks(gpt2_book, tmp_path):
     want = "needs a CUDA GPU" if not torch.cuda.is_available() else "bitsandbytes"
     assert proc.returncode == 2 and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_an_export_records_the_length_it_was_trained_on(tmp_path):
+    """Clients (transformers, lm-evaluation-harness) take the length from config.json: a model from
+    scratch says the seq_len it trained on, and a GPT-2's untrained position rows are cut."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from lib.export import record_trained_length
+
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    for name, cfg in (("gpt2", GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=1, n_head=2)),
+                      ("llama", LlamaConfig(vocab_size=100, max_position_embeddings=64, hidden_size=32,
+                                            intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        model.save_pretrained(tmp_path / name)
+        (tmp_path / name / "tokenizer_config.json").write_text('{"model_max_length": 1e30}')
+        record_trained_length(tmp_path / name, 16)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        assert again.config.max_position_embeddings == 16  # GPT-2 maps it to n_positions
+        assert json.loads((tmp_path / name / "tokenizer_config.json").read_text())["model_max_length"] == 16
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids).logits, model(ids).logits)
+        if name == "gpt2":
+            assert again.transformer.wpe.weight.shape[0] == 16
+
+
+def test_lora_on_a_gpt2_adapts_its_conv1d_layers_and_the_merge_is_checked(gpt2_book, tmp_path):
+    from safetensors.torch import load_file
+
+    root, base, hf, data = gpt2_book
+    proc = train(data, tmp_path, "lora", "--model.init_from", str(base), "--lora.r", "4", "--max_steps", "8",
+                 "--eval_every", "0", "--checkpoint_every", "0", "--optim.lr", "1e-2")
+    assert "trainable parameters" in proc.stdout
+    adapter = load_file(tmp_path / "lora" / "final_adapter" / "adapter_model.safetensors")
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter} == {"c_attn", "c_proj", "c_fc"}
+    record = json.loads((tmp_path / "lora" / "final" / "export.json").read_text())
+    assert record["max_abs_logit_diff"] <= record["tolerance"]
+    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "lora" / "final" / "model.safetensors")
+    changed = {k for k in before if not np.array_equal(before[k].numpy(), after[k].numpy())}
+    assert changed and all(k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for k in changed), changed
