@@ -46,6 +46,8 @@ def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Pa
         with atomic_folder(adapter_dir) as build:
             model.save_pretrained(str(build.path), safe_serialization=True)
             write_checksums(build.path)
+        if lora_opts.quantize != "none":  # trained on a 4-bit base: merge into the full-precision one
+            model = lora.merge_into_full_base(model, lora_opts, base_dir)
         model = model.merge_and_unload()
         if base_dir is not None and probe_ids is not None:
             check = lambda folder: write_json(  # noqa: E731

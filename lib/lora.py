@@ -23,7 +23,8 @@ class LoraOptions:
     """Comma-separated module names to adapt (q_proj,v_proj), or all-linear (every linear layer
     but the output head: GPT-2's c_attn, c_proj, c_fc; a Llama's q/k/v/o and gate/up/down_proj)."""
     quantize: Literal["none", "4bit"] = "none"
-    """4bit: QLoRA, the frozen base held in 4-bit NF4 (needs a CUDA GPU and bitsandbytes)."""
+    """4bit: QLoRA, the frozen base held in 4-bit NF4 through bitsandbytes (CUDA GPUs; CPUs too,
+    slowly); final/ merges the adapters into the full-precision base."""
 
 
 def enabled(opts: LoraOptions) -> bool:
@@ -34,22 +35,50 @@ def enabled(opts: LoraOptions) -> bool:
     return opts.r > 0
 
 
-def check_quantize(opts: LoraOptions) -> None:
-    """A UserError saying what is missing for QLoRA here: adapters, a CUDA GPU, bitsandbytes; and,
-    where all are present, that this version does not load 4-bit bases yet (DEFERRED.md)."""
+def check_quantize(opts: LoraOptions, init_from: Optional[str] = None) -> None:
+    """A UserError saying what QLoRA lacks here: adapters, a base model to quantize, bitsandbytes."""
     import importlib.util
-
-    import torch
 
     if opts.r <= 0:
         raise UserError("--lora.quantize 4bit quantizes the frozen base under LoRA adapters: give --lora.r too")
-    if not torch.cuda.is_available():
-        raise UserError("--lora.quantize 4bit (QLoRA) needs a CUDA GPU, and this machine has none: drop it to train "
-                        "plain LoRA, whose frozen base stays in the run's precision (bf16 halves its memory)")
+    if init_from is not None and not init_from:
+        raise UserError("--lora.quantize 4bit quantizes a trained base: give --model.init_from (a folder or a name)")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("--lora.quantize 4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes, or drop the flag")
-    raise UserError("--lora.quantize 4bit: loading a 4-bit base is not in this version yet (see DEFERRED.md); "
-                    "drop the flag to train plain LoRA with a bf16 base")
+        raise UserError("--lora.quantize 4bit (QLoRA) needs bitsandbytes, which is not installed here: "
+                        "pip install bitsandbytes (it runs on CUDA GPUs and, more slowly, on CPUs), or drop the flag")
+
+
+def load_4bit_base(path: str | Path, compute_dtype, device):
+    """The model in `path` with every linear layer but the output head held in 4-bit NF4
+    (bitsandbytes quantizes the weights as they load, onto `device`), made ready for adapters:
+    frozen, with layer norms and the output head in float32 for stable gradients. Matmuls run in
+    `compute_dtype` (the run's precision)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute_dtype)
+    device_map = {"": device.index if device.type == "cuda" else str(device)}
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, quantization_config=quant,
+                                                 device_map=device_map)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def merge_into_full_base(trained, opts: LoraOptions, base_dir: str | Path):
+    """The adapters of `trained` (a peft model on a 4-bit base) merged into the full-precision
+    base reloaded from `base_dir`: the merge QLoRA calls for, since adding them to the 4-bit
+    weights would store the sum in 4 bits."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from lib.model import load_pretrained
+
+    full = apply(load_pretrained(base_dir), LoraOptions(r=opts.r, alpha=opts.alpha, dropout=opts.dropout,
+                                                        target_modules=opts.target_modules))
+    adapters = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(trained).items()}
+    result = set_peft_model_state_dict(full, adapters)
+    if result.unexpected_keys:
+        raise UserError(f"the trained adapters do not fit the base in {base_dir}: {result.unexpected_keys[:3]}")
+    return full
 
 
 def apply(model, opts: LoraOptions):

@@ -155,13 +155,15 @@ def cpu_only() -> bool:
 
 
 def count_params(model, trainable_only: bool = False) -> int:
-    """Number of parameters, each shared tensor counted once."""
+    """Number of parameters, each shared tensor counted once; a 4-bit weight (bitsandbytes packs
+    two in a byte) counts the values it stands for."""
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) in seen or (trainable_only and not p.requires_grad):
             continue
         seen.add(id(p))
-        total += p.numel()
+        quant = getattr(p, "quant_state", None)
+        total += quant.shape.numel() if quant is not None else p.numel()
     return total
 
 

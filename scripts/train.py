@@ -448,7 +448,15 @@ def build(cfg, accelerator, manifest: dict):
         check_data_fits(cfg.model.init_from, manifest, cfg.data.seq_len)
     elif cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    model = build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"])
+    if cfg.lora.quantize == "4bit":  # QLoRA: the frozen base in 4 bits, quantized as it loads
+        lora.check_quantize(cfg.lora, cfg.model.init_from or "")
+        if runtime.is_sharded(accelerator):
+            raise UserError("--lora.quantize 4bit does not combine with FSDP here: launch with DDP or one process")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+        model = lora.load_4bit_base(cfg.model.init_from, dtype, accelerator.device)
+        say(f"base held in 4-bit NF4 (bitsandbytes), computing in {dtype}")
+    else:
+        model = build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"])
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         say("activation checkpointing: on (activations recomputed in the backward pass)")

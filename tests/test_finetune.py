@@ -141,17 +141,6 @@ def test_a_masked_lm_is_refused_not_scored_as_causal(tiny_data, tmp_path):
         assert "DEFERRED.md" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_qlora_says_what_this_machine_lacks(gpt2_book, tmp_path):
-    import torch
-
-    root, base, hf, data = gpt2_book
-    proc = train(data, tmp_path, "q", "--model.init_from", str(base), "--lora.r", "4", "--lora.quantize", "4bit",
-                 "--max_steps", "2", check=False)
-    want = "needs a CUDA GPU" if not torch.cuda.is_available() else "bitsandbytes"
-    assert proc.returncode == 2 and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert not (tmp_path / "q").exists()
-
-
 def test_an_export_records_the_length_it_was_trained_on(tmp_path):
     """Clients (transformers, lm-evaluation-harness) take the length from config.json: a model from
     scratch says the seq_len it trained on, and a GPT-2's untrained position rows are cut."""

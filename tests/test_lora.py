@@ -166,3 +166,45 @@ def test_full_fine_tuning_from_a_cached_model_name_lowers_the_loss(tiny_data, ba
     assert losses[-1] < losses[0] - 0.2, losses
     # config.yaml records the folder the name resolved to
     assert str(repo_dir / "snapshots" / "rev1") in (tmp_path / "full" / "config.yaml").read_text()
+
+
+def test_qlora_trains_on_a_4bit_base_resumes_exactly_and_merges_into_the_full_base(tiny_data, base, tmp_path):
+    """--lora.quantize 4bit: the frozen base held in NF4 (bitsandbytes, here on the CPU), adapters
+    trained on it; a stop and resume gives the same adapters bit for bit; final/ is the full-
+    precision base with the adapters merged in, checked against base + adapter."""
+    from safetensors.torch import load_file
+
+    args = lora_args(base, "--lora.quantize", "4bit", "--eval_every", "0", "--checkpoint_every", "3")
+    straight = train(tiny_data, tmp_path, "q", *args, "--max_steps", "6")
+    assert "base held in 4-bit NF4" in straight.stdout, straight.stdout
+    train(tiny_data, tmp_path, "q2", *args, "--max_steps", "3")
+    train(tiny_data, tmp_path, "q2", *args, "--max_steps", "6", "--resume", "auto")
+    a = load_file(tmp_path / "q" / "final_adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "q2" / "final_adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 28 and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # B starts at zero: it trained
+    final = tmp_path / "q" / "final"
+    assert "quantization_config" not in json.loads((final / "config.json").read_text())
+    record = json.loads((final / "export.json").read_text())
+    assert record["max_abs_logit_diff"] <= record["tolerance"]
+    merged, original = load_file(final / "model.safetensors"), load_file(base / "model.safetensors")
+    assert torch.equal(merged["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+    # the merge went into the full-precision weights: they moved by the adapter's update only
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert 0 < (merged[q] - original[q]).abs().max() < 0.1
+
+
+def test_qlora_without_bitsandbytes_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    from lib.errors import UserError
+    from lib.lora import LoraOptions, check_quantize
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(UserError, match="pip install bitsandbytes"):
+        check_quantize(LoraOptions(r=4, quantize="4bit"), "some/base")
+    with pytest.raises(UserError, match="give --lora.r"):
+        check_quantize(LoraOptions(r=0, quantize="4bit"), "some/base")
+    with pytest.raises(UserError, match="give --model.init_from"):
+        check_quantize(LoraOptions(r=4, quantize="4bit"), "")
