@@ -150,9 +150,25 @@ def from_dict(cls: type[T], data: dict, where: str = "<dict>") -> T:
     return _build(cls, data, where)
 
 
+def _find_flag(argv: Sequence[str], name: str) -> str | None:
+    """The value of `--NAME VALUE` / `--NAME=VALUE` in argv (the last one given), if any."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(f"--{name}="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
 def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
-          prog: str | None = None, presets: bool = True) -> T:
-    """Parse a script config: defaults < `--config FILE.yaml` < flags.
+          prog: str | None = None, presets: bool = True, expand: dict | None = None) -> T:
+    """Parse a script config: defaults < `--config FILE.yaml` < named expansions < flags.
+
+    `expand` maps a dotted option ("model.size") to a function from its value to a nested dict of
+    settings (a model shape by name): applied over the preset, so `--config X --model.size Y`
+    gets Y's shape with X's other settings, and under the flags, so `--model.n_layers 4` still
+    changes one field of it.
 
     `cls` must have a field `config: Optional[Path]`; it records which preset was used. With
     `presets=False`, `--config` is an ordinary field (a file the command works on).
@@ -170,6 +186,18 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | No
             data.pop("config", None)
             default = _build(cls, data, where=str(config_path))
             default = dataclasses.replace(default, config=Path(config_path))
+    for option, settings in (expand or {}).items() if "-h" not in argv and "--help" not in argv else ():
+        value = _find_flag(argv, option)
+        if value is None and default is not None:  # given in the preset instead
+            obj = default
+            for part in option.split("."):
+                obj = getattr(obj, part, None)
+            value = obj
+        if value is not None:
+            overlay = settings(value)
+            for part in reversed(option.split(".")[:-1]):
+                overlay = {part: overlay}
+            default = _build(cls, overlay, where=f"--{option} {value}", base=default)
     kwargs = {"default": default} if default is not None else {}
     cfg = tyro.cli(cls, args=argv, description=description, prog=prog, use_underscores=True, **kwargs)
     if getattr(cfg, "print_config", False):

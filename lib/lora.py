@@ -100,6 +100,12 @@ def apply(model, opts: LoraOptions):
                         f"This model's linear layers: {', '.join(linear)}") from None
 
 
+def adapted_modules(model) -> list[str]:
+    """The kinds of layer (their last name: q_proj, c_attn) that carry adapters in `model`."""
+    return sorted({name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters()
+                   if ".lora_A." in name})
+
+
 def trainable_names(model) -> list[str]:
     """Names, as in `model.state_dict()`, of the parameters that train."""
     return [name for name, p in model.named_parameters() if p.requires_grad]

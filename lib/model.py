@@ -12,6 +12,10 @@ from lib.errors import UserError
 class ModelConfig:
     """Architecture of a model built from scratch (ignored when `init_from` is set)."""
 
+    size: Optional[str] = None
+    """A named shape that sets the fields below (lib/registry.py SIZES: llama-20m, llama-135m,
+    llama-1b, gpt2-124m, gpt2-355m), over a --config preset; flags given with it still change
+    single fields."""
     arch: Literal["llama", "gpt2"] = "llama"
     d_model: int = 256
     n_layers: int = 6

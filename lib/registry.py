@@ -29,6 +29,28 @@ MODELS = {  # short name -> Hugging Face repository
 }
 
 
+# Shapes built from config (random initialisation, this project's tokenizer or any other):
+# `train.py --model.size NAME`. Named after the model whose shape they copy, or their size with a
+# 32k vocabulary; the vocabulary itself always comes from the data.
+SIZES = {
+    "llama-20m": dict(arch="llama", d_model=384, n_layers=6, n_heads=6),
+    "llama-135m": dict(arch="llama", d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+                       max_seq_len=2048),  # SmolLM2-135M's shape
+    "llama-1b": dict(arch="llama", d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632,
+                     max_seq_len=2048, tie_embeddings=False),  # TinyLlama-1.1B's shape
+    "gpt2-124m": dict(arch="gpt2", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),  # GPT-2 small
+    "gpt2-355m": dict(arch="gpt2", d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),  # GPT-2 medium
+}
+
+
+def size(name: str) -> dict:
+    """The ModelConfig settings of a shape in SIZES, as a nested dict for lib.config.parse."""
+    if name not in SIZES:
+        raise UserError(f"--model.size {name}: no such size; sizes: {', '.join(SIZES)} (a trained model is "
+                        "--model.init_from NAME instead)")
+    return {"d_ff": None, "n_kv_heads": None, "tie_embeddings": True, **SIZES[name]}
+
+
 def hub_cache() -> Path:
     """The Hugging Face hub cache folder this process would use."""
     if os.environ.get("HF_HUB_CACHE"):

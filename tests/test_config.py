@@ -10,6 +10,7 @@ import pytest
 
 from lib import config as config_lib
 from lib.errors import ConfigError
+from lib.model import ModelConfig
 
 
 @dataclass
@@ -102,3 +103,46 @@ def test_null_for_optional(tmp_path):
     assert cfg.width is None
     with pytest.raises(ConfigError, match="key 'width'"):
         config_lib.parse(Outer, ["--config", str(write(tmp_path, "width: wide\n"))])
+
+
+@dataclass
+class _Sized:
+    config: Optional[Path] = None
+    lr: float = 1.0
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def test_a_model_size_sits_between_the_preset_and_the_flags(tmp_path):
+    from lib import registry
+    from lib.errors import UserError
+
+    preset = write(tmp_path, "lr: 0.5\nmodel:\n  d_model: 64\n  n_layers: 3\n  d_ff: 100\n")
+    sizes = {"model.size": registry.size}
+    cfg = config_lib.parse(_Sized, ["--config", str(preset), "--model.size", "llama-1b", "--model.n_layers", "2"],
+                           expand=sizes)
+    assert (cfg.lr, cfg.model.size, cfg.model.d_model, cfg.model.n_heads, cfg.model.n_kv_heads) == (
+        0.5, "llama-1b", 2048, 32, 4)
+    assert cfg.model.n_layers == 2 and cfg.model.d_ff == 5632 and not cfg.model.tie_embeddings
+    in_yaml = write(tmp_path, "model:\n  size: gpt2-124m\n  d_ff: 100\n")  # the size applies over its own file too
+    cfg = config_lib.parse(_Sized, ["--config", str(in_yaml)], expand=sizes)
+    assert (cfg.model.arch, cfg.model.d_model, cfg.model.max_seq_len, cfg.model.d_ff) == ("gpt2", 768, 1024, None)
+    assert config_lib.parse(_Sized, ["--model.n_layers", "5"], expand=sizes).model.n_layers == 5
+    with pytest.raises(UserError, match="no such size; sizes: llama-20m"):
+        config_lib.parse(_Sized, ["--model.size", "llama-7b"], expand=sizes)
+
+
+@pytest.mark.parametrize("name,vocab,params", [
+    ("llama-1b", 32000, 1_100_048_384),   # TinyLlama-1.1B
+    ("llama-135m", 49152, 134_515_008),   # SmolLM2-135M
+    ("gpt2-124m", 50257, 124_439_808),    # GPT-2 small
+    ("gpt2-355m", 50257, 354_823_168),    # GPT-2 medium
+])
+def test_named_sizes_have_the_shapes_they_are_named_after(name, vocab, params):
+    import torch
+
+    from lib.model import ModelConfig, build_model, count_params
+    from lib.registry import size
+
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        model = build_model(ModelConfig(**size(name)), vocab, {"bos": 1, "eos": 2, "pad": 0})
+    assert count_params(model) == params

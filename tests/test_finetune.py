@@ -173,7 +173,7 @@ def test_lora_on_a_gpt2_adapts_its_conv1d_layers_and_the_merge_is_checked(gpt2_b
     root, base, hf, data = gpt2_book
     proc = train(data, tmp_path, "lora", "--model.init_from", str(base), "--lora.r", "4", "--max_steps", "8",
                  "--eval_every", "0", "--checkpoint_every", "0", "--optim.lr", "1e-2")
-    assert "trainable parameters" in proc.stdout
+    assert "LoRA r=4 alpha=16 on c_attn, c_fc, c_proj: " in proc.stdout and " trainable of " in proc.stdout
     adapter = load_file(tmp_path / "lora" / "final_adapter" / "adapter_model.safetensors")
     assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter} == {"c_attn", "c_proj", "c_fc"}
     record = json.loads((tmp_path / "lora" / "final" / "export.json").read_text())

@@ -213,7 +213,7 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
 
 @exit_on_user_error
 def main() -> None:
-    cfg = config_lib.parse(TrainConfig, description=__doc__)
+    cfg = config_lib.parse(TrainConfig, description=__doc__, expand={"model.size": registry.size})
     check_options(cfg)
     if cfg.model.init_from:  # a name or a folder -> the folder, as config.yaml then records it
         cfg.model.init_from = str(registry.resolve(cfg.model.init_from, cfg.model.allow_download))
@@ -477,8 +477,8 @@ def build(cfg, accelerator, manifest: dict):
     if lora.enabled(cfg.lora):
         model = lora.apply(model, cfg.lora)
         n_train = count_params(model, trainable_only=True)
-        say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}: {n_train:,} trainable "
-            f"parameters ({n_train / n_params:.2%} of the base); checkpoints hold "
+        say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {', '.join(lora.adapted_modules(model))}: {n_train:,} "
+            f"trainable of {n_params + n_train:,} parameters ({n_train / (n_params + n_train):.2%}); checkpoints hold "
             f"{'every weight, sharded (FSDP)' if runtime.is_sharded(accelerator) else 'the adapters only'}")
     fused = (FusedHead.attach(model, compiled=cfg.compile)
              if cfg.fused_loss and accelerator.mixed_precision != "fp16" else None)
