@@ -5,6 +5,7 @@ H100/H200); the target is at least 40%.
 
     python scripts/gpu_check.py                      # make gpu-check
     python scripts/gpu_check.py --steps 100
+    python scripts/gpu_check.py --steps 60 --skip 20 --train_args="--model.size llama-1b --lora.r 16"
 
 Builds data/stdlib first when it is missing. MFU is taken over the steps after --skip (compile and
 warm-up), as the median of the logged windows.
@@ -19,6 +20,7 @@ while not os.path.isfile(os.path.join(_root, "lib", "__init__.py")) and _root !=
 sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
 
 import json  # noqa: E402
+import shlex  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -43,6 +45,9 @@ class GpuCheckConfig:
     """Tokenized dataset; default: the preset's (data/stdlib is built when missing)."""
     runs_dir: Path = Path("runs")
     target_mfu: float = 0.40
+    train_args: str = ""
+    """More train.py flags, given with '=': --train_args="--model.size llama-1b --lora.r 16" (LoRA on
+    a model of TinyLlama's shape); they come after the preset's and this script's own."""
     require_gpu: bool = True
     """Off: run on whatever device there is (to try the script itself on CPU with a small preset)."""
 
@@ -68,7 +73,8 @@ def main() -> None:
             raise UserError("tokenizing the built-in corpus failed (output above)")
     name = preset.get("run_name", cfg.preset.stem)
     cmd = [py, str(ROOT / "scripts" / "train.py"), "--config", str(cfg.preset), "--max_steps", str(cfg.steps),
-           "--data.dir", str(data_dir), "--runs_dir", str(cfg.runs_dir), "--run_name", name, "--overwrite"]
+           "--data.dir", str(data_dir), "--runs_dir", str(cfg.runs_dir), "--run_name", name, "--overwrite",
+           *shlex.split(cfg.train_args)]
     print("[gpu-check]", " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         raise UserError("training failed (output above)")
@@ -81,7 +87,8 @@ def main() -> None:
     mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"[gpu-check] {device}: {tps:,.0f} tokens/s over steps {rows[0]['step']}-{rows[-1]['step']} "
-          f"(median of {len(rows)} logged windows)")
+          f"(median of {len(rows)} logged windows); peak memory {rows[-1].get('peak_memory_gib', float('nan')):.2f} "
+          f"GiB ({'GPU tensors' if torch.cuda.is_available() else 'process RSS'})")
     if not mfus:
         print("[gpu-check] MFU unknown: this device has no peak in lib/flops.py's table")
         return

@@ -222,6 +222,7 @@ def main() -> None:
     from lib.flops import MfuMeter
     from lib.loop_state import LoopState
     from lib.metrics import JsonlWriter, truncate_after_step
+    from lib.monitor import peak_memory_gib
     from lib.model import build_model, matmul_dims
     from lib.preemption import EXIT_STOPPED, StopRequests
     from lib.precision import model_matmul_shapes
@@ -424,7 +425,9 @@ def main() -> None:
             f"{loop.tokens_seen:,} tokens in {loop.elapsed_s() / 60:.1f} min of training (all parts of the run), "
             f"{loop.tokens_seen / max(loop.elapsed_s(), 1e-9):,.0f} tokens/s"],
             final_eval, held_out.description)
-        say(f"done: {loop.step} steps in {loop.elapsed_s() / 60:.1f} min of training; final model in {run_dir / 'final'}")
+        peak, of_what = peak_memory_gib(device)
+        say(f"done: {loop.step} steps in {loop.elapsed_s() / 60:.1f} min of training, peak memory {peak:.2f} GiB "
+            f"({of_what}, main process); final model in {run_dir / 'final'}")
     # every process tears its process group down together: a rank that destroyed its gloo group
     # while the main one was still writing the final model once died with SIGABRT (FSDP2 on CPU)
     accelerator.wait_for_everyone()
@@ -514,6 +517,7 @@ def fp16_state(accelerator, loop) -> dict:
 def log_step(cfg, accelerator, loop, metrics, bar, tps: float, mfu, grad_norm: float, lr: float) -> None:
     """One log line and metrics record: the mean loss over every target token of every process
     since the last one (the window is then emptied), throughput and MFU, padding, fp16's scale."""
+    from lib.monitor import peak_memory_gib
     from lib.progress import write
 
     loss = float(accelerator.reduce(loop.window.loss, reduction="sum")) / max(loop.window.tokens, 1)
@@ -531,7 +535,8 @@ def log_step(cfg, accelerator, loop, metrics, bar, tps: float, mfu, grad_norm: f
         metrics.write({"type": "train", "step": loop.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "horizon": loop.horizon, "tokens_seen": loop.tokens_seen, "tokens_per_s": tps,
                        "padding": pad_frac, "mfu": utilization, "skipped_steps": loop.skipped_steps,
-                       "elapsed_s": time.perf_counter() - loop.started_at, **fp16})
+                       "elapsed_s": time.perf_counter() - loop.started_at,
+                       "peak_memory_gib": peak_memory_gib(accelerator.device)[0], **fp16})
     if not math.isfinite(loss):
         raise UserError(f"loss became {loss} at step {loop.step}; lower optim.lr or check the data")
 

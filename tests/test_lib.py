@@ -292,3 +292,17 @@ def test_loop_state_saves_every_process_window_and_restores_each_its_own():
     again = LoopState(horizon=100)
     again.load_state_dict(ranks[0].state_dict(lambda items: items), 0)
     assert (again.horizon, again.fitted_to_minutes) == (37, 2.5) and again.elapsed_s() >= ranks[0].elapsed_before_s
+
+
+def test_peak_memory_follows_what_the_process_holds():
+    import numpy as np
+    import psutil
+    import torch
+
+    from lib.monitor import peak_memory_gib
+
+    before = psutil.Process().memory_info().rss / 2**30
+    block = np.ones(2**30 // 8)  # 1 GiB, every page written
+    peak, what = peak_memory_gib(torch.device("cpu"))
+    assert what == "process RSS" and peak >= before + 0.9, (before, peak)
+    del block
