@@ -55,7 +55,8 @@ class TokenizerConfig:
     pretrained: Optional[str] = None
     """Encode with this model's own tokenizer instead of training one (the settings above are then
     unused): a model name (gpt2, tinyllama, org/name in the Hugging Face cache), a model folder,
-    or a folder of tokenizer files. The way to prepare text for fine-tuning that model."""
+    or a folder of tokenizer files. The way to prepare text for fine-tuning that model; tokenize.py
+    also takes it as --tokenizer NAME."""
 
 
 def _line_iter(texts: Iterable[str]) -> Iterator[str]:
