@@ -47,6 +47,10 @@ def test_bad_inputs_are_named(tmp_path, tiny_data):
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.tmp").exists()
     proc = run_script("scripts/tokenize.py", "encode", "--tokenizer", str(tmp_path / "nope"), "--input", str(bad),
                       check=False)
+    assert proc.returncode == 2 and "--tokenizer" in proc.stderr and "no such folder, and not a model name" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = run_script("scripts/tokenize.py", "encode", "--tokenizer", str(tmp_path / "empty"), "--input", str(bad),
+                      check=False)
     assert proc.returncode == 2 and "neither a SentencePiece" in proc.stderr
     proc = run_script("scripts/tokenize.py", "--corpus.source", str(tmp_path / "missing*.jsonl"),
                       "--out_dir", str(tmp_path / "d"), check=False)
