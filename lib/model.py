@@ -175,11 +175,13 @@ def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12 * layers * d_model * seq_len (PaLM appendix B).
 
     N counts every weight that takes part in matmuls, the output layer included; the second
-    term is attention's score and value products.
+    term is attention's score and value products. A frozen weight (LoRA's base) costs 4 per token
+    instead of 6: its forward product and the gradient of its input, but no gradient of its own.
     """
     cfg = model.config
     n = count_params(model) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    frozen = max(0, n - count_params(model, trainable_only=True))  # an untied input embedding is a lookup
+    return 6 * (n - frozen) + 4 * frozen + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
 def check_data_fits(init_from: str | Path, manifest: dict, seq_len: int) -> None:

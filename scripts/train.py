@@ -408,6 +408,7 @@ def main() -> None:
                        "skipped_steps": loop.skipped_steps, "tokens_seen": loop.tokens_seen,
                        **fp16_state(accelerator, loop)})
     save_checkpoint()
+    train_peak = peak_memory_gib(device)[0]  # the export below may hold a second copy of the model
     export.final_model(accelerator, prepared, run_dir / "final", tok_dir, fused, cfg.lora if use_lora else None,
                        rebuild=lambda: build_model(cfg.model, vocab, special), base_dir=cfg.model.init_from,
                        probe_ids=held_out.inputs[:2], trained_len=None if cfg.model.init_from else cfg.data.seq_len)
@@ -426,8 +427,8 @@ def main() -> None:
             f"{loop.tokens_seen / max(loop.elapsed_s(), 1e-9):,.0f} tokens/s"],
             final_eval, held_out.description)
         peak, of_what = peak_memory_gib(device)
-        say(f"done: {loop.step} steps in {loop.elapsed_s() / 60:.1f} min of training, peak memory {peak:.2f} GiB "
-            f"({of_what}, main process); final model in {run_dir / 'final'}")
+        say(f"done: {loop.step} steps in {loop.elapsed_s() / 60:.1f} min of training, peak memory {train_peak:.2f} GiB "
+            f"({of_what}, main process; {peak:.2f} with the export); final model in {run_dir / 'final'}")
     # every process tears its process group down together: a rank that destroyed its gloo group
     # while the main one was still writing the final model once died with SIGABRT (FSDP2 on CPU)
     accelerator.wait_for_everyone()
@@ -467,13 +468,14 @@ def build(cfg, accelerator, manifest: dict):
         "eager" if cfg.compile and accelerator.device.type == "cpu" else "sdpa")
     if attention != model.config._attn_implementation:
         model.set_attn_implementation(attention)
-    n_params, fpt = count_params(model), flops_per_token(model, cfg.data.seq_len)
+    n_params = count_params(model)
     if lora.enabled(cfg.lora):
         model = lora.apply(model, cfg.lora)
         n_train = count_params(model, trainable_only=True)
         say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {', '.join(lora.adapted_modules(model))}: {n_train:,} "
             f"trainable of {n_params + n_train:,} parameters ({n_train / (n_params + n_train):.2%}); checkpoints hold "
             f"{'every weight, sharded (FSDP)' if runtime.is_sharded(accelerator) else 'the adapters only'}")
+    fpt = flops_per_token(model, cfg.data.seq_len)  # after LoRA: a frozen weight costs no gradient
     fused = (FusedHead.attach(model, compiled=cfg.compile)
              if cfg.fused_loss and accelerator.mixed_precision != "fp16" else None)
     say(f"forward: {'torch.compile' if cfg.compile else 'eager'}, attention {attention}, loss "

@@ -306,3 +306,22 @@ def test_peak_memory_follows_what_the_process_holds():
     peak, what = peak_memory_gib(torch.device("cpu"))
     assert what == "process RSS" and peak >= before + 0.9, (before, peak)
     del block
+
+
+def test_flops_per_token_charges_a_frozen_weight_no_gradient():
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lib.lora import LoraOptions, apply
+    from lib.model import flops_per_token
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied: once
+    attention = 12 * 2 * 32 * 16
+    assert flops_per_token(model, 16) == 6 * weights + attention
+    adapted = apply(model, LoraOptions(r=4))
+    adapters = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
+    assert adapters > 0 and flops_per_token(adapted, 16) == 4 * weights + 6 * adapters + attention
