@@ -148,7 +148,7 @@ def test_gpu_check_plumbing_runs_on_cpu(tiny_data, tmp_path):
     assert proc.returncode == 2 and "no CUDA GPU visible" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_script("scripts/gpu_check.py", "--preset", "configs/train/smoke.yaml", "--data_dir", str(tiny_data),
                       "--steps", "12", "--skip", "4", "--runs_dir", str(tmp_path), "--no_require_gpu",
-                      "--train_args=--lora.r 4 --model.size llama-20m")
+                      "--train_args=--lora.r 4 --model.n_layers 1")
     assert "[gpu-check] CPU: " in proc.stdout and "tokens/s over steps 12-12 (median of 1 logged windows)" in proc.stdout
     assert "LoRA r=4 alpha=16 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj: " in proc.stdout
     assert re.search(r"peak memory \d+\.\d\d GiB \(process RSS\)", proc.stdout), proc.stdout
