@@ -206,8 +206,9 @@ def _pack_documents(texts: list[str]) -> tuple[bytes, list[int], list[int]]:
 
 def encode_shards(tok, files: list[Path]) -> Iterator[tuple]:
     """Yield (ids, ids per document, bytes per document) of each corpus shard in turn, documents
-    as `bos ids eos` (or as the tokenizer's specials allow: TextTokenizer.document_ends): through the word cache in every core's worker (batches of about 1 MB, in
-    order), or the tokenizer's own threads for models the cache cannot take."""
+    as `bos ids eos` (or as the tokenizer's specials allow: TextTokenizer.document_ends): through
+    the word cache in every core's worker (batches of about 1 MB, in order), or the tokenizer's
+    own threads for models the cache cannot take."""
     import numpy as np
 
     from lib.corpus import iter_shard

@@ -64,14 +64,13 @@ def token_byte_lengths(tokenizer: str | Path) -> np.ndarray:
     the token. Exact for this project's tokenizers and byte-level ones; a tokenizer that adds a
     space in front of each text (Llama's) makes them a byte short per document, which is why
     callers check the sum against the split's recorded bytes."""
-    from lib.tokenizer import SP_MODEL
+    from lib.tokenizer import tokenizer_source
 
-    path = Path(tokenizer)
-    sp_file = path if path.is_file() else path / SP_MODEL
-    if sp_file.is_file():
+    path = tokenizer_source(tokenizer)
+    if path.is_file():
         import sentencepiece as spm
 
-        sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+        sp = spm.SentencePieceProcessor(model_file=str(path))
         out = np.zeros(sp.get_piece_size(), dtype=np.int64)
         for i in range(len(out)):
             if sp.is_byte(i):

@@ -101,8 +101,6 @@ def record_trained_length(folder: str | Path, seq_len: int) -> None:
     worse than the model is. A Llama's max_position_embeddings is set to `seq_len` (rotary
     positions have no weights); a GPT-2's learned position table is cut to its first `seq_len` rows
     (the rest were never updated) and n_positions set to match."""
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -113,7 +111,8 @@ def record_trained_length(folder: str | Path, seq_len: int) -> None:
     if "n_positions" in cfg and cfg["n_positions"] > seq_len:  # GPT-2: the position table is a weight
         index = folder / "model.safetensors.index.json"
         name = "transformer.wpe.weight"
-        shard = folder / (json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors")
+        shard = folder / (read_json(index, "weights index")["weight_map"][name] if index.is_file()
+                          else "model.safetensors")
         with safe_open(str(shard), framework="pt") as f:
             tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
         tensors[name] = tensors[name][:seq_len].contiguous()

@@ -1,6 +1,7 @@
 """LoRA fine-tuning through peft: wrap a model, checkpoint only what trains, tie a run to its base."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import warnings
@@ -81,8 +82,7 @@ def merge_into_full_base(trained, opts: LoraOptions, base_dir: str | Path):
 
     from lib.model import load_pretrained
 
-    full = apply(load_pretrained(base_dir), LoraOptions(r=opts.r, alpha=opts.alpha, dropout=opts.dropout,
-                                                        target_modules=opts.target_modules))
+    full = apply(load_pretrained(base_dir), dataclasses.replace(opts, quantize="none"))
     adapters = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(trained).items()}
     result = set_peft_model_state_dict(full, adapters)
     if result.unexpected_keys:

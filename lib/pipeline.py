@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 from lib.corpus import iter_records, read_manifest
 from lib.errors import UserError
 from lib.files import atomic_folder, canonical_hash, read_json, sha256_file, write_json
-from lib.tokenizer import SP_MODEL, TokenizerConfig, tokenizer_fingerprint
+from lib.tokenizer import TokenizerConfig, tokenizer_fingerprint
 
 
 def write_tokenizer(texts: Iterable[str], out_dir: Path, tok_cfg: TokenizerConfig, key: str | None = None) -> dict:
@@ -72,15 +72,11 @@ def stage_tokenizer(out_dir: Path, corpus_dir: Path, corpus_hash: str, tok_cfg: 
 def copy_pretrained_tokenizer(source: Path, out_dir: Path, name: str, key: str | None = None) -> dict:
     """Copy the tokenizer files of `source` (a model or tokenizer folder) into `out_dir` byte for
     byte, with build.json (returned: key, fingerprint, vocabulary size, special ids, where from)."""
-    from lib.tokenizer import TextTokenizer, copy_tokenizer_files
+    from lib.tokenizer import TextTokenizer, copy_tokenizer_files, tokenizer_source
 
     with atomic_folder(out_dir) as build:
-        if (source / SP_MODEL).is_file():
-            import shutil
-
-            shutil.copy2(source / SP_MODEL, build.path / SP_MODEL)
         files = copy_tokenizer_files(source, build.path)
-        tok = TextTokenizer(build.path / SP_MODEL if (build.path / SP_MODEL).is_file() else build.path)
+        tok = TextTokenizer(tokenizer_source(build.path))
         info = {"key": key, "tokenizer_sha256": tokenizer_fingerprint(build.path), "vocab_size": tok.vocab_size,
                 "special_ids": tok.ids, "pretrained": name, "source": str(source.resolve()), "files": files}
         write_json(build.path / "build.json", info)
@@ -97,7 +93,7 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
     import numpy as np
 
     from lib.encode import encode_shards
-    from lib.tokenizer import TextTokenizer
+    from lib.tokenizer import TextTokenizer, tokenizer_source
 
     tokens_dir = out_dir / "tokens"
     tok_hash = tokenizer_fingerprint(tok_dir)
@@ -112,7 +108,7 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
             log(f"tokens: unchanged, reusing {tokens_dir}")
             return old
     t0 = time.time()
-    tok = TextTokenizer(tok_dir / SP_MODEL if (tok_dir / SP_MODEL).is_file() else tok_dir)
+    tok = TextTokenizer(tokenizer_source(tok_dir))
     add_bos, add_eos = tok.document_ends()
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     splits, total_tokens, total_bytes = {}, 0, 0

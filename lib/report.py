@@ -37,7 +37,6 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
         else:
             AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(build.path))
             leave_bos_to_the_client(build.path)
-        if (tok_dir / SP_MODEL).is_file():
             shutil.copy2(tok_dir / SP_MODEL, build.path / SP_MODEL)
         if trained_len is not None:
             from lib.export import record_trained_length

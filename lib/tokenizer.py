@@ -141,13 +141,19 @@ def tokenizer_fingerprint(path: str | Path) -> str | None:
     export may rewrite them without changing a single id."""
     from lib.files import canonical_hash, sha256_file
 
-    path = Path(path)
+    path = tokenizer_source(path)
     if path.is_file():
         return sha256_file(path)
-    if (path / SP_MODEL).is_file():
-        return sha256_file(path / SP_MODEL)
     files = {name: sha256_file(path / name) for name in ENCODING_FILES if (path / name).is_file()}
     return canonical_hash(files) if files else None
+
+
+def tokenizer_source(path: str | Path) -> Path:
+    """What to load for the tokenizer in `path`: its sp.model when it holds one (this project's
+    tokenizers, whose Hugging Face twin gives the same ids), else `path` itself (a .model file or a
+    Hugging Face tokenizer folder)."""
+    path = Path(path)
+    return path / SP_MODEL if path.is_dir() and (path / SP_MODEL).is_file() else path
 
 
 def has_tokenizer(folder: str | Path) -> bool:
@@ -157,11 +163,11 @@ def has_tokenizer(folder: str | Path) -> bool:
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy a Hugging Face tokenizer's files (encoding and client files) from `src` to `dst`
-    byte for byte; returns their names."""
+    """Copy a tokenizer's files (sp.model, the Hugging Face encoding and client files) from `src`
+    to `dst` byte for byte; returns their names."""
     import shutil
 
-    names = [n for n in ENCODING_FILES + CLIENT_FILES if (Path(src) / n).is_file()]
+    names = [n for n in (SP_MODEL, *ENCODING_FILES, *CLIENT_FILES) if (Path(src) / n).is_file()]
     for name in names:
         shutil.copy2(Path(src) / name, Path(dst) / name)
     return names
