@@ -192,17 +192,39 @@ def resume_check(cfg: ResumeCheckConfig) -> None:
         train += ["--precision", cfg.precision]
     env = {**os.environ, "TQDM_DISABLE": "1"}
 
-    def go(*extra):
-        proc = subprocess.run(train + list(extra), capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise UserError(f"training {' '.join(extra)} failed:\n{proc.stderr[-2000:]}")
+    def start(label, *extra):  # -> (process, its log, what it was)
+        log = open(work / f"{label}.log", "w+")  # a file: nobody reads a pipe while we wait
+        proc = subprocess.Popen(train + list(extra), stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        return proc, log, " ".join(extra)
 
+    def finish(job):
+        proc, log, what = job
+        with log:
+            if proc.wait() != 0:
+                log.seek(0)
+                raise UserError(f"training {what} failed:\n{log.read()[-2000:]}")
+
+    def go(label, *extra):
+        finish(start(label, *extra))
+
+    # --deterministic runs use one thread each: with a second core, the straight run goes beside
+    # the stopped-and-resumed one
+    parallel = (os.cpu_count() or 1) > 1
     print(f"resume check of {cfg.config}: {cfg.steps} steps straight, and stopped after {cfg.stop_at} then "
-          f"resumed ({'full size' if cfg.keep_size else 'tiny size'}) in {work}", flush=True)
+          f"resumed ({'full size' if cfg.keep_size else 'tiny size'}{', side by side' if parallel else ''}) "
+          f"in {work}", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    straight = None
     try:
-        go("--run_name", "straight")
-        go("--run_name", "resumed", "--stop_at_step", str(cfg.stop_at))
-        go("--run_name", "resumed", "--resume", "auto", "--no_overwrite")
+        if parallel:
+            straight = start("straight", "--run_name", "straight")
+        else:
+            go("straight", "--run_name", "straight")
+        go("stopped", "--run_name", "resumed", "--stop_at_step", str(cfg.stop_at))
+        go("resumed", "--run_name", "resumed", "--resume", "auto", "--no_overwrite")
+        if straight is not None:
+            job, straight = straight, None
+            finish(job)
 
         def losses(name):
             rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
@@ -219,6 +241,10 @@ def resume_check(cfg: ResumeCheckConfig) -> None:
         rep.line(not differ, "every final weight is bitwise equal" if not differ else
                  f"{len(differ)} weight tensor(s) differ, first {differ[0]}")
     finally:
+        if straight is not None:  # the other half failed: stop this one too
+            straight[0].kill()
+            straight[0].wait()
+            straight[1].close()
         if cfg.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     print("resume check: " + ("PASS" if not rep.failures else "FAIL"))

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 
-from conftest import BITWISE, REPO, train, train_command
+from conftest import BITWISE, REPO, subprocess_env, train, train_command
 from lib.checkpoint import complete_checkpoints
 from test_resume import assert_same_run
 
@@ -34,7 +34,7 @@ def test_killed_anywhere_and_resumed_is_the_uninterrupted_run(tiny_data, tmp_pat
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     rng = random.Random(0)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     kills = {"random": 0, "during_checkpoint_write": 0}
     for attempt in range(12):
         # stderr to a file, not a pipe: nobody reads a pipe while we wait, and a full one would

@@ -145,7 +145,9 @@ def test_eval_writes_all_sinks(smoke_run):
     import pyarrow.parquet as pq
 
     run, _ = smoke_run
-    proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "1", "--sample_tokens", "16")
+    # a fresh process, as a user runs it (most tests call eval.py's main() inside pytest)
+    proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "1", "--sample_tokens", "16",
+                      fresh_process=True)
     for name in ["gzip", "bz2", "lzma", "bits/byte"]:
         assert name in proc.stdout
     out = run / "eval"

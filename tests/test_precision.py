@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, train
+from conftest import REPO, subprocess_env, train
 from lib import flops, precision
 
 
@@ -113,7 +113,7 @@ def test_auto_without_native_bf16_picks_fp32_for_real(tmp_path):
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
             "from lib.precision import resolve, model_matmul_shapes; "
             "c = resolve('auto', model_matmul_shapes(256, 704, 4096, 1024), cuda=False); print(c.name); print(c.reason)")
-    env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "XDG_CACHE_HOME": str(tmp_path)}
+    env = subprocess_env({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "XDG_CACHE_HOME": str(tmp_path)})
     out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, check=True,
                          env=env).stdout.splitlines()
     assert out[0] == "fp32", out
@@ -126,14 +126,10 @@ def test_auto_without_native_bf16_picks_fp32_for_real(tmp_path):
 def test_mfu_above_100_percent_makes_the_run_measure_the_peak_again(tiny_data, tmp_path):
     """A peak cached under load (far too low) gives MFU above 100% at the first log line: the run
     measures again and logs against the new figure."""
-    jobs = {d: f"{d}:{d}:{[list(flops.PEAK_SHAPE)]}" for d in ("fp32", "bf16")}
-    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from lib import flops; "
-            f"print(json.dumps({{flops._key(k, 1): 1e6 for k in {list(jobs.values())!r}}}))")
-    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)}
-    stale = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, check=True,
-                           env=env).stdout
+    # keyed as the run (in this process, with its environment) will look them up
+    stale = {flops._key(f"{d}:{d}:{[list(flops.PEAK_SHAPE)]}", 1): 1e6 for d in ("fp32", "bf16")}
     (tmp_path / "lm-repo").mkdir()
-    (tmp_path / "lm-repo" / "peak_flops.json").write_text(stale)
+    (tmp_path / "lm-repo" / "peak_flops.json").write_text(json.dumps(stale))
     proc = train(tiny_data, tmp_path, "smoke", "--max_steps", "30", "--log_every", "10", "--threads", "1",
                  "--precision", "fp32", "--eval_every", "0", "--checkpoint_every", "0",
                  env={"XDG_CACHE_HOME": str(tmp_path)})

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BITWISE, REPO, train, train_command
+from conftest import BITWISE, REPO, subprocess_env, train, train_command
 
 
 def start(data, runs, name, *args, launcher=()) -> tuple[subprocess.Popen, Path]:
     """A training run started in the background (its own process group), and its stderr file."""
     err = Path(runs) / f"{name}.stderr"
     Path(runs).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     with open(err, "wb") as f:
         proc = subprocess.Popen(train_command(data, runs, name, *args, launcher=launcher), cwd=REPO, env=env,
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
