@@ -15,25 +15,24 @@ DDP = accelerate_launch("cpu_ddp")
 FSDP = accelerate_launch("cpu_fsdp2")
 
 
-def step_grads(tmp_path, name, accum, ddp=False, naive=False, plain=False):
-    out = tmp_path / f"{name}.pt"
-    run_script("tests/helpers/grad_step.py", str(out), "--accum", str(accum), *(["--naive"] if naive else []),
-               *(["--plain"] if plain else []), launcher=DDP if ddp else ())
-    return torch.load(out, weights_only=True)
+def step_grads(tmp_path, *ways, ddp=False) -> dict:
+    """{name: gradient} for each way of splitting the step (see tests/helpers/grad_step.py), all
+    in one process or one 2-process launch."""
+    run_script("tests/helpers/grad_step.py", str(tmp_path), *ways, launcher=DDP if ddp else ())
+    return {w.split("=")[0]: torch.load(tmp_path / f"{w.split('=')[0]}.pt", weights_only=True) for w in ways}
 
 
 def test_gradient_is_the_same_however_the_step_is_split(tmp_path):
-    whole = step_grads(tmp_path, "whole", 1)
+    grads = {**step_grads(tmp_path, "whole=1", "accum2=2", "accum4=4", "naive=2+naive", "plain=2+plain"),
+             **step_grads(tmp_path, "ddp=1", "ddp_accum2=2", ddp=True)}
+    whole = grads["whole"]
     scale = whole.abs().max()
-    for name, accum, ddp in [("accum2", 2, False), ("accum4", 4, False), ("ddp", 1, True), ("ddp_accum2", 2, True)]:
-        split = step_grads(tmp_path, name, accum, ddp)
-        assert (split - whole).abs().max() <= 1e-5 * scale, name
+    for name in ("accum2", "accum4", "ddp", "ddp_accum2"):
+        assert (grads[name] - whole).abs().max() <= 1e-5 * scale, name
     # the mean of per-micro-batch means weights a 2-token row like a 64-token one: not the same
-    naive = step_grads(tmp_path, "naive", 2, naive=True)
-    assert (naive - whole).abs().max() > 0.05 * scale
+    assert (grads["naive"] - whole).abs().max() > 0.05 * scale
     # the fused output layer + loss (train.py's default, used above) against full logits
-    plain = step_grads(tmp_path, "plain", 2, plain=True)
-    assert (plain - whole).abs().max() <= 1e-5 * scale
+    assert (grads["plain"] - whole).abs().max() <= 1e-5 * scale
 
 
 def records(run: Path, kind: str) -> list[dict]:

@@ -295,20 +295,23 @@ def test_loop_state_saves_every_process_window_and_restores_each_its_own():
 
 
 def test_peak_memory_follows_what_the_process_holds():
+    import mmap
+
     import numpy as np
     import psutil
     import torch
 
     from lib.monitor import peak_memory_gib
 
-    # this process may have held more before (runs inside it): go 1 GiB above its peak so far
+    # this process may have held more before (runs inside it): go 1 GiB above its peak so far, in
+    # fresh pages from the kernel (malloc could reuse memory freed earlier and still resident)
     held = psutil.Process().memory_info().rss / 2**30
     earlier_peak = peak_memory_gib(torch.device("cpu"))[0]
-    size = max(earlier_peak - held, 0) + 1
-    block = np.ones(int(size * 2**30) // 8)  # every page written
-    peak, what = peak_memory_gib(torch.device("cpu"))
+    size = int((max(earlier_peak - held, 0) + 1) * 2**30)
+    with mmap.mmap(-1, size) as block:
+        np.frombuffer(block, dtype=np.uint8)[:] = 1  # every page written
+        peak, what = peak_memory_gib(torch.device("cpu"))
     assert what == "process RSS" and peak >= earlier_peak + 0.9, (held, earlier_peak, size, peak)
-    del block
 
 
 def test_flops_per_token_charges_a_frozen_weight_no_gradient():

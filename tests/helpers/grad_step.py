@@ -1,12 +1,14 @@
-"""One optimizer step's gradient, as scripts/train.py computes it, written to a file.
+"""One optimizer step's gradient, as scripts/train.py computes it, for each of several ways of
+splitting the step, written to OUT/<name>.pt.
 
-    python tests/helpers/grad_step.py OUT --accum K [--naive] [--plain]
-    accelerate launch --config_file configs/accelerate/cpu_ddp.yaml tests/helpers/grad_step.py OUT --accum K
+    python tests/helpers/grad_step.py OUT whole=1 accum2=2 naive=2+naive plain=2+plain
+    accelerate launch --config_file configs/accelerate/cpu_ddp.yaml tests/helpers/grad_step.py OUT ddp=1
 
-The global batch is 8 sequences of very uneven lengths (padded, padding ignored). Rank r of W
-takes rows r, r+W, ...; its rows are cut into K micro-batches. --naive uses the per-micro-batch
-mean loss instead of lib.loss's token weighting. The loss goes through the fused output layer
-(lib/fused_loss.py) as in scripts/train.py, or with --plain through full logits.
+A way is name=K[+naive][+plain]: K micro-batches per process. The global batch is 8 sequences of
+very uneven lengths (padded, padding ignored). Rank r of W takes rows r, r+W, ...; its rows are
+cut into K micro-batches. +naive uses the per-micro-batch mean loss instead of lib.loss's token
+weighting. The loss goes through the fused output layer (lib/fused_loss.py) as in
+scripts/train.py, or with +plain through full logits. Every way starts from the same weights.
 """
 import sys
 from pathlib import Path
@@ -33,10 +35,11 @@ def global_batch():
     return inputs, labels
 
 
-def main():
-    out, accum, naive = Path(sys.argv[1]), int(sys.argv[sys.argv.index("--accum") + 1]), "--naive" in sys.argv
-    plain = "--plain" in sys.argv
-    acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+def one_step(acc, accum: int, naive: bool, plain: bool):
+    """The gradient of one optimizer step split into `accum` micro-batches per process (on the
+    main process; None elsewhere)."""
+    acc.gradient_accumulation_steps = accum
+    acc.step = 0  # Accelerate's micro-batch counter: this step starts afresh
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="llama", d_model=32, n_layers=2, n_heads=2, max_seq_len=64), 200,
                         {"unk": 0, "bos": 1, "eos": 2, "pad": 3})
@@ -59,9 +62,20 @@ def main():
             loss = loss_sum / n if naive else step_scaled_loss(loss_sum, step_tokens, world, accum)
             acc.backward(loss)
     if acc.is_main_process:
-        grads = torch.cat([p.grad.flatten() for p in acc.unwrap_model(model).parameters()])
-        torch.save(grads, out)
-    acc.wait_for_everyone()
+        return torch.cat([p.grad.flatten() for p in acc.unwrap_model(model).parameters()])
+    return None
+
+
+def main():
+    out = Path(sys.argv[1])
+    acc = Accelerator(cpu=True)
+    for way in sys.argv[2:]:
+        name, spec = way.split("=")
+        accum, *flags = spec.split("+")
+        grads = one_step(acc, int(accum), "naive" in flags, "plain" in flags)
+        if grads is not None:
+            torch.save(grads, out / f"{name}.pt")
+        acc.wait_for_everyone()
     acc.end_training()
 
 
