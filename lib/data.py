@@ -7,9 +7,9 @@ manifest with every file's sha256.
 Three ways to make batches (`DataConfig.packing`):
 - pack: documents stay concatenated and are cut into blocks of `seq_len + 1` tokens taken with
   stride `seq_len`, so every token but a shard's first is a prediction target exactly once per
-  epoch and no compute goes to padding. With `doc_mask`, position ids restart at every bos, which
-  makes transformers' Llama and GPT-2 attend only within a document (it derives a block-diagonal
-  causal mask from the position ids).
+  epoch and no compute goes to padding. With `doc_mask`, position ids restart at every bos (for
+  a tokenizer without one, after every eos), which makes transformers' Llama and GPT-2 attend
+  only within a document (it derives a block-diagonal causal mask from the position ids).
 - pad_longest: one document per row (longer ones cut into `seq_len + 1`-token pieces), the batch
   padded to its longest row; padding is masked out of attention and loss.
 - pad_multiple: the same, the width rounded up to a multiple of `pad_multiple` (friendlier to
@@ -54,14 +54,39 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
             np.concatenate(load_doc_tables(data_dir, split)))
 
 
-def doc_position_ids(inputs: np.ndarray, bos_id: int) -> np.ndarray:
-    """Each token's position inside its document: counting restarts at every bos. Tokens
-    before a row's first bos (the tail of a document begun in an earlier block) count from 0.
-    """
+@dataclass(frozen=True)
+class DocBoundary:
+    """Where documents meet in a token stream: each `token` begins one (`begins`: a bos), or each
+    ends one and the next begins right after it (a tokenizer without bos: the documents are
+    stored `ids eos`)."""
+
+    token: int
+    begins: bool = True
+
+    @classmethod
+    def of(cls, special_ids: dict) -> "DocBoundary | None":
+        """The boundary of data stored by lib/pipeline with these special ids: its bos, else its
+        eos, else None (nothing marks where a document ends)."""
+        if special_ids.get("bos") is not None:
+            return cls(int(special_ids["bos"]))
+        if special_ids.get("eos") is not None:
+            return cls(int(special_ids["eos"]), begins=False)
+        return None
+
+
+def doc_position_ids(inputs: np.ndarray, boundary: DocBoundary | int) -> np.ndarray:
+    """Each token's position inside its document: counting restarts where a document begins
+    (at `boundary`; an int is a bos id). Tokens before a row's first boundary (the tail of a
+    document begun in an earlier block) count from 0."""
+    if not isinstance(boundary, DocBoundary):
+        boundary = DocBoundary(int(boundary))
     n, width = inputs.shape
     col = np.broadcast_to(np.arange(width), (n, width))
-    last_bos = np.maximum.accumulate(np.where(inputs == bos_id, col, 0), axis=1)
-    return col - last_bos
+    begins = inputs == boundary.token
+    if not boundary.begins:  # the token after each eos begins a document
+        begins = np.concatenate([np.zeros((n, 1), bool), begins[:, :-1]], axis=1)
+    last_begin = np.maximum.accumulate(np.where(begins, col, 0), axis=1)
+    return col - last_begin
 
 
 @dataclass
@@ -128,11 +153,11 @@ class TokenBlocks:
             rows.append(self.shards[s][j * L : j * L + L + 1])
         return np.stack(rows).astype(np.int64)
 
-    def make_batch(self, indices, bos_id: int | None = None) -> Batch:
-        """Blocks `indices` as a Batch; with `bos_id`, position ids restart at each document."""
+    def make_batch(self, indices, boundary: DocBoundary | None = None) -> Batch:
+        """Blocks `indices` as a Batch; with `boundary`, position ids restart at each document."""
         rows = self.batch(indices)
         inputs = rows[:, :-1]
-        pos = None if bos_id is None else doc_position_ids(inputs, bos_id)
+        pos = None if boundary is None else doc_position_ids(inputs, boundary)
         return Batch(inputs, rows[:, 1:], position_ids=pos)
 
     def padding_fraction(self, order, batch_size: int) -> float:
@@ -186,7 +211,8 @@ class PaddedDocs:
         start = int(self.starts[i])
         return self.shards[int(self.shard_idx[i])][start : start + int(self.lengths[i])]
 
-    def make_batch(self, indices, bos_id: int | None = None) -> Batch:
+    def make_batch(self, indices, boundary: DocBoundary | None = None) -> Batch:
+        """Items `indices` as a padded Batch (one document per row: `boundary` changes nothing)."""
         indices = np.asarray(indices)
         width = self.width(int(self.lengths[indices].max()))
         inputs = np.full((len(indices), width), self.pad_id, dtype=np.int64)
@@ -284,8 +310,9 @@ class DataConfig:
     """pack: documents concatenated into full blocks (no padding); pad_longest / pad_multiple:
     one document per row, padded to the batch's longest row / to a multiple of pad_multiple."""
     doc_mask: bool = True
-    """With packing=pack: restart position ids at each document, so that attention stays
-    within it (Llama and GPT-2 in transformers build the block-diagonal mask from them)."""
+    """With packing=pack: restart position ids at each document (at its bos; after the previous
+    eos where the tokenizer has no bos), so that attention stays within it (Llama and GPT-2 in
+    transformers build the block-diagonal mask from them)."""
     pad_multiple: int = 64
     """Width multiple for packing=pad_multiple (capped at seq_len)."""
 

@@ -106,12 +106,12 @@ class HeldOutSample:
     text_bytes: int
     description: str
 
-    def evaluate(self, model, batch_size: int, device, autocast=None, bos_id: int | None = None) -> dict:
+    def evaluate(self, model, batch_size: int, device, autocast=None, boundary=None) -> dict:
         """lib/evaluate.summarize of `model` on every window (single process, as evaluate_blocks)."""
-        sums = evaluate_blocks(model, self.inputs, self.targets, batch_size, device, autocast, bos_id=bos_id)
+        sums = evaluate_blocks(model, self.inputs, self.targets, batch_size, device, autocast, boundary=boundary)
         return summarize(sums, self.text_bytes)
 
-    def estimate_seconds(self, model, batch_size: int, device, autocast=None, bos_id: int | None = None) -> float:
+    def estimate_seconds(self, model, batch_size: int, device, autocast=None, boundary=None) -> float:
         """Seconds one `evaluate` takes, from its first batches: the faster of the second and third
         batch (the first ones pay one-off kernel set-up), times the number of batches."""
         import time
@@ -121,7 +121,8 @@ class HeldOutSample:
         for k in range(min(3, batches)):
             rows = slice(k * batch_size, (k + 1) * batch_size)
             t = time.perf_counter()
-            evaluate_blocks(model, self.inputs[rows], self.targets[rows], batch_size, device, autocast, bos_id=bos_id)
+            evaluate_blocks(model, self.inputs[rows], self.targets[rows], batch_size, device, autocast,
+                            boundary=boundary)
             times.append(time.perf_counter() - t)
         return min(times[1:] or times) * batches
 
@@ -161,21 +162,21 @@ def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_target
 
 def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, device,
                     autocast=None, stride: int | None = None, progress: bool = False,
-                    bos_id: int | None = None) -> dict[str, float]:
+                    boundary=None) -> dict[str, float]:
     """evaluate_blocks over the windows stream_blocks cuts from one token stream."""
     inputs, targets = stream_blocks(np.asarray(tokens), seq_len, stride)
-    return evaluate_blocks(model, inputs, targets, batch_size, device, autocast, progress, bos_id)
+    return evaluate_blocks(model, inputs, targets, batch_size, device, autocast, progress, boundary)
 
 
 def evaluate_blocks(model, all_inputs: np.ndarray, all_targets: np.ndarray, batch_size: int, device,
-                    autocast=None, progress: bool = False, bos_id: int | None = None) -> dict[str, float]:
+                    autocast=None, progress: bool = False, boundary=None) -> dict[str, float]:
     """Sum of target-token cross-entropy (nats), target count and correct argmax count over
     rows of inputs and targets (IGNORE_INDEX where nothing is scored).
 
     Single process: every rank that calls it evaluates every row. `autocast` is a context
-    manager factory (e.g. `accelerator.autocast`) or None. `progress` shows a bar. With `bos_id`,
-    position ids restart at each document (attention stays within it), as in training with
-    data.doc_mask.
+    manager factory (e.g. `accelerator.autocast`) or None. `progress` shows a bar. With
+    `boundary` (a lib.data.DocBoundary), position ids restart at each document (attention stays
+    within it), as in training with data.doc_mask.
     """
     import torch
 
@@ -194,9 +195,9 @@ def evaluate_blocks(model, all_inputs: np.ndarray, all_targets: np.ndarray, batc
             inputs = torch.from_numpy(all_inputs[start : start + batch_size]).to(device)
             targets = torch.from_numpy(all_targets[start : start + batch_size]).to(device)
             kwargs = {}
-            if bos_id is not None:
+            if boundary is not None:
                 kwargs["position_ids"] = torch.from_numpy(doc_position_ids(all_inputs[start : start + batch_size],
-                                                                           bos_id)).to(device)
+                                                                           boundary)).to(device)
             with (autocast() if autocast else nullcontext()):
                 logits = model(input_ids=inputs, use_cache=False, **kwargs).logits
             mask = targets != IGNORE_INDEX

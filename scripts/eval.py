@@ -136,7 +136,7 @@ def main() -> None:
     from lib.corpus import iter_records, read_manifest
     from lib.files import atomic_text
     from lib.tokenizer import tokenizer_fingerprint
-    from lib.data import gather_docs, load_split, sample_docs, tokens_dir
+    from lib.data import DocBoundary, gather_docs, load_split, sample_docs, tokens_dir
     from lib.evaluate import compressor_bpb, evaluate_stream, summarize
     from lib.metrics import JsonlWriter, read_jsonl, write_tables
     from lib.model import fp16_on_cpu, load_pretrained, refuse_masked_lm
@@ -169,7 +169,8 @@ def main() -> None:
     stride = cfg.stride or max(1, seq_len // 2)
     res = summarize(evaluate_stream(model, stream, seq_len, cfg.batch_size,
                                     accelerator.device, accelerator.autocast, stride, progress=True,
-                                    bos_id=manifest["special_ids"]["bos"] if doc_mask else None), n_bytes)
+                                    boundary=DocBoundary.of(manifest["special_ids"]) if doc_mask else None),
+                    n_bytes)
     secs = time.perf_counter() - t0
     keep = set(chosen.tolist())
     doc_texts = [r["text"] for i, r in enumerate(iter_records(tok_dir / manifest["corpus_dir"], cfg.split))

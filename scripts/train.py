@@ -215,7 +215,7 @@ def main() -> None:
     from lib import checkpoint as ckpt
     from lib import lora
     from lib.corpus import read_manifest
-    from lib.data import BlockSampler, build_train_data, load_split, tokens_dir
+    from lib.data import BlockSampler, DocBoundary, build_train_data, load_split, tokens_dir
     from lib.distributed import broadcast_from_main
     from lib.evaluate import held_out_sample, token_byte_lengths
     from lib.files import ensure_writable, write_json
@@ -253,9 +253,10 @@ def main() -> None:
     held_out = held_out_sample(val_tokens, val_docs, cfg.data.seq_len, cfg.eval_tokens,
                                token_byte_lengths(tokenizer) if has_tokenizer(tokenizer) else None, seed=0)
     train_data = build_train_data(tok_dir, cfg.data, special)
-    bos_id = special["bos"] if cfg.data.doc_mask else None  # position ids restart at each document
-    if cfg.data.doc_mask and bos_id is None:
-        say("note: the tokenizer has no bos token, so attention spans documents (--data.doc_mask needs one)")
+    boundary = DocBoundary.of(special) if cfg.data.doc_mask else None  # position ids restart at each document
+    if cfg.data.doc_mask and boundary is None:
+        say("note: the tokenizer has neither bos nor eos, so nothing marks where documents meet: attention "
+            "spans them")
 
     # ---- model and optimizer (the same seed in every process: identical initial weights)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
@@ -263,7 +264,7 @@ def main() -> None:
     use_lora = lora.enabled(cfg.lora)
     base_sha = lora.base_fingerprint(cfg.model.init_from) if use_lora else None  # checkpoints name their base
     if cfg.fit_micro_batch:
-        fit_micro_batch(cfg, accelerator, model, optimizer, fused, train_data, bos_id)
+        fit_micro_batch(cfg, accelerator, model, optimizer, fused, train_data, boundary)
 
     # ---- the run folder, now that every input has been read: this job's, continued or fresh
     run_dir = cfg.runs_dir / cfg.run_name
@@ -293,14 +294,14 @@ def main() -> None:
         dropped = truncate_after_step(run_dir / "metrics.jsonl", loop.step, again) if resume_from is not None else 0
         if dropped:
             say(f"metrics.jsonl: dropped {dropped} record(s) logged after step {loop.step}; they are logged again")
-    describe_run(cfg, say, train_data, sampler, n_params, world, choice, loop.horizon, fit, resume_from)
+    describe_run(cfg, say, train_data, boundary, sampler, n_params, world, choice, loop.horizon, fit, resume_from)
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
     mfu = MfuMeter(device, fpt, world, enabled=cfg.mfu and is_main, say=say)
 
     def evaluate() -> dict:
         t = time.perf_counter()
         res = held_out.evaluate(accelerator.unwrap_model(prepared), cfg.micro_batch_size, device,
-                                accelerator.autocast, bos_id)
+                                accelerator.autocast, boundary)
         loop.last_eval.update(step=loop.step, loss=res["loss"], seconds=time.perf_counter() - t)
         say(f"eval step {loop.step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
             f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({held_out.description}, "
@@ -335,7 +336,7 @@ def main() -> None:
     while loop.step < loop.horizon:
         clock.start()
         sample_ids = [sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
-        batches = [train_data.make_batch(ids, bos_id) for ids in sample_ids]
+        batches = [train_data.make_batch(ids, boundary) for ids in sample_ids]
         try:
             step_loss, step_tokens, grad_norm, lr, bad = optimizer_step(
                 cfg, accelerator, model, prepared, optimizer, fused, batches, loop)
@@ -358,7 +359,7 @@ def main() -> None:
 
         if fit and loop.step >= fit_after and clock.ready:  # fit the schedule's end to the time budget
             eval_s = loop.last_eval["seconds"] or held_out.estimate_seconds(
-                accelerator.unwrap_model(prepared), cfg.micro_batch_size, device, accelerator.autocast, bos_id)
+                accelerator.unwrap_model(prepared), cfg.micro_batch_size, device, accelerator.autocast, boundary)
             ckpt_s = (sum(checkpoint_seconds) / len(checkpoint_seconds) if checkpoint_seconds
                       else max(0.1, n_params * 16 / 2e8))  # weights + Adam moments at ~200 MB/s
             plan = budget.plan(loop.step, cfg.max_steps, 60 * cfg.max_minutes, loop.elapsed_s(),
@@ -543,12 +544,14 @@ def log_step(cfg, accelerator, loop, metrics, bar, tps: float, mfu, grad_norm: f
         raise UserError(f"loss became {loss} at step {loop.step}; lower optim.lr or check the data")
 
 
-def describe_run(cfg, say, train_data, sampler, n_params, world, choice, horizon, fit, resume_from) -> None:
+def describe_run(cfg, say, train_data, boundary, sampler, n_params, world, choice, horizon, fit,
+                 resume_from) -> None:
     """The start-up line: model, data layout, processes, batch and schedule."""
     rows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
     if cfg.data.packing == "pack":
         layout = f"{len(train_data):,} packed blocks of {cfg.data.seq_len}" + (
-            ", attention within documents" if cfg.data.doc_mask else "")
+            "" if boundary is None else
+            f", attention within documents ({'from each bos' if boundary.begins else 'restarting after each eos'})")
     else:
         pad = train_data.padding_fraction(sampler.epoch_order(0), cfg.micro_batch_size)
         layout = f"{len(train_data):,} documents (pieces) padded ({cfg.data.packing}): {pad:.1%} padding"
@@ -564,14 +567,14 @@ def describe_run(cfg, say, train_data, sampler, n_params, world, choice, horizon
                "--fit_schedule True to fit it anyway)" if cfg.deterministic and cfg.fit_schedule is None else ""))
 
 
-def fit_micro_batch(cfg, accelerator, model, optimizer, fused, train_data, bos_id) -> None:
+def fit_micro_batch(cfg, accelerator, model, optimizer, fused, train_data, boundary) -> None:
     """--fit_micro_batch: halve cfg.micro_batch_size (doubling grad_accum_steps) until a step fits."""
     import torch
 
     from lib.memory import fit_micro_batch as fit
 
     def trial(n: int) -> None:  # one forward+backward on n sequences; nothing is applied
-        batch = train_data.make_batch(list(range(min(n, len(train_data)))), bos_id)
+        batch = train_data.make_batch(list(range(min(n, len(train_data)))), boundary)
         labels = torch.from_numpy(batch.labels).to(accelerator.device)
         accelerator.backward(loss_sum(cfg, model, batch, labels, fused)[0] * 0)
         optimizer.zero_grad(set_to_none=True)

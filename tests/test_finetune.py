@@ -129,6 +129,26 @@ def test_a_llama_base_with_a_hugging_face_tokenizer(tiny_data, tmp_path):
     assert tokenizer_fingerprint(tmp_path / "llama" / "final") == tokenizer_fingerprint(base)
 
 
+def test_a_base_without_bos_keeps_documents_apart_after_each_eos(tmp_path):
+    """A tokenizer with eos but no bos (Qwen's kind): documents are stored `ids eos`, and packed
+    training restarts positions after each eos, so attention still stays within a document."""
+    base = save_gpt2_base(tmp_path / "no-bos-base", bos=False)
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(book_texts())[:60_000], encoding="utf-8")
+    data = tmp_path / "data"
+    run_script("scripts/tokenize.py", "--corpus.source", str(book), "--tokenizer", str(base), "--out_dir", str(data))
+    manifest = read_manifest(data / "tokens", "tokens")
+    eos = manifest["special_ids"]["eos"]
+    assert manifest["doc_format"] == "ids eos" and manifest["special_ids"]["bos"] is None and eos is not None
+    proc = train(data, tmp_path, "ft", "--model.init_from", str(base), "--max_steps", "2", "--eval_every", "0",
+                 "--checkpoint_every", "0")
+    assert "attention within documents (restarting after each eos)" in proc.stdout
+    assert "nothing marks where documents meet" not in proc.stdout
+    # eval.py scores the run's data the way it was trained: the same restarts
+    proc = run_script("scripts/eval.py", "--model", str(tmp_path / "ft"), "--samples", "0")
+    assert "doc_mask True" in proc.stdout
+
+
 def test_a_masked_lm_is_refused_not_scored_as_causal(tiny_data, tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.data import DataConfig, PaddedDocs, TokenBlocks, build_train_data, doc_position_ids
+from lib.data import DataConfig, DocBoundary, PaddedDocs, TokenBlocks, build_train_data, doc_position_ids
 from lib.errors import UserError
 from lib.loss import IGNORE_INDEX
 from lib.model import ModelConfig, build_model
@@ -21,17 +21,34 @@ def test_positions_restart_at_each_bos():
                                                   [0, 1, 2, 0, 1, 2, 3, 4]]
 
 
+def test_positions_restart_after_each_eos_where_there_is_no_bos():
+    rows = np.array([[7, 8, 2, 9, 2, 5, 5, 2],
+                     [8, 2, 5, 5, 5, 5, 2, 6]])
+    assert doc_position_ids(rows, DocBoundary(2, begins=False)).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2],
+                                                                            [0, 1, 0, 1, 2, 3, 4, 0]]
+
+
+def test_the_boundary_is_the_bos_else_the_eos():
+    assert DocBoundary.of(SPECIAL) == DocBoundary(1, begins=True)
+    assert DocBoundary.of({"unk": 0, "bos": 0, "eos": 0, "pad": None}) == DocBoundary(0)  # GPT-2's one token
+    assert DocBoundary.of({"unk": None, "bos": None, "eos": 5, "pad": 5}) == DocBoundary(5, begins=False)
+    assert DocBoundary.of({"unk": 0, "bos": None, "eos": None, "pad": None}) is None
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_doc_mask_keeps_documents_apart(arch):
+@pytest.mark.parametrize("stored", ["bos ids eos", "ids eos"])
+def test_doc_mask_keeps_documents_apart(arch, stored):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, d_model=32, n_layers=2, n_heads=2, max_seq_len=64), 50, SPECIAL).eval()
-    doc_a = [1, 10, 11, 12, 13, 2]
-    doc_b = [1, 20, 21, 22, 2]
+    bos = [1] if stored.startswith("bos") else []
+    boundary = DocBoundary(1) if bos else DocBoundary(2, begins=False)
+    doc_a = bos + [10, 11, 12, 13, 2]
+    doc_b = bos + [20, 21, 22, 2]
     packed = np.array([doc_a + doc_b])
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([doc_b])).logits[0]
         masked = model(input_ids=torch.from_numpy(packed), use_cache=False,
-                       position_ids=torch.from_numpy(doc_position_ids(packed, 1))).logits[0, len(doc_a):]
+                       position_ids=torch.from_numpy(doc_position_ids(packed, boundary))).logits[0, len(doc_a):]
         plain = model(input_ids=torch.from_numpy(packed), use_cache=False).logits[0, len(doc_a):]
     torch.testing.assert_close(masked, alone, atol=1e-5, rtol=1e-5)  # as if doc_a were not there
     assert (plain - alone).abs().max() > 1e-3  # without restarts doc_b sees doc_a
@@ -86,10 +103,10 @@ def test_packed_blocks_are_unpadded(tiny_data):
     cfg = DataConfig(dir=str(tiny_data), seq_len=32)
     data = build_train_data(tiny_data / "tokens", cfg, SPECIAL)
     assert isinstance(data, TokenBlocks)
-    batch = data.make_batch([0, 1, 2], bos_id=1)
+    batch = data.make_batch([0, 1, 2], DocBoundary(1))
     assert batch.n_padding == 0 and batch.n_targets == 3 * 32
     assert (batch.position_ids[batch.input_ids == 1] == 0).all()
-    assert data.make_batch([0], bos_id=None).position_ids is None
+    assert data.make_batch([0], None).position_ids is None
     padded = build_train_data(tiny_data / "tokens", DataConfig(dir=str(tiny_data), seq_len=32, packing="pad_longest"),
                               SPECIAL)
     assert isinstance(padded, PaddedDocs) and len(padded) > len(data) / 2
