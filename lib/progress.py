@@ -27,3 +27,13 @@ def write(bar, text: str) -> None:
         bar.write(text)
     else:
         print(text, flush=True)
+
+
+def quiet_library_bars() -> None:
+    """Into a file or a pipe, transformers' own bars (loading weights, writing shards) are turned
+    off: each would add lines of carriage returns to the log for a step that takes a moment.
+    Into a terminal they stay."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

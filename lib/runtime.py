@@ -66,6 +66,9 @@ def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: flo
                               gradient_accumulation_steps=grad_accum_steps,
                               kwargs_handlers=[GradScalerKwargs(init_scale=fp16_init_scale)])
     say = say or accelerator.print
+    from lib.progress import quiet_library_bars
+
+    quiet_library_bars()
     world = accelerator.num_processes
     say(f"precision {choice.name}: {choice.reason}")
     if accelerator.mixed_precision == "fp16" and on_cpu:

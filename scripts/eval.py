@@ -127,6 +127,9 @@ def main() -> None:
     from lib.cpu import keep_freed_memory
 
     keep_freed_memory()  # reused activation buffers instead of page faults on every batch
+    from lib.progress import quiet_library_bars
+
+    quiet_library_bars()
 
     import torch
     from accelerate import Accelerator
