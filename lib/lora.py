@@ -98,8 +98,11 @@ def apply(model, opts: LoraOptions):
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     if not targets:
         raise UserError("--lora.target_modules is empty; name modules (q_proj,v_proj) or pass all-linear")
+    # GPT-2's layers are Conv1D, whose weight is stored (in, out): peft must know, or it warns and
+    # sets it itself
+    conv1d = any(type(mod).__name__ == "Conv1D" for mod in model.modules())
     config = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model..."
