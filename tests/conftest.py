@@ -124,7 +124,8 @@ def run_script(script: str | Path, *args: str, cwd: str | Path | None = None, ch
     """Run `python <script> args...` (or `<launcher> <script> args...`), with `env` added to the
     environment: train.py, eval.py and audit.py without a launcher in this process (see run_in_process),
     unless `fresh_process` or `env` holds a variable read at start-up; everything else as a
-    subprocess. `check`: fail the test, showing both outputs, unless it exits 0."""
+    subprocess. `check`: fail the test, showing both outputs, unless it exits 0. `timeout`
+    (seconds) bounds a subprocess only."""
     script = Path(script)
     if not script.is_absolute():
         script = REPO / script
