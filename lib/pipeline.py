@@ -110,6 +110,10 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
     t0 = time.time()
     tok = TextTokenizer(tokenizer_source(tok_dir))
     add_bos, add_eos = tok.document_ends()
+    if not (add_bos or add_eos):
+        log("warning: the tokenizer has neither a bos nor an eos token, so documents are stored back to back "
+            "with nothing between them: a model trained on them cannot tell where one ends, and "
+            "--data.doc_mask cannot keep them apart")
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     splits, total_tokens, total_bytes = {}, 0, 0
     with atomic_folder(tokens_dir) as build:

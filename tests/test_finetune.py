@@ -147,6 +147,12 @@ def test_a_base_without_bos_keeps_documents_apart_after_each_eos(tmp_path):
     # eval.py scores the run's data the way it was trained: the same restarts
     proc = run_script("scripts/eval.py", "--model", str(tmp_path / "ft"), "--samples", "0")
     assert "doc_mask True" in proc.stdout
+    # a tokenizer with neither: nothing can separate the documents, and tokenize.py says so
+    bare = save_gpt2_base(tmp_path / "bare-base", bos=False, eos=False)
+    proc = run_script("scripts/tokenize.py", "--corpus.source", str(book), "--tokenizer", str(bare), "--out_dir",
+                      str(tmp_path / "bare"))
+    assert "neither a bos nor an eos token" in proc.stdout + proc.stderr
+    assert read_manifest(tmp_path / "bare" / "tokens", "tokens")["doc_format"] == "ids"
 
 
 def test_a_masked_lm_is_refused_not_scored_as_causal(tiny_data, tmp_path):

@@ -15,10 +15,12 @@ def book_texts() -> list[str]:
 
 
 def save_gpt2_base(folder: Path, vocab_size: int = 600, n_positions: int = 128, seed: int = 0,
-                   texts=None, n_embd: int = 64, n_layer: int = 2, n_head: int = 2, bos: bool = True) -> Path:
+                   texts=None, n_embd: int = 64, n_layer: int = 2, n_head: int = 2, bos: bool = True,
+                   eos: bool = True) -> Path:
     """A GPT-2-style base: byte-level BPE trained on `texts` (default `book_texts()`) with one
     <|endoftext|> as bos, eos and unk (as GPT-2's; `bos=False`: as eos and pad only, no bos, as
-    Qwen's tokenizers have it), and a GPT2LMHeadModel at random initialisation."""
+    Qwen's tokenizers have it; `eos=False` too: no special token at all), and a GPT2LMHeadModel
+    at random initialisation."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
@@ -27,7 +29,8 @@ def save_gpt2_base(folder: Path, vocab_size: int = 600, n_positions: int = 128, 
     bpe.train_from_iterator(texts if texts is not None else book_texts(), vocab_size=vocab_size, min_frequency=2,
                             special_tokens=["<|endoftext|>"], show_progress=False)
     eot = "<|endoftext|>"
-    special = dict(bos_token=eot, eos_token=eot, unk_token=eot) if bos else dict(eos_token=eot, pad_token=eot)
+    special = (dict(bos_token=eot, eos_token=eot, unk_token=eot) if bos else
+               dict(eos_token=eot, pad_token=eot) if eos else {})
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **special)
     tok.save_pretrained(folder)
     torch.manual_seed(seed)
