@@ -1,5 +1,6 @@
 """Every script runs as a real subprocess: from another folder, through accelerate launch, as a
-copy under experiments/, without scripts/tokenize.py shadowing the standard library."""
+copy under experiments/, without scripts/tokenize.py shadowing the standard library. And a run
+inside the test process (how most tests run train.py) leaves that process as it found it."""
 from __future__ import annotations
 
 import json
@@ -12,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, run_script, train
 
 SCRIPTS = ["tokenize", "train", "eval", "audit"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_from_another_directory(name, tmp_path):
-    proc = run_script(f"scripts/{name}.py", "--help", cwd=tmp_path)
+    proc = run_script(f"scripts/{name}.py", "--help", cwd=tmp_path, fresh_process=True)
     assert "usage" in proc.stdout.lower()
     assert "--config" in proc.stdout
 
@@ -210,3 +211,21 @@ def test_make_fork_stamps_the_copy_and_fork_diff_shows_its_changes():
         assert "-    seed: int = 0" in diff and "+    seed: int = 7" in diff
     finally:
         shutil.rmtree(exp, ignore_errors=True)
+
+
+def test_a_run_inside_pytest_leaves_the_process_as_it_was(tiny_data, tmp_path):
+    """Most tests run train.py inside this process (conftest.run_in_process): what a run changes
+    there (threads and deterministic algorithms under --deterministic, environment variables,
+    the working folder, Accelerate's state) must be put back, or later tests would run otherwise."""
+    import os
+
+    import torch
+    from accelerate.state import PartialState
+
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), dict(os.environ), os.getcwd())
+    proc = train(tiny_data, tmp_path, "inside", "--max_steps", "2", "--deterministic", "--eval_every", "0",
+                 "--checkpoint_every", "0", cwd=tmp_path, env={"LM_SOME_SETTING": "1"})
+    assert "deterministic: 1 CPU thread(s)" in proc.stdout and proc.returncode == 0
+    after = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), dict(os.environ), os.getcwd())
+    assert after == before
+    assert not PartialState._shared_state  # the next run starts Accelerate afresh
