@@ -22,7 +22,10 @@ the steps after --warmup. Configurations:
 
 It reports each one's tokens/s, its model FLOP/s (6N + 12*L*H*Q*T per token) as a share of the
 matmul peak of its dtype measured here in this run, and the ratios the targets name.
-Ratios are taken within a round and the median over rounds is reported.
+Ratios are taken within a round and the median over rounds is reported, each beside its
+ceiling: the ratio the first configuration would reach with every model FLOP at the matmul peak
+of its precision, against what the second achieved (a target above the ceiling cannot be met in
+that precision on this CPU).
 """
 import os
 import sys
@@ -220,19 +223,25 @@ def main() -> None:
                   + (f" (first {cfg.warmup} steps, untimed, took {res['warmup_s']:.0f}s)" if "warmup_s" in res else ""),
                   flush=True)
         rounds.append(results)
-    ratios = {}
+    ratios, ceilings = {}, {}
     for (a, b), target in targets.items():
         per_round = [r[a]["tokens_per_s"] / r[b]["tokens_per_s"] for r in rounds]
         value = statistics.median(per_round)
         ratios[f"{a} / {b}"] = value
+        # the most `a` could reach in its precision: every model FLOP at the matmul peak measured
+        # above, over what `b` achieved (a target above it needs another precision or another CPU)
+        dtype = rounds[0][a]["dtype"]
+        ceiling = peaks[dtype] / statistics.median(r[b]["model_flops_per_s"] for r in rounds)
+        ceilings[f"{a} / {b}"] = ceiling
         print(f"[bench] {a + ' / ' + b:<34} {value:5.2f}x median of {', '.join(f'{x:.2f}' for x in per_round)} "
-              f"(target >= {target}x: {'met' if value >= target else 'NOT met'})")
+              f"(target >= {target}x: {'met' if value >= target else 'NOT met'}; ceiling {ceiling:.2f}x "
+              f"at the {dtype} matmul peak)")
     results = {name: {**rounds[0][name], "tokens_per_s_by_round": [r[name]["tokens_per_s"] for r in rounds if name in r]}
                for name in rounds[0]}
     print(f"[bench] precision, round 1: auto chose {rounds[0]['ours_default']['dtype']} | "
           + " | ".join(f"{n} {rounds[0][n]['tokens_per_s']:,.0f} tokens/s" for n in ("ours_default", "ours_fp32", "ours_bf16")))
-    out = {"peaks": peaks, "flops_per_token": fpt, "results": results,
-           "ratios": ratios, "steps": cfg.steps, "warmup": cfg.warmup, "rounds": cfg.rounds}
+    out = {"peaks": peaks, "flops_per_token": fpt, "results": results, "ratios": ratios, "ceilings": ceilings,
+           "steps": cfg.steps, "warmup": cfg.warmup, "rounds": cfg.rounds}
     (cfg.out_dir / "train.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(f"[bench] results -> {cfg.out_dir / 'train.json'}")
 
