@@ -19,20 +19,17 @@ import shutil
 from pathlib import Path
 
 from lib.files import fresh_folder, publish_folder, tmp_folder, read_json, sha256_file, write_json
+from lib.errors import UserError
 
 
-class _TiedWeightsNote:
+def _not_the_tied_weights_note(record) -> bool:
     """Accelerate warns at every save of a model with tied input and output embeddings that it
     dropped the output copy ("Removed shared tensor ... while saving"): expected, since the tie
     is rebuilt on load (the resume tests check every weight bitwise), so the line is dropped."""
-
-    @staticmethod
-    def filter(record) -> bool:
-        return "Removed shared tensor" not in record.getMessage()
+    return "Removed shared tensor" not in record.getMessage()
 
 
-logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote)
-from lib.errors import UserError
+logging.getLogger("accelerate.utils.other").addFilter(_not_the_tied_weights_note)
 
 STATE = "trainer_state.json"
 PREFIX = "step_"

@@ -74,12 +74,10 @@ class DocBoundary:
         return None
 
 
-def doc_position_ids(inputs: np.ndarray, boundary: DocBoundary | int) -> np.ndarray:
+def doc_position_ids(inputs: np.ndarray, boundary: DocBoundary) -> np.ndarray:
     """Each token's position inside its document: counting restarts where a document begins
-    (at `boundary`; an int is a bos id). Tokens before a row's first boundary (the tail of a
-    document begun in an earlier block) count from 0."""
-    if not isinstance(boundary, DocBoundary):
-        boundary = DocBoundary(int(boundary))
+    (at `boundary`). Tokens before a row's first boundary (the tail of a document begun in an
+    earlier block) count from 0."""
     n, width = inputs.shape
     col = np.broadcast_to(np.arange(width), (n, width))
     begins = inputs == boundary.token

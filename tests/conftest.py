@@ -25,16 +25,18 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from lib import runtime  # noqa: E402 -- only os: torch is not imported yet
+
 # what every run in this process sees, set before anything imports huggingface_hub (which reads
 # HF_HUB_OFFLINE once, when imported)
 RUN_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 os.environ.update(RUN_ENV)
-# and what `--deterministic` sets before torch starts (lib/runtime.prepare_environment), here
-# before this process imports torch, so that a bitwise run in this process computes the same bits
-# as one in a subprocess; subprocesses get the environment as it was
-_SET_HERE = {k: v for k, v in (("MKL_CBWR", "AUTO,STRICT"), ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16"))
-             if k not in os.environ}
-os.environ.update(_SET_HERE)
+# and what `--deterministic` sets before torch starts, here before this process imports torch, so
+# that a bitwise run in this process computes the same bits as one in a subprocess; subprocesses
+# get the environment as it was
+_before = set(os.environ)
+runtime.prepare_environment(deterministic=True)
+_SET_HERE = set(os.environ) - _before
 
 
 def subprocess_env(env: dict[str, str] | None = None) -> dict[str, str]:

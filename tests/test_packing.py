@@ -17,7 +17,7 @@ SPECIAL = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 def test_positions_restart_at_each_bos():
     rows = np.array([[1, 7, 8, 2, 1, 9, 2, 1],
                      [8, 8, 2, 1, 5, 5, 5, 5]])
-    assert doc_position_ids(rows, 1).tolist() == [[0, 1, 2, 3, 0, 1, 2, 0],
+    assert doc_position_ids(rows, DocBoundary(1)).tolist() == [[0, 1, 2, 3, 0, 1, 2, 0],
                                                   [0, 1, 2, 0, 1, 2, 3, 4]]
 
 
