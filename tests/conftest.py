@@ -8,10 +8,12 @@ costs about six seconds of imports (torch, transformers, matplotlib), more than 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import importlib.util
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -80,11 +82,37 @@ def _script_module(script: Path):
     return _modules[script]
 
 
-def run_in_process(script: Path, args, cwd, env) -> subprocess.CompletedProcess:
+class RunTimedOut(BaseException):
+    """Raised inside a run in this process that outlives its timeout: a BaseException, so that a
+    script's own `except Exception` cannot swallow it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Interrupt the main thread with RunTimedOut after `seconds` (a hung run fails its test, as
+    subprocess.run's timeout does, instead of holding CI until its own limit). Should the run be
+    stuck where no Python code runs, every thread's stack is written to stderr and the process
+    exits a minute later."""
+    def expire(signum, frame):
+        raise RunTimedOut(f"ran past its timeout of {seconds:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    faulthandler.dump_traceback_later(seconds + 60, exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_in_process(script: Path, args, cwd, env, timeout: float) -> subprocess.CompletedProcess:
     """`python script args...` as main() in this process: stdout and stderr captured, the exit code
     that `sys.exit` gave (1 and the traceback for an exception, as Python does), and what a run
     changes in the process (environment, working folder, threads, deterministic algorithms,
-    Accelerate's state, warning filters, compiled graphs) put back afterwards."""
+    Accelerate's state, warning filters, compiled graphs) put back afterwards. A run that outlives
+    `timeout` seconds raises subprocess.TimeoutExpired, as a subprocess would."""
     import torch
     from accelerate.state import AcceleratorState
 
@@ -92,18 +120,22 @@ def run_in_process(script: Path, args, cwd, env) -> subprocess.CompletedProcess:
     saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     out, err = io.StringIO(), io.StringIO()
-    code = 0
+    code, timed_out = 0, False
     try:
         os.environ.update(env)
         os.chdir(cwd)
         sys.argv = [str(script), *args]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             try:
-                module.main()
+                with deadline(timeout):
+                    module.main()
             except SystemExit as exc:
                 if isinstance(exc.code, str):
                     print(exc.code, file=sys.stderr)
                 code = 1 if isinstance(exc.code, str) else exc.code or 0
+            except RunTimedOut:
+                traceback.print_exc()
+                timed_out = True
             except Exception:  # noqa: BLE001 -- an uncaught exception: what Python would print, exit 1
                 traceback.print_exc()
                 code = 1
@@ -117,6 +149,8 @@ def run_in_process(script: Path, args, cwd, env) -> subprocess.CompletedProcess:
         AcceleratorState._reset_state(reset_partial_state=True)
         torch._dynamo.reset()
         gc.collect()
+    if timed_out:
+        raise subprocess.TimeoutExpired([sys.executable, str(script), *args], timeout, out.getvalue(), err.getvalue())
     return subprocess.CompletedProcess([sys.executable, str(script), *args], code, out.getvalue(), err.getvalue())
 
 
@@ -126,15 +160,15 @@ def run_script(script: str | Path, *args: str, cwd: str | Path | None = None, ch
     """Run `python <script> args...` (or `<launcher> <script> args...`), with `env` added to the
     environment: train.py, eval.py and audit.py without a launcher in this process (see run_in_process),
     unless `fresh_process` or `env` holds a variable read at start-up; everything else as a
-    subprocess. `check`: fail the test, showing both outputs, unless it exits 0. `timeout`
-    (seconds) bounds a subprocess only."""
+    subprocess. `check`: fail the test, showing both outputs, unless it exits 0. A run that
+    outlives `timeout` seconds raises subprocess.TimeoutExpired, in this process or not."""
     script = Path(script)
     if not script.is_absolute():
         script = REPO / script
     cmd = [*(str(free_port()) if a == FREE_PORT else a for a in launcher or (sys.executable,)), str(script), *args]
     if (script in IN_PROCESS and not launcher and not fresh_process
             and not any(k.startswith(STARTUP_ENV) for k in env or {})):
-        proc = run_in_process(script, args, cwd or REPO, {**RUN_ENV, **(env or {})})
+        proc = run_in_process(script, args, cwd or REPO, {**RUN_ENV, **(env or {})}, timeout)
     else:
         proc = subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
                               env=subprocess_env(env))

@@ -229,3 +229,25 @@ def test_a_run_inside_pytest_leaves_the_process_as_it_was(tiny_data, tmp_path):
     after = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), dict(os.environ), os.getcwd())
     assert after == before
     assert not PartialState._shared_state  # the next run starts Accelerate afresh
+
+
+def test_a_run_inside_pytest_that_hangs_fails_its_test(tiny_data, tmp_path):
+    """A run inside this process that outlives its timeout raises TimeoutExpired, as a subprocess
+    would, instead of holding the suite (and CI) until its own limit; the process is put back."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    before = (torch.get_num_threads(), dict(os.environ), os.getcwd(), signal.getsignal(signal.SIGALRM))
+    t = time.perf_counter()
+    with pytest.raises(subprocess.TimeoutExpired) as caught:
+        train(tiny_data, tmp_path, "hangs", "--max_steps", "100000", "--max_minutes", "None", "--eval_every", "0",
+              "--checkpoint_every", "0", cwd=tmp_path, timeout=5)
+    assert time.perf_counter() - t < 60
+    assert "ran past its timeout of 5s" in caught.value.stderr
+    assert (torch.get_num_threads(), dict(os.environ), os.getcwd(), signal.getsignal(signal.SIGALRM)) == before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    proc = train(tiny_data, tmp_path, "after", "--max_steps", "2", "--eval_every", "0", "--checkpoint_every", "0")
+    assert proc.returncode == 0
