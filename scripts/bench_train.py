@@ -20,8 +20,9 @@ the steps after --warmup. Configurations:
   ours_same_as_a    scripts/train.py in Trainer-default conditions: fp32, padded to the longest,
                     random batches, and the same malloc settings as the Trainer run (no tuning)
 
-It reports each one's tokens/s, its model FLOP/s (6N + 12*L*H*Q*T per token) as a share of the
-matmul peak of its dtype measured here in this run, and the ratios the targets name.
+It reports each one's tokens/s (plotted in train.png), its model FLOP/s (6N + 12*L*H*Q*T per
+token) as a share of the matmul peak of its dtype measured here in this run, and the ratios the
+targets name.
 Ratios are taken within a round and the median over rounds is reported, each beside its
 ceiling: the ratio the first configuration would reach with every model FLOP at the matmul peak
 of its precision, against what the second achieved (a target above the ceiling cannot be met in
@@ -56,6 +57,8 @@ class BenchTrainConfig:
 
     preset: Path = Path("configs/train/default.yaml")
     """The training preset whose model, data, seq_len and micro-batch size are used."""
+    data_dir: Optional[Path] = None
+    """A tokenized dataset to train on instead of the preset's."""
     out_dir: Path = Path("runs/bench")
     steps: int = 30
     """Optimizer steps per configuration (the first --warmup are not timed)."""
@@ -67,15 +70,20 @@ class BenchTrainConfig:
     """Internal: run one Trainer configuration in this process and print its figures."""
 
 
-def train_config(preset: Path):
-    """The resolved TrainConfig of a preset (scripts/train.py's own parser)."""
+def train_config(cfg: BenchTrainConfig):
+    """The resolved TrainConfig of the preset, with --data_dir (scripts/train.py's own parser)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["train_script"] = module  # tyro reads the field docs through the module
     spec.loader.exec_module(module)
-    return config_lib.parse(module.TrainConfig, ["--config", str(preset)])
+    return config_lib.parse(module.TrainConfig, ["--config", str(cfg.preset), *data_args(cfg)])
+
+
+def data_args(cfg: BenchTrainConfig) -> list[str]:
+    """scripts/train.py's flags for --data_dir."""
+    return ["--data.dir", str(cfg.data_dir)] if cfg.data_dir else []
 
 
 def trainer_worker(cfg: BenchTrainConfig, mode: str) -> None:
@@ -88,7 +96,7 @@ def trainer_worker(cfg: BenchTrainConfig, mode: str) -> None:
     from lib.data import DataConfig, build_train_data, tokens_dir
     from lib.model import build_model, flops_per_token
 
-    tc = train_config(cfg.preset)
+    tc = train_config(cfg)
     tok_dir = tokens_dir(tc.data.dir)
     manifest = read_manifest(tok_dir, "tokens")
     pieces = build_train_data(tok_dir, DataConfig(dir=tc.data.dir, seq_len=tc.data.seq_len, packing="pad_longest"),
@@ -150,6 +158,7 @@ def trainer_worker(cfg: BenchTrainConfig, mode: str) -> None:
 
 def run_trainer(cfg: BenchTrainConfig, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--preset", str(cfg.preset), "--out_dir", str(cfg.out_dir),
+           *(["--data_dir", str(cfg.data_dir)] if cfg.data_dir else []),
            "--steps", str(cfg.steps), "--warmup", str(cfg.warmup), "--worker", mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
@@ -159,7 +168,8 @@ def run_trainer(cfg: BenchTrainConfig, mode: str) -> dict:
 
 def run_ours(cfg: BenchTrainConfig, name: str, *extra: str) -> dict:
     runs = cfg.out_dir / "runs"
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(cfg.preset), "--runs_dir", str(runs),
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(cfg.preset), *data_args(cfg),
+           "--runs_dir", str(runs),
            "--run_name", name, "--overwrite", "--max_steps", str(cfg.steps), "--log_every", "1",
            "--eval_every", "0", "--checkpoint_every", "0", "--eval_tokens", "4096", "--max_minutes", "None",
            "--no_mfu", *extra]
@@ -190,7 +200,7 @@ def main() -> None:
     from lib.data import tokens_dir
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    tc = train_config(cfg.preset)
+    tc = train_config(cfg)
     manifest = read_manifest(tokens_dir(tc.data.dir), "tokens")
     fpt = flops_per_token(build_model(tc.model, manifest["vocab_size"], manifest["special_ids"]), tc.data.seq_len)
     peaks = {d: measure_matmul_peak(d) for d in ("fp32", "bf16")}
@@ -243,7 +253,40 @@ def main() -> None:
     out = {"peaks": peaks, "flops_per_token": fpt, "results": results, "ratios": ratios, "ceilings": ceilings,
            "steps": cfg.steps, "warmup": cfg.warmup, "rounds": cfg.rounds}
     (cfg.out_dir / "train.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    print(f"[bench] results -> {cfg.out_dir / 'train.json'}")
+    key = "ours_default / trainer_defaults"
+    plot(rounds, peaks, fpt, f"{key}: {ratios[key]:.2f}x (target >= {targets[tuple(key.split(' / '))]}x, "
+         f"ceiling {ceilings[key]:.2f}x)", cfg.out_dir / "train.png")
+    print(f"[bench] results -> {cfg.out_dir / 'train.json'}, {cfg.out_dir / 'train.png'}")
+
+
+def plot(rounds: list[dict], peaks: dict, fpt: float, headline: str, out: Path) -> None:
+    """Real tokens/s of every configuration (each round a dot, the median a bar), beside what
+    each precision's matmul peak would give with every model FLOP at it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rounds[0])
+    fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(names) + 2))
+    for k, name in enumerate(names):
+        values = [r[name]["tokens_per_s"] for r in rounds if name in r]
+        mid, dtype = statistics.median(values), rounds[0][name]["dtype"]
+        ax.barh(k, mid, color="tab:green" if name.startswith("ours") else "tab:gray")
+        ax.plot(values, [k] * len(values), "k.", ms=4)
+        ax.text(max(values) * 1.02, k, f"{mid:,.0f} ({dtype}, {mid * fpt / peaks[dtype]:.0%} of its peak)",
+                va="center", fontsize=8)
+    for dtype, style in (("fp32", ":"), ("bf16", "--")):
+        ax.axvline(peaks[dtype] / fpt, color="tab:red", ls=style, lw=1, label=f"{dtype} matmul peak / model FLOPs per token")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("real target tokens per second (bar: median over rounds; dots: each round)")
+    ax.set_xlim(0, max(max(peaks.values()) / fpt, max(r["tokens_per_s"] for rs in rounds for r in rs.values())) * 1.3)
+    ax.set_title(headline, fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
