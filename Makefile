@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke test bench gpu-check gpu-kit audit fork fork-diff clean distclean
+.PHONY: help venv tokenize train eval smoke mlflow test bench gpu-check gpu-kit audit fork fork-diff clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9.5-minute budget), evaluate it"
@@ -16,6 +16,7 @@ help:
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
 	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"
 	@echo "make audit     environment and data integrity checks"
+	@echo "make mlflow    MLflow's web view of the runs tracked in runs/mlflow.db (http://127.0.0.1:5000)"
 	@echo "make fork NAME=my-idea [SCRIPT=train]       copy scripts/SCRIPT.py into experiments/NAME/, stamped"
 	@echo "make fork-diff NAME=my-idea [SCRIPT=train]  what the fork changed since the commit it came from"
 	@echo "make clean     delete data/ and runs/smoke/ (rebuildable); make distclean also deletes .venv and runs/"
@@ -38,6 +39,10 @@ train: tokenize
 
 eval: venv
 	$(PY) scripts/eval.py --model runs/$(RUN)
+
+# every run is tracked in runs/mlflow.db (scripts/train.py --tracking.*); this serves it on this machine only
+mlflow: venv
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db --host 127.0.0.1 --port 5000
 
 smoke: venv
 	$(PY) scripts/tokenize.py --config configs/tokenize/smoke.yaml

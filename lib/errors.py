@@ -19,6 +19,25 @@ _where = [lambda: f"process {os.environ.get('RANK', '0')}"]
 collective_timeout_minutes: float | None = None  # set by lib/runtime.start, for the message
 
 
+_at_exit: list = []
+
+
+def at_exit(callback) -> None:
+    """Have `callback(exc)` called once when the wrapped main() ends: exc is None after a normal
+    return, else what ended it (SystemExit included). For closing what a run opened beside its
+    files (an MLflow run) with the right status; an error inside it is printed, never raised."""
+    _at_exit.append(callback)
+
+
+def _run_at_exit(exc: BaseException | None) -> None:
+    callbacks, _at_exit[:] = list(_at_exit), []
+    for callback in callbacks:
+        try:
+            callback(exc)
+        except Exception as error:  # noqa: BLE001 -- cleanup must not hide what ended the run
+            print(f"warning: while finishing: {type(error).__name__}: {error}", file=sys.stderr)
+
+
 def where_am_i(describe) -> None:
     """Tell the error wrapper how to say where this process is (e.g. its rank and step), for the
     one line it prints when a wait for the other processes fails."""
@@ -44,11 +63,21 @@ def exit_on_user_error(main):
     the other processes that failed (timeout, a peer gone) prints where this process was, exit 3.
 
     Anything else propagates with its traceback, since it is a bug rather than bad input. With
-    LM_DEBUG=1 in the environment, every error shows its traceback.
+    LM_DEBUG=1 in the environment, every error shows its traceback. Callbacks registered with
+    at_exit run when main() ends, however it ends.
     """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        try:
+            result = guarded(*args, **kwargs)
+        except BaseException as exc:
+            _run_at_exit(exc)
+            raise
+        _run_at_exit(None)
+        return result
+
+    def guarded(*args, **kwargs):
         if os.environ.get("LM_DEBUG"):  # LM_DEBUG=1: every error with its traceback
             return main(*args, **kwargs)
         try:

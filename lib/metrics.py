@@ -16,19 +16,23 @@ def _clean(v):
 
 
 class JsonlWriter:
-    """Append one JSON object per line, flushed per line so a crash loses at most one record.
+    """Append one JSON object per line, flushed per line so a crash loses at most one record;
+    each record is also handed to `mirror.write` when given (lib.tracking's MLflow tracker).
 
     Only the main process should own one.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, mirror=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
+        self.mirror = mirror
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=False) + "\n")
         self._f.flush()
+        if self.mirror is not None:
+            self.mirror.write(record)
 
     def close(self) -> None:
         self._f.close()

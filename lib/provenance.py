@@ -40,6 +40,7 @@ def provenance(cfg, data_manifest: dict, accelerator, n_params: int, resumed_fro
     import torch
 
     from lib.config import to_dict
+    from lib.tracking import effective_uri
 
     return {
         "argv": sys.argv,
@@ -59,5 +60,6 @@ def provenance(cfg, data_manifest: dict, accelerator, n_params: int, resumed_fro
                  "corpus_content_hash": data_manifest["corpus_content_hash"],
                  "tokenizer_sha256": data_manifest["tokenizer_sha256"]},
         "resumed_from": str(resumed_from) if resumed_from else None,
+        "tracking_uri": effective_uri(cfg.tracking, cfg.runs_dir) if hasattr(cfg, "tracking") else None,
         "config": to_dict(cfg),
     }

@@ -190,6 +190,8 @@ def resume_check(cfg: ResumeCheckConfig) -> None:
                   "None", "--model.d_ff", "None", "--data.seq_len", "64", "--micro_batch_size", "2"]
     if cfg.precision != "config":
         train += ["--precision", cfg.precision]
+    if "TrackingConfig" in cfg.train_script.read_text(encoding="utf-8"):  # forks older than tracking lack the flag
+        train += ["--tracking.no_mlflow"]  # check runs, not experiments: nothing to file in MLflow
     env = {**os.environ, "TQDM_DISABLE": "1"}
 
     def start(label, *extra):  # -> (process, its log, what it was)

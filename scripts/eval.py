@@ -69,6 +69,9 @@ class EvalConfig:
     """What the samples continue; default: the opening words of held-out documents, one each."""
     temperature: float = 0.8
     seed: int = 0
+    tracking: bool = True
+    """Add the figures (and metrics.csv, samples.txt, the report) to the MLflow run that the training
+    run recorded in its tracking.json, when evaluating that run on its own data."""
 
 
 def weights_sha256(model_dir: Path, verified: dict[str, str] | None = None) -> str:
@@ -243,6 +246,14 @@ def main() -> None:
             f"perplexity {res['perplexity']:.2f}, next-token accuracy {res['accuracy']:.3f}"))
     print(f"wrote {out_dir}/metrics.ndjson, metrics.csv, metrics.parquet" + (", samples.txt" if samples else "")
           + (f"; {report}" if report is not None and report.is_file() else ""))
+    if cfg.tracking and report is not None:  # the run's own data, as for the report
+        from lib.tracking import log_to_recorded_run
+
+        steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r]
+        figures = {f"eval_{cfg.split}_{k}": float(record[k]) for k in ("loss", "perplexity", "accuracy", "bits_per_byte")}
+        figures.update({f"eval_{cfg.split}_{k}_bits_per_byte": v for k, v in baselines.items()})
+        log_to_recorded_run(run_dir, figures, max(steps, default=0), [
+            ("eval", out_dir / "metrics.csv"), ("eval", out_dir / "samples.txt"), ("", report)], print)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,12 @@ def run_script(script: str | Path, *args: str, cwd: str | Path | None = None, ch
     return proc
 
 
+# MLflow tracking is off in test runs unless a test turns it on (`--tracking.mlflow` among its args):
+# each fresh runs folder would create a tracking database (about 2 s), and tests/test_tracking.py
+# covers it
+NO_TRACKING = ("--tracking.no_mlflow",)
+
+
 def train_command(data: str | Path, runs: str | Path, name: str, *args: str,
                   launcher: tuple[str, ...] = ()) -> list[str]:
     """The command line of a smoke-preset training run `runs/name` on `data`, `args` after the
@@ -185,16 +191,17 @@ def train_command(data: str | Path, runs: str | Path, name: str, *args: str,
     launcher = tuple(str(free_port()) if a == FREE_PORT else a for a in launcher)
     return [*(launcher or (sys.executable,)), str(REPO / "scripts" / "train.py"), "--config",
             str(REPO / "configs" / "train" / "smoke.yaml"), "--data.dir", str(data), "--runs_dir", str(runs),
-            "--run_name", name, *args]
+            "--run_name", name, *NO_TRACKING, *args]
 
 
 def train(data: str | Path, runs: str | Path, name: str, *args: str, launcher: tuple[str, ...] = (),
           check: bool = True, env: dict[str, str] | None = None, cwd: str | Path | None = None,
           timeout: float = 600, fresh_process: bool = False) -> subprocess.CompletedProcess:
-    """Run scripts/train.py with the smoke preset as `runs/name` on `data` (as train_command),
-    through `launcher` (e.g. accelerate_launch("cpu_ddp")); every test launches training this way."""
+    """Run scripts/train.py with the smoke preset as `runs/name` on `data` (as train_command), MLflow
+    tracking off unless `args` turn it on, through `launcher` (e.g. accelerate_launch("cpu_ddp"));
+    every test launches training this way."""
     return run_script("scripts/train.py", "--config", str(REPO / "configs" / "train" / "smoke.yaml"),
-                      "--data.dir", str(data), "--runs_dir", str(runs), "--run_name", name, *args,
+                      "--data.dir", str(data), "--runs_dir", str(runs), "--run_name", name, *NO_TRACKING, *args,
                       launcher=launcher, check=check, env=env, cwd=cwd, timeout=timeout,
                       fresh_process=fresh_process)
 

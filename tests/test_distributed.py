@@ -45,9 +45,10 @@ PARALLEL_RUN = ["--max_steps", "12", "--log_every", "3", "--eval_every", "0", "-
 
 @pytest.fixture(scope="module")
 def ddp_run(tiny_data, tmp_path_factory):
-    """A 2-process CPU DDP run of 12 steps (checkpoints at 6 and 12): (its folder, its output)."""
+    """A 2-process CPU DDP run of 12 steps (checkpoints at 6 and 12), tracked in MLflow: (its folder,
+    its output)."""
     root = tmp_path_factory.mktemp("ddp")
-    return root / "two", train(tiny_data, root, "two", *PARALLEL_RUN, launcher=DDP)
+    return root / "two", train(tiny_data, root, "two", *PARALLEL_RUN, "--tracking.mlflow", launcher=DDP)
 
 
 def test_two_process_ddp_trains_as_one_job(tiny_data, tmp_path, ddp_run):
@@ -65,6 +66,13 @@ def test_two_process_ddp_trains_as_one_job(tiny_data, tmp_path, ddp_run):
     assert [2 * r["tokens_seen"] for r in a] == [r["tokens_seen"] for r in b]
     assert a[-1]["loss"] != b[-1]["loss"]
     assert [p.name for p in sorted((two_dir / "checkpoints").iterdir())] == ["step_0000006", "step_0000012"]
+    # one MLflow run for the job, written by the main process
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{two_dir.parent / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lm").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.metrics["world_size"] == 2
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [3, 6, 9, 12]
 
 
 def test_fsdp2_on_cpu_shards_trains_like_ddp_and_resumes(tiny_data, tmp_path, ddp_run):

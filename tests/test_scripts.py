@@ -178,7 +178,7 @@ def test_zloss_fork_changes_one_function_and_trains(tiny_data, tmp_path):
         run_script(script, "--config", str(REPO / "configs/train/smoke.yaml"), "--data.dir", str(tiny_data),
                    "--runs_dir", str(tmp_path), "--run_name", name, "--max_steps", "2", "--log_every", "1",
                    "--eval_every", "0", "--eval_tokens", "2000", "--checkpoint_every", "0", "--precision", "fp32",
-                   *args, cwd=tmp_path)
+                   "--tracking.no_mlflow", *args, cwd=tmp_path)
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return next(r["loss"] for r in rows if r["type"] == "train")
 

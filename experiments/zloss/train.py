@@ -35,6 +35,10 @@ from lib.lora import LoraOptions  # noqa: E402
 from lib.loss import step_scaled_loss, token_loss_sum  # noqa: E402
 from lib.model import ModelConfig  # noqa: E402
 from lib.optim import OptimConfig, lr_at, set_lr  # noqa: E402
+from lib.tracking import TrackingConfig  # noqa: E402
+
+
+RUN_FILES = ("config.yaml", "provenance.json", "metrics.jsonl", "loss.png", "report.md")  # also sent to MLflow
 
 
 @dataclass
@@ -51,6 +55,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraOptions = field(default_factory=LoraOptions)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     max_steps: int = 1000
     """Optimizer steps at most; without a time budget the learning-rate schedule spans exactly these."""
@@ -220,7 +225,7 @@ def main() -> None:
     runtime.prepare_environment(cfg.deterministic)  # read when MKL and cuBLAS start: before torch
     from accelerate.utils import gather_object, set_seed
 
-    from lib import budget, export, run_folder
+    from lib import budget, export, run_folder, tracking
     from lib import checkpoint as ckpt
     from lib import lora
     from lib.corpus import read_manifest
@@ -251,6 +256,8 @@ def main() -> None:
                                         timeout_minutes=cfg.dist_timeout_minutes)
     say, is_main, world, device = accelerator.print, accelerator.is_main_process, accelerator.num_processes, \
         accelerator.device
+    if is_main:
+        tracking.preload(cfg.tracking)  # MLflow's import overlaps the set-up below, not the first steps
     if cfg.keep_best and (not cfg.eval_every or not cfg.checkpoint_every or cfg.checkpoint_every % cfg.eval_every):
         say(f"warning: --keep_best compares checkpoints written at evaluation steps; with checkpoint_every "
             f"{cfg.checkpoint_every} and eval_every {cfg.eval_every} only the final checkpoint has a held-out loss")
@@ -304,7 +311,10 @@ def main() -> None:
         if dropped:
             say(f"metrics.jsonl: dropped {dropped} record(s) logged after step {loop.step}; they are logged again")
     describe_run(cfg, say, train_data, boundary, sampler, n_params, world, choice, loop.horizon, fit, resume_from)
-    metrics = JsonlWriter(run_dir / "metrics.jsonl") if is_main else None
+    # MLflow mirrors what metrics.jsonl records, from a thread: local unless --tracking.uri says otherwise
+    tracker = tracking.start(cfg.tracking, run_dir, config_lib.to_dict(cfg), {"precision": choice.name},
+                             resumed=resume_from is not None, say=say, artifacts=RUN_FILES) if is_main else None
+    metrics = JsonlWriter(run_dir / "metrics.jsonl", mirror=tracker) if is_main else None
     mfu = MfuMeter(device, fpt, world, enabled=cfg.mfu and is_main, say=say)
 
     def evaluate() -> dict:
@@ -500,6 +510,8 @@ def build(cfg, accelerator, manifest: dict):
 def check_options(cfg: TrainConfig) -> None:
     """Values no run can use, refused before anything is read or written (a UserError naming the
     option)."""
+    from lib.tracking import effective_uri
+
     rules = [("max_steps", cfg.max_steps >= 1, "at least 1"), ("micro_batch_size", cfg.micro_batch_size >= 1,
              "at least 1"), ("grad_accum_steps", cfg.grad_accum_steps >= 1, "at least 1"),
              ("keep_last_n", cfg.keep_last_n >= 1, "at least 1"), ("optim.lr", cfg.optim.lr >= 0, "0 or more"),
@@ -517,6 +529,7 @@ def check_options(cfg: TrainConfig) -> None:
             for part in name.split("."):
                 value = getattr(value, part)
             raise UserError(f"--{name} {value}: must be {need}")
+    effective_uri(cfg.tracking, cfg.runs_dir)  # --tracking.uri env without MLFLOW_TRACKING_URI: refused now
 
 
 def fp16_state(accelerator, loop) -> dict:
