@@ -227,7 +227,7 @@ def main() -> None:
     from lib.flops import MfuMeter
     from lib.loop_state import LoopState
     from lib.metrics import JsonlWriter, truncate_after_step
-    from lib.monitor import peak_memory_gib
+    from lib.monitor import SystemMonitor, peak_memory_gib
     from lib.model import build_model, matmul_dims
     from lib.preemption import EXIT_STOPPED, StopRequests
     from lib.precision import model_matmul_shapes
@@ -307,6 +307,9 @@ def main() -> None:
                              resumed=resume_from is not None, say=say, artifacts=RUN_FILES) if is_main else None
     metrics = JsonlWriter(run_dir / "metrics.jsonl", mirror=tracker) if is_main else None
     mfu = MfuMeter(device, fpt, world, enabled=cfg.mfu and is_main, say=say)
+    system = SystemMonitor(device) if is_main else None  # CPU, memory, GPU figures in every train record
+    if system:
+        say(f"system metrics: {system.describe()}")
 
     def evaluate() -> dict:
         t = time.perf_counter()
@@ -383,7 +386,7 @@ def main() -> None:
             now = time.perf_counter()
             tps = (loop.tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
             t_log, tokens_at_log = now, loop.tokens_seen
-            log_step(cfg, accelerator, loop, metrics, bar, tps, mfu, grad_norm, lr)
+            log_step(cfg, accelerator, loop, metrics, bar, tps, mfu, system, grad_norm, lr)
         if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < loop.horizon:
             evaluate()
         if cfg.checkpoint_every and loop.step % cfg.checkpoint_every == 0 and loop.step < loop.horizon:
@@ -530,9 +533,10 @@ def fp16_state(accelerator, loop) -> dict:
     return {"loss_scale": accelerator.scaler.get_scale(), "overflow_steps": loop.overflow_steps}
 
 
-def log_step(cfg, accelerator, loop, metrics, bar, tps: float, mfu, grad_norm: float, lr: float) -> None:
+def log_step(cfg, accelerator, loop, metrics, bar, tps: float, mfu, system, grad_norm: float, lr: float) -> None:
     """One log line and metrics record: the mean loss over every target token of every process
-    since the last one (the window is then emptied), throughput and MFU, padding, fp16's scale."""
+    since the last one (the window is then emptied), throughput and MFU, padding, fp16's scale,
+    and in the record the system's figures (lib.monitor.SystemMonitor)."""
     from lib.monitor import peak_memory_gib
     from lib.progress import write
 
@@ -552,7 +556,7 @@ def log_step(cfg, accelerator, loop, metrics, bar, tps: float, mfu, grad_norm: f
                        "horizon": loop.horizon, "tokens_seen": loop.tokens_seen, "tokens_per_s": tps,
                        "padding": pad_frac, "mfu": utilization, "skipped_steps": loop.skipped_steps,
                        "elapsed_s": time.perf_counter() - loop.started_at,
-                       "peak_memory_gib": peak_memory_gib(accelerator.device)[0], **fp16})
+                       "peak_memory_gib": peak_memory_gib(accelerator.device)[0], **fp16, **system.sample()})
     if not math.isfinite(loss):
         raise UserError(f"loss became {loss} at step {loop.step}; lower optim.lr or check the data")
 

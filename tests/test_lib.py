@@ -314,6 +314,70 @@ def test_peak_memory_follows_what_the_process_holds():
     assert what == "process RSS" and peak >= earlier_peak + 0.9, (held, earlier_peak, size, peak)
 
 
+def test_system_monitor_samples_cpu_and_memory_and_degrades_without_psutil(monkeypatch):
+    import sys
+
+    import torch
+
+    from lib.monitor import SystemMonitor
+
+    monitor = SystemMonitor(torch.device("cpu"))
+    assert monitor.describe() == "CPU and memory (psutil)"
+    sum(range(2_000_000))  # some CPU time for the interval
+    got = monitor.sample()
+    assert set(got) == {"sys_cpu_percent", "sys_process_cpu_percent", "sys_memory_percent", "sys_rss_gib"}
+    assert 0 <= got["sys_cpu_percent"] <= 100 and 0 < got["sys_memory_percent"] < 100 and got["sys_rss_gib"] > 0.01
+    assert got["sys_process_cpu_percent"] > 0
+
+    # a source that fails mid-run is dropped with its reason, and sampling goes on
+    def broken():
+        raise OSError("gone")
+
+    monkeypatch.setattr(monitor._process, "memory_info", broken)
+    assert monitor.sample() == {} and "CPU and memory: stopped (OSError)" in monitor.describe()
+
+    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed
+    monitor = SystemMonitor(torch.device("cpu"))
+    assert monitor.sample() == {} and monitor.describe() == "none; CPU and memory: unavailable (ModuleNotFoundError)"
+
+
+def test_system_monitor_reads_the_gpu_through_nvml_and_drops_what_fails(monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    from lib.monitor import SystemMonitor
+
+    class NotSupported(Exception):
+        pass
+
+    opened = []
+    nvml = types.SimpleNamespace(
+        NVML_TEMPERATURE_GPU=0, nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: opened.append(i) or f"gpu{i}",
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=87),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * 2**30),
+        nvmlDeviceGetPowerUsage=lambda h: (_ for _ in ()).throw(NotSupported()),  # some boards cannot
+        nvmlDeviceGetTemperature=lambda h, sensor: 61)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # torch's cuda:1 is NVML's GPU 5
+    monitor = SystemMonitor(torch.device("cuda", 1))
+    assert opened == [5]
+    got = monitor.sample()
+    assert {k: v for k, v in got.items() if k.startswith("gpu")} == {
+        "gpu_utilization_percent": 87.0, "gpu_memory_gib": 3.0, "gpu_temperature_c": 61.0}
+    assert "gpu_power_w: stopped (NotSupported)" in monitor.describe() and "sys_rss_gib" in got
+
+    def no_driver():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.setattr(nvml, "nvmlInit", no_driver)
+    monitor = SystemMonitor(torch.device("cuda", 0))
+    assert "GPU: unavailable (RuntimeError)" in monitor.describe()
+    assert not [k for k in monitor.sample() if k.startswith("gpu")]
+
+
 def test_flops_per_token_charges_a_frozen_weight_no_gradient():
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
