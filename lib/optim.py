@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+
+from lib.plugins import Registry
+
+SCHEDULES = Registry("schedule")
+"""Learning-rate schedules by name: fn(progress, cfg) -> the learning rate at `progress` (0 at the
+end of warmup, 1 at the last step); lr_at applies the warmup. Plugins add more (lib/plugins.py)."""
 
 
 @dataclass
@@ -17,7 +22,9 @@ class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr (cosine, linear and wsd schedules)."""
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    schedule: str = "cosine"
+    """cosine, linear, constant, wsd (warmup-stable-decay), or a schedule a plugin registers
+    (train.py --plugins; lib/plugins.py)."""
     warmup_steps: int = 50
     decay_fraction: float = 0.2
     """wsd only: share of the steps after warmup spent decaying."""
@@ -32,25 +39,38 @@ class OptimConfig:
 def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step `step` (0-based) of a `max_steps` run.
 
-    Linear warmup from lr/warmup_steps to lr over `warmup_steps`, then the chosen decay down
-    to `lr * min_lr_ratio` at the last step.
+    Linear warmup from lr/warmup_steps to lr over `warmup_steps`, then the named schedule
+    (SCHEDULES), the built-in ones decaying to `lr * min_lr_ratio` at the last step.
     """
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
     span = max(1, max_steps - cfg.warmup_steps - 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "linear":
-        return cfg.lr + (floor - cfg.lr) * progress
-    if cfg.schedule == "cosine":
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    # warmup-stable-decay: flat at lr, then a linear decay over the last decay_fraction
+    return SCHEDULES.get(cfg.schedule, "--optim.schedule")(min(1.0, (step - cfg.warmup_steps) / span), cfg)
+
+
+@SCHEDULES.register("constant")
+def constant(progress: float, cfg: OptimConfig) -> float:
+    return cfg.lr
+
+
+@SCHEDULES.register("linear")
+def linear(progress: float, cfg: OptimConfig) -> float:
+    return cfg.lr + (cfg.lr * cfg.min_lr_ratio - cfg.lr) * progress
+
+
+@SCHEDULES.register("cosine")
+def cosine(progress: float, cfg: OptimConfig) -> float:
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@SCHEDULES.register("wsd")
+def warmup_stable_decay(progress: float, cfg: OptimConfig) -> float:
+    """Flat at lr, then a linear decay to the floor over the last decay_fraction."""
     stable = 1.0 - cfg.decay_fraction
     if progress <= stable:
         return cfg.lr
-    return cfg.lr + (floor - cfg.lr) * (progress - stable) / max(cfg.decay_fraction, 1e-12)
+    return cfg.lr + (cfg.lr * cfg.min_lr_ratio - cfg.lr) * (progress - stable) / max(cfg.decay_fraction, 1e-12)
 
 
 def build_optimizer(model, cfg: OptimConfig):

@@ -10,6 +10,8 @@ Checks:
   data  every corpus/token shard and the tokenizer match the sha256 in their manifests, and the
         manifests agree with each other
   run   every checkpoint's files match the sha256 recorded when it was written; final/ is there
+  plugins  every plugin (--plugins, installed `lm.plugins` entry points) loads; what each registry
+        holds and where each entry came from
 
   resume (a subcommand) trains a training config at tiny size twice, straight through and
         stopped mid-way then resumed in a new process, and checks that every logged loss and
@@ -39,7 +41,7 @@ from typing import Literal, Optional  # noqa: E402
 from lib import config as config_lib  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 
-Check = Literal["env", "data", "run"]
+Check = Literal["env", "data", "run", "plugins"]
 
 
 @dataclass
@@ -50,11 +52,13 @@ class AuditConfig:
     """YAML preset applied before these flags."""
     print_config: bool = False
     """Print the resolved config as YAML and exit."""
-    checks: tuple[Check, ...] = ("env", "data")
+    checks: tuple[Check, ...] = ("env", "data", "plugins")
     data: str = "data/stdlib"
     """Tokenized dataset folder for the data check."""
     run: Optional[Path] = None
     """Run folder for the run check."""
+    plugins: tuple[str, ...] = ()
+    """Plugins for the plugins check (.py files or module names), as train.py --plugins takes them."""
 
 
 class Report:
@@ -65,6 +69,23 @@ class Report:
         tag = {True: "PASS", False: "FAIL", None: "INFO"}[ok]
         self.failures += ok is False
         print(f"  [{tag}] {what}")
+
+
+def audit_plugins(rep: Report, specs: tuple[str, ...]) -> None:
+    from lib import plugins
+
+    report = plugins.load(specs)
+    for source, entries in report.loaded.items():
+        if not any(f.source == source for f in report.failed):
+            rep.line(True, f"plugin {source}: adds {', '.join(entries) or 'nothing'}")
+    for failure in report.failed:
+        rep.line(False, f"plugin {failure.source} failed to load: {failure.error}")
+    if not report.loaded:
+        rep.line(None, f"no plugins (none given with --plugins, no installed '{plugins.ENTRY_POINT_GROUP}' entry points)")
+    for registry in plugins.REGISTRIES.values():
+        rep.line(None, f"{registry.kind}: " + ", ".join(
+            name + ("" if registry.source(name) == "built-in" else f" ({registry.source(name)})")
+            for name in registry.names()))
 
 
 def audit_env(rep: Report) -> None:
@@ -315,6 +336,8 @@ def main() -> None:
             if cfg.run is None:
                 raise UserError("the run check needs --run RUN_FOLDER")
             audit_run(rep, cfg.run)
+        elif check == "plugins":
+            audit_plugins(rep, cfg.plugins)
     print("audit: " + ("all checks passed" if not rep.failures else f"{rep.failures} check(s) FAILED"))
     sys.exit(1 if rep.failures else 0)
 

@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 from typing import Literal, Optional  # noqa: E402
 
 from lib import config as config_lib  # noqa: E402
-from lib import registry, runtime  # noqa: E402
+from lib import plugins, registry, runtime  # noqa: E402
 from lib.data import DataConfig  # noqa: E402
 from lib.errors import UserError, exit_on_user_error, where_am_i  # noqa: E402
 from lib.lora import LoraOptions  # noqa: E402
@@ -48,6 +48,10 @@ class TrainConfig:
     """YAML preset applied before these flags."""
     print_config: bool = False
     """Print the resolved config as YAML and exit."""
+    plugins: tuple[str, ...] = ()
+    """Plugins to import first (.py files or module names) that add learning-rate schedules and
+    other named parts (lib/plugins.py); installed packages' `lm.plugins` entry points load too.
+    One that fails to load is a warning, unless the run asks for something it would have added."""
     run_name: str = "default"
     runs_dir: Path = Path("runs")
     data: DataConfig = field(default_factory=DataConfig)
@@ -210,6 +214,9 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
 @exit_on_user_error
 def main() -> None:
     cfg = config_lib.parse(TrainConfig, description=__doc__, expand={"model.size": registry.size})
+    loaded = plugins.load(cfg.plugins)  # before check_options: they add names it accepts
+    if os.environ.get("RANK", "0") == "0":
+        plugins.warn_failures(loaded)
     check_options(cfg)
     if cfg.model.init_from:  # a name or a folder -> the folder, as config.yaml then records it
         cfg.model.init_from = str(registry.resolve(cfg.model.init_from, cfg.model.allow_download))
@@ -504,6 +511,7 @@ def build(cfg, accelerator, manifest: dict):
 def check_options(cfg: TrainConfig) -> None:
     """Values no run can use, refused before anything is read or written (a UserError naming the
     option)."""
+    from lib.optim import SCHEDULES
     from lib.tracking import effective_uri
 
     rules = [("max_steps", cfg.max_steps >= 1, "at least 1"), ("micro_batch_size", cfg.micro_batch_size >= 1,
@@ -524,6 +532,7 @@ def check_options(cfg: TrainConfig) -> None:
                 value = getattr(value, part)
             raise UserError(f"--{name} {value}: must be {need}")
     effective_uri(cfg.tracking, cfg.runs_dir)  # --tracking.uri env without MLFLOW_TRACKING_URI: refused now
+    SCHEDULES.get(cfg.optim.schedule, "--optim.schedule")  # a name no built-in or loaded plugin provides
 
 
 def fp16_state(accelerator, loop) -> dict:

@@ -1,0 +1,178 @@
+"""Plugin registries: named parts a user adds without editing lib, and a record of what failed to load.
+
+A registry holds the implementations of one kind, the built-in ones first. A plugin is a Python
+module (a .py file or an importable name, given with --plugins, or an installed package's entry
+point in the group `lm.plugins`) that registers more when imported:
+
+    # my_schedules.py
+    from lib.optim import SCHEDULES
+
+    @SCHEDULES.register("inverse_sqrt")
+    def inverse_sqrt(progress, cfg):          # the learning rate after warmup, progress 0 -> 1
+        return cfg.lr / (1 + 9 * progress) ** 0.5
+
+    python scripts/train.py --plugins my_schedules.py --optim.schedule inverse_sqrt ...
+
+A plugin that fails to import (a syntax error, a missing package, a name registered twice) does
+not stop the script: load() records it, the script prints one warning line for it, asking for a
+name it would have provided is an error that names the failure, and `audit.py --checks plugins`
+lists every registry, where each entry came from, and the failures (exit 1).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lib.errors import UserError
+
+ENTRY_POINT_GROUP = "lm.plugins"
+REGISTRIES: dict[str, "Registry"] = {}  # kind -> its registry, in creation order
+
+
+class Registry:
+    """Named implementations of one kind. register() adds one (as a decorator or a call);
+    get() finds one or raises a UserError naming the option, the known names and any plugin
+    that failed to load."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, object] = {}
+        self._sources: dict[str, str] = {}
+        REGISTRIES[kind] = self
+
+    def register(self, name: str, obj=None):
+        """Add `obj` under `name` (or use as `@registry.register(name)`). A name already taken is
+        an error: a plugin never silently replaces a built-in or another plugin's entry."""
+        if obj is None:
+            return lambda fn: self.register(name, fn)
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered (by {self._sources[name]})")
+        self._items[name] = obj
+        self._sources[name] = _loading[-1] if _loading else "built-in"
+        return obj
+
+    def get(self, name: str, option: str):
+        if name in self._items:
+            return self._items[name]
+        failed = "".join(f"; {f.source} failed to load ({f.error})" for f in FAILURES)
+        raise UserError(f"{option} {name}: no such {self.kind}; known: {', '.join(self._items)}{failed}")
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def source(self, name: str) -> str:
+        """'built-in', or the plugin that registered `name`."""
+        return self._sources[name]
+
+
+@dataclass
+class Failure:
+    source: str
+    """The plugin: a file, a module name, or `entry point NAME (VALUE)`."""
+    error: str
+    """The exception, as `Type: first line of its message`."""
+
+
+@dataclass
+class LoadReport:
+    loaded: dict[str, list[str]] = field(default_factory=dict)
+    """Plugin -> the `kind:name` entries it registered."""
+    failed: list[Failure] = field(default_factory=list)
+
+
+FAILURES: list[Failure] = []  # every failure in this process so far
+_done: dict[str, tuple[list[str], Failure | None]] = {}  # plugin -> its outcome: each is imported once
+_loading: list[str] = []  # the plugin being imported (the source register() records)
+
+
+def _entries() -> set[str]:
+    return {f"{r.kind}:{name}" for r in REGISTRIES.values() for name in r.names()}
+
+
+def _import(source: str, load) -> tuple[list[str], Failure | None]:
+    if source not in _done:
+        before = _entries()
+        _loading.append(source)
+        try:
+            load()
+            outcome = (sorted(_entries() - before), None)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 -- recorded and reported, never fatal here
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            outcome = (sorted(_entries() - before), Failure(source, f"{type(exc).__name__}: {message}".rstrip(": ")))
+            FAILURES.append(outcome[1])
+        finally:
+            _loading.pop()
+        _done[source] = outcome
+    return _done[source]
+
+
+def _import_file(path: Path) -> None:
+    name = f"lm_plugin_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+def load(specs: list[str] | tuple[str, ...] = (), entry_points: bool = True) -> LoadReport:
+    """Import the built-in registries' modules, then every installed entry point of the group
+    `lm.plugins` (when `entry_points`) and every plugin in `specs` (a .py file, or a module name
+    importable from the working folder or the repository). Each plugin is imported once per
+    process; a failure is recorded (in the report and in FAILURES), never raised."""
+    importlib.import_module("lib.optim")  # the built-in schedules, registered before any plugin's
+
+    report = LoadReport()
+    found = []
+    if entry_points:
+        from importlib.metadata import entry_points as installed
+
+        found += [(f"entry point {ep.name} ({ep.value})", ep.load) for ep in installed(group=ENTRY_POINT_GROUP)]
+    for spec in specs:
+        path = Path(spec)
+        if spec.endswith(".py"):
+            if not path.is_file():
+                found.append((spec, lambda spec=spec: _missing(spec)))
+            else:
+                found.append((str(path.resolve()), lambda path=path: _import_file(path)))
+        else:
+            found.append((spec, lambda spec=spec: _import_module(spec)))
+    for source, load_it in found:
+        entries, failure = _import(source, load_it)
+        report.loaded[source] = entries
+        if failure is not None:
+            report.failed.append(failure)
+    return report
+
+
+def _missing(spec: str) -> None:
+    raise FileNotFoundError(f"no such file {spec}")
+
+
+def _import_module(name: str) -> None:
+    """Import `name` from the usual places or, failing those, from the working folder (a module
+    beside the user's files; the scripts put the repository first on sys.path, not the folder)."""
+    added = str(Path.cwd()) not in sys.path
+    if added:
+        sys.path.append(str(Path.cwd()))
+    try:
+        importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(str(Path.cwd()))
+
+
+def warn_failures(report: LoadReport, say=None) -> None:
+    """One line per plugin that failed to load (to stderr unless `say` is given)."""
+    for failure in report.failed:
+        line = f"warning: plugin {failure.source} failed to load: {failure.error}"
+        if say is not None:
+            say(line)
+        else:
+            print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,107 @@
+"""Plugin registries (lib/plugins.py): plugins add named parts, each is imported once, and one that
+fails to load is reported (warning, audit FAIL, and in the error for a name it would have added),
+never a crash of its own."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_script, train
+from lib import plugins
+from lib.errors import UserError
+from lib.optim import SCHEDULES, OptimConfig, lr_at
+
+CUSTOM = '''
+from lib.optim import SCHEDULES
+from pathlib import Path
+
+Path(__file__).with_suffix(".imports").open("a").write("x")  # counts the imports
+
+@SCHEDULES.register("halving")
+def halving(progress, cfg):
+    return cfg.lr * 0.5 ** (4 * progress)
+'''
+
+
+@pytest.fixture
+def clean_registries(monkeypatch):
+    """What a test's plugins register or record is forgotten afterwards."""
+    monkeypatch.setattr(SCHEDULES, "_items", dict(SCHEDULES._items))
+    monkeypatch.setattr(SCHEDULES, "_sources", dict(SCHEDULES._sources))
+    monkeypatch.setattr(plugins, "FAILURES", [])
+    monkeypatch.setattr(plugins, "_done", {})
+
+
+def test_a_plugin_file_adds_a_schedule_once(tmp_path, clean_registries):
+    (tmp_path / "custom.py").write_text(CUSTOM)
+    report = plugins.load([str(tmp_path / "custom.py")])
+    assert report.loaded == {str(tmp_path / "custom.py"): ["schedule:halving"]} and not report.failed
+    assert SCHEDULES.source("halving") == str(tmp_path / "custom.py") and SCHEDULES.source("cosine") == "built-in"
+    cfg = OptimConfig(lr=1.0, warmup_steps=0, schedule="halving")
+    assert [lr_at(s, 5, cfg) for s in range(5)] == [1.0, 0.5, 0.25, 0.125, 0.0625]
+    assert plugins.load([str(tmp_path / "custom.py")]).loaded  # reported again, not imported again
+    assert (tmp_path / "custom.imports").read_text() == "x"
+
+
+def test_plugins_that_fail_are_recorded_and_never_raise(tmp_path, clean_registries):
+    broken = {
+        "syntax.py": "def oops(:\n",
+        "missing_package.py": "import no_such_package_anywhere\n",
+        "takes_a_builtin.py": "from lib.optim import SCHEDULES\nSCHEDULES.register('cosine', lambda p, c: 0.0)\n",
+        "exits.py": "raise SystemExit('no')\n",
+    }
+    for name, text in broken.items():
+        (tmp_path / name).write_text(text)
+    report = plugins.load([str(tmp_path / n) for n in broken] + ["no_such_module_xyz", str(tmp_path / "absent.py")])
+    errors = {f.source.rsplit("/", 1)[-1]: f.error for f in report.failed}
+    assert errors["syntax.py"].startswith("SyntaxError")
+    assert errors["missing_package.py"] == "ModuleNotFoundError: No module named 'no_such_package_anywhere'"
+    assert errors["takes_a_builtin.py"] == "ValueError: schedule 'cosine' is already registered (by built-in)"
+    assert errors["exits.py"] == "SystemExit: no"
+    assert errors["no_such_module_xyz"].startswith("ModuleNotFoundError")
+    assert errors["absent.py"] == f"FileNotFoundError: no such file {tmp_path / 'absent.py'}"
+    assert SCHEDULES.get("cosine", "--optim.schedule") is not None and SCHEDULES.source("cosine") == "built-in"
+    with pytest.raises(UserError) as caught:
+        SCHEDULES.get("halving", "--optim.schedule")
+    message = str(caught.value)
+    assert message.startswith("--optim.schedule halving: no such schedule; known: constant, linear, cosine, wsd;")
+    assert "missing_package.py failed to load (ModuleNotFoundError" in message
+
+
+def test_an_installed_entry_point_is_loaded(tmp_path, monkeypatch, clean_registries):
+    # an installed distribution as importlib.metadata finds it: a .dist-info folder on sys.path
+    dist = tmp_path / "lm_extras-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lm-extras\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[lm.plugins]\nextras = lm_extras_schedules\n")
+    (tmp_path / "lm_extras_schedules.py").write_text(CUSTOM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    report = plugins.load()
+    assert report.loaded == {"entry point extras (lm_extras_schedules)": ["schedule:halving"]}
+    assert "halving" in SCHEDULES.names()
+
+
+def test_train_and_audit_use_plugins_and_report_the_broken_ones(tiny_data, tmp_path, clean_registries):
+    (tmp_path / "custom.py").write_text(CUSTOM)
+    (tmp_path / "broken.py").write_text("import no_such_package_anywhere\n")
+    proc = train(tiny_data, tmp_path, "custom", "--plugins", "custom.py", "broken.py", "--optim.schedule", "halving",
+                 "--optim.warmup_steps", "0", "--max_steps", "5", "--log_every", "1", "--eval_every", "0", cwd=tmp_path)
+    assert proc.stderr.count("warning: plugin") == 1
+    assert f"warning: plugin {tmp_path / 'broken.py'} failed to load: ModuleNotFoundError" in proc.stderr
+    rows = [json.loads(x) for x in (tmp_path / "custom" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["type"] == "train"] == [0.01 * 0.5 ** (4 * s / 4) for s in range(5)]
+
+    # a schedule nothing provides (broken.py might have): refused before anything is written
+    proc = train(tiny_data, tmp_path, "refused", "--plugins", "broken.py", "--optim.schedule", "from_broken",
+                 check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--optim.schedule from_broken: no such schedule" in proc.stderr and "broken.py failed to load" in proc.stderr
+    assert not (tmp_path / "refused").exists()
+
+    proc = run_script("scripts/audit.py", "--checks", "plugins", "--plugins", "custom.py", "broken.py", check=False,
+                      cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"[PASS] plugin {tmp_path / 'custom.py'}: adds schedule:halving" in proc.stdout
+    assert f"[FAIL] plugin {tmp_path / 'broken.py'} failed to load: ModuleNotFoundError" in proc.stdout
+    assert f"[INFO] schedule: constant, linear, cosine, wsd, halving ({tmp_path / 'custom.py'})" in proc.stdout
