@@ -1,6 +1,8 @@
 """Plugin registries: named parts a user adds without editing lib, and a record of what failed to load.
 
-A registry holds the implementations of one kind, the built-in ones first. A plugin is a Python
+A registry holds the implementations of one kind, the built-in ones first: learning-rate schedules
+(lib.optim.SCHEDULES, used by train.py) and input-file readers by suffix (lib.sources.READERS, used
+by tokenize.py to build a corpus). A plugin is a Python
 module (a .py file or an importable name, given with --plugins, or an installed package's entry
 point in the group `lm.plugins`) that registers more when imported:
 
@@ -12,6 +14,14 @@ point in the group `lm.plugins`) that registers more when imported:
         return cfg.lr / (1 + 9 * progress) ** 0.5
 
     python scripts/train.py --plugins my_schedules.py --optim.schedule inverse_sqrt ...
+
+    # html_reader.py: tokenize.py --plugins html_reader.py --corpus.source pages/ reads pages/*.html
+    import html, re
+    from lib.sources import READERS
+
+    @READERS.register(".html")
+    def read_html(path):                      # (line or row number, or None for the whole file; text)
+        yield None, html.unescape(re.sub(r"<[^>]+>", " ", path.read_text(encoding="utf-8")))
 
 A plugin that fails to import (a syntax error, a missing package, a name registered twice) does
 not stop the script: load() records it, the script prints one warning line for it, asking for a
@@ -126,7 +136,8 @@ def load(specs: list[str] | tuple[str, ...] = (), entry_points: bool = True) -> 
     `lm.plugins` (when `entry_points`) and every plugin in `specs` (a .py file, or a module name
     importable from the working folder or the repository). Each plugin is imported once per
     process; a failure is recorded (in the report and in FAILURES), never raised."""
-    importlib.import_module("lib.optim")  # the built-in schedules, registered before any plugin's
+    for module in ("lib.optim", "lib.sources"):  # the built-in schedules and readers, before any plugin's
+        importlib.import_module(module)
 
     report = LoadReport()
     found = []

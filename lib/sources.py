@@ -26,9 +26,22 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 from lib.errors import UserError
+from lib.plugins import Registry
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+READERS = Registry("reader")
+"""Readers of input files by suffix. A plugin adds one for another kind of file (lib/plugins.py):
+fn(path) -> iterable of (number, text), one pair per document, number being its 1-based line or
+row in the file (None: the whole file is one document)."""
+BUILT_IN = "read by lib.sources.RecordReader"
+for _suffix in SUFFIXES:
+    READERS.register(_suffix, BUILT_IN)  # a plugin cannot take these over
+
+
+def known_suffixes() -> tuple[str, ...]:
+    """The suffixes a directory or glob picks up: the built-in ones and those plugins added."""
+    return tuple(READERS.names())
 
 
 @dataclass
@@ -48,11 +61,13 @@ class InputFile:
     """The name recorded in records and used for the held-out split."""
 
 
-def expand_inputs(spec: str, suffixes=SUFFIXES, skip_dirs=frozenset({"__pycache__"})) -> list[InputFile]:
-    """Files named by a comma-separated list of files, directories and globs, sorted per item.
+def expand_inputs(spec: str, suffixes=None, skip_dirs=frozenset({"__pycache__"})) -> list[InputFile]:
+    """Files named by a comma-separated list of files, directories and globs, sorted per item,
+    with one of `suffixes` (default: known_suffixes()).
 
     Each item that matches nothing is an error naming it.
     """
+    suffixes = known_suffixes() if suffixes is None else suffixes
     files: list[InputFile] = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         path = Path(item)
@@ -141,7 +156,11 @@ class RecordReader:
             self._bad("empty_file", str(f.path), "the file is empty")
             return
         name = f.path.name
-        if name.endswith(".jsonl"):
+        plugin = max((x for x in READERS.names() if name.endswith(x) and READERS.get(x, "") != BUILT_IN),
+                     key=len, default=None)
+        if plugin is not None:
+            yield from self._read_with_plugin(f, plugin)
+        elif name.endswith(".jsonl"):
             yield from self._read_jsonl(f)
         elif name.endswith(".parquet"):
             yield from self._read_parquet(f)
@@ -149,6 +168,23 @@ class RecordReader:
             text = self._decode(f.path.read_bytes(), str(f.path))
             if text is not None:
                 yield RawRecord(id=f.rel, text=text, source=f.rel)
+
+    def _read_with_plugin(self, f: InputFile, suffix: str) -> Iterator[RawRecord]:
+        """Records from a plugin's reader; what it raises, or a text that is not a string, is a bad
+        record of that file (an error, or skipped and counted), never a traceback."""
+        what = f"the {suffix} reader ({READERS.source(suffix)})"
+        try:
+            for number, text in READERS.get(suffix, "reader")(f.path):
+                where = f"{f.path}:{number}" if number is not None else str(f.path)
+                if not isinstance(text, str):
+                    self._bad("not_a_string", where, f"{what} gave a {type(text).__name__}, not a string")
+                    continue
+                yield RawRecord(id=f"{f.rel}:{number}" if number is not None else f.rel, text=text, source=f.rel,
+                                line=number)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the plugin's failure, named with its file
+            self._bad("reader_failed", str(f.path), f"{what} failed: {type(exc).__name__}: {exc}")
 
     def _read_jsonl(self, f: InputFile) -> Iterator[RawRecord]:
         offset = 0

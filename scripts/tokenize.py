@@ -51,6 +51,9 @@ class TokenizeConfig(_Preset):
     """Build the corpus, train the tokenizer and encode the splits."""
 
     out_dir: Path = Path("data/stdlib")
+    plugins: tuple[str, ...] = ()
+    """Plugins to import first (.py files or module names), e.g. a reader for another kind of input
+    file (lib/plugins.py); installed packages' `lm.plugins` entry points load too."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     force: bool = False
@@ -227,7 +230,10 @@ def main() -> None:
     argv = ["--tokenizer.pretrained" if a == "--tokenizer" and i + 1 < len(argv) and not argv[i + 1].startswith("-")
             else a for i, a in enumerate(argv)]
     cfg = config_lib.parse(TokenizeConfig, argv, description=__doc__)
+    from lib import plugins
     from lib.files import ensure_writable
+
+    plugins.warn_failures(plugins.load(cfg.plugins))  # a reader they add applies to --corpus.source
     from lib.pipeline import stage_tokenizer, stage_tokens
 
     ensure_writable(cfg.out_dir, "--out_dir")

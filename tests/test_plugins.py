@@ -105,3 +105,56 @@ def test_train_and_audit_use_plugins_and_report_the_broken_ones(tiny_data, tmp_p
     assert f"[PASS] plugin {tmp_path / 'custom.py'}: adds schedule:halving" in proc.stdout
     assert f"[FAIL] plugin {tmp_path / 'broken.py'} failed to load: ModuleNotFoundError" in proc.stdout
     assert f"[INFO] schedule: constant, linear, cosine, wsd, halving ({tmp_path / 'custom.py'})" in proc.stdout
+
+
+HTML_READER = '''
+import html, re
+from lib.sources import READERS
+
+@READERS.register(".html")
+def read_html(path):
+    text = path.read_text(encoding="utf-8")
+    if "<broken" in text:
+        raise ValueError("unclosed tag")
+    yield None, html.unescape(re.sub(r"<[^>]+>", "", text))
+'''
+
+
+def test_a_reader_plugin_adds_a_kind_of_input_file(tmp_path, monkeypatch, clean_registries):
+    from lib.sources import READERS, RecordReader, expand_inputs
+
+    monkeypatch.setattr(READERS, "_items", dict(READERS._items))
+    monkeypatch.setattr(READERS, "_sources", dict(READERS._sources))
+    (tmp_path / "html_reader.py").write_text(HTML_READER)
+    (tmp_path / "takes_jsonl.py").write_text("from lib.sources import READERS\nREADERS.register('.jsonl', print)\n")
+    report = plugins.load([str(tmp_path / "html_reader.py"), str(tmp_path / "takes_jsonl.py")])
+    assert report.failed[0].error == "ValueError: reader '.jsonl' is already registered (by built-in)"
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "a.html").write_text("<p>Fish &amp; chips</p>")
+    (pages / "b.txt").write_text("plain text")
+    (pages / "c.html").write_text("<broken")
+    (pages / "d.csv").write_text("not read: no reader for .csv")
+    files = expand_inputs(str(pages))  # a folder: every suffix some reader takes
+    assert [f.rel for f in files] == ["a.html", "b.txt", "c.html"]
+    reader = RecordReader(on_bad_record="skip")
+    assert [(r.id, r.text) for f in files for r in reader.read(f)] == [("a.html", "Fish & chips"), ("b.txt", "plain text")]
+    assert reader.counts == {"reader_failed": 1}
+    with pytest.raises(UserError) as caught:
+        list(RecordReader().read(files[2]))
+    assert str(caught.value).startswith(f"{pages / 'c.html'}: the .html reader ({tmp_path / 'html_reader.py'}) failed: "
+                                        "ValueError: unclosed tag")
+
+
+def test_tokenize_reads_a_folder_through_a_reader_plugin(tmp_path):
+    (tmp_path / "html_reader.py").write_text(HTML_READER)
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for i in range(12):
+        (pages / f"p{i:02d}.html").write_text(f"<p>Page {i}: fish &amp; chips, {'and more words ' * i}</p>")
+    run_script("scripts/tokenize.py", "--plugins", "html_reader.py", "--corpus.source", "pages", "--out_dir", "data",
+               "--tokenizer.vocab_size", "300", "--corpus.val_per_mille", "100", cwd=tmp_path)
+    from lib.corpus import iter_records
+
+    texts = [r["text"] for split in ("train", "val") for r in iter_records(tmp_path / "data" / "corpus", split)]
+    assert len(texts) == 12 and all(t.startswith("Page ") and "fish & chips" in t for t in texts)
