@@ -95,11 +95,18 @@ class Tracker:
         self.failed: str | None = None
         self._queue: queue.Queue = queue.Queue()
         self._ended = False
+        self._opened = threading.Event()  # set once the run is started in MLflow, or that failed
         self._thread = threading.Thread(target=self._work, args=(run_name, params, tags, continue_id),
                                         name="mlflow-tracking", daemon=True)
         self._thread.start()
 
     # ---- the training loop's side: never blocks on MLflow
+    def wait_open(self, timeout_s: float) -> bool:
+        """Wait (at most timeout_s) until MLflow is imported and the run started, so that this
+        CPU work does not fall into the first timed training steps (the budget fit measures
+        them). Whether it is done; the loop goes on either way."""
+        return self._opened.wait(timeout_s)
+
     def write(self, record: dict) -> None:
         if self.failed is None and not self._ended and (fields := numeric_fields(record)):
             self._queue.put(("metrics", record.get("step", 0), fields))
@@ -131,6 +138,8 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 -- tracking must never stop training
             self._fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return
+        finally:
+            self._opened.set()
         from mlflow.entities import Metric
 
         while True:
