@@ -19,6 +19,12 @@ _where = [lambda: f"process {os.environ.get('RANK', '0')}"]
 collective_timeout_minutes: float | None = None  # set by lib/runtime.start, for the message
 
 
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message` (just `Type` without one): an exception in a warning."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 _at_exit: list = []
 
 

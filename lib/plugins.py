@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib.errors import UserError
+from lib.errors import UserError, one_line
 
 ENTRY_POINT_GROUP = "lm.plugins"
 REGISTRIES: dict[str, "Registry"] = {}  # kind -> its registry, in creation order
@@ -110,8 +110,7 @@ def _import(source: str, load) -> tuple[list[str], Failure | None]:
             load()
             outcome = (sorted(_entries() - before), None)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 -- recorded and reported, never fatal here
-            message = str(exc).splitlines()[0] if str(exc) else ""
-            outcome = (sorted(_entries() - before), Failure(source, f"{type(exc).__name__}: {message}".rstrip(": ")))
+            outcome = (sorted(_entries() - before), Failure(source, one_line(exc)))
             FAILURES.append(outcome[1])
         finally:
             _loading.pop()

@@ -156,7 +156,7 @@ class RecordReader:
             self._bad("empty_file", str(f.path), "the file is empty")
             return
         name = f.path.name
-        plugin = max((x for x in READERS.names() if name.endswith(x) and READERS.get(x, "") != BUILT_IN),
+        plugin = max((x for x in READERS.names() if name.endswith(x) and READERS.source(x) != "built-in"),
                      key=len, default=None)
         if plugin is not None:
             yield from self._read_with_plugin(f, plugin)

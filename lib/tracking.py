@@ -13,17 +13,17 @@ is given --tracking.finish_timeout_s to drain. One process (the main one) tracks
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from lib.errors import UserError
+from lib.errors import UserError, one_line
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"
@@ -101,12 +101,6 @@ class Tracker:
         self._thread.start()
 
     # ---- the training loop's side: never blocks on MLflow
-    def wait_open(self, timeout_s: float) -> bool:
-        """Wait (at most timeout_s) until MLflow is imported and the run started, so that this
-        CPU work does not fall into the first timed training steps (the budget fit measures
-        them). Whether it is done; the loop goes on either way."""
-        return self._opened.wait(timeout_s)
-
     def write(self, record: dict) -> None:
         if self.failed is None and not self._ended and (fields := numeric_fields(record)):
             self._queue.put(("metrics", record.get("step", 0), fields))
@@ -136,11 +130,11 @@ class Tracker:
         try:
             client = self._open(run_name, params, tags, continue_id)
         except Exception as exc:  # noqa: BLE001 -- tracking must never stop training
-            self._fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            self._fail(one_line(exc))
             return
         finally:
             self._opened.set()
-        from mlflow.entities import Metric
+        Metric = _mlflow()[1].Metric
 
         while True:
             item = self._queue.get()
@@ -156,21 +150,15 @@ class Tracker:
                     client.set_terminated(self.run_id, status)
                     return
             except Exception as exc:  # noqa: BLE001
-                self._fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                self._fail(one_line(exc))
                 return
 
     def _open(self, run_name, params, tags, continue_id):
         """Connect, find or create the experiment, and start (or continue) the run."""
-        import logging
-
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing leaves the machine unasked
-        from mlflow.entities import Param, RunTag
-        from mlflow.tracking import MlflowClient
-
-        for name in ("mlflow", "alembic"):  # their INFO lines (creating tables, ...) are not the run's news;
-            logging.getLogger(name).setLevel(logging.WARNING)  # set after the import, which sets mlflow's own
-
         from lib.files import write_json
+
+        MlflowClient, entities = _mlflow()
+        Param, RunTag = entities.Param, entities.RunTag
 
         client = MlflowClient(tracking_uri=self.uri)
         local = self.uri.startswith("sqlite:///")
@@ -213,9 +201,21 @@ def _file_lock(path: Path | None):
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
+
+
+def _mlflow():
+    """(MlflowClient, mlflow.entities), imported with MLflow's usage telemetry off unless the user
+    set MLFLOW_DISABLE_TELEMETRY (nothing leaves the machine unasked) and its INFO logs quiet."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import entities
+    from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):  # their INFO lines (creating tables, ...) are not the run's news;
+        logging.getLogger(name).setLevel(logging.WARNING)  # set after the import, which sets mlflow's own
+    return MlflowClient, entities
 
 
 def preload(cfg: TrackingConfig) -> None:
@@ -224,8 +224,7 @@ def preload(cfg: TrackingConfig) -> None:
     measurement (the matmul probe), which it would disturb."""
     def load():
         try:
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            importlib.import_module("mlflow.tracking")
+            _mlflow()
         except Exception:  # noqa: BLE001 -- Tracker reports it, once
             pass
 
@@ -246,13 +245,15 @@ def status_for(exc: BaseException | None) -> str:
 
 
 def start(cfg: TrackingConfig, run_dir: str | Path, params: dict, tags: dict, resumed: bool,
-          say: Callable[[str], None], artifacts: tuple[str, ...] = ()) -> Tracker | None:
+          say: Callable[[str], None], artifacts: tuple[str, ...] = (), wait_s: float = 15.0) -> Tracker | None:
     """A Tracker for this run, or None when tracking is off. A resumed run continues the MLflow
     run its folder records (tracking.json) when the URI and experiment are the same; otherwise,
     and for a fresh run, a new MLflow run is started. When the script's main() ends (however:
     lib.errors.at_exit) the MLflow run is closed with the matching status, after the files named
-    in `artifacts` (relative to run_dir) that exist then are uploaded. Call on the main process
-    only. The MLflow run is named after the run folder, its parameters are `params` flattened
+    in `artifacts` (relative to run_dir) that exist then are uploaded. Returns once MLflow is
+    imported and the run started, or after wait_s: that CPU work stays out of the first timed
+    training steps (the budget fit measures them), and a slow server costs at most wait_s. Call
+    on the main process only. The MLflow run is named after the run folder, its parameters are `params` flattened
     (model.d_model, ...), its tags `tags` with the code's git commit and dirty state."""
     from lib.provenance import git_state
 
@@ -278,6 +279,7 @@ def start(cfg: TrackingConfig, run_dir: str | Path, params: dict, tags: dict, re
         + (f"; to browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else ""))
     tracker = Tracker(uri, cfg, Path(run_dir), Path(run_dir).name, flatten(params), tags, continue_id, say)
     at_exit(lambda exc: tracker.end(status_for(exc), tuple(Path(run_dir) / name for name in artifacts)))
+    tracker._opened.wait(wait_s)
     return tracker
 
 
@@ -297,10 +299,8 @@ def log_to_recorded_run(run_dir: str | Path, metrics: dict, step: int, artifacts
 
     def work():
         try:
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            from mlflow.entities import Metric
-            from mlflow.tracking import MlflowClient
-
+            MlflowClient, entities = _mlflow()
+            Metric = entities.Metric
             client = MlflowClient(tracking_uri=record["uri"])
             stamp = _now_ms()
             client.log_batch(record["run_id"], metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
@@ -308,7 +308,7 @@ def log_to_recorded_run(run_dir: str | Path, metrics: dict, step: int, artifacts
                 if Path(path).is_file():
                     client.log_artifact(record["run_id"], str(path), folder or None)
         except Exception as exc:  # noqa: BLE001 -- the evaluation is written already; tracking is extra
-            failed.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            failed.append(one_line(exc))
 
     thread = threading.Thread(target=work, name="mlflow-eval", daemon=True)
     thread.start()

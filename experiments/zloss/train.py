@@ -322,8 +322,6 @@ def main() -> None:
     tracker = tracking.start(cfg.tracking, run_dir, config_lib.to_dict(cfg), {"precision": choice.name},
                              resumed=resume_from is not None, say=say, artifacts=RUN_FILES) if is_main else None
     metrics = JsonlWriter(run_dir / "metrics.jsonl", mirror=tracker) if is_main else None
-    if tracker:  # MLflow's start-up (import, database) out of the steps the budget fit times; bounded
-        tracker.wait_open(15)
     mfu = MfuMeter(device, fpt, world, enabled=cfg.mfu and is_main, say=say)
     system = SystemMonitor(device) if is_main else None  # CPU, memory, GPU figures in every train record
     if system:
