@@ -80,6 +80,7 @@ audit: venv
 SCRIPT ?= train
 fork:
 	@test -n "$(NAME)" || { echo "usage: make fork NAME=my-idea [SCRIPT=train]" >&2; exit 2; }
+	@case "$(NAME)" in .*|*/*) echo "NAME=$(NAME): an experiment name is one folder name inside experiments/ (no path, not hidden)" >&2; exit 2;; esac
 	@test ! -e experiments/$(NAME)/$(SCRIPT).py || { echo "experiments/$(NAME)/$(SCRIPT).py exists" >&2; exit 2; }
 	mkdir -p experiments/$(NAME)
 	cp scripts/$(SCRIPT).py experiments/$(NAME)/$(SCRIPT).py

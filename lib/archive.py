@@ -6,14 +6,16 @@
 The archive holds the checkpoint folder as it is, its trainer_state.json included, which records
 the sha256 of every file: a checkpoint is verified before it is packed, the archive is read back
 and checked against those hashes before `pack` returns (and before it deletes anything), and an
-unpacked checkpoint is verified before it is put in place. gzip's own CRC catches a damaged
-archive on the way. `train.py --resume ARCHIVE` unpacks into the run's checkpoints/ first.
+unpacked checkpoint is verified before it is put in place. The gzip stream is read to its end,
+so its trailer (CRC and length) is checked as well. `train.py --resume ARCHIVE` unpacks into the run's checkpoints/ first.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 from lib.errors import UserError
@@ -33,7 +35,9 @@ def _check_members(archive: Path) -> tuple[str, dict[str, str]]:
     from lib.checkpoint import STATE
 
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        # streamed through gzip and read to its very end: the trailer's CRC and length are checked
+        # too (tarfile alone stops at the tar's end marker, before the gzip trailer)
+        with gzip.open(archive, "rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
             digests, top, record = {}, None, None
             for member in tar:
                 parts = Path(member.name).parts
@@ -44,7 +48,9 @@ def _check_members(archive: Path) -> tuple[str, dict[str, str]]:
                     name, data = Path(*parts[1:]).as_posix(), tar.extractfile(member).read()
                     digests[name] = hashlib.sha256(data).hexdigest()
                     record = data if name == STATE else record
-    except (tarfile.TarError, OSError, EOFError) as exc:
+            while gz.read(1 << 20):
+                pass
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise UserError(f"{archive} is damaged or not a {SUFFIX} archive ({exc})") from None
     if top is None or record is None:
         raise UserError(f"{archive} holds no checkpoint ({STATE} missing)")
@@ -57,6 +63,12 @@ def _check_members(archive: Path) -> tuple[str, dict[str, str]]:
             raise UserError(f"{archive} is damaged: {name} is {'missing' if name not in digests else 'changed'} "
                             f"(its sha256 differs from the checkpoint's record)")
     return top, digests
+
+
+def verify(archive: str | Path) -> dict[str, str]:
+    """Check a packed checkpoint without unpacking it: every file against its trainer_state.json
+    record, gzip's trailer included; returns file -> sha256, or a UserError naming the damage."""
+    return _check_members(Path(archive))[1]
 
 
 def pack(checkpoint: str | Path, out: str | Path | None = None, remove: bool = False,

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from lib.files import fresh_folder, publish_folder, tmp_folder, read_json, sha256_file, write_json
@@ -33,6 +34,7 @@ logging.getLogger("accelerate.utils.other").addFilter(_not_the_tied_weights_note
 
 STATE = "trainer_state.json"
 PREFIX = "step_"
+TEST_PAUSE = "LM_TEST_PAUSE_IN_SAVE_S"  # seconds each save waits, files written but not its record
 SHARDS = "pytorch_model_fsdp_0"  # where Accelerate writes an FSDP model's shards (torch.distributed.checkpoint)
 
 __all__ = ["save", "load", "find_resume", "complete_checkpoints", "best_checkpoint", "remove_run", "assert_finite",
@@ -116,22 +118,50 @@ def set_aside(path: Path) -> Path:
     return target
 
 
+def archived_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Packed checkpoints of a run (`checkpoints/step_NNNNNNN.tar.gz`, scripts/audit.py pack),
+    oldest first."""
+    from lib.archive import SUFFIX
+
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*{SUFFIX}")
+             if p.is_file() and p.name[len(PREFIX):-len(SUFFIX)].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):-len(SUFFIX)]))
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):].split(".")[0])
+
+
 def find_resume(run_dir: str | Path, resume: str, say=print) -> Path | None:
-    """The checkpoint to resume from: 'auto' = the newest complete one that verifies (falling back
-    past corrupt ones, each reported and set aside; None if the run has none), else the given
-    folder (or a `.tar.gz` archive of one, unpacked into the run's checkpoints/ first), which must
-    exist and verify. Call it on one process (it renames corrupt folders)."""
-    if resume == "auto":
-        for path in reversed(complete_checkpoints(run_dir)):
-            try:
-                verify(path)
-                return path
-            except UserError as exc:
-                say(f"warning: skipping {path}: {exc}; moved aside to {set_aside(path)}")
-        return None
-    path = Path(resume)
+    """The checkpoint to resume from: 'auto' = the newest that verifies, a complete folder or a
+    packed archive (unpacked into checkpoints/ first; a folder is tried before an archive of the
+    same step), falling back past corrupt ones, each reported (a folder is set aside as
+    `.corrupt`, an archive left as it is); None if the run has none. Else the given folder (or a
+    `.tar.gz` archive of one, unpacked into the run's checkpoints/ first), which must exist and
+    verify. Call it on one process (it renames corrupt folders)."""
     from lib import archive
 
+    if resume == "auto":
+        found = [(_step_of(p), 1, p) for p in complete_checkpoints(run_dir)]
+        found += [(_step_of(p), 0, p) for p in archived_checkpoints(run_dir)]
+        for _, is_folder, path in sorted(found, reverse=True):
+            try:
+                if is_folder:
+                    verify(path)
+                    return path
+                target = archive.unpack(path, Path(run_dir) / "checkpoints")
+                say(f"unpacked {path} into {target}")
+                return target
+            except UserError as exc:
+                if is_folder:
+                    say(f"warning: skipping {path}: {exc}; moved aside to {set_aside(path)}")
+                else:
+                    say(f"warning: skipping {path}: {exc} (left as it is)")
+        return None
+    path = Path(resume)
     if archive.is_archive(path):  # a packed checkpoint (scripts/audit.py pack): into this run's checkpoints/
         target = archive.unpack(path, Path(run_dir) / "checkpoints")
         say(f"unpacked {path} into {target}")
@@ -199,23 +229,55 @@ def _room_for(root: Path, need: int) -> str | None:
     """None when the file system holding `root` has room for `need` bytes (and some to spare),
     else the UserError message saying it does not."""
     free = shutil.disk_usage(root).free
-    if free >= need * 1.05 + (1 << 20):
+    if free >= _with_margin(need):
         return None
     return (f"disk full: {free / 1e6:.1f} MB free on the file system of {root}, and a checkpoint of this run takes "
-            f"about {need / 1e6:.1f} MB; free some space (older runs, or --keep_last_n 1), then run again with "
-            "--resume auto (nothing written so far is lost)")
+            f"about {_with_margin(need) / 1e6:.1f} MB with its margin; free some space there (older runs, or pass "
+            "--keep_last_n 1: older checkpoints are then deleted to make room before a new one is written), then run "
+            "again with --resume auto (nothing written so far is lost)")
+
+
+def _with_margin(need: int) -> int:
+    return int(need * 1.05) + (1 << 20)
+
+
+def _make_room(run_dir: Path, need: int, keep_last_n: int, keep_best: bool, say) -> None:
+    """Before a save the disk has no room for: delete, oldest first, the checkpoints that pruning
+    would delete once the new one is complete anyway, as few as make room; nothing when even all
+    of them would not (the UserError of `save` follows). With keep_last_n 1 this may delete the
+    only checkpoint before its successor is written: the price of a disk with room for one."""
+    root = Path(run_dir) / "checkpoints"
+    free = shutil.disk_usage(root).free
+    if free >= _with_margin(need):
+        return
+    spared = best_checkpoint(run_dir) if keep_best else None
+    existing = complete_checkpoints(run_dir)
+    doomed = [p for p in existing[:len(existing) - (keep_last_n - 1)] if p != spared]
+    sizes = [folder_bytes(p) for p in doomed]
+    if free + sum(sizes) < _with_margin(need):
+        return
+    for path, size in zip(doomed, sizes):
+        gone = path.with_name(path.name + ".deleting")
+        os.replace(path, gone)
+        shutil.rmtree(gone)
+        say(f"disk nearly full ({free / 1e6:.1f} MB free): deleted {path} now, not after the next checkpoint is "
+            f"written (--keep_last_n {keep_last_n}), to make room for it")
+        free += size
+        if free >= _with_margin(need):
+            return
 
 
 def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: dict,
-         keep_best: bool = False, expect_bytes: int = 0) -> Path:
+         keep_best: bool = False, expect_bytes: int = 0, say=print) -> Path:
     """Save a checkpoint of `step` (all ranks call this), then prune to `keep_last_n` (and the
     best by `state["val_loss"]` with `keep_best`). `state` is the trainer record (written by the
     main process), saved as trainer_state.json with the sha256 of every file.
 
     A complete checkpoint of the same step is left as it is. Out of space: checked first, against
-    the size of the newest checkpoint (`expect_bytes` before there is one), and a save that fails
-    anyway is removed; either way a UserError on every process says the disk is full and where,
-    and the complete checkpoints are untouched.
+    the size of the newest checkpoint (`expect_bytes` before there is one); where the checkpoints
+    this save would prune anyway free enough, they are deleted first (`_make_room`, saying so),
+    else a UserError on every process says the disk is full and where, the complete checkpoints
+    untouched. A save that fails anyway is removed, with the same error.
     """
     from lib.distributed import broadcast_from_main
 
@@ -231,6 +293,7 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(root)
+        _make_room(Path(run_dir), need, keep_last_n, keep_best, say)
         full = _room_for(root, need)
         if full is None:
             fresh_folder(final)  # = tmp
@@ -239,6 +302,8 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
         raise UserError(full)
     try:
         accelerator.save_state(str(tmp))
+        if os.environ.get(TEST_PAUSE):  # tests: hold the unfinished save open, so a kill surely lands in it
+            time.sleep(float(os.environ[TEST_PAUSE]))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

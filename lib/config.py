@@ -20,15 +20,21 @@ T = TypeVar("T")
 
 
 def _find_config_flag(argv: Sequence[str]) -> str | None:
-    """Return the value of `--config PATH` / `--config=PATH` in argv, if any."""
+    """Return the value of `--config PATH` / `--config=PATH` in argv, if any; a ConfigError for a
+    second one (one preset per run: a second would otherwise be silently ignored here while the
+    flag parser recorded it)."""
+    found = []
     for i, arg in enumerate(argv):
         if arg == "--config":
             if i + 1 >= len(argv):
                 raise ConfigError("--config needs a path to a YAML file")
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
+            found.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            found.append(arg.split("=", 1)[1])
+    if len(found) > 1:
+        raise ConfigError(f"--config is given {len(found)} times ({', '.join(found)}): a run takes one preset; "
+                          "copy the settings you want from the others into it, or give them as flags after it")
+    return found[0] if found else None
 
 
 def load_yaml(path: str | Path) -> dict:

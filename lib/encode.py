@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Optional
 
-from lib.errors import UserError
+from lib.errors import UserError, json_error
 
 _tokenizer = None  # this process's TextTokenizer: the parent's (inherited by forked workers) or a worker's own
 
@@ -80,7 +80,7 @@ def parse_texts(path: Path, first: int, lines: list[bytes], text_field: str) -> 
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            raise UserError(f"{path}:{lineno}: malformed JSON ({json_error(exc)})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
             raise UserError(f"{path}:{lineno}: no string field {text_field!r}")
         texts.append(obj[text_field])

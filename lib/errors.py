@@ -16,6 +16,7 @@ class ConfigError(UserError):
 
 
 _where = [lambda: f"process {os.environ.get('RANK', '0')}"]
+_output: list = []  # the folder the script writes into, named when a full disk has no file name
 collective_timeout_minutes: float | None = None  # set by lib/runtime.start, for the message
 
 
@@ -44,6 +45,84 @@ def _run_at_exit(exc: BaseException | None) -> None:
             print(f"warning: while finishing: {type(error).__name__}: {error}", file=sys.stderr)
 
 
+def writing_to(folder) -> None:
+    """Tell the error wrapper which folder this script writes, for a disk-full message whose error
+    names no file."""
+    _output[:] = [folder]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a full disk or quota, as an OSError or as a library's own error that only says so
+    in its text (safetensors' SafetensorError: 'No space left on device (os error 28)')."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded"))
+
+
+def free_mb(path) -> str:
+    """Free space of the file system holding `path` (or its nearest existing parent), as text."""
+    import shutil
+    from pathlib import Path
+
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 1e6:.1f} MB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def json_error(exc) -> str:
+    """A json.JSONDecodeError as words with its column: 'Expecting value at column 5',
+    'Unterminated string starting at column 12'."""
+    msg = exc.msg
+    return f"{msg} column {exc.colno}" if msg.endswith(" at") else f"{msg} at column {exc.colno}"
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """The one-line message for running out of memory (host or GPU), or None if `exc` is not that."""
+    import re
+
+    text = str(exc)
+    oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and any(s in text for s in ("can't allocate memory", "out of memory",
+                                                                    "Cannot allocate memory")))
+    if not oom:
+        return None
+    size = ""
+    found = re.search(r"allocate (\d+) bytes", text)
+    if found:
+        size = f" (an allocation of {int(found.group(1)) / 2**30:.2f} GiB failed)"
+    else:
+        found = re.search(r"[Tt]ried to allocate ([\d.]+ [KMG]iB)", text)
+        size = f" (an allocation of {found.group(1)} failed)" if found else ""
+    return (f"out of memory{size}: use a smaller batch, sequence or model (train.py: --micro_batch_size with more "
+            "--grad_accum_steps keeps each step the same, or --fit_micro_batch finds one that fits; eval.py: "
+            "--batch_size), or free memory; a training run continues from its newest checkpoint with --resume auto")
+
+
+def _permission(exc: OSError) -> str:
+    """What a permission or read-only error means for the file it names."""
+    from pathlib import Path
+
+    name = exc.filename
+    if exc.errno == errno.EROFS:
+        return f"not writable: {name or 'the output'} is on a read-only file system ({exc.strerror}); pick a " \
+               "folder you can write to"
+    if name is None:
+        return f"permission denied ({exc.strerror}); check the permissions of the files and folders given"
+    path = Path(name)
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            return f"cannot read {name} ({exc.strerror}): make it readable to you, or pass another file"
+        if not os.access(path, os.W_OK):
+            return f"not writable: {name} ({exc.strerror}); pick a folder you can write to"
+        return f"permission denied on {name} ({exc.strerror}); check its permissions"
+    return f"not writable: cannot create {name} ({exc.strerror}); pick a folder you can write to"
+
+
 def where_am_i(describe) -> None:
     """Tell the error wrapper how to say where this process is (e.g. its rank and step), for the
     one line it prints when a wait for the other processes fails."""
@@ -65,8 +144,9 @@ def _collective_failure(exc: BaseException) -> str | None:
 
 def exit_on_user_error(main):
     """Wrap a script's main(): a UserError prints `error: <message>` to stderr and exits 2, and so
-    does an OSError for a full disk or a place that cannot be written (naming the file); a wait for
-    the other processes that failed (timeout, a peer gone) prints where this process was, exit 3.
+    do a full disk, a file that cannot be read or written (naming it) and running out of memory;
+    Ctrl-C outside the training loop's own handling prints one line and exits 130; a wait for the
+    other processes that failed (timeout, a peer gone) prints where this process was, exit 3.
 
     Anything else propagates with its traceback, since it is a bug rather than bad input. With
     LM_DEBUG=1 in the environment, every error shows its traceback. Callbacks registered with
@@ -91,20 +171,29 @@ def exit_on_user_error(main):
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
-        except RuntimeError as exc:
-            failure = _collective_failure(exc)
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl-C); what was written completely is kept (a training run continues "
+                  "with --resume auto)", file=sys.stderr)
+            sys.exit(130)
+        except (RuntimeError, MemoryError) as exc:
+            oom = _out_of_memory(exc)
+            failure = None if oom else _collective_failure(exc) if isinstance(exc, RuntimeError) else None
+            if oom:
+                print(f"error: {oom}", file=sys.stderr, flush=True)
+                sys.exit(2)
             if failure is None:
                 raise
             print(f"error: {_where[0]()}: {failure}", file=sys.stderr, flush=True)
             sys.exit(3)
-        except OSError as exc:  # the machine's, not the code's: a full, read-only or forbidden place to write
-            where = f" writing {exc.filename}" if exc.filename else ""
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                print(f"error: disk full{where}: free some space and run again (a training run continues with "
-                      "--resume auto; what was written completely is kept)", file=sys.stderr)
+        except OSError as exc:  # the machine's, not the code's: a full, read-only or forbidden place
+            if is_disk_full(exc):
+                target = exc.filename or (f"under {_output[0]}" if _output else None)
+                where = f" writing {target}" if target else ""
+                space = f" ({free_mb(exc.filename or _output[0])})" if (exc.filename or _output) else ""
+                print(f"error: disk full{where}{space}: free some space and run again (a training run continues "
+                      "with --resume auto; what was written completely is kept)", file=sys.stderr)
             elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                print(f"error: not writable{where} ({exc.strerror}); pick a folder you can write to",
-                      file=sys.stderr)
+                print(f"error: {_permission(exc)}", file=sys.stderr)
             else:
                 raise
             sys.exit(2)

@@ -24,8 +24,6 @@ def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Pa
     `trained_len`: for a model trained from scratch, the sequence length it learned, recorded as
     its length (record_trained_length)."""
     from lib import lora
-    from lib.files import atomic_folder, write_checksums, write_json
-    from lib.report import write_final
     from lib.runtime import is_sharded
 
     out_dir = Path(out_dir)
@@ -40,7 +38,27 @@ def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Pa
         model = lora.apply(rebuild(), lora_opts)
         model.load_state_dict(full_state)
         full_state = None
-    check = None
+    try:
+        _write(model, out_dir, tokens_dir, full_state, lora_opts, base_dir, probe_ids, trained_len)
+    except Exception as exc:  # noqa: BLE001 -- safetensors reports a full disk as its own error type
+        from lib.errors import free_mb, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        size = sum(t.numel() * t.element_size() for t in (full_state or model.state_dict()).values())
+        raise UserError(f"disk full writing the final model {out_dir}: it takes about {size / 1e6:.1f} MB "
+                        f"({free_mb(out_dir)}); nothing of it was kept, the run's checkpoints are whole. Free "
+                        "some space, then run the same command with --resume auto: it resumes at the last step "
+                        "and writes the final model") from None
+
+
+def _write(model, out_dir: Path, tokens_dir, full_state, lora_opts, base_dir, probe_ids, trained_len) -> None:
+    """final_model's writing, on the main process."""
+    from lib import lora
+    from lib.files import atomic_folder, write_checksums, write_json
+    from lib.report import write_final
+
+    check, use_lora = None, lora_opts is not None
     if use_lora:
         adapter_dir = out_dir.with_name(out_dir.name + "_adapter")
         with atomic_folder(adapter_dir) as build:

@@ -223,6 +223,24 @@ def ensure_writable(folder: str | Path, option: str) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def no_empty_folder_left(folder: str | Path) -> Iterator[Path]:
+    """For a command that creates `folder`: when the block raises and `folder` did not exist
+    before, remove the empty folders it left there (bottom up; a file, and so any folder holding
+    one, is never removed), so a failed run leaves no empty output folder behind."""
+    folder = Path(folder)
+    existed = folder.exists()
+    try:
+        yield folder
+    except BaseException:
+        if not existed and folder.is_dir():
+            for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts),
+                              reverse=True) + [folder]:
+                with contextlib.suppress(OSError):
+                    sub.rmdir()  # only succeeds on an empty folder
+        raise
+
+
 def write_checksums(folder: str | Path) -> dict:
     """Record the sha256 of every file under `folder` in `folder/checksums.json` (returned)."""
     folder = Path(folder)

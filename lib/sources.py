@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
-from lib.errors import UserError
+from lib.errors import UserError, json_error
 from lib.plugins import Registry
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
@@ -200,7 +200,7 @@ class RecordReader:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    self._bad("malformed_json", where, f"malformed JSON ({exc.msg} at column {exc.colno})")
+                    self._bad("malformed_json", where, f"malformed JSON ({json_error(exc)})")
                     continue
                 text = self._text_of(obj, where)
                 if text is not None:

@@ -143,17 +143,24 @@ def audit_data(rep: Report, data: str) -> None:
 
 
 def audit_run(rep: Report, run: Path) -> None:
-    from lib.checkpoint import complete_checkpoints, verify
+    from lib import archive
+    from lib.checkpoint import archived_checkpoints, complete_checkpoints, verify
     from lib.files import CHECKSUMS, verify_checksums
 
     if not run.is_dir():
         raise UserError(f"--run {run}: no such run folder")
-    ckpts = complete_checkpoints(run)
-    rep.line(bool(ckpts), f"{len(ckpts)} complete checkpoint(s) in {run / 'checkpoints'}")
+    ckpts, packed = complete_checkpoints(run), archived_checkpoints(run)
+    rep.line(bool(ckpts or packed), f"{len(ckpts)} complete checkpoint(s)" + (
+        f" and {len(packed)} packed" if packed else "") + f" in {run / 'checkpoints'}")
     for c in ckpts:
         try:
             state = verify(c)
             rep.line(True, f"{c.name}: step {state['step']}, {len(state['files'])} files match their sha256")
+        except UserError as exc:
+            rep.line(False, str(exc))
+    for c in packed:
+        try:
+            rep.line(True, f"{c.name}: {len(archive.verify(c))} files match their sha256 (gzip trailer checked)")
         except UserError as exc:
             rep.line(False, str(exc))
     for folder in (run / "final", run / "final_adapter"):

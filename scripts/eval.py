@@ -27,6 +27,7 @@ from pathlib import Path  # noqa: E402
 from typing import Literal, Optional  # noqa: E402
 
 from lib import config as config_lib  # noqa: E402
+from lib import errors  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 
 
@@ -69,6 +70,9 @@ class EvalConfig:
     """What the samples continue; default: the opening words of held-out documents, one each."""
     temperature: float = 0.8
     seed: int = 0
+    trust_unverified: bool = False
+    """Score a run's final model even though its checksums.json (written by train.py) is missing, so
+    that its files cannot be checked; without it such a model is refused."""
     tracking: bool = True
     """Add the figures (and metrics.csv, samples.txt, the report) to the MLflow run that the training
     run recorded in its tracking.json, when evaluating that run on its own data."""
@@ -119,14 +123,21 @@ def main() -> None:
     model_dir, run_dir, data_dir = resolve_paths(cfg)
     from lib.files import CHECKSUMS, ensure_writable, verify_checksums
 
-    # before any work: where the results go, and whether the weights are the ones the run wrote
+    # before any work: whether the weights are the ones the run wrote, where the results go
+    if not (model_dir / CHECKSUMS).is_file() and run_dir is not None and not cfg.trust_unverified:
+        # train.py writes it: without it a changed model would be scored as the run's
+        raise UserError(f"{model_dir} is the final model of run {run_dir} but has no {CHECKSUMS}, so its files cannot "
+                        "be checked against what training wrote (scripts/audit.py --checks run fails it too); pass "
+                        "--trust_unverified to score it anyway")
     out_dir = ensure_writable(cfg.out_dir or ((run_dir or model_dir) / "eval"), "--out_dir")
+    errors.writing_to(out_dir)
     verified = None
     if (model_dir / CHECKSUMS).is_file():
         verified = verify_checksums(model_dir)
         print(f"{model_dir}: {len(verified)} files match {CHECKSUMS}")
     else:
-        print(f"warning: {model_dir} has no {CHECKSUMS} (a model not written by train.py): its files are not checked")
+        why = "--trust_unverified" if run_dir is not None else "a model not written by train.py"
+        print(f"warning: {model_dir} has no {CHECKSUMS} ({why}): its files are not checked")
     from lib.cpu import keep_freed_memory
 
     keep_freed_memory()  # reused activation buffers instead of page faults on every batch

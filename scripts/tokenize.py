@@ -34,7 +34,7 @@ from typing import Optional  # noqa: E402
 from lib import config as config_lib  # noqa: E402
 from lib.corpus import CorpusConfig, build_corpus  # noqa: E402
 from lib.files import atomic_text  # noqa: E402
-from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.errors import UserError, exit_on_user_error, writing_to  # noqa: E402
 from lib.tokenizer import EncodeOptions, TokenizerConfig  # noqa: E402
 
 
@@ -231,26 +231,28 @@ def main() -> None:
             else a for i, a in enumerate(argv)]
     cfg = config_lib.parse(TokenizeConfig, argv, description=__doc__)
     from lib import plugins
-    from lib.files import ensure_writable
+    from lib.files import ensure_writable, no_empty_folder_left
 
     plugins.warn_failures(plugins.load(cfg.plugins))  # a reader they add applies to --corpus.source
     from lib.pipeline import stage_tokenizer, stage_tokens
 
-    ensure_writable(cfg.out_dir, "--out_dir")
-    t0 = time.time()
-    corpus_dir = cfg.out_dir / "corpus"
-    corpus = build_corpus(cfg.corpus, corpus_dir)
-    for split, info in corpus["splits"].items():
-        log(f"corpus: {split}: {info['records']} records, {info['text_bytes'] / 1e6:.2f} MB "
-            f"in {len(info['shards'])} shard(s)")
-    log(f"corpus: skipped {corpus['skipped']}; content hash {corpus['content_hash'][:16]}")
-    tok_dir = stage_tokenizer(cfg.out_dir, corpus_dir, corpus["content_hash"], cfg.tokenizer, cfg.force, log)
-    tokens = stage_tokens(cfg.out_dir, corpus_dir, corpus, tok_dir, cfg.force, log)
-    log(f"special ids: {tokens['special_ids']}; vocab {tokens['vocab_size']}")
-    for split, info in tokens["splits"].items():
-        log(f"tokens: {split}: {info['tokens']:,} tokens in {info['docs']} documents")
-    config_lib.save(cfg, cfg.out_dir / "tokenize_config.yaml")  # what built the dataset, once it is built
-    log(f"done in {time.time() - t0:.1f}s: {cfg.out_dir}")
+    with no_empty_folder_left(cfg.out_dir):  # a failed first build leaves no empty out_dir behind
+        ensure_writable(cfg.out_dir, "--out_dir")
+        writing_to(cfg.out_dir)  # named by a disk-full error whose file is not known
+        t0 = time.time()
+        corpus_dir = cfg.out_dir / "corpus"
+        corpus = build_corpus(cfg.corpus, corpus_dir)
+        for split, info in corpus["splits"].items():
+            log(f"corpus: {split}: {info['records']} records, {info['text_bytes'] / 1e6:.2f} MB "
+                f"in {len(info['shards'])} shard(s)")
+        log(f"corpus: skipped {corpus['skipped']}; content hash {corpus['content_hash'][:16]}")
+        tok_dir = stage_tokenizer(cfg.out_dir, corpus_dir, corpus["content_hash"], cfg.tokenizer, cfg.force, log)
+        tokens = stage_tokens(cfg.out_dir, corpus_dir, corpus, tok_dir, cfg.force, log)
+        log(f"special ids: {tokens['special_ids']}; vocab {tokens['vocab_size']}")
+        for split, info in tokens["splits"].items():
+            log(f"tokens: {split}: {info['tokens']:,} tokens in {info['docs']} documents")
+        config_lib.save(cfg, cfg.out_dir / "tokenize_config.yaml")  # what built the dataset, once it is built
+        log(f"done in {time.time() - t0:.1f}s: {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 from typing import Literal, Optional  # noqa: E402
 
 from lib import config as config_lib  # noqa: E402
-from lib import plugins, registry, runtime  # noqa: E402
+from lib import errors, plugins, registry, runtime  # noqa: E402
 from lib.data import DataConfig  # noqa: E402
 from lib.errors import UserError, exit_on_user_error, where_am_i  # noqa: E402
 from lib.lora import LoraOptions  # noqa: E402
@@ -53,6 +53,7 @@ class TrainConfig:
     other named parts (lib/plugins.py); installed packages' `lm.plugins` entry points load too.
     One that fails to load is a warning, unless the run asks for something it would have added."""
     run_name: str = "default"
+    """The run's folder inside runs_dir: one plain folder name (no path, not hidden)."""
     runs_dir: Path = Path("runs")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -99,11 +100,14 @@ class TrainConfig:
     """Also keep the checkpoint with the lowest held-out loss (of those written at an evaluation
     step: make checkpoint_every a multiple of eval_every)."""
     resume: Optional[str] = None
-    """'auto' (newest checkpoint of this run) or a checkpoint folder."""
+    """'auto' (the newest checkpoint of this run that verifies: a folder or a packed .tar.gz; a run
+    that stopped before its first one starts over) or a checkpoint folder or archive."""
     allow_data_change: bool = False
     """Resume even though the data's content hash differs from the checkpoint's."""
     overwrite: bool = False
-    """Delete an existing run folder of the same name instead of refusing to start."""
+    """Start the run over: remove what its folder holds (saying what), except corrupt checkpoints set
+    aside there, which are kept. Without it an existing run folder is continued (--resume auto) or
+    refused."""
     fused_loss: bool = True
     """Compute the output layer and the loss together in row chunks that stay in cache, never
     holding the full logits (and skipping padded rows): the same loss and gradients, the head's
@@ -282,6 +286,7 @@ def main() -> None:
 
     # ---- the run folder, now that every input has been read: this job's, continued or fresh
     run_dir = cfg.runs_dir / cfg.run_name
+    errors.writing_to(run_dir)  # named by a disk-full error whose file is not known
     resume_from = run_folder.claim(accelerator, run_dir, cfg.resume, cfg.overwrite)
     if is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
@@ -342,7 +347,7 @@ def main() -> None:
                   {**loop.state_dict(gather_object), "sampler": sampler.state_dict(),
                    "data_content_hash": manifest["content_hash"],
                    **({"lora_base_sha256": base_sha} if use_lora else {})}, keep_best=cfg.keep_best,
-                  expect_bytes=checkpoint_bytes)
+                  expect_bytes=checkpoint_bytes, say=say)
         checkpoint_seconds.append(time.perf_counter() - t)
 
     # ---- the loop: one iteration = one optimizer step
@@ -512,6 +517,7 @@ def check_options(cfg: TrainConfig) -> None:
     """Values no run can use, refused before anything is read or written (a UserError naming the
     option)."""
     from lib.optim import SCHEDULES
+    from lib.run_folder import check_name
     from lib.tracking import effective_uri
 
     rules = [("max_steps", cfg.max_steps >= 1, "at least 1"), ("micro_batch_size", cfg.micro_batch_size >= 1,
@@ -531,6 +537,7 @@ def check_options(cfg: TrainConfig) -> None:
             for part in name.split("."):
                 value = getattr(value, part)
             raise UserError(f"--{name} {value}: must be {need}")
+    check_name(cfg.run_name)  # one folder name inside runs_dir: nothing else can be written or removed
     effective_uri(cfg.tracking, cfg.runs_dir)  # --tracking.uri env without MLFLOW_TRACKING_URI: refused now
     SCHEDULES.get(cfg.optim.schedule, "--optim.schedule")  # a name no built-in or loaded plugin provides
 

@@ -73,7 +73,10 @@ def _stop_and_resume(data, runs, sig, launcher=()):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     out = err.read_text()
+    # how the job ended, for a wrapper that only sees the launcher's exit code
+    assert json.loads((runs / "stopped" / "status.json").read_text())["state"] == "stopped"
     resumed = train(data, runs, "stopped", *args, "--resume", "auto", launcher=launcher)
+    assert json.loads((runs / "stopped" / "status.json").read_text())["state"] == "finished"
     train(data, runs, "straight", *args, launcher=launcher)
     return code, out, resumed.stdout
 
@@ -274,7 +277,7 @@ def test_resuming_a_finished_run_logs_nothing_twice_and_reports_whole_run_speed(
     assert speed((run / "report.md").read_text()) == pytest.approx(speed(first), rel=0.05)
 
 
-def test_a_full_disk_is_named_leaves_nothing_half_written_and_resumes_once_freed(tiny_data, tmp_path):
+def test_a_full_disk_is_named_leaves_nothing_half_written_and_keep_last_n_1_makes_room(tiny_data, tmp_path):
     args = ("--max_steps", "12", "--checkpoint_every", "4", "--keep_last_n", "2", "--eval_every", "0",
             "--eval_tokens", "2000", "--log_every", "1", "--no_mfu")
     with tmpfs(tmp_path / "disk", size="10m") as disk:
@@ -290,9 +293,11 @@ def test_a_full_disk_is_named_leaves_nothing_half_written_and_resumes_once_freed
         assert ckpts == ["step_0000004"], ckpts  # complete, and nothing half-written beside it
         leftovers = [p for p in runs.rglob("*") if p.name.endswith((".tmp", ".old")) or ".tmp" in p.name]
         assert not leftovers, leftovers
-        filler.unlink()  # space freed: the run continues where it stopped
-        proc = train(tiny_data, runs, "full", *args, "--resume", "auto")
+        # the advice followed: with --keep_last_n 1 the older checkpoint makes room for the next
+        proc = train(tiny_data, runs, "full", *args, "--resume", "auto", "--keep_last_n", "1")
         assert "step_0000004 at step 4" in proc.stdout and (runs / "full" / "final" / "model.safetensors").is_file()
+        assert "to make room" in proc.stdout, proc.stdout[-3000:]
+        assert sorted(p.name for p in (runs / "full" / "checkpoints").iterdir()) == ["step_0000012"]
     # a fresh start on a full disk writes nothing at all
     with tmpfs(tmp_path / "disk2", size="1m") as disk:
         (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - 4096))
