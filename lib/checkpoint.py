@@ -37,7 +37,7 @@ PREFIX = "step_"
 TEST_PAUSE = "LM_TEST_PAUSE_IN_SAVE_S"  # seconds each save waits, files written but not its record
 SHARDS = "pytorch_model_fsdp_0"  # where Accelerate writes an FSDP model's shards (torch.distributed.checkpoint)
 
-__all__ = ["save", "load", "find_resume", "complete_checkpoints", "best_checkpoint", "remove_run", "assert_finite",
+__all__ = ["save", "load", "find_resume", "complete_checkpoints", "best_checkpoint", "assert_finite",
            "is_sharded", "tensor_names"]
 
 
@@ -54,7 +54,12 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     found = [p for p in root.iterdir()
              if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
              and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    """The step of a checkpoint folder or archive by its name (`step_0000400`, `.tar.gz`, ...)."""
+    return int(path.name[len(PREFIX):].split(".")[0])
 
 
 REQUIRED = {"step": int, "tokens_seen": int, "sampler": dict, "data_content_hash": str, "files": dict}
@@ -128,11 +133,7 @@ def archived_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.glob(f"{PREFIX}*{SUFFIX}")
              if p.is_file() and p.name[len(PREFIX):-len(SUFFIX)].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):-len(SUFFIX)]))
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name[len(PREFIX):].split(".")[0])
+    return sorted(found, key=_step_of)
 
 
 def find_resume(run_dir: str | Path, resume: str, say=print) -> Path | None:
@@ -192,6 +193,14 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     return min(scored, key=lambda x: x[0])[1] if scored else None  # the earliest of equals
 
 
+def _delete(checkpoint: Path) -> None:
+    """Delete a checkpoint folder: renamed to `*.deleting` first (atomic), so that it is no longer
+    a checkpoint from that instant on and an interrupted deletion leaves nothing that looks whole."""
+    doomed = checkpoint.with_name(checkpoint.name + ".deleting")
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed)
+
+
 def prune(run_dir: str | Path, keep_last_n: int, keep_best: bool = False) -> list[Path]:
     """Delete all but the newest `keep_last_n` complete checkpoints (never the newest one) and,
     with `keep_best`, the one with the lowest held-out loss."""
@@ -202,9 +211,7 @@ def prune(run_dir: str | Path, keep_last_n: int, keep_best: bool = False) -> lis
     for old in complete_checkpoints(run_dir)[:-keep_last_n]:
         if old == spared:
             continue
-        doomed = old.with_name(old.name + ".deleting")
-        os.replace(old, doomed)  # no longer a checkpoint from this instant on
-        shutil.rmtree(doomed)
+        _delete(old)
         removed.append(old)
     return removed
 
@@ -257,9 +264,7 @@ def _make_room(run_dir: Path, need: int, keep_last_n: int, keep_best: bool, say)
     if free + sum(sizes) < _with_margin(need):
         return
     for path, size in zip(doomed, sizes):
-        gone = path.with_name(path.name + ".deleting")
-        os.replace(path, gone)
-        shutil.rmtree(gone)
+        _delete(path)
         say(f"disk nearly full ({free / 1e6:.1f} MB free): deleted {path} now, not after the next checkpoint is "
             f"written (--keep_last_n {keep_last_n}), to make room for it")
         free += size
@@ -357,8 +362,3 @@ def load(accelerator, path: Path, data_content_hash: str, allow_data_change: boo
         raise UserError(f"checkpoint {path} does not fit this model ({detail[-1][:300]}); resume with the "
                         "model and --lora options the run started with (see its config.yaml)") from None
     return state
-
-
-def remove_run(run_dir: str | Path) -> None:
-    """Delete a run folder (only called with an explicit --overwrite)."""
-    shutil.rmtree(run_dir)

@@ -177,20 +177,20 @@ def exit_on_user_error(main):
             sys.exit(130)
         except (RuntimeError, MemoryError) as exc:
             oom = _out_of_memory(exc)
-            failure = None if oom else _collective_failure(exc) if isinstance(exc, RuntimeError) else None
             if oom:
                 print(f"error: {oom}", file=sys.stderr, flush=True)
                 sys.exit(2)
+            failure = _collective_failure(exc) if isinstance(exc, RuntimeError) else None
             if failure is None:
                 raise
             print(f"error: {_where[0]()}: {failure}", file=sys.stderr, flush=True)
             sys.exit(3)
         except OSError as exc:  # the machine's, not the code's: a full, read-only or forbidden place
             if is_disk_full(exc):
-                target = exc.filename or (f"under {_output[0]}" if _output else None)
-                where = f" writing {target}" if target else ""
-                space = f" ({free_mb(exc.filename or _output[0])})" if (exc.filename or _output) else ""
-                print(f"error: disk full{where}{space}: free some space and run again (a training run continues "
+                place = exc.filename or (_output[0] if _output else None)
+                where = "" if place is None else (
+                    f" writing {'' if exc.filename else 'under '}{place} ({free_mb(place)})")
+                print(f"error: disk full{where}: free some space and run again (a training run continues "
                       "with --resume auto; what was written completely is kept)", file=sys.stderr)
             elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 print(f"error: {_permission(exc)}", file=sys.stderr)

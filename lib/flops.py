@@ -71,33 +71,34 @@ def measure_matmuls(dtype: str, shapes=(PEAK_SHAPE,), seconds: float = 1.5) -> f
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     g = torch.Generator().manual_seed(0)
-    # a kernel so slow that one pass would outlast the budget many times over cannot be the
-    # fastest (bf16 under MKL_CBWR=AUTO,STRICT, as --deterministic sets it, ran 2048^3 at 0.3
-    # GFLOP/s on one machine: a minute a pass, six per probe): one pass at a quarter of each
-    # dimension then stands for it
-    small = [(max(1, m // 4), max(1, k // 4), max(1, n // 4)) for m, k, n in shapes]
-    if small != [tuple(x) for x in shapes]:
-        a_b = [(torch.randn(m, k, generator=g).to(torch_dtype), torch.randn(k, n, generator=g).to(torch_dtype))
-               for m, k, n in small]
-        for a, b in a_b:  # warm up
-            a @ b
-        t = time.perf_counter()
-        for a, b in a_b:
-            a @ b
-        took = time.perf_counter() - t
-        if took * 64 > 10 * seconds:
-            return sum(2 * m * k * n for m, k, n in small) / max(took, 1e-9)
-    pairs = [(torch.randn(m, k, generator=g).to(torch_dtype), torch.randn(k, n, generator=g).to(torch_dtype))
-             for m, k, n in shapes]
-    flops = sum(2 * m * k * n for m, k, n in shapes)
-    for a, b in pairs:  # warm up kernels and caches
-        a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while True:
+
+    def operands(dims):
+        return [(torch.randn(m, k, generator=g).to(torch_dtype), torch.randn(k, n, generator=g).to(torch_dtype))
+                for m, k, n in dims]
+
+    def one_pass(pairs) -> float:  # seconds
         t = time.perf_counter()
         for a, b in pairs:
             a @ b
-        best = max(best, flops / (time.perf_counter() - t))
+        return time.perf_counter() - t
+
+    # a kernel so slow that one pass would outlast the budget many times over cannot be the
+    # fastest (bf16 on a CPU without native bf16, under the MKL_CBWR=AUTO,STRICT that
+    # --deterministic sets, is hundreds of times slower than fp32): one warm pass at a quarter of
+    # each dimension then stands for it
+    small = [(max(1, m // 4), max(1, k // 4), max(1, n // 4)) for m, k, n in shapes]
+    if small != [tuple(x) for x in shapes]:
+        pairs = operands(small)
+        one_pass(pairs)  # warm up
+        took = one_pass(pairs)
+        if took * 64 > 10 * seconds:
+            return sum(2 * m * k * n for m, k, n in small) / max(took, 1e-9)
+    pairs = operands(shapes)
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    one_pass(pairs)  # warm up kernels and caches
+    best, end = 0.0, time.perf_counter() + seconds
+    while True:
+        best = max(best, flops / one_pass(pairs))
         if time.perf_counter() >= end:
             return best
 

@@ -50,10 +50,9 @@ def check_name(name: str, option: str = "--run_name") -> str:
     with a dot), not one of the names MLflow's store takes in the runs dir."""
     from lib.tracking import ARTIFACTS_NAME, DB_NAME
 
-    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
     problem = ("is empty" if not name.strip() else
                f"names {'this' if name == '.' else 'the parent'} folder, not a run" if name in (".", "..") else
-               "holds a path separator" if any(s in name for s in seps) else
+               "holds a path separator" if "/" in name or "\\" in name else
                "holds a NUL byte" if "\0" in name else
                "begins with a dot (hidden names are the runs dir's lock files)" if name.startswith(".") else
                "is taken by the MLflow store in the runs dir" if name in (DB_NAME, ARTIFACTS_NAME) else None)
@@ -168,11 +167,10 @@ def _decide(run_dir: Path, resume: str | None, overwrite: bool, say) -> Path | N
     if overwrite:
         _empty(run_dir, say)
         return None
-    entries = {p.name for p in run_dir.iterdir()}
     if resume == "auto":
         # find_resume found no checkpoint that verifies: any left (folders set aside, archives) are broken
-        kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*") if ".corrupt" in p.name or
-                      p.name.endswith(".tar.gz")) if (run_dir / "checkpoints").is_dir() else []
+        kept = sorted([p.name for p in (run_dir / "checkpoints").glob("*.corrupt*")]
+                      + [p.name for p in ckpt.archived_checkpoints(run_dir)])
         if kept:
             raise UserError(f"no checkpoint of {run_dir} verifies (kept as they are: {', '.join(kept)}; see the "
                             "warnings above): to train this run again from the start pass --overwrite, which removes "
@@ -190,6 +188,7 @@ def _decide(run_dir: Path, resume: str | None, overwrite: bool, say) -> Path | N
         say(f"{run_dir} has no checkpoint and no final model (it stopped before its first checkpoint): "
             f"starting it over{note}")
         return None
+    entries = {p.name for p in run_dir.iterdir()}
     if resume is None and entries <= START_FILES and not _has_records(run_dir / "metrics.jsonl"):
         say(f"{run_dir} holds only what a start that never trained wrote ({', '.join(sorted(entries))}): "
             "starting it over")
