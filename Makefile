@@ -7,11 +7,11 @@ RUN    ?= default
 .PHONY: help venv tokenize train eval smoke mlflow test bench gpu-check gpu-kit audit fork fork-diff clean distclean
 
 help:
-	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9.5-minute budget), evaluate it"
+	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9-minute budget, sized to this machine), evaluate it"
 	@echo "make smoke     the same pipeline at toy size (under 2 minutes) -> runs/smoke/"
 	@echo "make test      run the test suite"
 	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~20 min)"
-	@echo "make gpu-check on a CUDA GPU: a 126M model in bf16 with compile, tokens/s and MFU"
+	@echo "make gpu-check on a CUDA GPU: a 116M model in bf16 with compile, tokens/s and MFU"
 	@echo "make gpu-kit   wheels for a GPU box without a package index (.whl/; see README)"
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
 	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"

@@ -1,9 +1,10 @@
 """A learning-rate schedule that fits a time budget, whatever the machine's speed.
 
 With a budget (train.py --max_minutes), the schedule's horizon (the step where its decay ends)
-is not a step count that suits one CPU: after warmup the loop measures its own step time and
+is not a step count that suits one CPU: after its first steps the loop measures its step time and
 fixes the horizon at the last step that fits the remaining budget, counting the evaluations,
-checkpoints and the final evaluation and export still to come. From then on the horizon is part
+checkpoints and the final evaluation and export still to come, and fits it again as more steps
+are timed, until half the budget is spent. From then on the horizon is part
 of the run's state (saved in every checkpoint), so a resumed run continues the same schedule.
 """
 from __future__ import annotations
@@ -13,6 +14,12 @@ import time
 SKIP_STEPS = 2  # untimed steps after a (re)start: compilation and first-touch allocations
 MIN_TIMED_STEPS = 8  # timed steps the fit needs
 MARGIN = 0.05  # share of the budget kept free: the step time measured early can drift
+# The first fit uses a few steps' timing, which was seen 20% off the run's later pace either way
+# (a schedule that ended early, or a budget spent before the decay): the horizon is fitted again
+# every REFIT_EVERY steps from all the steps timed so far, until REFIT_UNTIL of the budget is
+# spent, so that the decay itself runs on a settled horizon.
+REFIT_EVERY = 50
+REFIT_UNTIL = 0.5
 
 
 class StepClock:
@@ -69,3 +76,10 @@ def plan(step: int, max_steps: int, budget_s: float, elapsed_s: float, step_s: f
     if horizon == max_steps:
         why += f" (capped by max_steps {max_steps})"
     return horizon, why
+
+
+def refit_due(step: int, fitted: bool, elapsed_s: float, budget_s: float) -> bool:
+    """Whether the loop fits the horizon (again) after optimizer step `step`: the first time
+    as soon as the clock is ready (`fitted` False), then every REFIT_EVERY steps while less than
+    REFIT_UNTIL of the budget is spent."""
+    return not fitted or (step % REFIT_EVERY == 0 and elapsed_s < REFIT_UNTIL * budget_s)

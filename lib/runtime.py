@@ -28,7 +28,8 @@ def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: flo
     """(accelerator, precision Choice) for this process, every process of the launch calling it.
 
     `precision`: auto | fp32 | bf16 | fp16 (see lib/precision.resolve); `shapes`: the model's
-    matrix products (m, k, n) that auto times on a CPU. `threads`: torch intra-op threads (None:
+    matrix products (m, k, n) that auto times on a CPU, or a function of the PartialState that
+    returns them (called on every process once the process group exists). `threads`: torch intra-op threads (None:
     torch's choice; one under `deterministic` on a CPU). Prints, from the main process, what was
     chosen and why, and warns when a launcher's FSDP config cannot shard this job.
     `timeout_minutes`: the longest any collective (the process group's start included) waits for
@@ -61,6 +62,8 @@ def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: flo
     state = PartialState(cpu=on_cpu, timeout=timedelta(minutes=timeout_minutes))
     errors.collective_timeout_minutes = timeout_minutes
     cpu_fsdp = on_cpu and allow_fsdp_on_cpu()  # an FSDP launcher config on CPU: FSDP, not DDP
+    if callable(shapes):  # decided once the processes exist (train.py sizes the model here)
+        shapes = shapes(state)
     choice = precision_lib.resolve_on_main(precision, shapes, state)
     accelerator = Accelerator(mixed_precision=choice.mixed_precision, cpu=on_cpu,
                               gradient_accumulation_steps=grad_accum_steps,

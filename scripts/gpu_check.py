@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The GPU check: train configs/train/gpu_124m.yaml (a 126M Llama, bf16, torch.compile) for a few
+"""The GPU check: train configs/train/gpu_124m.yaml (a 116M Llama, bf16, torch.compile) for a few
 hundred steps and report tokens/s and MFU against the GPU's dense bf16 peak (989 TFLOP/s on an
 H100/H200); the target is at least 40%.
 
@@ -35,7 +35,7 @@ ROOT = Path(_root)
 
 @dataclass
 class GpuCheckConfig:
-    """Throughput and MFU of a 126M model on one GPU."""
+    """Throughput and MFU of a 116M model on one GPU."""
 
     preset: Path = Path("configs/train/gpu_124m.yaml")
     steps: int = 300

@@ -61,15 +61,22 @@ class TrainConfig:
     lora: LoraOptions = field(default_factory=LoraOptions)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
+    size_to_budget: bool = False
+    """With max_minutes, on a model built from scratch: measure this machine's matrix-product rate
+    and take the shape (width, depth, heads, optimizer, learning rate) that the budget sweep found
+    best for the compute the budget buys (lib/sizing.py, experiments/budget-sweep). Not applied when
+    the command line sets any model field; other options it sets keep their values. config.yaml
+    records the chosen values (with this off), and a resumed run keeps them."""
     max_steps: int = 1000
     """Optimizer steps at most; without a time budget the learning-rate schedule spans exactly these."""
     max_minutes: Optional[float] = None
     """Time budget of the training loop (all resumed parts together). With fit_schedule, the
     schedule is fitted to it; in any case the run stops (saving everything) once it is spent."""
     fit_schedule: Optional[bool] = None
-    """With max_minutes: after warmup, measure the step time and end the schedule (its decay
-    included) at the last step that fits the budget, never past max_steps. The horizon is then
-    kept in checkpoints, so a resumed run continues the same schedule. Default: on, except with
+    """With max_minutes: once the first steps are timed, end the schedule (its decay
+    included) at the last step that fits the budget, never past max_steps, and fit it again from
+    the steps timed since, every 50 steps until half the budget is spent. The horizon is kept in
+    checkpoints, so a resumed run continues the same schedule. Default: on, except with
     --deterministic (a horizon measured from time differs between runs); off: the schedule spans
     max_steps and the budget only stops the run."""
     stop_at_step: Optional[int] = None
@@ -244,6 +251,7 @@ def main() -> None:
     from lib.precision import model_matmul_shapes
     from lib.progress import progress
     from lib.provenance import provenance
+    from lib.sizing import size_run
     from lib.report import plot_metrics, write_run_report
     from lib.tokenizer import has_tokenizer
 
@@ -251,13 +259,20 @@ def main() -> None:
     tok_dir = tokens_dir(cfg.data.dir)
     manifest = read_manifest(tok_dir, "tokens")
     vocab, special = manifest["vocab_size"], manifest["special_ids"]
-    shapes = model_matmul_shapes(*matmul_dims(cfg.model, vocab), cfg.micro_batch_size * cfg.data.seq_len)
+    sized = []
+
+    def shapes(state):  # the model sized to the budget first (lib/sizing.py), then its products
+        sized.append(size_run(cfg, sys.argv[1:], state))
+        return model_matmul_shapes(*matmul_dims(cfg.model, vocab), cfg.micro_batch_size * cfg.data.seq_len)
+
     accelerator, choice = runtime.start(cfg.precision, shapes, grad_accum_steps=cfg.grad_accum_steps,
                                         fp16_init_scale=cfg.fp16_init_scale, threads=cfg.threads,
                                         deterministic=cfg.deterministic, keep_freed_memory=cfg.keep_freed_memory,
                                         timeout_minutes=cfg.dist_timeout_minutes)
     say, is_main, world, device = accelerator.print, accelerator.is_main_process, accelerator.num_processes, \
         accelerator.device
+    if sized[0]:
+        say(sized[0])
     if is_main:
         tracking.preload(cfg.tracking)  # MLflow's import overlaps the set-up below, not the first steps
     if cfg.keep_best and (not cfg.eval_every or not cfg.checkpoint_every or cfg.checkpoint_every % cfg.eval_every):
@@ -333,7 +348,7 @@ def main() -> None:
             f"{loop.last_eval['seconds']:.1f} s)")
         if metrics:
             metrics.write({"type": "eval", "step": loop.step, "tokens_seen": loop.tokens_seen,
-                           **{f"val_{k}": v for k, v in res.items()}})
+                           "elapsed_s": loop.elapsed_s(), **{f"val_{k}": v for k, v in res.items()}})
         return res
 
     checkpoint_seconds = []
@@ -355,7 +370,6 @@ def main() -> None:
     model.train()
     bar = progress(total=loop.horizon, initial=loop.step, disable=not is_main, desc="train", unit="step")
     clock, stopped_early = budget.StepClock(), False
-    fit_after = max(cfg.optim.warmup_steps, loop.step)  # the horizon is fixed at the first timed step after warmup
     tokens_at_log = loop.tokens_seen
     loop.started_at = t_log = time.perf_counter()
     while loop.step < loop.horizon:
@@ -382,7 +396,8 @@ def main() -> None:
         bar.update(1)
         clock.stop()
 
-        if fit and loop.step >= fit_after and clock.ready:  # fit the schedule's end to the time budget
+        if fit and clock.ready and budget.refit_due(loop.step, loop.fitted_to_minutes is not None, loop.elapsed_s(),
+                                                    60 * cfg.max_minutes):  # fit the schedule's end to the budget
             eval_s = loop.last_eval["seconds"] or held_out.estimate_seconds(
                 accelerator.unwrap_model(prepared), cfg.micro_batch_size, device, accelerator.autocast, boundary)
             ckpt_s = (sum(checkpoint_seconds) / len(checkpoint_seconds) if checkpoint_seconds
@@ -390,10 +405,13 @@ def main() -> None:
             plan = budget.plan(loop.step, cfg.max_steps, 60 * cfg.max_minutes, loop.elapsed_s(),
                                clock.step_seconds, eval_every=cfg.eval_every, eval_s=eval_s,
                                checkpoint_every=cfg.checkpoint_every, checkpoint_s=ckpt_s)
-            loop.horizon, why = broadcast_from_main(plan, accelerator)  # every process: one schedule
-            loop.fitted_to_minutes, fit = cfg.max_minutes, False
-            bar.total = loop.horizon
-            say(f"schedule fitted to the budget at step {loop.step}: it ends at step {loop.horizon} ({why})")
+            horizon, why = broadcast_from_main(plan, accelerator)  # every process: one schedule
+            if loop.fitted_to_minutes is None:
+                say(f"schedule fitted to the budget at step {loop.step}: it ends at step {horizon} ({why})")
+            elif abs(horizon - loop.horizon) > 0.02 * loop.horizon:
+                say(f"schedule fitted again at step {loop.step}: it ends at step {horizon}, not {loop.horizon} ({why})")
+            loop.horizon, loop.fitted_to_minutes, bar.total = horizon, cfg.max_minutes, horizon
+            fit = loop.elapsed_s() < budget.REFIT_UNTIL * 60 * cfg.max_minutes
         if loop.step % cfg.log_every == 0 or loop.step == loop.horizon:
             now = time.perf_counter()
             tps = (loop.tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
@@ -506,6 +524,9 @@ def build(cfg, accelerator, manifest: dict):
              if cfg.fused_loss and accelerator.mixed_precision != "fp16" else None)
     say(f"forward: {'torch.compile' if cfg.compile else 'eager'}, attention {attention}, loss "
         f"{'fused with the output layer' if fused is not None else 'over full logits'}")
+    if cfg.optim.name == "muon" and runtime.is_sharded(accelerator):
+        raise UserError("--optim.name muon does not combine with FSDP here (its update needs whole matrices): "
+                        "launch with DDP or one process, or use --optim.name adamw")
     optimizer = build_optimizer(model, cfg.optim)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     if lora.enabled(cfg.lora):
@@ -516,7 +537,7 @@ def build(cfg, accelerator, manifest: dict):
 def check_options(cfg: TrainConfig) -> None:
     """Values no run can use, refused before anything is read or written (a UserError naming the
     option)."""
-    from lib.optim import SCHEDULES
+    from lib.optim import OPTIMIZERS, SCHEDULES
     from lib.run_folder import check_name
     from lib.tracking import effective_uri
 
@@ -524,6 +545,8 @@ def check_options(cfg: TrainConfig) -> None:
              "at least 1"), ("grad_accum_steps", cfg.grad_accum_steps >= 1, "at least 1"),
              ("keep_last_n", cfg.keep_last_n >= 1, "at least 1"), ("optim.lr", cfg.optim.lr >= 0, "0 or more"),
              ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "0 or more"),
+             ("optim.warmup_fraction", cfg.optim.warmup_fraction is None or 0 <= cfg.optim.warmup_fraction < 1,
+              "from 0 up to (not including) 1, or None"),
              ("max_minutes", cfg.max_minutes is None or cfg.max_minutes > 0, "more than 0"),
              ("eval_tokens", cfg.eval_tokens is None or cfg.eval_tokens >= 1, "at least 1, or None"),
              ("data.seq_len", cfg.data.seq_len >= 2, "at least 2"),
@@ -540,6 +563,7 @@ def check_options(cfg: TrainConfig) -> None:
     check_name(cfg.run_name)  # one folder name inside runs_dir: nothing else can be written or removed
     effective_uri(cfg.tracking, cfg.runs_dir)  # --tracking.uri env without MLFLOW_TRACKING_URI: refused now
     SCHEDULES.get(cfg.optim.schedule, "--optim.schedule")  # a name no built-in or loaded plugin provides
+    OPTIMIZERS.get(cfg.optim.name, "--optim.name")
 
 
 def fp16_state(accelerator, loop) -> dict:
@@ -593,7 +617,7 @@ def describe_run(cfg, say, train_data, boundary, sampler, n_params, world, choic
         f"{layout} | {world} process(es), precision {choice.name} | "
         f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
         f"{horizon} steps ({rows_per_step * horizon / len(train_data):.2f} epochs)"
-        + (" at most: the schedule is fitted to the budget after warmup" if fit else ""))
+        + (" at most: the schedule is fitted to the budget after its first steps" if fit else ""))
     if cfg.max_minutes and not fit and resume_from is None:
         say(f"the schedule spans {horizon} steps; the {cfg.max_minutes:g} minute budget only stops the run"
             + (" (--deterministic: a horizon measured from time would differ between runs; "

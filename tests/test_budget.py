@@ -81,3 +81,20 @@ def test_deterministic_runs_keep_the_schedule_off_the_clock(tiny_data, tmp_path)
     assert "schedule fitted" not in proc.stdout
     rows = _rows(tmp_path / "det")
     assert rows[-1]["step"] == 40 and {r["horizon"] for r in rows} == {40}
+
+
+def test_the_horizon_is_fitted_again_when_the_pace_changes(tiny_data, tmp_path):
+    assert budget.refit_due(7, False, 100.0, 60.0)  # the first fit: whenever the clock is ready
+    assert budget.refit_due(budget.REFIT_EVERY * 3, True, 20.0, 60.0)
+    assert not budget.refit_due(budget.REFIT_EVERY * 3 + 1, True, 20.0, 60.0)
+    assert not budget.refit_due(budget.REFIT_EVERY * 3, True, 31.0, 60.0)  # half the budget spent: settled
+    # a 3-second stall before step 30, after the first fit at step 10: the fit at step 50 sees it
+    # and ends the schedule earlier, so that it still decays within the budget
+    proc = train(tiny_data, tmp_path, "stalled", *QUIET, "--max_steps", "100000", "--max_minutes", "0.3",
+                 "--fit_schedule", "True", "--debug_stall", "0:30:3")
+    first = int(proc.stdout.split("schedule fitted to the budget at step 10: it ends at step ")[1].split()[0])
+    again = proc.stdout.split(f"schedule fitted again at step {budget.REFIT_EVERY}: it ends at step ")[1]
+    assert int(again.split(",")[0]) < first and f"not {first}" in again
+    rows = _rows(tmp_path / "stalled")
+    assert rows[-1]["step"] == rows[-1]["horizon"] < first  # ended by its schedule, decayed
+    assert "budget is spent" not in proc.stdout

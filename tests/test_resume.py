@@ -40,11 +40,12 @@ def blocks_per_epoch(data: Path, seq_len: int = 64) -> int:
     return len(build_train_data(data / "tokens", DataConfig(seq_len=seq_len), {"pad": 3}))
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_stop_and_resume_is_bitwise_the_straight_run(tiny_data, tmp_path, accum):
-    # logged every 4 steps and stopped at 6: mid-epoch and inside a logging window
+@pytest.mark.parametrize("accum, optimizer", [(1, "adamw"), (2, "adamw"), (1, "muon")])
+def test_stop_and_resume_is_bitwise_the_straight_run(tiny_data, tmp_path, accum, optimizer):
+    # logged every 4 steps and stopped at 6: mid-epoch and inside a logging window; Muon's momentum
+    # and AdamW's moments are both restored
     common = [*BITWISE, "--log_every", "4", "--max_steps", "14", "--grad_accum_steps", str(accum),
-              "--checkpoint_every", "0", "--eval_every", "5"]
+              "--checkpoint_every", "0", "--eval_every", "5", "--optim.name", optimizer]
     train(tiny_data, tmp_path, "straight", *common)
     train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "6")
     proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto")

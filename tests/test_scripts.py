@@ -163,12 +163,15 @@ def test_gpu_check_plumbing_runs_on_cpu(tiny_data, tmp_path):
 
 def test_zloss_fork_changes_one_function_and_trains(tiny_data, tmp_path):
     """experiments/zloss is a fork of scripts/train.py that adds a z-loss term: the loop is laid out
-    so that a new loss is a small diff (one function and its option), and the fork runs from
-    another folder and trains with its loss."""
+    so that a new loss is a small diff (one function and its option) against the train.py it was
+    forked from (FORKED_FROM: later changes to train.py are not the fork's), and the fork runs
+    from another folder and trains with its loss."""
     import difflib
 
     fork = REPO / "experiments" / "zloss" / "train.py"
-    original = (REPO / "scripts" / "train.py").read_text().splitlines()
+    origin = (REPO / "experiments" / "zloss" / "FORKED_FROM").read_text().split()[0]
+    original = subprocess.run(["git", "show", f"{origin}:scripts/train.py"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.splitlines()
     changed = [line for line in difflib.unified_diff(original, fork.read_text().splitlines(), lineterm="", n=0)
                if line[:1] in "+-" and not line.startswith(("+++", "---"))]
     assert 0 < len(changed) <= 30, "\n".join(changed)
