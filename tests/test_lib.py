@@ -24,6 +24,18 @@ def test_warmup_then_cosine():
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
 
 
+def test_warmup_as_a_share_of_the_schedule_scales_with_it():
+    from lib.optim import warmup_steps
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=50, warmup_fraction=0.1, min_lr_ratio=0.1)
+    assert warmup_steps(1000, cfg) == 100 and warmup_steps(30, cfg) == 3 and warmup_steps(4, cfg) == 1
+    # a 30-step schedule (50 fixed warmup steps would never end) warms up in 3, then decays to the floor
+    lrs = [lr_at(s, 30, cfg) for s in range(30)]
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lr_at(99, 1000, cfg) == pytest.approx(1.0)  # the 100th of 100 warmup steps
+
+
 @pytest.mark.parametrize("schedule", ["linear", "constant", "wsd"])
 def test_other_schedules_end_where_they_should(schedule):
     cfg = OptimConfig(lr=2.0, warmup_steps=5, min_lr_ratio=0.25, schedule=schedule, decay_fraction=0.5)

@@ -71,7 +71,7 @@ def test_muon_lowers_a_loss_faster_than_nothing_and_an_unknown_name_is_refused()
     first = None
     for _ in range(20):
         loss = model(input_ids=ids, labels=ids).loss
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -215,7 +215,9 @@ def test_corrupt_final_weights_fail_the_audit_and_stop_eval(small_run, tmp_path)
 
 def test_bad_values_and_broken_inputs_are_one_line_errors(tiny_data, small_run, tmp_path):
     for args, says in ((("--optim.lr", "-1"), "optim.lr"), (("--max_steps", "0"), "max_steps"),
-                       (("--micro_batch_size", "0"), "micro_batch_size")):
+                       (("--micro_batch_size", "0"), "micro_batch_size"),
+                       (("--optim.warmup_fraction", "1.5"), "--optim.warmup_fraction 1.5: must be from 0 up to"),
+                       (("--optim.name", "lion"), "--optim.name lion: no such optimizer")):
         proc = train(tiny_data, tmp_path, "bad", *args, check=False)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "bad").exists()  # nothing written
