@@ -75,6 +75,7 @@ def test_muon_lowers_a_loss_faster_than_nothing_and_an_unknown_name_is_refused()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    assert float(model(input_ids=ids, labels=ids).loss) < first - 1.0
+    with torch.no_grad():
+        assert float(model(input_ids=ids, labels=ids).loss) < first - 1.0
     with pytest.raises(UserError, match=r"--optim.name lion: no such optimizer; known: adamw, muon"):
         OPTIMIZERS.get("lion", "--optim.name")
