@@ -17,9 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lib.precision import model_matmul_shapes
+
 # a fixed yardstick: the products of a 4 x 256 model with a 16k output layer on 8 x 256 tokens,
 # which precision auto also probes when it has no model's own shapes (one cached figure for both)
-REFERENCE = [(2048, 256, 256), (2048, 256, 704), (2048, 704, 256), (2048, 256, 16384)]
+REFERENCE = model_matmul_shapes(256, 704, 16384, 2048)
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,6 @@ def given_options(argv: list[str]) -> set[str]:
             if leaf.startswith("no_"):
                 names.add(f"{head}.{leaf[3:]}" if head else leaf[3:])
     return names
-
-
-def get(cfg, dotted: str):
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def put(cfg, dotted: str, value) -> None:
