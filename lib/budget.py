@@ -30,6 +30,7 @@ class StepClock:
         self.seen = 0
         self.timed = 0
         self.seconds = 0.0
+        self.last_s = 0.0  # the latest step's seconds, timed or not
         self._t = None
 
     def start(self) -> None:
@@ -37,9 +38,10 @@ class StepClock:
 
     def stop(self) -> None:
         self.seen += 1
+        self.last_s = time.perf_counter() - self._t
         if self.seen > SKIP_STEPS:
             self.timed += 1
-            self.seconds += time.perf_counter() - self._t
+            self.seconds += self.last_s
 
     @property
     def ready(self) -> bool:

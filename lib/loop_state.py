@@ -68,7 +68,8 @@ class LoopState:
     """Step, held-out loss and seconds of the latest evaluation."""
     window: LogWindow = field(default_factory=LogWindow)
     started_at: float = field(default_factory=time.perf_counter)
-    """When this process started (or resumed) training; not saved."""
+    """When this process started (train.py: the process itself, so that its start-up counts in a
+    time budget); not saved."""
     stopped_at: Optional[float] = None
     """When this process's loop ended (stop_timing); not saved."""
     device: object = "cpu"
@@ -81,8 +82,9 @@ class LoopState:
             self.window.loss = torch.zeros((), device=self.device)
 
     def elapsed_s(self) -> float:
-        """Seconds in the training loop over the whole run, resumed parts included (evaluations and
-        checkpoints inside the loop count; the final evaluation and export after it do not)."""
+        """Seconds of the whole run, resumed parts included, from each part's start (start-up,
+        evaluations and checkpoints inside the loop count) to the end of its loop (the final
+        evaluation and export after it do not: the budget fit reserves time for them)."""
         return self.elapsed_before_s + (self.stopped_at or time.perf_counter()) - self.started_at
 
     def stop_timing(self) -> None:

@@ -47,7 +47,8 @@ SHAPES = [
     Shape("muon-128x4", gflops=128, minutes=9, settings={
         "model.d_model": 128, "model.n_layers": 4, "model.n_heads": 2, "optim.name": "muon", "optim.lr": 3e-3}),
     Shape("muon-192x4", gflops=392, minutes=9, settings={
-        "model.d_model": 192, "model.n_layers": 4, "model.n_heads": 3, "optim.name": "muon", "optim.lr": 3e-3}),
+        "model.d_model": 192, "model.n_layers": 4, "model.n_heads": 3, "optim.name": "muon", "optim.lr": 3e-3,
+        "micro_batch_size": 16}),
 ]
 
 

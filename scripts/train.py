@@ -70,8 +70,10 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps at most; without a time budget the learning-rate schedule spans exactly these."""
     max_minutes: Optional[float] = None
-    """Time budget of the training loop (all resumed parts together). With fit_schedule, the
-    schedule is fitted to it; in any case the run stops (saving everything) once it is spent."""
+    """Time budget of the run, in wall-clock minutes from the process's start (all resumed parts
+    together): start-up, compilation, steps, evaluations and checkpoints, with time kept for the
+    final evaluation and export. With fit_schedule, the schedule is fitted to it; in any case the
+    run stops (saving everything) once it is spent."""
     fit_schedule: Optional[bool] = None
     """With max_minutes: once the first steps are timed, end the schedule (its decay
     included) at the last step that fits the budget, never past max_steps, and fit it again from
@@ -126,7 +128,10 @@ class TrainConfig:
     that beat sdpa's CPU flash kernel; else sdpa."""
     compile: bool = False
     """torch.compile the model: compiling costs time at start-up (and again after a resume), then
-    steps run faster; worth it for runs of more than a few minutes."""
+    steps run faster. With max_minutes, the first steps run eagerly and are timed, and the model is
+    compiled only where this machine's record of compiling it says the budget left repays it (the
+    first time, it compiles and records the cost and the gain); compiled steps that turn out no
+    faster are dropped for eager ones (lib/compile_choice.py)."""
     keep_freed_memory: bool = True
     """Let glibc malloc keep freed memory for reuse instead of unmapping and faulting the same
     activation buffers back in every step (faster CPU steps; the process holds its peak memory)."""
@@ -224,6 +229,7 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
 
 @exit_on_user_error
 def main() -> None:
+    started = time.perf_counter()  # a time budget is the run's wall time: start-up counts in it
     cfg = config_lib.parse(TrainConfig, description=__doc__, expand={"model.size": registry.size})
     loaded = plugins.load(cfg.plugins)  # before check_options: they add names it accepts
     if os.environ.get("RANK", "0") == "0":
@@ -237,6 +243,7 @@ def main() -> None:
     from lib import budget, export, run_folder, tracking
     from lib import checkpoint as ckpt
     from lib import lora
+    from lib.compile_choice import CompileChoice
     from lib.corpus import read_manifest
     from lib.data import BlockSampler, DocBoundary, build_train_data, load_split, tokens_dir
     from lib.distributed import broadcast_from_main
@@ -370,15 +377,19 @@ def main() -> None:
     model.train()
     bar = progress(total=loop.horizon, initial=loop.step, disable=not is_main, desc="train", unit="step")
     clock, stopped_early = budget.StepClock(), False
+    # with a budget, compiling is measured against eager steps and kept only where it pays (one
+    # process: several would have to agree on a decision each takes from its own clock)
+    compiling = CompileChoice(prepared, model, *compile_key(cfg, accelerator, prepared, choice.name), say=say,
+                              probe=bool(cfg.compile and cfg.max_minutes and not cfg.deterministic and world == 1))
     tokens_at_log = loop.tokens_seen
-    loop.started_at = t_log = time.perf_counter()
+    loop.started_at, t_log = started, time.perf_counter()
     while loop.step < loop.horizon:
         clock.start()
         sample_ids = [sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
         batches = [train_data.make_batch(ids, boundary) for ids in sample_ids]
         try:
             step_loss, step_tokens, grad_norm, lr, bad = optimizer_step(
-                cfg, accelerator, model, prepared, optimizer, fused, batches, loop)
+                cfg, accelerator, compiling.model, prepared, optimizer, fused, batches, loop)
         except NonFiniteStep as exc:
             found = ckpt.complete_checkpoints(run_dir)
             raise UserError(
@@ -395,6 +406,9 @@ def main() -> None:
             loop.window.tokens += step_tokens
         bar.update(1)
         clock.stop()
+        if compiling.after_step(clock.last_s, 60 * (cfg.max_minutes or 0) * (1 - budget.MARGIN) - loop.elapsed_s(),
+                                clock):
+            clock = budget.StepClock()  # the next step compiles, or the pace changed: time afresh
 
         if fit and clock.ready and budget.refit_due(loop.step, loop.fitted_to_minutes is not None, loop.elapsed_s(),
                                                     60 * cfg.max_minutes):  # fit the schedule's end to the budget
@@ -534,6 +548,26 @@ def build(cfg, accelerator, manifest: dict):
     return torch.compile(prepared) if cfg.compile else prepared, prepared, optimizer, fused, n_params, fpt
 
 
+def compile_key(cfg, accelerator, prepared, precision: str) -> tuple[str, str]:
+    """What the cost and gain of compiling this run's model depend on, as lib.compile_choice's
+    (cache key, machine): the model (class, parameter counts), batch and precision; the machine
+    (device or CPU, processes, threads, torch)."""
+    import torch
+
+    from lib.compile_choice import model_key
+    from lib.flops import cpu_model
+    from lib.model import count_params
+
+    model = accelerator.unwrap_model(prepared)
+    machine = model_key({"device": accelerator.device.type if accelerator.device.type != "cpu" else cpu_model(),
+                         "processes": accelerator.num_processes, "threads": torch.get_num_threads(),
+                         "torch": torch.__version__})
+    return model_key({"model": type(model).__name__, "params": count_params(model),
+                      "trained": count_params(model, trainable_only=True), "rows": cfg.micro_batch_size,
+                      "seq": cfg.data.seq_len, "precision": precision, "fused": cfg.fused_loss,
+                      "attention": model.config._attn_implementation}) + " " + machine, machine
+
+
 def check_options(cfg: TrainConfig) -> None:
     """Values no run can use, refused before anything is read or written (a UserError naming the
     option)."""
@@ -595,7 +629,7 @@ def log_step(cfg, accelerator, loop, metrics, bar, tps: float, mfu, system, grad
         metrics.write({"type": "train", "step": loop.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "horizon": loop.horizon, "tokens_seen": loop.tokens_seen, "tokens_per_s": tps,
                        "padding": pad_frac, "mfu": utilization, "skipped_steps": loop.skipped_steps,
-                       "elapsed_s": time.perf_counter() - loop.started_at,
+                       "elapsed_s": loop.elapsed_s(),
                        "peak_memory_gib": peak_memory_gib(accelerator.device)[0], **fp16, **system.sample()})
     if not math.isfinite(loss):
         raise UserError(f"loss became {loss} at step {loop.step}; lower optim.lr or check the data")

@@ -47,8 +47,10 @@ def test_a_slower_rate_gets_the_smaller_shape_recorded_in_config_yaml(tiny_data,
         assert cfg["size_to_budget"] is False  # --config on it reproduces the run, unsized
         shapes[name] = cfg["model"]["d_model"]
         for key, value in shape.settings.items():
-            section, field = key.split(".")
-            assert cfg[section][field] == value, key
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, key
     assert shapes["slow"] < shapes["fast"]
 
 

@@ -1,0 +1,124 @@
+"""A budgeted run compiles only where the budget repays it: the first eager steps are timed, the
+decision reads this machine's record of compiling the same model, and a run without a record
+compiles and writes one (lib/compile_choice.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import train
+from lib import budget, compile_choice
+from lib.compile_choice import PROBE_STEPS, CompileChoice
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return compile_choice.cache_file()
+
+
+class Clock:
+    """A stand-in for budget.StepClock with its steady step time set by the test."""
+
+    def __init__(self, ready=False, step_seconds=0.0):
+        self.ready, self.step_seconds = ready, step_seconds
+
+
+def drive(choice, times, seconds_left, clock):
+    """Feed step times to `choice`; returns the models called at each step and the switch steps."""
+    called, switched = [], []
+    for i, t in enumerate(times):
+        called.append(choice.model)
+        if choice.after_step(t, seconds_left, clock):
+            switched.append(i + 1)
+    return called, switched
+
+
+def test_compiling_pays_when_the_budget_left_repays_its_cost():
+    record = {"compile_s": 40.0, "eager_step_s": 0.13, "compiled_step_s": 0.10}  # 23% less per step
+    assert compile_choice.pays(record, 480.0)[0]  # 8 minutes: saves ~110 s
+    go, why = compile_choice.pays(record, 120.0)  # 2 minutes: saves ~28 s < 40 s
+    assert not go and "took 40 s" in why and "1.30x" in why and "less than it costs" in why
+    assert not compile_choice.pays({**record, "compiled_step_s": 0.14}, 1e6)[0]  # never faster
+
+
+def test_without_a_record_it_compiles_measures_and_records(cache):
+    said = []
+    choice = CompileChoice("eager", "compiled", "k", "m", probe=True, say=said.append)
+    clock = Clock()
+    # three eager steps (the first slower), then the compiling step (30 s), then steady 0.1 s steps
+    called, switched = drive(choice, [0.5, 0.2, 0.21], 600.0, clock)
+    assert called == ["eager"] * PROBE_STEPS and switched == [PROBE_STEPS] and "compile: used" in said[0]
+    called, _ = drive(choice, [30.1, 0.1], 600.0, clock)
+    assert called == ["compiled"] * 2 and not cache.exists()  # not measured yet: the clock is not ready
+    clock.ready, clock.step_seconds = True, 0.1
+    drive(choice, [0.1], 600.0, clock)
+    record = json.loads(cache.read_text())["k"]
+    assert record["compile_s"] == pytest.approx(30.0) and record["eager_step_s"] == pytest.approx(0.2)
+    assert record["compiled_step_s"] == pytest.approx(0.1) and choice.model == "compiled"
+    assert "took 30 s" in said[-1] and "2.00x" in said[-1]
+
+
+def test_a_record_that_does_not_pay_keeps_the_run_eager(cache):
+    compile_choice.write_record("k", machine="m", compile_s=100.0, eager_step_s=0.2, compiled_step_s=0.1)
+    said = []
+    choice = CompileChoice("eager", "compiled", "k", "m", probe=True, say=said.append)
+    called, switched = drive(choice, [0.5, 0.2, 0.2, 0.2, 0.2], 150.0, Clock())  # saves 75 s < 100 s
+    assert called == ["eager"] * 5 and switched == [] and said[0].startswith("compile: not used: ")
+    # with more budget left the same record says compile
+    choice = CompileChoice("eager", "compiled", "k", "m", probe=True, say=said.append)
+    _, switched = drive(choice, [0.5, 0.2, 0.2], 600.0, Clock())
+    assert switched == [PROBE_STEPS] and choice.model == "compiled" and said[-1].startswith("compile: used: ")
+
+
+def test_a_model_never_compiled_here_is_judged_by_the_others_at_their_worst(cache):
+    compile_choice.write_record("a", machine="m", compile_s=30.0, eager_step_s=0.2, compiled_step_s=0.1)
+    compile_choice.write_record("b", machine="m", compile_s=60.0, eager_step_s=0.2, compiled_step_s=0.16)
+    compile_choice.write_record("c", machine="other", compile_s=1.0, eager_step_s=0.2, compiled_step_s=0.01)
+    record, source = compile_choice.estimate("new", "m")
+    assert record["compile_s"] == 60.0 and record["compiled_step_s"] / record["eager_step_s"] == pytest.approx(0.8)
+    assert "2 other model(s)" in source
+    said = []
+    choice = CompileChoice("eager", "compiled", "new", "m", probe=True, say=said.append)
+    drive(choice, [0.5, 0.2, 0.2], 200.0, Clock())  # saves 40 s at best, costs 60 s
+    assert choice.model == "eager" and "not measured for this model" in said[0]
+    assert compile_choice.estimate("new", "elsewhere") == (None, "")  # nothing measured there: compile as asked
+
+
+def test_compiled_steps_no_faster_go_back_to_eager(cache):
+    said = []
+    choice = CompileChoice("eager", "compiled", "k", "m", probe=True, say=said.append)
+    clock = Clock()
+    drive(choice, [0.3, 0.1, 0.1, 20.0], 600.0, clock)
+    clock.ready, clock.step_seconds = True, 0.12
+    _, switched = drive(choice, [0.12], 600.0, clock)
+    assert switched == [1] and choice.model == "eager" and "eager steps from here on" in said[-1]
+    assert json.loads(cache.read_text())["k"]["compiled_step_s"] == pytest.approx(0.12)  # remembered
+
+
+def test_without_a_budget_or_compile_nothing_is_probed():
+    assert CompileChoice("e", "c", "k", "m", probe=False, say=print).model == "c"
+    eager = object()
+    assert CompileChoice(eager, eager, "k", "m", probe=True, say=print).model is eager
+
+
+def test_a_budgeted_compiled_run_records_and_the_next_one_decides(tiny_data, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = ["--max_steps", "100000", "--max_minutes", "0.5", "--fit_schedule", "True", "--compile",
+            "--log_every", "5", "--eval_every", "0", "--eval_tokens", "2000", "--checkpoint_every", "0"]
+    first = train(tiny_data, tmp_path, "first", *args, env=env)
+    assert "compile: used (eager steps take" in first.stdout
+    table = json.loads((tmp_path / "cache" / "lm-repo" / "compile.json").read_text())
+    (key, record), = table.items()
+    assert record["compile_s"] > 0 and record["eager_step_s"] > 0 and record["compiled_step_s"] > 0
+    assert "model=LlamaForCausalLM" in key and "precision=" in key
+    # the schedule is fitted from steps timed after the compiling step, not from it
+    assert first.stdout.index("compile: used") < first.stdout.index("schedule fitted to the budget at step")
+    fitted_at = int(first.stdout.split("schedule fitted to the budget at step ")[1].split(":")[0])
+    assert fitted_at == PROBE_STEPS + budget.SKIP_STEPS + budget.MIN_TIMED_STEPS  # probe, untimed, timed
+    # the same model with a record whose compile costs more than any 0.5-minute run saves: eager
+    table[key]["compile_s"] = 1000.0
+    (tmp_path / "cache" / "lm-repo" / "compile.json").write_text(json.dumps(table))
+    second = train(tiny_data, tmp_path, "second", *args, env=env)
+    assert "compile: not used: on this machine compiling this model took 1000 s" in second.stdout
