@@ -57,9 +57,9 @@ def fit_horizon(step: int, max_steps: int, seconds_left: float, seconds_per_step
     """The last optimizer step of a schedule that, from `step` (steps done), ends within
     `seconds_left`: each further step costs `seconds_per_step` (its share of evaluations and
     checkpoints included) and `final_seconds` are kept for what follows the last step. Never
-    beyond max_steps, never before step + 1."""
+    beyond max_steps, never before step + 1 (unless max_steps is reached: then max_steps)."""
     room = max(seconds_left - final_seconds, 0.0)
-    return max(step + 1, min(max_steps, step + int(room // max(seconds_per_step, 1e-9))))
+    return min(max_steps, max(step + 1, step + int(room // max(seconds_per_step, 1e-9))))
 
 
 def plan(step: int, max_steps: int, budget_s: float, elapsed_s: float, step_s: float, *,

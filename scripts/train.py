@@ -382,7 +382,8 @@ def main() -> None:
     compiling = CompileChoice(prepared, model, *compile_key(cfg, accelerator, prepared, choice.name), say=say,
                               probe=bool(cfg.compile and cfg.max_minutes and not cfg.deterministic and world == 1))
     tokens_at_log = loop.tokens_seen
-    loop.started_at, t_log = started, time.perf_counter()
+    # a resumed run with no step left (it redoes the final evaluation) adds no time to the run's
+    loop.started_at, t_log = started if loop.step < loop.horizon else time.perf_counter(), time.perf_counter()
     while loop.step < loop.horizon:
         clock.start()
         sample_ids = [sampler.next_batch() for _ in range(cfg.grad_accum_steps)]

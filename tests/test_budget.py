@@ -19,6 +19,9 @@ def test_fit_horizon_counts_steps_that_fit_and_caps_them():
     assert budget.fit_horizon(50, 10_000, 100.0, 0.5, final_seconds=10.0) == 230
     assert budget.fit_horizon(50, 120, 100.0, 0.5) == 120  # never past max_steps
     assert budget.fit_horizon(50, 10_000, -5.0, 0.5) == 51  # budget already spent: end at once
+    # a fit at the last step of max_steps (a refit at a multiple of REFIT_EVERY) ends there: once a
+    # 200-step fine-tune ran a 201st step at its floor learning rate
+    assert budget.fit_horizon(200, 200, 100.0, 0.5) == 200
 
 
 def test_plan_charges_evaluations_checkpoints_and_the_final_ones():

@@ -116,7 +116,10 @@ def test_a_budgeted_compiled_run_records_and_the_next_one_decides(tiny_data, tmp
     # the schedule is fitted from steps timed after the compiling step, not from it
     assert first.stdout.index("compile: used") < first.stdout.index("schedule fitted to the budget at step")
     fitted_at = int(first.stdout.split("schedule fitted to the budget at step ")[1].split(":")[0])
-    assert fitted_at == PROBE_STEPS + budget.SKIP_STEPS + budget.MIN_TIMED_STEPS  # probe, untimed, timed
+    timed = PROBE_STEPS + budget.SKIP_STEPS + budget.MIN_TIMED_STEPS  # probe, untimed, timed
+    if "eager steps from here on" in first.stdout:  # a model this small may gain nothing: timed again
+        timed += budget.SKIP_STEPS + budget.MIN_TIMED_STEPS
+    assert fitted_at == timed
     # the same model with a record whose compile costs more than any 0.5-minute run saves: eager
     table[key]["compile_s"] = 1000.0
     (tmp_path / "cache" / "lm-repo" / "compile.json").write_text(json.dumps(table))
