@@ -32,8 +32,9 @@ PROBE_STEPS = 3  # eager steps timed before the decision (the first also warms a
 
 
 def cache_file() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "lm-repo" / "compile.json"
+    from lib.flops import cache_dir
+
+    return cache_dir() / "compile.json"
 
 
 def model_key(parts: dict) -> str:

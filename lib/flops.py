@@ -49,9 +49,13 @@ def gpu_peak(name: str, dtype: str) -> float | None:
     return None
 
 
+def cache_dir() -> Path:
+    """This project's cache folder for what it measures about the machine (XDG_CACHE_HOME honoured)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lm-repo"
+
+
 def _cache_file() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "lm-repo" / "peak_flops.json"
+    return cache_dir() / "peak_flops.json"
 
 
 def cpu_model() -> str:
