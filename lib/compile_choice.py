@@ -14,7 +14,11 @@ PROBE_STEPS steps eagerly and times them, then:
   CPU), taking their longest compile and their smallest gain, so a short run is not spent
   compiling; with no record at all it compiles as asked.
 When it compiles, it measures for the next run: the eager step time, the compiled step time, and
-the compile time (the first compiled step less a compiled step).
+the compile time (the first compiled step less a compiled step). A run that ends before its
+compiled steps are timed (compiling took most of a short budget) still records the compile time,
+bounded by the first compiled step less an eager one; the next run then takes the gain from the
+other models measured here, or, with none, assumes compiled steps cost nothing, so it compiles only
+when the budget left is longer than compiling alone takes.
 
 Either way, once compiled steps are timed and found no faster than the eager ones, the rest of the
 run goes back to eager steps. The compile time is inside the budget in every case (the schedule is
@@ -54,17 +58,26 @@ def read_table() -> dict:
 
 def estimate(key: str, machine: str) -> tuple[dict | None, str]:
     """(a record to decide by, where it comes from): this model's own, else the other models'
-    of the same `machine` at their least favourable (longest compile, smallest gain), else None."""
+    of the same `machine` at their least favourable (longest compile, smallest gain), else None.
+    An own record with no compiled step time (its run ended first) takes the best gain measured
+    on this machine, or a free compiled step where none was."""
     table = read_table()
     own = table.get(key, {})
     if all(own.get(k) for k in MEASURED):
         return own, "on this machine compiling this model"
-    others = [r for k, r in table.items() if r.get("machine") == machine and all(r.get(m) for m in MEASURED)]
-    if not others:
+    complete = [r for k, r in table.items()
+                if k != key and r.get("machine") == machine and all(r.get(m) for m in MEASURED)]
+    if own.get("compile_s") and own.get("eager_step_s"):
+        ratio = min((r["compiled_step_s"] / r["eager_step_s"] for r in complete), default=0.0)
+        gain = (f"at the best gain of {len(complete)} other model(s) here" if complete
+                else "its compiled steps were never timed here: counted as free")
+        return ({"compile_s": own["compile_s"], "eager_step_s": 1.0, "compiled_step_s": ratio},
+                f"on this machine compiling this model ({gain})")
+    if not complete:
         return None, ""
-    worst = max(r["compiled_step_s"] / r["eager_step_s"] for r in others)
-    return ({"compile_s": max(r["compile_s"] for r in others), "eager_step_s": 1.0, "compiled_step_s": worst},
-            f"not measured for this model; at worst of {len(others)} other model(s) compiled on this machine, "
+    worst = max(r["compiled_step_s"] / r["eager_step_s"] for r in complete)
+    return ({"compile_s": max(r["compile_s"] for r in complete), "eager_step_s": 1.0, "compiled_step_s": worst},
+            f"not measured for this model; at worst of {len(complete)} other model(s) compiled on this machine, "
             "compiling")
 
 
@@ -88,7 +101,8 @@ def pays(record: dict, seconds_left: float, source: str = "on this machine compi
     c, e, s = record["compile_s"], record["eager_step_s"], record["compiled_step_s"]
     saving = seconds_left * (1 - s / e)
     verdict = saving > c
-    return verdict, (f"{source} took {c:.0f} s and made a step {e / s:.2f}x as fast; "
+    speed = f"made a step {e / s:.2f}x as fast" if s > 0 else "saves every step's time at most"
+    return verdict, (f"{source} took {c:.0f} s and {speed}; "
                      f"over the {seconds_left / 60:.1f} minutes left that saves about {max(saving, 0):.0f} s, "
                      f"{'more' if verdict else 'less'} than it costs")
 
@@ -152,3 +166,13 @@ class CompileChoice:
             self.phase = "compiled"
             self.say(f"compile: took {c:.0f} s; a step takes {s:.3f} s compiled, {e:.3f} s eager ({e / s:.2f}x)")
         return False
+
+    def finish(self) -> None:
+        """At the end of the loop: a run still measuring (its budget ended before compiled steps
+        were timed) records what it learned, so the next short run does not compile blindly."""
+        if self.phase != "measure" or self.first_compiled_s is None:
+            return
+        c = max(self.first_compiled_s - self.eager_step_s, 0.0)
+        write_record(self.key, machine=self.machine, compile_s=round(c, 2), eager_step_s=round(self.eager_step_s, 4))
+        self.say(f"compile: the run ended before compiled steps were timed; compiling took about {c:.0f} s "
+                 "(recorded for the next run of this model)")

@@ -456,6 +456,7 @@ def main() -> None:
             sys.exit(EXIT_STOPPED)
     bar.close()
     loop.stop_timing()
+    compiling.finish()
 
     # ---- finish: final evaluation, checkpoint, model, report
     final_eval = evaluate()

@@ -105,7 +105,8 @@ def test_without_a_budget_or_compile_nothing_is_probed():
 
 def test_a_budgeted_compiled_run_records_and_the_next_one_decides(tiny_data, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    args = ["--max_steps", "100000", "--max_minutes", "0.5", "--fit_schedule", "True", "--compile",
+    # the step cap ends the run; the budget is long enough for a cold compile on a slow machine
+    args = ["--max_steps", "40", "--max_minutes", "3", "--fit_schedule", "True", "--compile",
             "--log_every", "5", "--eval_every", "0", "--eval_tokens", "2000", "--checkpoint_every", "0"]
     first = train(tiny_data, tmp_path, "first", *args, env=env)
     assert "compile: used (eager steps take" in first.stdout
@@ -120,8 +121,33 @@ def test_a_budgeted_compiled_run_records_and_the_next_one_decides(tiny_data, tmp
     if "eager steps from here on" in first.stdout:  # a model this small may gain nothing: timed again
         timed += budget.SKIP_STEPS + budget.MIN_TIMED_STEPS
     assert fitted_at == timed
-    # the same model with a record whose compile costs more than any 0.5-minute run saves: eager
+    # the same model with a record whose compile costs more than any 3-minute run saves: eager
     table[key]["compile_s"] = 1000.0
     (tmp_path / "cache" / "lm-repo" / "compile.json").write_text(json.dumps(table))
     second = train(tiny_data, tmp_path, "second", *args, env=env)
     assert "compile: not used: on this machine compiling this model took 1000 s" in second.stdout
+
+
+def test_a_run_ended_while_measuring_records_the_compile_time_and_the_next_one_decides_by_it(cache):
+    said = []
+    choice = CompileChoice("eager", "compiled", "k", "m", probe=True, say=said.append)
+    drive(choice, [0.5, 0.2, 0.2, 40.2], 60.0, Clock())  # the compiling step eats the short budget
+    choice.finish()
+    record = json.loads(cache.read_text())["k"]
+    assert record["compile_s"] == pytest.approx(40.0) and "compiled_step_s" not in record
+    assert "compiling took about 40 s" in said[-1]
+    # the next run: no gain measured anywhere, so compiled steps count as free; 30 s left < 40 s
+    again = CompileChoice("eager", "compiled", "k", "m", probe=True, say=said.append)
+    drive(again, [0.5, 0.2, 0.2], 30.0, Clock())
+    assert again.model == "eager" and "counted as free" in said[-1] and "less than it costs" in said[-1]
+    # with another model's measured gain (1.25x) and 5 minutes left: saves 60 s > 40 s
+    compile_choice.write_record("other", machine="m", compile_s=20.0, eager_step_s=0.25, compiled_step_s=0.2)
+    record, source = compile_choice.estimate("k", "m")
+    assert record["compile_s"] == pytest.approx(40.0) and "best gain of 1 other" in source
+    assert compile_choice.pays(record, 300.0, source)[0] and not compile_choice.pays(record, 150.0, source)[0]
+    # a finished measurement is not overwritten by finish()
+    done = CompileChoice("eager", "compiled", "k2", "m", probe=True, say=said.append)
+    drive(done, [0.5, 0.2, 0.2, 10.1], 600.0, Clock())
+    drive(done, [0.1], 600.0, Clock(ready=True, step_seconds=0.1))
+    done.finish()
+    assert json.loads(cache.read_text())["k2"]["compiled_step_s"] == pytest.approx(0.1)
