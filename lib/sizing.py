@@ -44,10 +44,14 @@ class Shape:
 # From experiments/budget-sweep/README.md: the best configuration measured at each speed of the
 # sweep (9 minutes, the 4k stdlib tokenizer), with that speed's rate on the REFERENCE products
 SHAPES = [
-    Shape("muon-128x4", gflops=128, minutes=9, settings={
-        "model.d_model": 128, "model.n_layers": 4, "model.n_heads": 2, "optim.name": "muon", "optim.lr": 3e-3}),
-    Shape("muon-192x4", gflops=392, minutes=9, settings={
-        "model.d_model": 192, "model.n_layers": 4, "model.n_heads": 3, "optim.name": "muon", "optim.lr": 3e-3,
+    # a third of the speed: 3 layers of 128 (1.206 whole split, lzma passed at 2.7 min) over 4 of 128
+    # (1.2123, 2.9), 4 of 96 (1.2427, 2.85) and 16 sequences a step (1.2743, 3.3)
+    Shape("muon-128x3", gflops=128, minutes=9, settings={
+        "model.d_model": 128, "model.n_layers": 3, "model.n_heads": 2, "optim.name": "muon", "optim.lr": 3e-3}),
+    # full speed: 3 layers of 192, 16 sequences a step (1.0812, lzma passed at 1.6 min) over 4 layers
+    # (1.0898, 2.2), 8 sequences a step (1.1186), 4 of 128 (1.1152) and 4 of 256 (1.1256)
+    Shape("muon-192x3", gflops=392, minutes=9, settings={
+        "model.d_model": 192, "model.n_layers": 3, "model.n_heads": 3, "optim.name": "muon", "optim.lr": 3e-3,
         "micro_batch_size": 16}),
 ]
 
