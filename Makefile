@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke mlflow test bench gpu-check gpu-kit audit fork fork-diff clean distclean
+.PHONY: help venv tokenize train eval smoke mlflow test bench gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9-minute budget, sized to this machine), evaluate it"
@@ -15,10 +15,11 @@ help:
 	@echo "make gpu-kit   wheels for a GPU box without a package index (.whl/; see README)"
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
 	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"
-	@echo "make audit     environment, data integrity and plugin checks"
+	@echo "make audit     environment, data integrity, plugins, and forks against upstream"
 	@echo "make mlflow    MLflow's web view of the runs tracked in runs/mlflow.db (http://127.0.0.1:5000)"
 	@echo "make fork NAME=my-idea [SCRIPT=train]       copy scripts/SCRIPT.py into experiments/NAME/, stamped"
 	@echo "make fork-diff NAME=my-idea [SCRIPT=train]  what the fork changed since the commit it came from"
+	@echo "make fork-update NAME=my-idea               carry later changes of the script into the fork (clean merges only)"
 	@echo "make clean     delete data/ and runs/smoke/ (rebuildable); make distclean also deletes .venv and runs/"
 
 $(VENV)/.installed: requirements.txt
@@ -73,7 +74,7 @@ gpu-kit: venv
 	ls .whl
 
 audit: venv
-	$(PY) scripts/audit.py --checks env data
+	$(PY) scripts/audit.py --checks env data plugins forks
 
 # A fork is a stamped copy: FORKED_FROM holds the commit the script came from (and whether that
 # script had uncommitted changes then), so fork-diff shows the experiment's own changes only.
@@ -92,6 +93,10 @@ fork-diff:
 	@test -f experiments/$(NAME)/FORKED_FROM || { echo "experiments/$(NAME) is not a stamped fork (make fork NAME=...)" >&2; exit 2; }
 	git show $$(head -n1 experiments/$(NAME)/FORKED_FROM):scripts/$(SCRIPT).py | diff -u --label scripts/$(SCRIPT).py \
 		--label experiments/$(NAME)/$(SCRIPT).py - experiments/$(NAME)/$(SCRIPT).py || true
+
+fork-update: venv
+	@test -n "$(NAME)" || { echo "usage: make fork-update NAME=my-idea" >&2; exit 2; }
+	$(PY) scripts/audit.py fork-update --name $(NAME)
 
 clean:
 	rm -rf data runs/smoke .pytest_cache

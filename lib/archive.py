@@ -18,7 +18,9 @@ import tarfile
 import zlib
 from pathlib import Path
 
+from lib.checkpoint_record import STATE, verify as verify_folder
 from lib.errors import UserError
+from lib.files import check_sha256
 
 SUFFIX = ".tar.gz"
 
@@ -31,8 +33,6 @@ def _check_members(archive: Path) -> tuple[str, dict[str, str]]:
     """(the checkpoint folder's name inside, sha256 of every file), read from the archive itself and
     checked against the sha256 its trainer_state.json records: a UserError names a damaged file."""
     import json
-
-    from lib.checkpoint import STATE
 
     try:
         # streamed through gzip and read to its very end: the trailer's CRC and length are checked
@@ -58,10 +58,7 @@ def _check_members(archive: Path) -> tuple[str, dict[str, str]]:
         recorded = json.loads(record)["files"]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{archive} is damaged: its {STATE} cannot be read") from None
-    for name, digest in recorded.items():
-        if digests.get(name) != digest:
-            raise UserError(f"{archive} is damaged: {name} is {'missing' if name not in digests else 'changed'} "
-                            f"(its sha256 differs from the checkpoint's record)")
+    check_sha256(recorded, digests.get, f"{archive} is damaged: {{name}}")
     return top, digests
 
 
@@ -76,11 +73,10 @@ def pack(checkpoint: str | Path, out: str | Path | None = None, remove: bool = F
     """Write `checkpoint` (a verified checkpoint folder) as one gzip-compressed tar, `out` or
     `<folder>.tar.gz` beside it, then read it back and check every file's sha256; with `remove`,
     only then delete the folder. Returns the archive's path."""
-    from lib.checkpoint import verify
     from lib.files import atomic_file
 
     checkpoint = Path(checkpoint)
-    verify(checkpoint)  # a UserError names a missing or changed file
+    verify_folder(checkpoint)  # a UserError names a missing or changed file
     out = Path(out) if out else checkpoint.with_name(checkpoint.name + SUFFIX)
     with atomic_file(out, "wb") as f:
         with tarfile.open(fileobj=f, mode="w:gz", compresslevel=compresslevel) as tar:
@@ -98,20 +94,19 @@ def pack(checkpoint: str | Path, out: str | Path | None = None, remove: bool = F
 def unpack(archive: str | Path, checkpoints_dir: str | Path) -> Path:
     """Put the checkpoint of `archive` into `checkpoints_dir` (under its own name), verified; an
     existing complete checkpoint of that name is used as it is. Returns its folder."""
-    from lib.checkpoint import STATE, verify
     from lib.files import fresh_folder, publish_folder
 
     archive, checkpoints_dir = Path(archive), Path(checkpoints_dir)
     top, _ = _check_members(archive)
     target = checkpoints_dir / top
     if (target / STATE).is_file():
-        verify(target)
+        verify_folder(target)
         return target
     tmp = fresh_folder(target)  # extracted and verified there; the checkpoint appears whole or not at all
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(tmp, filter="data")
-        verify(tmp / top)
+        verify_folder(tmp / top)
         publish_folder(tmp / top, target, durable=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -63,16 +63,15 @@ def fit_horizon(step: int, max_steps: int, seconds_left: float, seconds_per_step
 
 
 def plan(step: int, max_steps: int, budget_s: float, elapsed_s: float, step_s: float, *,
-         eval_every: int, eval_s: float, checkpoint_every: int, checkpoint_s: float) -> tuple[int, str]:
+         periodic: list[tuple[int, float]], final_s: float) -> tuple[int, str]:
     """(horizon, explanation) for a budgeted run `elapsed_s` into its budget: `step_s` per
-    optimizer step measured, `eval_s` and `checkpoint_s` the estimated cost of one evaluation
-    and one checkpoint. The final evaluation, checkpoint and export are reserved for, and
-    MARGIN of the budget is kept free."""
-    per_step = step_s + (eval_s / eval_every if eval_every else 0.0) + (
-        checkpoint_s / checkpoint_every if checkpoint_every else 0.0)
-    final = eval_s + 2 * checkpoint_s  # the last evaluation, checkpoint and exported model
+    optimizer step measured; `periodic`, each periodic action's (interval in steps, seconds of
+    one call: evaluations, checkpoints, a plugin's); `final_s`, what follows the last step (its
+    evaluation, checkpoint and the exported model), which is reserved for. MARGIN of the budget is
+    kept free."""
+    per_step = step_s + sum(seconds / every for every, seconds in periodic if every)
     left = budget_s * (1 - MARGIN) - elapsed_s
-    horizon = fit_horizon(step, max_steps, left, per_step, final)
+    horizon = fit_horizon(step, max_steps, left, per_step, final_s)
     why = (f"{step_s:.3f} s per step measured, {per_step:.3f} s with evaluations and checkpoints; "
            f"{max(left, 0) / 60:.1f} of the {budget_s / 60:g} minute budget left")
     if horizon == max_steps:

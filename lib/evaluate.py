@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.loss import IGNORE_INDEX
+from lib.loss import IGNORE_INDEX, token_loss_sum
 
 
 def compressor_bpb(data: bytes) -> dict[str, float]:
@@ -106,17 +106,33 @@ class HeldOutSample:
     text_bytes: int
     description: str
 
-    def evaluate(self, model, batch_size: int, device, autocast=None, boundary=None) -> dict:
-        """lib/evaluate.summarize of `model` on every window (single process, as evaluate_blocks)."""
-        sums = evaluate_blocks(model, self.inputs, self.targets, batch_size, device, autocast, boundary=boundary)
+    def evaluate(self, model, batch_size: int, device, autocast=None, boundary=None, shard=None) -> dict:
+        """lib/evaluate.summarize of `model` on every window. `shard`: (this process's index, the
+        number of processes, a function summing a list of floats over them) to split the windows
+        between processes, each scoring its own contiguous share (the same number of batches on
+        each, padded with unscored rows: a sharded model's forward is collective), the sums added
+        up before the summary; without it this process scores them all."""
+        inputs, targets = self.inputs, self.targets
+        if shard is not None and shard[1] > 1:
+            rank, world, add_up = shard
+            n, per = len(inputs), -(-len(inputs) // world)
+            lo, hi = min(rank * per, n), min((rank + 1) * per, n)
+            pad = per - (hi - lo)  # rows this process adds so that every process runs as many batches
+            inputs = np.concatenate([inputs[lo:hi], np.repeat(self.inputs[:1], pad, axis=0)])
+            targets = np.concatenate([targets[lo:hi], np.full((pad, targets.shape[1]), IGNORE_INDEX, targets.dtype)])
+        sums = evaluate_blocks(model, inputs, targets, batch_size, device, autocast, boundary=boundary)
+        if shard is not None and shard[1] > 1:
+            sums = dict(zip(sums, shard[2]([float(v) for v in sums.values()])))
+            sums["targets"], sums["correct"] = int(round(sums["targets"])), int(round(sums["correct"]))
         return summarize(sums, self.text_bytes)
 
-    def estimate_seconds(self, model, batch_size: int, device, autocast=None, boundary=None) -> float:
+    def estimate_seconds(self, model, batch_size: int, device, autocast=None, boundary=None, world: int = 1) -> float:
         """Seconds one `evaluate` takes, from its first batches: the faster of the second and third
-        batch (the first ones pay one-off kernel set-up), times the number of batches."""
+        batch (the first ones pay one-off kernel set-up), times the number of batches (of one
+        process's share, when `world` processes share the windows)."""
         import time
 
-        batches = -(-len(self.inputs) // batch_size)
+        batches = -(-(-(-len(self.inputs) // world)) // batch_size)
         times = []
         for k in range(min(3, batches)):
             rows = slice(k * batch_size, (k + 1) * batch_size)
@@ -201,11 +217,9 @@ def evaluate_blocks(model, all_inputs: np.ndarray, all_targets: np.ndarray, batc
             with (autocast() if autocast else nullcontext()):
                 logits = model(input_ids=inputs, use_cache=False, **kwargs).logits
             mask = targets != IGNORE_INDEX
-            ce = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum")
+            ce, n = token_loss_sum(logits, targets)
             loss_sum += ce.item()
-            n_targets += int(mask.sum())
+            n_targets += int(n)
             n_correct += int(((logits.argmax(-1) == targets) & mask).sum())
     model.train(was_training)
     return {"loss_sum": loss_sum, "targets": n_targets, "correct": n_correct}

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from lib.errors import UserError
 
-__all__ = ["sha256_file", "canonical_hash", "read_json", "write_json", "atomic_file", "atomic_text", "atomic_npy",
+__all__ = ["sha256_file", "check_sha256", "sha256_mismatches", "folder_digest", "canonical_hash", "read_json", "write_json", "atomic_file", "atomic_text", "atomic_npy",
            "npy_header", "atomic_folder", "fresh_folder", "publish_folder", "fsync", "fsync_tree", "ensure_writable",
            "write_checksums", "verify_checksums", "CHECKSUMS", "tmp_folder"]
 
@@ -250,6 +250,34 @@ def write_checksums(folder: str | Path) -> dict:
     return sums
 
 
+def check_sha256(table: dict[str, str], digest_of, where: str) -> None:
+    """The one check of a file -> sha256 record (an exported model's checksums.json, a checkpoint's
+    trainer_state.json, a packed checkpoint's members): `digest_of(name)` gives the sha256 of the
+    file as it is now, or None when it is missing; a UserError names the first missing or changed
+    file, as `where` (with {name} in it) says it."""
+    for name, why in sha256_mismatches(table, digest_of, first_only=True):
+        raise UserError(f"{where.replace('{name}', name)} is {why}")
+
+
+def sha256_mismatches(table: dict[str, str], digest_of, first_only: bool = False) -> list[tuple[str, str]]:
+    """(file, "missing" or "corrupt (sha256 mismatch)") for each file of a file -> sha256 table
+    that does not match (see check_sha256), in the table's order; the first only if asked."""
+    bad = []
+    for name, digest in table.items():
+        actual = digest_of(name)
+        if actual != digest:
+            bad.append((name, "missing" if actual is None else "corrupt (sha256 mismatch)"))
+            if first_only:
+                break
+    return bad
+
+
+def folder_digest(folder: str | Path):
+    """digest_of for check_sha256 over the files of `folder`."""
+    folder = Path(folder)
+    return lambda name: sha256_file(folder / name) if (folder / name).is_file() else None
+
+
 def verify_checksums(folder: str | Path) -> dict[str, str]:
     """Check every file `folder/checksums.json` lists against its sha256; the verified table (file
     -> sha256), or a UserError naming the first missing or changed file (or the unreadable record)."""
@@ -257,10 +285,5 @@ def verify_checksums(folder: str | Path) -> dict[str, str]:
     sums = read_json(folder / CHECKSUMS, "checksum record")
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
         raise UserError(f"{folder / CHECKSUMS} is corrupt (not a file -> sha256 table)")
-    for name, digest in sums.items():
-        path = folder / name
-        if not path.is_file():
-            raise UserError(f"{path} is missing (listed in {CHECKSUMS})")
-        if sha256_file(path) != digest:
-            raise UserError(f"{path} is corrupt (sha256 differs from {CHECKSUMS})")
+    check_sha256(sums, folder_digest(folder), f"{folder}/{{name}} (listed in {CHECKSUMS})")
     return sums

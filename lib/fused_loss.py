@@ -47,12 +47,29 @@ def compiled_softmax_grad():
     return torch.compile(_softmax_grad, dynamic=True)
 
 
+def _rows_grad(logits, t, rows):
+    """(sum of the chunk's token losses, d loss / d logits in the logits' dtype) for a loss given
+    per token by `rows(log_z, target_logit)` (lib.loss.TokenLoss.rows): its derivatives with
+    respect to log Z and the target logit (autograd on the chunk's two columns), then
+    d/dlogits = dloss/dlogZ * softmax + dloss/dtarget * one-hot."""
+    lf = logits.float()
+    with torch.enable_grad():
+        log_z = torch.logsumexp(lf, 1).requires_grad_()
+        target_logit = lf.gather(1, t).squeeze(1).requires_grad_()
+        loss = rows(log_z, target_logit).sum()
+        d_log_z, d_target = torch.autograd.grad(loss, (log_z, target_logit))
+    probs = lf.sub_(log_z.detach()[:, None]).exp_().mul_(d_log_z[:, None])
+    probs.scatter_add_(1, t, d_target[:, None])
+    return loss.detach(), probs.to(logits.dtype)
+
+
 def _chunked(hidden, weight, targets, chunk_rows: int, compute_dtype, need_h: bool, need_w: bool,
-             softmax_grad=_softmax_grad):
+             softmax_grad=_softmax_grad, rows=None):
     """(sum of token losses float32, grad wrt hidden or None, grad wrt weight float32 or None).
 
     hidden: (N, d), weight: (V, d), targets: (N,) with IGNORE_INDEX where a row has no target.
-    Matmuls run in compute_dtype, the softmax in float32.
+    Matmuls run in compute_dtype, the softmax in float32. `rows`: a loss other than cross-entropy,
+    per token from log Z and the target logit (lib.loss.TokenLoss.rows).
     """
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     h_all = hidden.index_select(0, keep).to(compute_dtype)
@@ -67,9 +84,10 @@ def _chunked(hidden, weight, targets, chunk_rows: int, compute_dtype, need_h: bo
         logits = torch.mm(h, w.t())                           # (c, V)
         if not (need_h or need_w):
             lf = logits.float()
-            loss += (torch.logsumexp(lf, 1) - lf.gather(1, t).squeeze(1)).sum()
+            log_z, target_logit = torch.logsumexp(lf, 1), lf.gather(1, t).squeeze(1)
+            loss += (rows(log_z, target_logit) if rows is not None else log_z - target_logit).sum()
             continue
-        chunk_loss, g = softmax_grad(logits, t)
+        chunk_loss, g = softmax_grad(logits, t) if rows is None else _rows_grad(logits, t, rows)
         loss += chunk_loss
         if need_h:
             torch.mm(g, w, out=grad_rows[start:start + chunk_rows])
@@ -84,11 +102,11 @@ def _chunked(hidden, weight, targets, chunk_rows: int, compute_dtype, need_h: bo
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, softmax_grad):
+    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, softmax_grad, rows):
         with torch.autocast(hidden.device.type, enabled=False):
             loss, grad_h, grad_w = _chunked(
                 hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_rows,
-                compute_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1], softmax_grad)
+                compute_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1], softmax_grad, rows)
         ctx.shape, ctx.h_dtype, ctx.w_dtype = hidden.shape, hidden.dtype, weight.dtype
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         return loss
@@ -101,32 +119,35 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h = (saved.pop(0).reshape(ctx.shape) * grad_loss).to(ctx.h_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (saved.pop(0) * grad_loss).to(ctx.w_dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 @torch.compiler.disable  # data-dependent row selection; under torch.compile this runs eagerly
-def fused_linear_ce(hidden, weight, targets, chunk_rows: int = CHUNK_ROWS, compiled: bool = False):
-    """Sum over target tokens of cross_entropy(hidden @ weight.T, targets) as float32, with
-    gradients for hidden and weight, without materializing the logits. The matmuls run in the
-    autocast dtype when autocast is on; `compiled` fuses each chunk's softmax with torch.compile."""
+def fused_linear_ce(hidden, weight, targets, chunk_rows: int = CHUNK_ROWS, compiled: bool = False, rows=None):
+    """Sum over target tokens of cross_entropy(hidden @ weight.T, targets) as float32 (or of the
+    per-token loss `rows(log_z, target_logit)`), with gradients for hidden and weight, without
+    materializing the logits. The matmuls run in the autocast dtype when autocast is on;
+    `compiled` fuses each chunk's cross-entropy softmax with torch.compile."""
     device_type = hidden.device.type
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else weight.dtype)
     softmax_grad = compiled_softmax_grad() if compiled else _softmax_grad
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype, softmax_grad)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype, softmax_grad, rows)
 
 
 class FusedLossLinear(torch.nn.Linear):
     """nn.Linear that, while `fused_targets` is set, returns the loss sum instead of logits."""
 
     fused_targets = None
+    fused_rows = None
     fused_chunk_rows = CHUNK_ROWS
     fused_compiled = False
 
     def forward(self, hidden):
         if self.fused_targets is None:
             return super().forward(hidden)
-        return fused_linear_ce(hidden, self.weight, self.fused_targets, self.fused_chunk_rows, self.fused_compiled)
+        return fused_linear_ce(hidden, self.weight, self.fused_targets, self.fused_chunk_rows, self.fused_compiled,
+                               self.fused_rows)
 
 
 class FusedHead:
@@ -155,16 +176,18 @@ class FusedHead:
 
     def detach(self) -> None:
         """Make the output layer a plain nn.Linear again."""
-        for name in ("fused_targets", "fused_chunk_rows", "fused_compiled"):
+        for name in ("fused_targets", "fused_rows", "fused_chunk_rows", "fused_compiled"):
             self.head.__dict__.pop(name, None)
         self.head.__class__ = torch.nn.Linear
 
-    def loss_sum(self, model, inputs: dict, targets):
+    def loss_sum(self, model, inputs: dict, targets, loss=None):
         """(sum of token losses float32, number of target tokens) of one forward pass of `model`
-        (which may be the DDP/FSDP-wrapped or compiled model)."""
+        (which may be the DDP/FSDP-wrapped or compiled model): cross-entropy, or `loss`'s per-token
+        rows (a lib.loss.TokenLoss)."""
         self.head.fused_targets = targets
+        self.head.fused_rows = loss.fused_rows if loss is not None else None  # one object: compiled guards hold
         try:
             loss = model(**inputs).logits
         finally:
-            self.head.fused_targets = None
+            self.head.fused_targets = self.head.fused_rows = None
         return loss, (targets != IGNORE_INDEX).sum()

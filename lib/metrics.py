@@ -1,4 +1,4 @@
-"""Metric sinks: append-only NDJSON, and CSV / Parquet tables rebuilt from it."""
+"""Metric sinks: append-only JSON lines (NDJSON), and CSV / Parquet tables rebuilt from it."""
 from __future__ import annotations
 
 import csv
@@ -7,6 +7,10 @@ import math
 from pathlib import Path
 
 from lib.files import atomic_file, atomic_text
+
+METRICS = "metrics.jsonl"
+"""The one name of a metrics file (one JSON object per line: NDJSON), train.py's in the run folder and
+eval.py's in its eval/ folder, beside metrics.csv and metrics.parquet."""
 
 
 def _clean(v):

@@ -15,8 +15,11 @@ from lib.plugins import Registry
 
 OPTIMIZERS = Registry("optimizer")
 """Optimizers by name: fn(model, cfg) -> a torch.optim.Optimizer over the model's trainable
-parameters, whose every parameter group takes the schedule's learning rate (set_lr). Plugins add
-more (lib/plugins.py)."""
+parameters, whose every parameter group takes the schedule's learning rate (set_lr). Registered
+with `state_numel` (fn(model) -> float32 state values it keeps: what a checkpoint holds besides the
+weights, which the disk-space check and a time budget's checkpoint estimate use; without it, two
+per trainable parameter, as AdamW's moments) and optionally `options` (a dataclass of its own
+--optim.* flags). Plugins add more (lib/plugins.py)."""
 
 SCHEDULES = Registry("schedule")
 """Learning-rate schedules by name: fn(progress, cfg) -> the learning rate at `progress` (0 at the
@@ -109,6 +112,16 @@ def _trainable(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def state_numel(model, cfg: OptimConfig) -> int:
+    """Values the optimizer --optim.name names keeps as state for `model` (see OPTIMIZERS)."""
+    count = OPTIMIZERS.meta(cfg.name, "state_numel")
+    return int(count(model)) if count is not None else 2 * _numel(_trainable(model))
+
+
 def _adamw(params: list, cfg: OptimConfig):
     """AdamW where only parameters of 2+ dimensions (matmul weights, embeddings) decay: norm
     weights and biases are excluded, as decaying them only shrinks the scale the model learned."""
@@ -125,12 +138,26 @@ def _adamw(params: list, cfg: OptimConfig):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
-@OPTIMIZERS.register("adamw")
+@OPTIMIZERS.register("adamw", state_numel=lambda model: 2 * _numel(_trainable(model)))  # two moments
 def adamw(model, cfg: OptimConfig):
     return _adamw(_trainable(model), cfg)
 
 
-@OPTIMIZERS.register("muon")
+def _muon_split(model) -> tuple[list, list]:
+    """(the 2-D weights inside the blocks, the rest) of the trainable parameters."""
+    edges = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+             if m is not None and getattr(m, "weight", None) is not None}
+    params = _trainable(model)
+    return ([p for p in params if p.ndim == 2 and id(p) not in edges],
+            [p for p in params if p.ndim != 2 or id(p) in edges])
+
+
+def _muon_state(model) -> int:
+    hidden, rest = _muon_split(model)  # a momentum buffer per hidden weight, AdamW's two moments for the rest
+    return _numel(hidden) + 2 * _numel(rest) if hidden else 2 * _numel(rest)
+
+
+@OPTIMIZERS.register("muon", state_numel=_muon_state)
 def muon(model, cfg: OptimConfig):
     """Muon (orthogonalized momentum, torch.optim.Muon) for the 2-D weights inside the blocks,
     AdamW for the rest: embeddings and the output layer (whose rows are looked up or scored one
@@ -138,11 +165,8 @@ def muon(model, cfg: OptimConfig):
     size of an AdamW step ("match_rms_adamw"), so the schedule's one learning rate serves both."""
     import torch
 
-    edges = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
-             if m is not None and getattr(m, "weight", None) is not None}
-    params = _trainable(model)
-    hidden = [p for p in params if p.ndim == 2 and id(p) not in edges]
-    rest = [p for p in params if p.ndim != 2 or id(p) in edges]
+    hidden, rest = _muon_split(model)
+    params = hidden + rest
     if not hidden:
         return _adamw(params, cfg)
     orthogonal = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,

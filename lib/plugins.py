@@ -30,6 +30,7 @@ lists every registry, where each entry came from, and the failures (exit 1).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -51,18 +52,34 @@ class Registry:
         self.kind = kind
         self._items: dict[str, object] = {}
         self._sources: dict[str, str] = {}
+        self._options: dict[str, type] = {}
+        self._meta: dict[str, dict] = {}
         REGISTRIES[kind] = self
 
-    def register(self, name: str, obj=None):
+    def register(self, name: str, obj=None, *, options: type | None = None, replace: bool = False, **meta):
         """Add `obj` under `name` (or use as `@registry.register(name)`). A name already taken is
-        an error: a plugin never silently replaces a built-in or another plugin's entry."""
+        an error: a plugin never silently replaces a built-in or another plugin's entry.
+        `options`: a dataclass whose fields become flags of the config section this registry
+        serves (extend_config); `meta`: facts the caller reads with meta() (an optimizer's state
+        size, say). `replace`: for a script's own built-ins, which a second import of the script
+        (a fork, a benchmark loading it as a module) registers again."""
         if obj is None:
-            return lambda fn: self.register(name, fn)
-        if name in self._items:
+            return lambda fn: self.register(name, fn, options=options, replace=replace, **meta)
+        if name in self._items and not replace:
             raise ValueError(f"{self.kind} {name!r} is already registered (by {self._sources[name]})")
         self._items[name] = obj
         self._sources[name] = _loading[-1] if _loading else "built-in"
+        if options is not None:
+            self._options[name] = options
+        self._meta[name] = meta
         return obj
+
+    def options(self, name: str) -> type | None:
+        """The options dataclass `name` was registered with, if any."""
+        return self._options.get(name)
+
+    def meta(self, name: str, key: str, default=None):
+        return self._meta.get(name, {}).get(key, default)
 
     def get(self, name: str, option: str):
         if name in self._items:
@@ -135,7 +152,7 @@ def load(specs: list[str] | tuple[str, ...] = (), entry_points: bool = True) -> 
     `lm.plugins` (when `entry_points`) and every plugin in `specs` (a .py file, or a module name
     importable from the working folder or the repository). Each plugin is imported once per
     process; a failure is recorded (in the report and in FAILURES), never raised."""
-    for module in ("lib.optim", "lib.sources"):  # the built-in schedules and readers, before any plugin's
+    for module in ("lib.optim", "lib.loss", "lib.sources"):  # the built-in entries, before any plugin's
         importlib.import_module(module)
 
     report = LoadReport()
@@ -186,3 +203,87 @@ def warn_failures(report: LoadReport, say=None) -> None:
             say(line)
         else:
             print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def forgetting():
+    """Inside: plugins load and register as usual; afterwards every registry, the plugins imported
+    and the failures recorded are as they were (for running several scripts' main() in one
+    process, as the tests do: one run's plugins must not reach the next)."""
+    saved = {kind: (r, dict(r._items), dict(r._sources), dict(r._options), dict(r._meta))
+             for kind, r in REGISTRIES.items()}
+    done, failures = dict(_done), list(FAILURES)
+    try:
+        yield
+    finally:
+        REGISTRIES.clear()
+        for kind, (r, items, sources, options, meta) in saved.items():
+            r._items, r._sources, r._options, r._meta = items, sources, options, meta
+            REGISTRIES[kind] = r
+        _done.clear()
+        _done.update(done)
+        FAILURES[:] = failures
+
+
+def from_command_line(argv: list[str]) -> list[str]:
+    """The plugins a script's command line names before it is parsed: `--plugins A B` (up to the
+    next flag) and the `plugins` list of its `--config` preset, so that their options exist as
+    flags when the command line is parsed (extend_config)."""
+    from lib.config import _find_config_flag, load_yaml
+
+    found: list[str] = []
+    preset = _find_config_flag(argv)
+    if preset is not None:
+        listed = load_yaml(preset).get("plugins") or []
+        found += [str(p) for p in (listed if isinstance(listed, list) else [listed])]
+    for i, arg in enumerate(argv):
+        if arg == "--plugins":
+            for value in argv[i + 1:]:
+                if value.startswith("--"):
+                    break
+                found.append(value)
+        elif arg.startswith("--plugins="):
+            found.append(arg.split("=", 1)[1])
+    return found
+
+
+def extend_config(cls: type, sections: dict[str, "Registry"]) -> type:
+    """`cls` (a config dataclass) with each section (field name -> the registry it chooses from:
+    "loss" -> LOSSES) widened by the option fields its plugin entries declare, so that
+    `--loss.name zloss --loss.z 1e-4` parses, validates and is saved in config.yaml like any
+    option. A field two entries declare must agree on its type; built-in entries' options are
+    in the section class already. Returns `cls` itself when no plugin adds a field."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    widened = []
+    for section, registry in sections.items():
+        base = hints[section]
+        have = typing.get_type_hints(base)
+        added: dict[str, tuple] = {}
+        for name in registry.names():
+            options = registry.options(name)
+            if options is None:
+                continue
+            types = typing.get_type_hints(options)
+            for f in dataclasses.fields(options):
+                known = have.get(f.name, added.get(f.name, (None,))[0])
+                if known is not None:
+                    if known != types[f.name]:
+                        raise UserError(f"{registry.kind} {name} ({registry.source(name)}): option {section}.{f.name} "
+                                        f"is {types[f.name]}, but another entry declares it as {known}; rename it")
+                    continue
+                default = (dataclasses.field(default_factory=f.default_factory)
+                           if f.default_factory is not dataclasses.MISSING else dataclasses.field(default=f.default))
+                added[f.name] = (types[f.name], default)
+        if added:
+            widened_section = dataclasses.make_dataclass(
+                base.__name__, [(k, tp, d) for k, (tp, d) in added.items()], bases=(base,))
+            widened_section.__doc__ = base.__doc__
+            widened.append((section, widened_section, dataclasses.field(default_factory=widened_section)))
+    if not widened:
+        return cls
+    out = dataclasses.make_dataclass(cls.__name__, widened, bases=(cls,))
+    out.__doc__, out.__module__ = cls.__doc__, cls.__module__
+    return out

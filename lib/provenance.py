@@ -35,12 +35,13 @@ def package_versions(names=PACKAGES) -> dict:
     return out
 
 
-def provenance(cfg, data_manifest: dict, accelerator, n_params: int, resumed_from=None) -> dict:
-    """Everything needed to say what a run was, as JSON-ready data."""
+def provenance(cfg, data_manifest: dict, accelerator, n_params: int, resumed_from=None,
+               tracking_uri: str | None = None) -> dict:
+    """Everything needed to say what a run was, as JSON-ready data (`tracking_uri`: where it is
+    tracked, lib.tracking.effective_uri)."""
     import torch
 
     from lib.config import to_dict
-    from lib.tracking import effective_uri
 
     return {
         "argv": sys.argv,
@@ -60,6 +61,6 @@ def provenance(cfg, data_manifest: dict, accelerator, n_params: int, resumed_fro
                  "corpus_content_hash": data_manifest["corpus_content_hash"],
                  "tokenizer_sha256": data_manifest["tokenizer_sha256"]},
         "resumed_from": str(resumed_from) if resumed_from else None,
-        "tracking_uri": effective_uri(cfg.tracking, cfg.runs_dir) if hasattr(cfg, "tracking") else None,
+        "tracking_uri": tracking_uri,
         "config": to_dict(cfg),
     }

@@ -12,6 +12,12 @@ Checks:
   run   every checkpoint's files match the sha256 recorded when it was written; final/ is there
   plugins  every plugin (--plugins, installed `lm.plugins` entry points) loads; what each registry
         holds and where each entry came from
+  forks every fork under experiments/ (make fork): the commit it came from, how many commits have
+        changed its script since, and whether those changes merge into it cleanly (a three-way
+        merge); one that would conflict fails
+
+  fork-update (a subcommand) carries the upstream changes into a fork when they merge cleanly
+        (make fork-update NAME=x), and otherwise changes nothing and names the conflicting lines.
 
   resume (a subcommand) trains a training config at tiny size twice, straight through and
         stopped mid-way then resumed in a new process, and checks that every logged loss and
@@ -41,7 +47,7 @@ from typing import Literal, Optional  # noqa: E402
 from lib import config as config_lib  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 
-Check = Literal["env", "data", "run", "plugins"]
+Check = Literal["env", "data", "run", "plugins", "forks"]
 
 
 @dataclass
@@ -88,6 +94,46 @@ def audit_plugins(rep: Report, specs: tuple[str, ...]) -> None:
             for name in registry.names()))
 
 
+def audit_forks(rep: Report) -> None:
+    from lib import forks
+
+    found = forks.forks(Path(_root))
+    if not found:
+        rep.line(None, "no forks under experiments/ (make fork NAME=... makes one)")
+    for fork in found:
+        st = forks.status(fork, Path(_root))
+        where = f"experiments/{st.name}/{st.script} (from {st.base[:10]})"
+        if not st.upstream_commits:
+            rep.line(True, f"{where}: scripts/{st.script} unchanged since")
+        elif st.clean:
+            rep.line(True, f"{where}: {st.upstream_commits} upstream commit(s) since, merging cleanly "
+                           f"(make fork-update NAME={st.name} takes them)")
+        else:
+            rep.line(False, f"{where}: {st.upstream_commits} upstream commit(s) since change lines the fork changed: "
+                            + "; ".join(st.conflicts[:5]) + (" ..." if len(st.conflicts) > 5 else ""))
+
+
+@dataclass
+class ForkUpdateConfig:
+    """Carry the changes made to a fork's script since its commit into the fork (a clean merge only)."""
+
+    name: str
+    """The fork: experiments/NAME."""
+
+
+def fork_update_command(cfg: ForkUpdateConfig) -> None:
+    from lib import forks
+
+    fork = Path(_root) / "experiments" / cfg.name
+    st = forks.update(fork, Path(_root))
+    if not st.upstream_commits:
+        print(f"experiments/{cfg.name}/{st.script}: scripts/{st.script} has not changed since {st.base[:10]}; "
+              "nothing to do")
+    else:
+        print(f"experiments/{cfg.name}/{st.script}: {st.upstream_commits} upstream commit(s) since {st.base[:10]} merged "
+              f"in cleanly; {forks.STAMP} now names HEAD (make fork-diff NAME={cfg.name} shows the fork's own changes)")
+
+
 def audit_env(rep: Report) -> None:
     import platform
 
@@ -115,7 +161,7 @@ def audit_env(rep: Report) -> None:
 
 def audit_data(rep: Report, data: str) -> None:
     from lib.corpus import read_manifest
-    from lib.files import sha256_file
+    from lib.files import folder_digest, sha256_mismatches
     from lib.data import tokens_dir
     from lib.tokenizer import tokenizer_fingerprint
 
@@ -124,16 +170,10 @@ def audit_data(rep: Report, data: str) -> None:
     corpus_dir = tok_dir / tokens["corpus_dir"]
     corpus = read_manifest(corpus_dir, "corpus")
     for where, manifest, keys in ((corpus_dir, corpus, ("sha256",)), (tok_dir, tokens, ("sha256", "docs_sha256"))):
-        bad, n = [], 0
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                for key in keys:
-                    name = shard["file"] if key == "sha256" else shard["docs_file"]
-                    n += 1
-                    path = where / name
-                    if not path.is_file() or sha256_file(path) != shard[key]:
-                        bad.append(name)
-        rep.line(not bad, f"{where}: {n} files match their sha256" if not bad
+        table = {shard["file"] if key == "sha256" else shard["docs_file"]: shard[key]
+                 for split in manifest["splits"].values() for shard in split["shards"] for key in keys}
+        bad = [name for name, _ in sha256_mismatches(table, folder_digest(where))]
+        rep.line(not bad, f"{where}: {len(table)} files match their sha256" if not bad
                  else f"{where}: changed or missing: {', '.join(bad)}")
     rep.line(tokens["corpus_content_hash"] == corpus["content_hash"],
              "token shards were encoded from this corpus (content hash matches)")
@@ -184,6 +224,9 @@ class ResumeCheckConfig:
     """Stop the interrupted run after this step, then resume it."""
     train_script: Path = Path(_root) / "scripts" / "train.py"
     """The training script to check: a copy under experiments/ with a changed loop, say."""
+    train_args: str = ""
+    """More training flags for both runs, as one string: a plugin's loss, say
+    (--train_args="--plugins experiments/zloss/zloss.py --loss.name zloss")."""
     keep_size: bool = False
     """Keep the config's model and batch size instead of shrinking them (slower)."""
     precision: str = "fp32"
@@ -195,6 +238,7 @@ class ResumeCheckConfig:
 
 def resume_check(cfg: ResumeCheckConfig) -> None:
     import json
+    import shlex
     import shutil
     import subprocess
     import tempfile
@@ -218,6 +262,7 @@ def resume_check(cfg: ResumeCheckConfig) -> None:
                   "None", "--model.d_ff", "None", "--data.seq_len", "64", "--micro_batch_size", "2"]
     if cfg.precision != "config":
         train += ["--precision", cfg.precision]
+    train += shlex.split(cfg.train_args)
     if "TrackingConfig" in cfg.train_script.read_text(encoding="utf-8"):  # forks older than tracking lack the flag
         train += ["--tracking.no_mlflow"]  # check runs, not experiments: nothing to file in MLflow
     env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -324,7 +369,8 @@ def unpack_command(cfg: UnpackConfig) -> None:
 
 @exit_on_user_error
 def main() -> None:
-    for name, cls, run in (("pack", PackConfig, pack_command), ("unpack", UnpackConfig, unpack_command)):
+    for name, cls, run in (("pack", PackConfig, pack_command), ("unpack", UnpackConfig, unpack_command),
+                           ("fork-update", ForkUpdateConfig, fork_update_command)):
         if sys.argv[1:2] == [name]:
             return run(config_lib.parse(cls, sys.argv[2:], description=cls.__doc__,
                                         prog=f"{os.path.basename(sys.argv[0])} {name}", presets=False))
@@ -345,6 +391,8 @@ def main() -> None:
             audit_run(rep, cfg.run)
         elif check == "plugins":
             audit_plugins(rep, cfg.plugins)
+        elif check == "forks":
+            audit_forks(rep)
     print("audit: " + ("all checks passed" if not rep.failures else f"{rep.failures} check(s) FAILED"))
     sys.exit(1 if rep.failures else 0)
 

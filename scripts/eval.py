@@ -6,7 +6,7 @@
 
 Beside the model's bits per byte it prints what gzip, bz2 and lzma reach on the same text, so
 you see at once whether the model learned more than a compressor. Results are appended to
-OUT_DIR/metrics.ndjson and rewritten as metrics.csv and metrics.parquet; samples go to
+OUT_DIR/metrics.jsonl (one JSON object per line) and rewritten as metrics.csv and metrics.parquet; samples go to
 OUT_DIR/samples.txt. OUT_DIR defaults to <run>/eval.
 """
 import os
@@ -155,7 +155,7 @@ def main() -> None:
     from lib.tokenizer import tokenizer_fingerprint
     from lib.data import DocBoundary, gather_docs, load_split, sample_docs, tokens_dir
     from lib.evaluate import compressor_bpb, evaluate_stream, summarize
-    from lib.metrics import JsonlWriter, read_jsonl, write_tables
+    from lib.metrics import METRICS, JsonlWriter, read_jsonl, write_tables
     from lib.model import fp16_on_cpu, load_pretrained, refuse_masked_lm
     from lib.precision import resolve, shapes_of
     from transformers import AutoConfig
@@ -235,10 +235,10 @@ def main() -> None:
                                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else bos)
             samples.append((prompt, tok.decode(out[0], skip_special_tokens=True)))
 
-    sink = JsonlWriter(out_dir / "metrics.ndjson")
+    sink = JsonlWriter(out_dir / METRICS)
     sink.write(record)
     sink.close()
-    write_tables(read_jsonl(out_dir / "metrics.ndjson"), out_dir / "metrics")
+    write_tables(read_jsonl(out_dir / METRICS), out_dir / "metrics")
     if samples:
         with atomic_text(out_dir / "samples.txt") as f:
             for i, (prompt, s) in enumerate(samples):
@@ -255,7 +255,7 @@ def main() -> None:
             f"- bits/byte **{res['bits_per_byte']:.4f}** (lzma -9e {baselines['lzma']:.4f}, bz2 -9 "
             f"{baselines['bz2']:.4f}, gzip -9 {baselines['gzip']:.4f}); loss {res['loss']:.4f}, "
             f"perplexity {res['perplexity']:.2f}, next-token accuracy {res['accuracy']:.3f}"))
-    print(f"wrote {out_dir}/metrics.ndjson, metrics.csv, metrics.parquet" + (", samples.txt" if samples else "")
+    print(f"wrote {out_dir}/{METRICS}, metrics.csv, metrics.parquet" + (", samples.txt" if samples else "")
           + (f"; {report}" if report is not None and report.is_file() else ""))
     if cfg.tracking and report is not None:  # the run's own data, as for the report
         from lib.tracking import log_to_recorded_run

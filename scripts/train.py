@@ -7,8 +7,10 @@
 Writes runs/<run_name>/: config.yaml (resolved), provenance.json, metrics.jsonl, checkpoints/
 (resumable with --resume auto), final/ (a Hugging Face model and tokenizer), loss.png, report.md.
 """
-# Reading order: TrainConfig (every option), loss_sum (the objective: edit it to train on another
-# loss), optimizer_step (one step), main (set up, data, model, the loop, finish), then helpers.
+# Reading order: TrainConfig (every option), Run (what the loop works on), loss_sum and
+# optimizer_step (one step), the periodic actions (evaluate, save_checkpoint), main (set up, data,
+# model, run folder, the loop, finish), then the functions main calls. A loss, an optimizer, a
+# schedule or a periodic action is a plugin (README, "Changing the training loop"), not an edit.
 import os
 import sys
 
@@ -31,9 +33,10 @@ from lib import errors, plugins, registry, runtime  # noqa: E402
 from lib.data import DataConfig  # noqa: E402
 from lib.errors import UserError, exit_on_user_error, where_am_i  # noqa: E402
 from lib.lora import LoraOptions  # noqa: E402
-from lib.loss import step_scaled_loss, token_loss_sum  # noqa: E402
+from lib.actions import ACTIONS, ActionsConfig  # noqa: E402
+from lib.loss import LOSSES, LossConfig, step_scaled_loss  # noqa: E402
 from lib.model import ModelConfig  # noqa: E402
-from lib.optim import OptimConfig, lr_at, set_lr  # noqa: E402
+from lib.optim import OPTIMIZERS, OptimConfig, lr_at, set_lr  # noqa: E402
 from lib.tracking import TrackingConfig  # noqa: E402
 
 
@@ -58,7 +61,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraOptions = field(default_factory=LoraOptions)
+    actions: ActionsConfig = field(default_factory=ActionsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     size_to_budget: bool = False
@@ -164,22 +169,93 @@ class TrainConfig:
     """Testing aid: make the loss NaN in this optimizer step (1-based) to exercise on_nonfinite."""
 
 
-def loss_sum(cfg, model, batch, labels, fused):
+
+SECTIONS = {"loss": LOSSES, "optim": OPTIMIZERS, "actions": ACTIONS}  # config sections plugins add options to
+
+
+@dataclass
+class Run:
+    """What the loop works on, built by the set-up functions below in this order: processes and
+    precision (start), data (load_data), model and optimizer (build), the run folder and the
+    loop's state (open_run). Helpers take the run instead of long argument lists."""
+
+    cfg: TrainConfig
+    accelerator: object
+    choice: object  # the precision chosen (lib.precision.Choice: name, reason)
+    started: float  # time.perf_counter() at the process's start: the budget counts from it
+    manifest: dict = None  # the token shards' manifest
+    train_data: object = None  # lib.data training blocks or documents
+    boundary: object = None  # where documents meet (position ids restart), or None
+    held_out: object = None  # the held-out sample every evaluation scores
+    model: object = None  # the built model (before Accelerate)
+    prepared: object = None  # the model Accelerate prepared: what checkpoints save
+    call: object = None  # the model each step calls: prepared or compiled (lib.compile_choice)
+    optimizer: object = None
+    fused: object = None  # the fused output layer (lib.fused_loss.FusedHead) or None
+    objective: object = None  # the training loss (lib.loss.TokenLoss)
+    base_sha: str = None  # LoRA: the sha256 of the frozen base's weights, which checkpoints name
+    n_params: int = 0
+    flops_per_token: float = 0.0
+    run_dir: Path = None
+    resume_from: Path = None
+    sampler: object = None
+    loop: object = None  # lib.loop_state.LoopState: what a checkpoint restores
+    metrics: object = None  # metrics.jsonl writer (main process only)
+    tracker: object = None  # the MLflow mirror (main process only)
+    system: object = None  # CPU, memory, GPU figures (main process only)
+    periodic: object = None  # lib.actions.Periodic: evaluations, checkpoints, plugins' actions
+    fit: bool = False  # whether the schedule is (still) to be fitted to the budget
+    stopped_early: bool = False
+
+    @property
+    def uses_lora(self) -> bool:
+        from lib import lora
+
+        return lora.enabled(self.cfg.lora)
+
+    @property
+    def say(self):
+        return self.accelerator.print
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.prepared)
+
+    @property
+    def tokens_dir(self) -> Path:
+        from lib.data import tokens_dir
+
+        return tokens_dir(self.cfg.data.dir)
+
+
+def loss_sum(run, model, batch, labels):
     """The training objective of one micro-batch: (sum of its per-token losses, its target
-    tokens). The loop divides by the step's target tokens over all micro-batches and processes, so
-    every token weighs the same (lib/loss.py). To train on another loss, edit this function (and
-    add its options to TrainConfig)."""
+    tokens), from the loss --loss.name names (lib/loss.py LOSSES: cross-entropy, or a plugin's).
+    The loop divides by the step's target tokens over all micro-batches and processes, so every
+    token weighs the same."""
     inputs = batch.model_inputs(labels.device)
-    if fused is not None:  # output layer and cross-entropy in cache-sized chunks, no full logits
-        return fused.loss_sum(model, inputs, labels)
-    return token_loss_sum(model(**inputs).logits, labels)
+    if run.fused is not None:  # output layer and loss in cache-sized chunks, no full logits
+        return run.fused.loss_sum(model, inputs, labels, run.objective)
+    return run.objective.loss_sum(model(**inputs).logits, labels)
 
 
 class NonFiniteStep(Exception):
     """The loss or gradient norm of a step was not finite; the weights are untouched."""
 
 
-def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches, loop):
+def optimizer_step(run, batches):
     """One optimizer step over the step's micro-batches (grad_accum_steps of them, each process its
     own): forward, backward, clip, step. Returns (this process's loss sum, target tokens of all
     processes, gradient norm, learning rate, what was non-finite: [] when the update was applied).
@@ -187,6 +263,7 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
     --on_nonfinite skip drops the update and counts it."""
     import torch
 
+    cfg, accelerator, loop, optimizer = run.cfg, run.accelerator, run.loop, run.optimizer
     device, world = accelerator.device, accelerator.num_processes
     if cfg.debug_stall and [int(x) for x in cfg.debug_stall.split(":")[:2]] == [accelerator.process_index,
                                                                                  loop.step + 1]:
@@ -196,8 +273,8 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
     step_loss = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
         labels = torch.from_numpy(batch.labels).to(device)
-        with accelerator.accumulate(prepared):  # gradients are all-reduced on the last micro-batch only
-            loss, _ = loss_sum(cfg, model, batch, labels, fused)
+        with accelerator.accumulate(run.prepared):  # gradients are all-reduced on the last micro-batch only
+            loss, _ = loss_sum(run, run.call.model, batch, labels)
             if cfg.debug_nan_step == loop.step + 1 and i == 0 and accelerator.is_main_process:
                 loss = loss * float("nan")
             accelerator.backward(step_scaled_loss(loss, step_tokens, world, cfg.grad_accum_steps))
@@ -205,7 +282,7 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
     # the norm is always computed (clipping at infinity changes nothing), so that a non-finite
     # gradient is caught before it reaches the weights
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+    grad_norm = accelerator.clip_grad_norm_(run.call.model.parameters(), clip)
     total_loss = accelerator.reduce(step_loss.clone(), reduction="sum")
     lr = lr_at(loop.step, loop.horizon, cfg.optim)
     # fp16: an overflowing gradient is the loss scaler's business (it skips the update itself)
@@ -227,289 +304,382 @@ def optimizer_step(cfg, accelerator, model, prepared, optimizer, fused, batches,
     return step_loss, step_tokens, float(grad_norm), lr, bad
 
 
+@ACTIONS.register("eval", every="eval_every", replace=True,
+                  estimate=lambda run: run.held_out.estimate_seconds(
+                      run.unwrapped, run.cfg.micro_batch_size, run.device, run.accelerator.autocast, run.boundary,
+                      world=run.world))
+def evaluate(run) -> dict:
+    """Score the held-out sample (every eval_every steps, and after the last step), each process
+    a share of its windows, the sums added over processes."""
+    import torch
+
+    loop, t, accelerator = run.loop, time.perf_counter(), run.accelerator
+
+    def add_up(values: list) -> list:
+        return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=run.device), "sum").tolist()
+
+    res = run.held_out.evaluate(run.unwrapped, run.cfg.micro_batch_size, run.device, accelerator.autocast,
+                                run.boundary, shard=(accelerator.process_index, run.world, add_up))
+    loop.last_eval.update(step=loop.step, loss=res["loss"], seconds=time.perf_counter() - t)
+    run.say(f"eval step {loop.step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
+            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({run.held_out.description}, "
+            f"{loop.last_eval['seconds']:.1f} s)")
+    if run.metrics:
+        run.metrics.write({"type": "eval", "step": loop.step, "tokens_seen": loop.tokens_seen,
+                           "elapsed_s": loop.elapsed_s(), **{f"val_{k}": v for k, v in res.items()}})
+    return res
+
+
+def checkpoint_bytes(run) -> int:
+    """A checkpoint's expected size: the trained weights and the optimizer's state (float32)."""
+    from lib.optim import state_numel
+
+    weights = sum(p.numel() * p.element_size() for p in run.prepared.parameters() if p.requires_grad)
+    return weights + 4 * state_numel(run.unwrapped, run.cfg.optim)
+
+
+@ACTIONS.register("checkpoint", every="checkpoint_every", replace=True,
+                  estimate=lambda run: max(0.1, checkpoint_bytes(run) / 2e8))  # ~200 MB/s before one is timed
+def save_checkpoint(run) -> None:
+    """Write a checkpoint (every checkpoint_every steps, after the last step, and on a stop request)."""
+    from accelerate.utils import gather_object
+
+    from lib import checkpoint as ckpt
+
+    cfg, loop = run.cfg, run.loop
+    ckpt.assert_finite(run.unwrapped, loop.step)
+    ckpt.save(run.accelerator, run.run_dir, loop.step, cfg.keep_last_n,
+              {**loop.state_dict(gather_object), "sampler": run.sampler.state_dict(),
+               "data_content_hash": run.manifest["content_hash"],
+               **({"lora_base_sha256": run.base_sha} if run.uses_lora else {})}, keep_best=cfg.keep_best,
+              expect_bytes=checkpoint_bytes(run), say=run.say)
+
+
 @exit_on_user_error
 def main() -> None:
     started = time.perf_counter()  # a time budget is the run's wall time: start-up counts in it
-    cfg = config_lib.parse(TrainConfig, description=__doc__, expand={"model.size": registry.size})
-    loaded = plugins.load(cfg.plugins)  # before check_options: they add names it accepts
+    cfg = parse_config()
+    run = start(cfg, started)
+    load_data(run)
+    build(run)
+    open_run(run)
+    train(run)
+    finish(run)
+
+
+def parse_config() -> TrainConfig:
+    """The command line over its preset, after the plugins it names are loaded (their names and
+    options are accepted then), checked before anything is read or written."""
+    loaded = plugins.load(plugins.from_command_line(sys.argv[1:]))  # before parsing: they add options
     if os.environ.get("RANK", "0") == "0":
         plugins.warn_failures(loaded)
+    cfg = config_lib.parse(plugins.extend_config(TrainConfig, SECTIONS), description=__doc__,
+                           expand={"model.size": registry.size})
     check_options(cfg)
     if cfg.model.init_from:  # a name or a folder -> the folder, as config.yaml then records it
         cfg.model.init_from = str(registry.resolve(cfg.model.init_from, cfg.model.allow_download))
+    return cfg
+
+
+def start(cfg, started: float) -> Run:
+    """Processes, threads and precision: the model is sized to the budget first (lib/sizing.py),
+    since the precision probe times the model's own matrix products."""
     runtime.prepare_environment(cfg.deterministic)  # read when MKL and cuBLAS start: before torch
-    from accelerate.utils import gather_object, set_seed
-
-    from lib import budget, export, run_folder, tracking
-    from lib import checkpoint as ckpt
-    from lib import lora
-    from lib.compile_choice import CompileChoice
+    from lib import tracking
     from lib.corpus import read_manifest
-    from lib.data import BlockSampler, DocBoundary, build_train_data, load_split, tokens_dir
-    from lib.distributed import broadcast_from_main
-    from lib.evaluate import held_out_sample, token_byte_lengths
-    from lib.files import ensure_writable, write_json
-    from lib.flops import MfuMeter
-    from lib.loop_state import LoopState
-    from lib.metrics import JsonlWriter, truncate_after_step
-    from lib.monitor import SystemMonitor, peak_memory_gib
-    from lib.model import build_model, matmul_dims
-    from lib.preemption import EXIT_STOPPED, StopRequests
+    from lib.data import tokens_dir
+    from lib.files import ensure_writable
+    from lib.model import matmul_dims
     from lib.precision import model_matmul_shapes
-    from lib.progress import progress
-    from lib.provenance import provenance
     from lib.sizing import size_run
-    from lib.report import plot_metrics, write_run_report
-    from lib.tokenizer import has_tokenizer
 
-    # ---- set up: processes and precision, the run folder
-    tok_dir = tokens_dir(cfg.data.dir)
-    manifest = read_manifest(tok_dir, "tokens")
-    vocab, special = manifest["vocab_size"], manifest["special_ids"]
+    manifest = read_manifest(tokens_dir(cfg.data.dir), "tokens")
     sized = []
 
     def shapes(state):  # the model sized to the budget first (lib/sizing.py), then its products
         sized.append(size_run(cfg, sys.argv[1:], state))
-        return model_matmul_shapes(*matmul_dims(cfg.model, vocab), cfg.micro_batch_size * cfg.data.seq_len)
+        return model_matmul_shapes(*matmul_dims(cfg.model, manifest["vocab_size"]),
+                                   cfg.micro_batch_size * cfg.data.seq_len)
 
     accelerator, choice = runtime.start(cfg.precision, shapes, grad_accum_steps=cfg.grad_accum_steps,
                                         fp16_init_scale=cfg.fp16_init_scale, threads=cfg.threads,
                                         deterministic=cfg.deterministic, keep_freed_memory=cfg.keep_freed_memory,
                                         timeout_minutes=cfg.dist_timeout_minutes)
-    say, is_main, world, device = accelerator.print, accelerator.is_main_process, accelerator.num_processes, \
-        accelerator.device
+    run = Run(cfg, accelerator, choice, started, manifest=manifest)
     if sized[0]:
-        say(sized[0])
-    if is_main:
+        run.say(sized[0])
+    if run.is_main:
         tracking.preload(cfg.tracking)  # MLflow's import overlaps the set-up below, not the first steps
     if cfg.keep_best and (not cfg.eval_every or not cfg.checkpoint_every or cfg.checkpoint_every % cfg.eval_every):
-        say(f"warning: --keep_best compares checkpoints written at evaluation steps; with checkpoint_every "
-            f"{cfg.checkpoint_every} and eval_every {cfg.eval_every} only the final checkpoint has a held-out loss")
+        run.say(f"warning: --keep_best compares checkpoints written at evaluation steps; with checkpoint_every "
+                f"{cfg.checkpoint_every} and eval_every {cfg.eval_every} only the final checkpoint has a held-out loss")
     ensure_writable(cfg.runs_dir, "--runs_dir")
+    return run
 
-    # ---- data: training blocks, and a held-out sample that is the same at every evaluation
+
+def load_data(run) -> None:
+    """Training blocks, and a held-out sample that is the same at every evaluation."""
+    from lib.data import DocBoundary, build_train_data, load_split
+    from lib.evaluate import held_out_sample, token_byte_lengths
+    from lib.tokenizer import has_tokenizer
+
+    cfg, tok_dir = run.cfg, run.tokens_dir
     val_tokens, val_docs = load_split(tok_dir, "val")
-    tokenizer = (tok_dir / manifest["tokenizer_dir"]).resolve()
-    held_out = held_out_sample(val_tokens, val_docs, cfg.data.seq_len, cfg.eval_tokens,
-                               token_byte_lengths(tokenizer) if has_tokenizer(tokenizer) else None, seed=0)
-    train_data = build_train_data(tok_dir, cfg.data, special)
-    boundary = DocBoundary.of(special) if cfg.data.doc_mask else None  # position ids restart at each document
-    if cfg.data.doc_mask and boundary is None:
-        say("note: the tokenizer has neither bos nor eos, so nothing marks where documents meet: attention "
-            "spans them")
+    tokenizer = (tok_dir / run.manifest["tokenizer_dir"]).resolve()
+    run.held_out = held_out_sample(val_tokens, val_docs, cfg.data.seq_len, cfg.eval_tokens,
+                                   token_byte_lengths(tokenizer) if has_tokenizer(tokenizer) else None, seed=0)
+    run.train_data = build_train_data(tok_dir, cfg.data, run.manifest["special_ids"])
+    run.boundary = DocBoundary.of(run.manifest["special_ids"]) if cfg.data.doc_mask else None
+    if cfg.data.doc_mask and run.boundary is None:
+        run.say("note: the tokenizer has neither bos nor eos, so nothing marks where documents meet: attention "
+                "spans them")
 
-    # ---- model and optimizer (the same seed in every process: identical initial weights)
-    set_seed(cfg.seed, deterministic=cfg.deterministic)
-    model, prepared, optimizer, fused, n_params, fpt = build(cfg, accelerator, manifest)
-    use_lora = lora.enabled(cfg.lora)
-    base_sha = lora.base_fingerprint(cfg.model.init_from) if use_lora else None  # checkpoints name their base
-    if cfg.fit_micro_batch:
-        fit_micro_batch(cfg, accelerator, model, optimizer, fused, train_data, boundary)
 
-    # ---- the run folder, now that every input has been read: this job's, continued or fresh
-    run_dir = cfg.runs_dir / cfg.run_name
-    errors.writing_to(run_dir)  # named by a disk-full error whose file is not known
-    resume_from = run_folder.claim(accelerator, run_dir, cfg.resume, cfg.overwrite)
-    if is_main:
-        config_lib.save(cfg, run_dir / "config.yaml")
-    sampler = BlockSampler(len(train_data), cfg.micro_batch_size, cfg.seed, accelerator.process_index, world)
+def open_run(run) -> None:
+    """The run folder, now that every input has been read (this job's, continued or fresh), and
+    the loop's state: fresh, or restored from a checkpoint with the sampler, weights, optimizer and
+    random states; then provenance, the metrics sinks and the periodic actions."""
+    from lib import checkpoint as ckpt
+    from lib import lora, run_folder, tracking
+    from lib.actions import Periodic
+    from lib.data import BlockSampler
+    from lib.files import write_json
+    from lib.loop_state import LoopState
+    from lib.metrics import METRICS, JsonlWriter, truncate_after_step
+    from lib.monitor import SystemMonitor
+    from lib.provenance import provenance
 
-    # ---- the loop's state: fresh, or restored from a checkpoint with the sampler, weights,
-    # optimizer and random states
-    loop = LoopState(horizon=cfg.max_steps, device=device)
-    where_am_i(lambda: f"process {accelerator.process_index} of {world}, at step {loop.step + 1}")
-    fit = bool(cfg.max_minutes and (cfg.fit_schedule if cfg.fit_schedule is not None else not cfg.deterministic))
-    if resume_from is not None:
-        vet = (lambda st: lora.check_checkpoint(resume_from, st, accelerator.unwrap_model(prepared), base_sha,
-                                                cfg.model.init_from)) if use_lora else None
-        state = ckpt.load(accelerator, resume_from, manifest["content_hash"], cfg.allow_data_change,
-                          strict=not use_lora, check=vet)
-        sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
+    cfg, accelerator = run.cfg, run.accelerator
+    run.run_dir = cfg.runs_dir / cfg.run_name
+    errors.writing_to(run.run_dir)  # named by a disk-full error whose file is not known
+    run.resume_from = run_folder.claim(accelerator, run.run_dir, cfg.resume, cfg.overwrite)
+    if run.is_main:
+        config_lib.save(cfg, run.run_dir / "config.yaml")
+    run.sampler = BlockSampler(len(run.train_data), cfg.micro_batch_size, cfg.seed, accelerator.process_index,
+                               run.world)
+    run.loop = loop = LoopState(horizon=cfg.max_steps, device=run.device)
+    where_am_i(lambda: f"process {accelerator.process_index} of {run.world}, at step {loop.step + 1}")
+    run.fit = bool(cfg.max_minutes and (cfg.fit_schedule if cfg.fit_schedule is not None else not cfg.deterministic))
+    if run.resume_from is not None:
+        vet = (lambda st: lora.check_checkpoint(run.resume_from, st, run.unwrapped, run.base_sha,
+                                                cfg.model.init_from)) if run.uses_lora else None
+        state = ckpt.load(accelerator, run.resume_from, run.manifest["content_hash"], cfg.allow_data_change,
+                          strict=not run.uses_lora, check=vet)
+        run.sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
         loop.load_state_dict(state, accelerator.process_index)
-        say(f"resumed from {resume_from} at step {loop.step}")
-    fit = fit and loop.fitted_to_minutes is None
-    if is_main:
-        write_json(run_dir / "provenance.json", provenance(cfg, manifest, accelerator, n_params, resume_from))
+        run.say(f"resumed from {run.resume_from} at step {loop.step}")
+    run.fit = run.fit and loop.fitted_to_minutes is None
+    if run.is_main:
+        write_json(run.run_dir / "provenance.json",
+                   provenance(cfg, run.manifest, accelerator, run.n_params, run.resume_from,
+                              tracking.effective_uri(cfg.tracking, cfg.runs_dir)))
         # resuming a finished run (its last checkpoint) redoes its final evaluation and records
         again = ("eval", "final") if loop.step >= loop.horizon else ()
-        dropped = truncate_after_step(run_dir / "metrics.jsonl", loop.step, again) if resume_from is not None else 0
+        dropped = (truncate_after_step(run.run_dir / METRICS, loop.step, again)
+                   if run.resume_from is not None else 0)
         if dropped:
-            say(f"metrics.jsonl: dropped {dropped} record(s) logged after step {loop.step}; they are logged again")
-    describe_run(cfg, say, train_data, boundary, sampler, n_params, world, choice, loop.horizon, fit, resume_from)
-    # MLflow mirrors what metrics.jsonl records, from a thread: local unless --tracking.uri says otherwise
-    tracker = tracking.start(cfg.tracking, run_dir, config_lib.to_dict(cfg), {"precision": choice.name},
-                             resumed=resume_from is not None, say=say, artifacts=RUN_FILES) if is_main else None
-    metrics = JsonlWriter(run_dir / "metrics.jsonl", mirror=tracker) if is_main else None
-    mfu = MfuMeter(device, fpt, world, enabled=cfg.mfu and is_main, say=say)
-    system = SystemMonitor(device) if is_main else None  # CPU, memory, GPU figures in every train record
-    if system:
-        say(f"system metrics: {system.describe()}")
+            run.say(f"metrics.jsonl: dropped {dropped} record(s) logged after step {loop.step}; they are logged again")
+    describe_run(run)
+    if run.is_main:  # MLflow mirrors what metrics.jsonl records, from a thread: local unless --tracking.uri
+        run.tracker = tracking.start(cfg.tracking, run.run_dir, config_lib.to_dict(cfg), {"precision": run.choice.name},
+                                     resumed=run.resume_from is not None, say=run.say, artifacts=RUN_FILES)
+        run.metrics = JsonlWriter(run.run_dir / METRICS, mirror=run.tracker)
+        run.system = SystemMonitor(run.device)  # CPU, memory, GPU figures in every train record
+        run.say(f"system metrics: {run.system.describe()}")
+    run.periodic = Periodic(cfg)
 
-    def evaluate() -> dict:
-        t = time.perf_counter()
-        res = held_out.evaluate(accelerator.unwrap_model(prepared), cfg.micro_batch_size, device,
-                                accelerator.autocast, boundary)
-        loop.last_eval.update(step=loop.step, loss=res["loss"], seconds=time.perf_counter() - t)
-        say(f"eval step {loop.step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
-            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({held_out.description}, "
-            f"{loop.last_eval['seconds']:.1f} s)")
-        if metrics:
-            metrics.write({"type": "eval", "step": loop.step, "tokens_seen": loop.tokens_seen,
-                           "elapsed_s": loop.elapsed_s(), **{f"val_{k}": v for k, v in res.items()}})
-        return res
 
-    checkpoint_seconds = []
-    # before the first checkpoint, its size estimated: the trained weights and AdamW's two moments
-    checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in prepared.parameters() if p.requires_grad)
+def train(run) -> None:
+    """The loop: one iteration = one optimizer step, then the periodic actions due after it; the
+    last step (the schedule's end, a spent budget, --stop_at_step) runs the final evaluation and
+    checkpoint through the same actions. A stop request (SIGTERM, Ctrl-C) finishes the step,
+    checkpoints and exits."""
+    from lib import budget
+    from lib.compile_choice import CompileChoice
+    from lib.flops import MfuMeter
+    from lib.preemption import StopRequests
+    from lib.progress import progress
 
-    def save_checkpoint() -> None:
-        t = time.perf_counter()
-        ckpt.assert_finite(accelerator.unwrap_model(prepared), loop.step)
-        ckpt.save(accelerator, run_dir, loop.step, cfg.keep_last_n,
-                  {**loop.state_dict(gather_object), "sampler": sampler.state_dict(),
-                   "data_content_hash": manifest["content_hash"],
-                   **({"lora_base_sha256": base_sha} if use_lora else {})}, keep_best=cfg.keep_best,
-                  expect_bytes=checkpoint_bytes, say=say)
-        checkpoint_seconds.append(time.perf_counter() - t)
-
-    # ---- the loop: one iteration = one optimizer step
+    cfg, loop = run.cfg, run.loop
     stops = StopRequests()  # SIGTERM, Ctrl-C: finish the step, checkpoint, exit (a second one: at once)
-    model.train()
-    bar = progress(total=loop.horizon, initial=loop.step, disable=not is_main, desc="train", unit="step")
-    clock, stopped_early = budget.StepClock(), False
+    run.prepared.train()
+    bar = progress(total=loop.horizon, initial=loop.step, disable=not run.is_main, desc="train", unit="step")
+    mfu = MfuMeter(run.device, run.flops_per_token, run.world, enabled=cfg.mfu and run.is_main, say=run.say)
+    clock = budget.StepClock()
     # with a budget, compiling is measured against eager steps and kept only where it pays (one
     # process: several would have to agree on a decision each takes from its own clock)
-    compiling = CompileChoice(prepared, model, *compile_key(cfg, accelerator, prepared, choice.name), say=say,
-                              probe=bool(cfg.compile and cfg.max_minutes and not cfg.deterministic and world == 1))
-    tokens_at_log = loop.tokens_seen
+    run.call = CompileChoice(run.prepared, run.call, *compile_key(run), say=run.say,
+                             probe=bool(cfg.compile and cfg.max_minutes and not cfg.deterministic and run.world == 1))
+    window = {"tokens": loop.tokens_seen, "t": time.perf_counter()}  # what the next log line's rate counts from
     # a resumed run with no step left (it redoes the final evaluation) adds no time to the run's
-    loop.started_at, t_log = started if loop.step < loop.horizon else time.perf_counter(), time.perf_counter()
-    while loop.step < loop.horizon:
+    loop.started_at = run.started if loop.step < loop.horizon else time.perf_counter()
+    last = loop.step >= loop.horizon
+    if last:  # a resumed run that had finished: its last step's actions again (the final evaluation)
+        bar.close()
+        loop.stop_timing()
+        run.periodic.run(run, loop.step, last=True)
+    while not last:
         clock.start()
-        sample_ids = [sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
-        batches = [train_data.make_batch(ids, boundary) for ids in sample_ids]
-        try:
-            step_loss, step_tokens, grad_norm, lr, bad = optimizer_step(
-                cfg, accelerator, compiling.model, prepared, optimizer, fused, batches, loop)
-        except NonFiniteStep as exc:
-            found = ckpt.complete_checkpoints(run_dir)
-            raise UserError(
-                f"step {loop.step + 1}: non-finite {exc}; stopped before the optimizer step. Samples (block "
-                f"indices) of this step on rank {accelerator.process_index}: {[j for ids in sample_ids for j in ids]}. "
-                f"Weights are untouched; newest checkpoint: {found[-1] if found else 'none'}. Lower optim.lr, "
-                "check those samples, or pass --on_nonfinite skip") from None
-        loop.step += 1
-        loop.tokens_seen += step_tokens
-        loop.window.slots += sum(b.input_ids.size for b in batches)
-        loop.window.pad += sum(b.n_padding for b in batches)
-        if not bad:  # a skipped step's loss would make the whole logging window non-finite
-            loop.window.loss += step_loss
-            loop.window.tokens += step_tokens
+        grad_norm, lr = one_step(run)
         bar.update(1)
         clock.stop()
-        if compiling.after_step(clock.last_s, 60 * (cfg.max_minutes or 0) * (1 - budget.MARGIN) - loop.elapsed_s(),
-                                clock):
+        if run.call.after_step(clock.last_s, 60 * (cfg.max_minutes or 0) * (1 - budget.MARGIN) - loop.elapsed_s(),
+                               clock):
             clock = budget.StepClock()  # the next step compiles, or the pace changed: time afresh
-
-        if fit and clock.ready and budget.refit_due(loop.step, loop.fitted_to_minutes is not None, loop.elapsed_s(),
-                                                    60 * cfg.max_minutes):  # fit the schedule's end to the budget
-            eval_s = loop.last_eval["seconds"] or held_out.estimate_seconds(
-                accelerator.unwrap_model(prepared), cfg.micro_batch_size, device, accelerator.autocast, boundary)
-            ckpt_s = (sum(checkpoint_seconds) / len(checkpoint_seconds) if checkpoint_seconds
-                      else max(0.1, n_params * 16 / 2e8))  # weights + Adam moments at ~200 MB/s
-            plan = budget.plan(loop.step, cfg.max_steps, 60 * cfg.max_minutes, loop.elapsed_s(),
-                               clock.step_seconds, eval_every=cfg.eval_every, eval_s=eval_s,
-                               checkpoint_every=cfg.checkpoint_every, checkpoint_s=ckpt_s)
-            horizon, why = broadcast_from_main(plan, accelerator)  # every process: one schedule
-            if loop.fitted_to_minutes is None:
-                say(f"schedule fitted to the budget at step {loop.step}: it ends at step {horizon} ({why})")
-            elif abs(horizon - loop.horizon) > 0.02 * loop.horizon:
-                say(f"schedule fitted again at step {loop.step}: it ends at step {horizon}, not {loop.horizon} ({why})")
-            loop.horizon, loop.fitted_to_minutes, bar.total = horizon, cfg.max_minutes, horizon
-            fit = loop.elapsed_s() < budget.REFIT_UNTIL * 60 * cfg.max_minutes
+        if run.fit and clock.ready and budget.refit_due(loop.step, loop.fitted_to_minutes is not None,
+                                                        loop.elapsed_s(), 60 * cfg.max_minutes):
+            fit_schedule(run, clock, bar)
         if loop.step % cfg.log_every == 0 or loop.step == loop.horizon:
-            now = time.perf_counter()
-            tps = (loop.tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
-            t_log, tokens_at_log = now, loop.tokens_seen
-            log_step(cfg, accelerator, loop, metrics, bar, tps, mfu, system, grad_norm, lr)
-        if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < loop.horizon:
-            evaluate()
-        if cfg.checkpoint_every and loop.step % cfg.checkpoint_every == 0 and loop.step < loop.horizon:
-            save_checkpoint()
-        if cfg.max_minutes and loop.step < loop.horizon and loop.elapsed_s() > 60 * cfg.max_minutes:
-            say(f"stopping at step {loop.step} of {loop.horizon} (lr {lr:.2e}): the {cfg.max_minutes:g} minute "
-                "budget is spent")
-            stopped_early = True
-            break
-        if cfg.stop_at_step is not None and cfg.stop_at_step <= loop.step < loop.horizon:
-            say(f"stopping at step {loop.step} (--stop_at_step); --resume auto continues from here")
-            stopped_early = True
-            break
-        signalled = stops.agreed(accelerator) if loop.step < loop.horizon else None  # the same on every process
-        if signalled:
+            log_step(run, bar, window, mfu, grad_norm, lr)
+        last = loop.step >= loop.horizon or stop_reason(run, lr)
+        if last:
             bar.close()
-            save_checkpoint()
-            say(f"stopped by {signalled} after step {loop.step}: checkpoint {ckpt.step_dir(run_dir, loop.step)} "
-                f"written; --resume auto continues from there")
-            accelerator.wait_for_everyone()
-            accelerator.end_training()
-            sys.exit(EXIT_STOPPED)
-    bar.close()
-    loop.stop_timing()
-    compiling.finish()
+            loop.stop_timing()
+            run.call.finish()
+        run.periodic.run(run, loop.step, last)
+        signalled = stops.agreed(run.accelerator) if not last else None  # the same on every process
+        if signalled:
+            stop_and_exit(run, bar, signalled)
 
-    # ---- finish: final evaluation, checkpoint, model, report
-    final_eval = evaluate()
-    in_sync = runtime.replicas_identical(accelerator, accelerator.unwrap_model(prepared))
-    if world > 1 and in_sync is not None:
-        say(f"weights identical on all {world} processes: {in_sync}")
-    if metrics:
-        metrics.write({"type": "final", "step": loop.step, "world_size": world, "replicas_identical": in_sync,
-                       "skipped_steps": loop.skipped_steps, "tokens_seen": loop.tokens_seen,
-                       **fp16_state(accelerator, loop)})
-    save_checkpoint()
-    train_peak = peak_memory_gib(device)[0]  # the export below may hold a second copy of the model
-    export.final_model(accelerator, prepared, run_dir / "final", tok_dir, fused, cfg.lora if use_lora else None,
-                       rebuild=lambda: build_model(cfg.model, vocab, special), base_dir=cfg.model.init_from,
-                       probe_ids=held_out.inputs[:2], trained_len=None if cfg.model.init_from else cfg.data.seq_len)
-    if is_main:
-        best = ckpt.best_checkpoint(run_dir) if cfg.keep_best else None
+
+def one_step(run) -> tuple[float, float]:
+    """Draw the step's batches, take the optimizer step, count it; (gradient norm, learning rate)."""
+    from lib import checkpoint as ckpt
+
+    cfg, loop = run.cfg, run.loop
+    sample_ids = [run.sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
+    batches = [run.train_data.make_batch(ids, run.boundary) for ids in sample_ids]
+    try:
+        step_loss, step_tokens, grad_norm, lr, bad = optimizer_step(run, batches)
+    except NonFiniteStep as exc:
+        found = ckpt.complete_checkpoints(run.run_dir)
+        raise UserError(
+            f"step {loop.step + 1}: non-finite {exc}; stopped before the optimizer step. Samples (block "
+            f"indices) of this step on rank {run.accelerator.process_index}: "
+            f"{[j for ids in sample_ids for j in ids]}. Weights are untouched; newest checkpoint: "
+            f"{found[-1] if found else 'none'}. Lower optim.lr, check those samples, or pass --on_nonfinite skip"
+        ) from None
+    loop.step += 1
+    loop.tokens_seen += step_tokens
+    loop.window.slots += sum(b.input_ids.size for b in batches)
+    loop.window.pad += sum(b.n_padding for b in batches)
+    if not bad:  # a skipped step's loss would make the whole logging window non-finite
+        loop.window.loss += step_loss
+        loop.window.tokens += step_tokens
+    return grad_norm, lr
+
+
+def fit_schedule(run, clock, bar) -> None:
+    """Fit the schedule's end to the budget from the step time measured and each periodic action's
+    cost (lib/budget.py), the same horizon on every process."""
+    from lib import budget
+    from lib.distributed import broadcast_from_main
+
+    cfg, loop = run.cfg, run.loop
+    periodic, final_s = run.periodic.budget_terms(run)
+    export_s = run.periodic["checkpoint"].cost(run)  # the exported model: about a checkpoint's writing
+    plan = budget.plan(loop.step, cfg.max_steps, 60 * cfg.max_minutes, loop.elapsed_s(), clock.step_seconds,
+                       periodic=periodic, final_s=final_s + export_s)
+    horizon, why = broadcast_from_main(plan, run.accelerator)  # every process: one schedule
+    if loop.fitted_to_minutes is None:
+        run.say(f"schedule fitted to the budget at step {loop.step}: it ends at step {horizon} ({why})")
+    elif abs(horizon - loop.horizon) > 0.02 * loop.horizon:
+        run.say(f"schedule fitted again at step {loop.step}: it ends at step {horizon}, not {loop.horizon} ({why})")
+    loop.horizon, loop.fitted_to_minutes, bar.total = horizon, cfg.max_minutes, horizon
+    run.fit = loop.elapsed_s() < budget.REFIT_UNTIL * 60 * cfg.max_minutes
+
+
+def stop_reason(run, lr: float) -> bool:
+    """Whether the run stops before its schedule's end (a spent budget, --stop_at_step), saying why."""
+    cfg, loop = run.cfg, run.loop
+    if cfg.max_minutes and loop.elapsed_s() > 60 * cfg.max_minutes:
+        run.say(f"stopping at step {loop.step} of {loop.horizon} (lr {lr:.2e}): the {cfg.max_minutes:g} minute "
+                "budget is spent")
+    elif cfg.stop_at_step is not None and cfg.stop_at_step <= loop.step:
+        run.say(f"stopping at step {loop.step} (--stop_at_step); --resume auto continues from here")
+    else:
+        return False
+    run.stopped_early = True
+    return True
+
+
+def stop_and_exit(run, bar, signalled: str) -> None:
+    """A stop request: checkpoint this step and exit with EXIT_STOPPED (--resume auto continues)."""
+    from lib import checkpoint as ckpt
+    from lib.preemption import EXIT_STOPPED
+
+    bar.close()
+    save_checkpoint(run)
+    run.say(f"stopped by {signalled} after step {run.loop.step}: checkpoint {ckpt.step_dir(run.run_dir, run.loop.step)} "
+            f"written; --resume auto continues from there")
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    sys.exit(EXIT_STOPPED)
+
+
+def finish(run) -> None:
+    """After the last step's actions: the replicas' agreement, the final record, the exported
+    model, the plot and the report."""
+    from lib import checkpoint as ckpt
+    from lib import export
+    from lib.model import build_model
+    from lib.monitor import peak_memory_gib
+    from lib.report import plot_metrics, write_run_report
+
+    cfg, loop, accelerator = run.cfg, run.loop, run.accelerator
+    in_sync = runtime.replicas_identical(accelerator, run.unwrapped)
+    if run.world > 1 and in_sync is not None:
+        run.say(f"weights identical on all {run.world} processes: {in_sync}")
+    if run.metrics:
+        run.metrics.write({"type": "final", "step": loop.step, "world_size": run.world, "replicas_identical": in_sync,
+                           "skipped_steps": loop.skipped_steps, "tokens_seen": loop.tokens_seen,
+                           **fp16_state(run)})
+    train_peak = peak_memory_gib(run.device)[0]  # the export below may hold a second copy of the model
+    vocab, special = run.manifest["vocab_size"], run.manifest["special_ids"]
+    export.final_model(accelerator, run.prepared, run.run_dir / "final", run.tokens_dir, run.fused,
+                       cfg.lora if run.uses_lora else None, rebuild=lambda: build_model(cfg.model, vocab, special),
+                       base_dir=cfg.model.init_from, probe_ids=run.held_out.inputs[:2],
+                       trained_len=None if cfg.model.init_from else cfg.data.seq_len)
+    if run.is_main:
+        best = ckpt.best_checkpoint(run.run_dir) if cfg.keep_best else None
         if best is not None:
-            say(f"best checkpoint by held-out loss: {best}")
-        metrics.close()
-        plot_metrics(run_dir)
+            run.say(f"best checkpoint by held-out loss: {best}")
+        run.metrics.close()
+        plot_metrics(run.run_dir)
         fitted = f", the schedule fitted to a {loop.fitted_to_minutes:g} minute budget" if loop.fitted_to_minutes else ""
-        write_run_report(run_dir, cfg.run_name, [
-            f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, seq_len {cfg.data.seq_len}",
-            f"precision: {choice.name} ({choice.reason})",
-            f"steps: {loop.step} of {loop.horizon}{' (stopped early)' if stopped_early else ''}{fitted}, "
+        write_run_report(run.run_dir, cfg.run_name, [
+            f"model: {cfg.model.arch}, {run.n_params / 1e6:.2f}M parameters, seq_len {cfg.data.seq_len}",
+            f"precision: {run.choice.name} ({run.choice.reason})",
+            f"steps: {loop.step} of {loop.horizon}{' (stopped early)' if run.stopped_early else ''}{fitted}, "
             f"{loop.tokens_seen:,} tokens in {loop.elapsed_s() / 60:.1f} min of training (all parts of the run), "
             f"{loop.tokens_seen / max(loop.elapsed_s(), 1e-9):,.0f} tokens/s"],
-            final_eval, held_out.description)
-        peak, of_what = peak_memory_gib(device)
-        say(f"done: {loop.step} steps in {loop.elapsed_s() / 60:.1f} min of training, peak memory {train_peak:.2f} GiB "
-            f"({of_what}, main process; {peak:.2f} with the export); final model in {run_dir / 'final'}")
+            run.periodic["eval"].last_result, run.held_out.description)
+        peak, of_what = peak_memory_gib(run.device)
+        run.say(f"done: {loop.step} steps in {loop.elapsed_s() / 60:.1f} min of training, peak memory {train_peak:.2f} "
+                f"GiB ({of_what}, main process; {peak:.2f} with the export); final model in {run.run_dir / 'final'}")
     # every process tears its process group down together: a rank that destroyed its gloo group
     # while the main one was still writing the final model once died with SIGABRT (FSDP2 on CPU)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
-def build(cfg, accelerator, manifest: dict):
-    """The model (built from config or loaded from init_from, LoRA applied), its optimizer, both
-    prepared by Accelerate. Returns (the model to call: compiled or not, the prepared model: what
-    checkpoints save, the optimizer, the fused output layer or None, base parameters, model
-    FLOPs per token)."""
+def build(run) -> None:
+    """The model (built from config or loaded from init_from, LoRA applied), its loss and
+    optimizer, both prepared by Accelerate, and the model the loop calls: compiled or not. The same
+    seed in every process: identical initial weights."""
     import torch
+    from accelerate.utils import set_seed
 
     from lib import lora
     from lib.fused_loss import FusedHead
+    from lib.loss import build_loss
     from lib.model import build_model, check_data_fits, count_params, flops_per_token
     from lib.optim import build_optimizer
 
-    say = accelerator.print
+    cfg, accelerator, say = run.cfg, run.accelerator, run.say
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
     if cfg.model.init_from:  # the data must be in the model's tokens, in sequences it has positions for
-        check_data_fits(cfg.model.init_from, manifest, cfg.data.seq_len)
+        check_data_fits(cfg.model.init_from, run.manifest, cfg.data.seq_len)
     elif cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if cfg.lora.quantize == "4bit":  # QLoRA: the frozen base in 4 bits, quantized as it loads
@@ -520,7 +690,7 @@ def build(cfg, accelerator, manifest: dict):
         model = lora.load_4bit_base(cfg.model.init_from, dtype, accelerator.device)
         say(f"base held in 4-bit NF4 (bitsandbytes), computing in {dtype}")
     else:
-        model = build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"])
+        model = build_model(cfg.model, run.manifest["vocab_size"], run.manifest["special_ids"])
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         say("activation checkpointing: on (activations recomputed in the backward pass)")
@@ -528,29 +698,36 @@ def build(cfg, accelerator, manifest: dict):
         "eager" if cfg.compile and accelerator.device.type == "cpu" else "sdpa")
     if attention != model.config._attn_implementation:
         model.set_attn_implementation(attention)
-    n_params = count_params(model)
+    run.n_params = count_params(model)
     if lora.enabled(cfg.lora):
         model = lora.apply(model, cfg.lora)
         n_train = count_params(model, trainable_only=True)
         say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {', '.join(lora.adapted_modules(model))}: {n_train:,} "
-            f"trainable of {n_params + n_train:,} parameters ({n_train / (n_params + n_train):.2%}); checkpoints hold "
-            f"{'every weight, sharded (FSDP)' if runtime.is_sharded(accelerator) else 'the adapters only'}")
-    fpt = flops_per_token(model, cfg.data.seq_len)  # after LoRA: a frozen weight costs no gradient
-    fused = (FusedHead.attach(model, compiled=cfg.compile)
-             if cfg.fused_loss and accelerator.mixed_precision != "fp16" else None)
+            f"trainable of {run.n_params + n_train:,} parameters ({n_train / (run.n_params + n_train):.2%}); "
+            f"checkpoints hold {'every weight, sharded (FSDP)' if runtime.is_sharded(accelerator) else 'the adapters only'}")
+        run.base_sha = lora.base_fingerprint(cfg.model.init_from)  # checkpoints name their base
+    run.flops_per_token = flops_per_token(model, cfg.data.seq_len)  # after LoRA: a frozen weight costs no gradient
+    run.objective = build_loss(cfg.loss)
+    fused_ok = cfg.fused_loss and accelerator.mixed_precision != "fp16"
+    run.fused = FusedHead.attach(model, compiled=cfg.compile) if fused_ok and run.objective.fused else None
+    if fused_ok and not run.objective.fused:
+        say(f"note: loss {cfg.loss.name} needs the full logits: the fused output layer is not used")
     say(f"forward: {'torch.compile' if cfg.compile else 'eager'}, attention {attention}, loss "
-        f"{'fused with the output layer' if fused is not None else 'over full logits'}")
+        f"{'fused with the output layer' if run.fused is not None else 'over full logits'}"
+        + (f" ({cfg.loss.name})" if cfg.loss.name != "cross_entropy" else ""))
     if cfg.optim.name == "muon" and runtime.is_sharded(accelerator):
         raise UserError("--optim.name muon does not combine with FSDP here (its update needs whole matrices): "
                         "launch with DDP or one process, or use --optim.name adamw")
-    optimizer = build_optimizer(model, cfg.optim)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    run.model = model
+    run.prepared, run.optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
     if lora.enabled(cfg.lora):
-        lora.save_trainable_only(accelerator, prepared)
-    return torch.compile(prepared) if cfg.compile else prepared, prepared, optimizer, fused, n_params, fpt
+        lora.save_trainable_only(accelerator, run.prepared)
+    run.call = torch.compile(run.prepared) if cfg.compile else run.prepared
+    if cfg.fit_micro_batch:
+        fit_micro_batch(run)
 
 
-def compile_key(cfg, accelerator, prepared, precision: str) -> tuple[str, str]:
+def compile_key(run) -> tuple[str, str]:
     """What the cost and gain of compiling this run's model depend on, as lib.compile_choice's
     (cache key, machine): the model (class, parameter counts), batch and precision; the machine
     (device or CPU, processes, threads, torch)."""
@@ -560,20 +737,20 @@ def compile_key(cfg, accelerator, prepared, precision: str) -> tuple[str, str]:
     from lib.flops import cpu_model
     from lib.model import count_params
 
-    model = accelerator.unwrap_model(prepared)
+    cfg, accelerator, model = run.cfg, run.accelerator, run.unwrapped
     machine = model_key({"device": accelerator.device.type if accelerator.device.type != "cpu" else cpu_model(),
                          "processes": accelerator.num_processes, "threads": torch.get_num_threads(),
                          "torch": torch.__version__})
     return model_key({"model": type(model).__name__, "params": count_params(model),
                       "trained": count_params(model, trainable_only=True), "rows": cfg.micro_batch_size,
-                      "seq": cfg.data.seq_len, "precision": precision, "fused": cfg.fused_loss,
+                      "seq": cfg.data.seq_len, "precision": run.choice.name, "fused": cfg.fused_loss,
                       "attention": model.config._attn_implementation}) + " " + machine, machine
 
 
 def check_options(cfg: TrainConfig) -> None:
     """Values no run can use, refused before anything is read or written (a UserError naming the
     option)."""
-    from lib.optim import OPTIMIZERS, SCHEDULES
+    from lib.optim import SCHEDULES
     from lib.run_folder import check_name
     from lib.tracking import effective_uri
 
@@ -600,77 +777,86 @@ def check_options(cfg: TrainConfig) -> None:
     effective_uri(cfg.tracking, cfg.runs_dir)  # --tracking.uri env without MLFLOW_TRACKING_URI: refused now
     SCHEDULES.get(cfg.optim.schedule, "--optim.schedule")  # a name no built-in or loaded plugin provides
     OPTIMIZERS.get(cfg.optim.name, "--optim.name")
+    LOSSES.get(cfg.loss.name, "--loss.name")
 
 
-def fp16_state(accelerator, loop) -> dict:
+def fp16_state(run) -> dict:
     """fp16: the loss scaler's scale now, and the updates it has dropped so far ({} otherwise)."""
-    if accelerator.scaler is None:
+    if run.accelerator.scaler is None:
         return {}
-    return {"loss_scale": accelerator.scaler.get_scale(), "overflow_steps": loop.overflow_steps}
+    return {"loss_scale": run.accelerator.scaler.get_scale(), "overflow_steps": run.loop.overflow_steps}
 
 
-def log_step(cfg, accelerator, loop, metrics, bar, tps: float, mfu, system, grad_norm: float, lr: float) -> None:
+def log_step(run, bar, window: dict, mfu, grad_norm: float, lr: float) -> None:
     """One log line and metrics record: the mean loss over every target token of every process
     since the last one (the window is then emptied), throughput and MFU, padding, fp16's scale,
-    and in the record the system's figures (lib.monitor.SystemMonitor)."""
+    and in the record the loss's own figures and the system's (lib.monitor.SystemMonitor).
+    `window`: the tokens seen and the time at the last line (updated here)."""
     from lib.monitor import peak_memory_gib
     from lib.progress import write
 
+    cfg, loop, accelerator = run.cfg, run.loop, run.accelerator
+    now = time.perf_counter()
+    tps = (loop.tokens_seen - window["tokens"]) / max(now - window["t"], 1e-9)
+    window.update(tokens=loop.tokens_seen, t=now)
     loss = float(accelerator.reduce(loop.window.loss, reduction="sum")) / max(loop.window.tokens, 1)
     pad_frac = loop.window.pad / max(loop.window.slots, 1)
     loop.window.reset()
+    extra = run.objective.take_logged()
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)  # shown at its next redraw
-    if accelerator.is_main_process:
-        fp16 = fp16_state(accelerator, loop)
+    if run.is_main:
+        fp16 = fp16_state(run)
         utilization = mfu(tps)
         padding = f" | padding {pad_frac:.1%}" if cfg.data.packing != "pack" else ""
         scaling = f" | loss scale {fp16['loss_scale']:g}, {fp16['overflow_steps']} overflow step(s)" if fp16 else ""
         write(bar, f"step {loop.step:>6}/{loop.horizon} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
                    f"{tps:,.0f} tok/s | {tps * mfu.flops_per_token / 1e9:.1f} GFLOP/s"
                    f"{f' | MFU {utilization:.1%}' if utilization else ''}{padding}{scaling}")
-        metrics.write({"type": "train", "step": loop.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "horizon": loop.horizon, "tokens_seen": loop.tokens_seen, "tokens_per_s": tps,
-                       "padding": pad_frac, "mfu": utilization, "skipped_steps": loop.skipped_steps,
-                       "elapsed_s": loop.elapsed_s(),
-                       "peak_memory_gib": peak_memory_gib(accelerator.device)[0], **fp16, **system.sample()})
+        run.metrics.write({"type": "train", "step": loop.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "horizon": loop.horizon, "tokens_seen": loop.tokens_seen, "tokens_per_s": tps,
+                           "padding": pad_frac, "mfu": utilization, "skipped_steps": loop.skipped_steps,
+                           "elapsed_s": loop.elapsed_s(), "peak_memory_gib": peak_memory_gib(run.device)[0],
+                           **extra, **fp16, **run.system.sample()})
     if not math.isfinite(loss):
         raise UserError(f"loss became {loss} at step {loop.step}; lower optim.lr or check the data")
 
 
-def describe_run(cfg, say, train_data, boundary, sampler, n_params, world, choice, horizon, fit,
-                 resume_from) -> None:
+def describe_run(run) -> None:
     """The start-up line: model, data layout, processes, batch and schedule."""
-    rows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
+    cfg, train_data, boundary, horizon = run.cfg, run.train_data, run.boundary, run.loop.horizon
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * run.world
     if cfg.data.packing == "pack":
         layout = f"{len(train_data):,} packed blocks of {cfg.data.seq_len}" + (
             "" if boundary is None else
             f", attention within documents ({'from each bos' if boundary.begins else 'restarting after each eos'})")
     else:
-        pad = train_data.padding_fraction(sampler.epoch_order(0), cfg.micro_batch_size)
+        pad = train_data.padding_fraction(run.sampler.epoch_order(0), cfg.micro_batch_size)
         layout = f"{len(train_data):,} documents (pieces) padded ({cfg.data.packing}): {pad:.1%} padding"
     what = f"{cfg.model.init_from} (from it)" if cfg.model.init_from else f"{cfg.model.arch} (new)"
-    say(f"model: {what} {n_params / 1e6:.2f}M params | data: {train_data.n_tokens:,} train tokens, "
-        f"{layout} | {world} process(es), precision {choice.name} | "
-        f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
-        f"{horizon} steps ({rows_per_step * horizon / len(train_data):.2f} epochs)"
-        + (" at most: the schedule is fitted to the budget after its first steps" if fit else ""))
-    if cfg.max_minutes and not fit and resume_from is None:
-        say(f"the schedule spans {horizon} steps; the {cfg.max_minutes:g} minute budget only stops the run"
-            + (" (--deterministic: a horizon measured from time would differ between runs; "
-               "--fit_schedule True to fit it anyway)" if cfg.deterministic and cfg.fit_schedule is None else ""))
+    run.say(f"model: {what} {run.n_params / 1e6:.2f}M params | data: {train_data.n_tokens:,} train tokens, "
+            f"{layout} | {run.world} process(es), precision {run.choice.name} | "
+            f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
+            f"{horizon} steps ({rows_per_step * horizon / len(train_data):.2f} epochs)"
+            + (" at most: the schedule is fitted to the budget after its first steps" if run.fit else ""))
+    if cfg.max_minutes and not run.fit and run.resume_from is None:
+        run.say(f"the schedule spans {horizon} steps; the {cfg.max_minutes:g} minute budget only stops the run"
+                + (" (--deterministic: a horizon measured from time would differ between runs; "
+                   "--fit_schedule True to fit it anyway)" if cfg.deterministic and cfg.fit_schedule is None else ""))
 
 
-def fit_micro_batch(cfg, accelerator, model, optimizer, fused, train_data, boundary) -> None:
+def fit_micro_batch(run) -> None:
     """--fit_micro_batch: halve cfg.micro_batch_size (doubling grad_accum_steps) until a step fits."""
     import torch
 
     from lib.memory import fit_micro_batch as fit
 
+    cfg, accelerator = run.cfg, run.accelerator
+
     def trial(n: int) -> None:  # one forward+backward on n sequences; nothing is applied
-        batch = train_data.make_batch(list(range(min(n, len(train_data)))), boundary)
+        batch = run.train_data.make_batch(list(range(min(n, len(run.train_data)))), run.boundary)
         labels = torch.from_numpy(batch.labels).to(accelerator.device)
-        accelerator.backward(loss_sum(cfg, model, batch, labels, fused)[0] * 0)
-        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss_sum(run, run.call, batch, labels)[0] * 0)
+        run.optimizer.zero_grad(set_to_none=True)
 
     fitted = fit(trial, cfg.micro_batch_size, cfg.grad_accum_steps, accelerator.device, say=accelerator.print)
     if fitted != (cfg.micro_batch_size, cfg.grad_accum_steps):

@@ -111,10 +111,12 @@ def run_in_process(script: Path, args, cwd, env, timeout: float) -> subprocess.C
     """`python script args...` as main() in this process: stdout and stderr captured, the exit code
     that `sys.exit` gave (1 and the traceback for an exception, as Python does), and what a run
     changes in the process (environment, working folder, threads, deterministic algorithms,
-    Accelerate's state, warning filters, compiled graphs) put back afterwards. A run that outlives
+    Accelerate's state, warning filters, compiled graphs, plugins' registrations) put back afterwards. A run that outlives
     `timeout` seconds raises subprocess.TimeoutExpired, as a subprocess would."""
     import torch
     from accelerate.state import AcceleratorState
+
+    from lib import plugins
 
     module = _script_module(script)
     saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
@@ -125,7 +127,8 @@ def run_in_process(script: Path, args, cwd, env, timeout: float) -> subprocess.C
         os.environ.update(env)
         os.chdir(cwd)
         sys.argv = [str(script), *args]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(), \
+                plugins.forgetting():  # what the run's plugins register is gone afterwards
             try:
                 with deadline(timeout):
                     module.main()

@@ -27,14 +27,14 @@ def test_fit_horizon_counts_steps_that_fit_and_caps_them():
 def test_plan_charges_evaluations_checkpoints_and_the_final_ones():
     # 0.4 s steps; an evaluation every 100 steps costs 10 s (0.1 s per step), a checkpoint every
     # 200 costs 4 s (0.02 s per step); the final evaluation and two saves (18 s) are kept back
-    horizon, why = budget.plan(50, 100_000, budget_s=600.0, elapsed_s=60.0, step_s=0.4, eval_every=100,
-                               eval_s=10.0, checkpoint_every=200, checkpoint_s=4.0)
+    horizon, why = budget.plan(50, 100_000, budget_s=600.0, elapsed_s=60.0, step_s=0.4,
+                               periodic=[(100, 10.0), (200, 4.0)], final_s=10.0 + 2 * 4.0)
     left = 600 * (1 - budget.MARGIN) - 60 - 18
     assert horizon == 50 + int(left // 0.52)
     assert "0.400 s per step" in why and "0.520 s with evaluations" in why
     # twice as slow a machine: about half the steps, and the schedule still ends in the budget
-    slow, _ = budget.plan(50, 100_000, budget_s=600.0, elapsed_s=60.0, step_s=0.8, eval_every=100,
-                          eval_s=20.0, checkpoint_every=200, checkpoint_s=4.0)
+    slow, _ = budget.plan(50, 100_000, budget_s=600.0, elapsed_s=60.0, step_s=0.8,
+                          periodic=[(100, 20.0), (200, 4.0)], final_s=20.0 + 2 * 4.0)
     assert slow < horizon * 0.55
 
 
@@ -102,3 +102,45 @@ def test_the_horizon_is_fitted_again_when_the_pace_changes(tiny_data, tmp_path):
     rows = _rows(tmp_path / "stalled")
     assert rows[-1]["step"] == rows[-1]["horizon"] < first  # ended by its schedule, decayed
     assert "budget is spent" not in proc.stdout
+
+
+SLOW_ACTION = '''
+import time
+from dataclasses import dataclass
+
+from lib.actions import ACTIONS
+
+
+@dataclass
+class SlowOptions:
+    slow_every: int = 0
+
+
+@ACTIONS.register("slow", options=SlowOptions, every="actions.slow_every")
+def slow(run):
+    time.sleep(0.4)
+    if run.metrics:
+        run.metrics.write({"type": "slow", "step": run.loop.step})
+'''
+
+
+def test_a_plugins_periodic_action_runs_on_its_interval_and_the_budget_pays_for_it(tiny_data, tmp_path):
+    """A periodic action registered by a plugin (lib/actions.py) runs every N steps and after the
+    last one, and the fitted schedule counts its measured cost: a run whose steps take a small
+    fraction of what the action costs still ends, decayed, within its budget."""
+    plugin = tmp_path / "slow.py"
+    plugin.write_text(SLOW_ACTION)
+    proc = train(tiny_data, tmp_path, "slow", *QUIET, "--max_steps", "100000", "--max_minutes", "0.5",
+                 "--fit_schedule", "True", "--plugins", str(plugin), "--actions.slow_every", "10")
+    assert "budget is spent" not in proc.stdout, proc.stdout
+    rows = _rows(tmp_path / "slow")
+    last = rows[-1]
+    assert last["step"] == last["horizon"] and last["elapsed_s"] <= 30  # ended by its schedule, in time
+    records = [json.loads(x) for x in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
+    slow_steps = [r["step"] for r in records if r["type"] == "slow"]
+    expected = list(range(10, last["step"] + 1, 10))
+    assert slow_steps == expected + ([last["step"]] if last["step"] % 10 else [])
+    # without it the same run fits far more steps: the action's seconds were charged
+    again = int(proc.stdout.split(f"schedule fitted again at step {budget.REFIT_EVERY}: it ends at step ")[1].split(",")[0])
+    first = int(proc.stdout.split("schedule fitted to the budget at step 10: it ends at step ")[1].split()[0])
+    assert again < first / 2

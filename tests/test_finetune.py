@@ -87,7 +87,7 @@ def test_full_fine_tune_of_a_base_by_name_beats_the_base_and_ships_its_tokenizer
     before = run_script("scripts/eval.py", "--model", "gpt2", "--data", str(data), "--seq_len", "64",
                         "--samples", "0", "--out_dir", str(tmp_path / "before"), env=env)
     after = run_script("scripts/eval.py", "--model", str(run), "--seq_len", "64", "--samples", "1")
-    bpb = [json.loads((d / "metrics.ndjson").read_text().splitlines()[-1])["bits_per_byte"]
+    bpb = [json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["bits_per_byte"]
            for d in (tmp_path / "before", run / "eval")]
     assert bpb[1] < bpb[0] - 0.5, (bpb, before.stdout, after.stdout)
     assert bpb[0] > 0.9 * math.log2(len(tok)) / 2.5  # an untrained base: near uniform over its vocabulary

@@ -151,7 +151,7 @@ def test_eval_writes_all_sinks(smoke_run):
     for name in ["gzip", "bz2", "lzma", "bits/byte"]:
         assert name in proc.stdout
     out = run / "eval"
-    rec = json.loads((out / "metrics.ndjson").read_text().splitlines()[-1])
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["weights_sha256"] == sha256_file(run / "final" / "model.safetensors")  # what was scored
     tokens = json.loads((Path(json.loads((run / "provenance.json").read_text())["config"]["data"]["dir"]) / "tokens"
                          / "manifest.json").read_text())
@@ -264,7 +264,7 @@ def test_report_shows_both_evaluations_and_bars_stay_quiet_in_a_log(smoke_run, t
     assert report.count("## Held-out evaluation by eval.py (val)") == 1
     assert "held-out, " in report and "the sample every evaluation of the run scores" in report
     line = next(x for x in report.splitlines() if "bits/byte **" in x)
-    bpb = json.loads((tmp_path / "ev" / "metrics.ndjson").read_text().splitlines()[-1])["bits_per_byte"]
+    bpb = json.loads((tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()[-1])["bits_per_byte"]
     assert f"**{bpb:.4f}**" in line and "lzma -9e" in line
     # a process of its own: the libraries' bars and log lines go to its real stderr
     proc = train(tiny_data, tmp_path, "quiet", "--max_steps", "40", "--log_every", "1", "--eval_every", "0",
@@ -291,7 +291,7 @@ def test_one_text_file_from_tokenize_to_eval(tmp_path):
     train(data, tmp_path, "book", "--max_steps", "60", "--eval_every", "0", "--eval_tokens", "4000",
           "--checkpoint_every", "0")
     proc = run_script("scripts/eval.py", "--model", str(tmp_path / "book"), "--samples", "0")
-    rec = json.loads((tmp_path / "book" / "eval" / "metrics.ndjson").read_text().splitlines()[-1])
+    rec = json.loads((tmp_path / "book" / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["bytes"] == manifest["splits"]["val"]["text_bytes"] and "bits/byte" in proc.stdout
     rows = [json.loads(x) for x in (tmp_path / "book" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["type"] == "train"]

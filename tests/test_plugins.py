@@ -3,6 +3,7 @@ fails to load is reported (warning, audit FAIL, and in the error for a name it w
 never a crash of its own."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -158,3 +159,51 @@ def test_tokenize_reads_a_folder_through_a_reader_plugin(tmp_path):
 
     texts = [r["text"] for split in ("train", "val") for r in iter_records(tmp_path / "data" / "corpus", split)]
     assert len(texts) == 12 and all(t.startswith("Page ") and "fish & chips" in t for t in texts)
+
+
+@dataclasses.dataclass
+class Section:
+    name: str = "a"
+
+
+@dataclasses.dataclass
+class Cfg:
+    part: Section = dataclasses.field(default_factory=Section)
+
+
+@dataclasses.dataclass
+class BOptions:
+    weight: float = 0.5
+
+
+@dataclasses.dataclass
+class COptions:
+    weight: int = 2
+
+
+def test_entry_options_widen_a_config_section_and_must_agree_on_type():
+    """A registry entry's options dataclass becomes fields of the section the registry serves
+    (train.py's --loss.*, --optim.*, --actions.*); a field two entries declare must agree."""
+    from lib import config as config_lib
+
+    registry = plugins.Registry("test part")
+    try:
+        assert plugins.extend_config(Cfg, {"part": registry}) is Cfg  # nothing to add
+        registry.register("b", object(), options=BOptions)
+        wide = plugins.extend_config(Cfg, {"part": registry})
+        cfg = config_lib.parse(wide, ["--part.name", "b", "--part.weight", "0.25"], presets=False)
+        assert cfg.part.name == "b" and cfg.part.weight == 0.25 and wide().part.weight == 0.5
+        assert config_lib.to_dict(cfg) == {"part": {"name": "b", "weight": 0.25}}
+        registry.register("c", object(), options=COptions)
+        with pytest.raises(UserError, match="option part.weight is <class 'int'>, but another entry declares it"):
+            plugins.extend_config(Cfg, {"part": registry})
+    finally:
+        plugins.REGISTRIES.pop("test part", None)
+
+
+def test_plugins_named_before_parsing_come_from_flags_and_the_preset(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("plugins: [a.py]\n")
+    argv = ["--config", str(preset), "--plugins", "b.py", "mod_c", "--seed", "1", "--plugins=d.py"]
+    assert plugins.from_command_line(argv) == ["a.py", "b.py", "mod_c", "d.py"]
+    assert plugins.from_command_line(["--seed", "1"]) == []

@@ -161,36 +161,35 @@ def test_gpu_check_plumbing_runs_on_cpu(tiny_data, tmp_path):
     assert proc.returncode == 2 and "holds no tokenized dataset" in proc.stderr
 
 
-def test_zloss_fork_changes_one_function_and_trains(tiny_data, tmp_path):
-    """experiments/zloss is a fork of scripts/train.py that adds a z-loss term: the loop is laid out
-    so that a new loss is a small diff (one function and its option) against the train.py it was
-    forked from (FORKED_FROM: later changes to train.py are not the fork's), and the fork runs
-    from another folder and trains with its loss."""
-    import difflib
+def test_zloss_plugin_adds_z_times_the_mean_squared_log_partition_on_both_paths(tiny_data, tmp_path):
+    """experiments/zloss/zloss.py registers a loss (lib.loss.LOSSES) with its own option: named with
+    --plugins, `--loss.name zloss --loss.z Z` trains on cross-entropy + Z * log(Z)^2 per token,
+    on the fused output layer and on full logits alike, and logs the mean log(Z)^2."""
+    plugin = str(REPO / "experiments" / "zloss" / "zloss.py")
+    assert "--loss.z" in run_script("scripts/train.py", "--plugins", plugin, "--help", cwd=tmp_path).stdout
+    assert "--loss.z" not in run_script("scripts/train.py", "--help", cwd=tmp_path).stdout
 
-    fork = REPO / "experiments" / "zloss" / "train.py"
-    origin = (REPO / "experiments" / "zloss" / "FORKED_FROM").read_text().split()[0]
-    original = subprocess.run(["git", "show", f"{origin}:scripts/train.py"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.splitlines()
-    changed = [line for line in difflib.unified_diff(original, fork.read_text().splitlines(), lineterm="", n=0)
-               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    assert 0 < len(changed) <= 30, "\n".join(changed)
-    assert "--z_loss" in run_script(fork, "--help", cwd=tmp_path).stdout
-
-    def first_loss(script, name, *args):
-        run_script(script, "--config", str(REPO / "configs/train/smoke.yaml"), "--data.dir", str(tiny_data),
-                   "--runs_dir", str(tmp_path), "--run_name", name, "--max_steps", "2", "--log_every", "1",
-                   "--eval_every", "0", "--eval_tokens", "2000", "--checkpoint_every", "0", "--precision", "fp32",
-                   "--tracking.no_mlflow", *args, cwd=tmp_path)
+    def first_step(name, *args):
+        proc = train(tiny_data, tmp_path, name, "--max_steps", "2", "--log_every", "1", "--eval_every", "0",
+                     "--eval_tokens", "2000", "--checkpoint_every", "0", "--precision", "fp32", *args)
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return next(r["loss"] for r in rows if r["type"] == "train")
+        return next(r for r in rows if r["type"] == "train"), proc.stdout
 
-    # step 1 starts from the same weights: the fork's loss is the cross-entropy plus its z term
-    plain = first_loss(REPO / "scripts" / "train.py", "plain")
-    assert first_loss(fork, "z0", "--z_loss", "0") == pytest.approx(plain, rel=1e-5)
-    # initial logits are near zero, so log(Z) is about log(vocabulary size) for every token
-    vocab = json.loads((tiny_data / "tokens" / "manifest.json").read_text())["vocab_size"]
-    assert first_loss(fork, "z", "--z_loss", "0.1") - plain == pytest.approx(0.1 * math.log(vocab) ** 2, rel=0.02)
+    for fused in ("True", "False"):
+        flag = "--fused_loss" if fused == "True" else "--no_fused_loss"
+        plain, _ = first_step(f"plain-{fused}", flag)
+        zloss = ("--plugins", plugin, "--loss.name", "zloss", flag)
+        z0, _ = first_step(f"z0-{fused}", *zloss, "--loss.z", "0")
+        z, out = first_step(f"z-{fused}", *zloss, "--loss.z", "0.1")
+        assert ("loss fused with the output layer (zloss)" in out) == (fused == "True"), out
+        # step 1 starts from the same weights on the same batch: the z term is all that differs
+        assert z0["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert z["loss"] - plain["loss"] == pytest.approx(0.1 * z["loss_log_z_sq"], rel=1e-4)
+        # initial logits are near zero, so log(Z) is about log(vocabulary size) for every token
+        vocab = json.loads((tiny_data / "tokens" / "manifest.json").read_text())["vocab_size"]
+        assert z["loss_log_z_sq"] == pytest.approx(math.log(vocab) ** 2, rel=0.02)
+    saved = (tmp_path / "z-True" / "config.yaml").read_text()
+    assert "name: zloss" in saved and "z: 0.1" in saved  # config.yaml reproduces it (its plugins listed)
 
 
 def test_make_fork_stamps_the_copy_and_fork_diff_shows_its_changes():

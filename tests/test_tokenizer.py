@@ -168,8 +168,8 @@ def _random_code_like(rng: random.Random, n: int) -> str:
 
 
 def test_word_cached_encoding_gives_sentencepiece_ids(tok):
-    from lib.tokenizer import (_UNIT, _UNIT_ASCII, _WORD, WordCachedEncoder, _split_pieces, _split_units, unit_local,
-                               word_local)
+    from lib.fast_encoder import (_UNIT, _UNIT_ASCII, _WORD, WordCachedEncoder, _split_pieces, _split_units, unit_local,
+                                  word_local)
 
     # pieces, defined here independently: a run of spaces or not, then non-spaces or newlines with
     # the spaces after them (where lib.tokenizer cuts at spaces after anything but a space/newline)
@@ -223,7 +223,7 @@ def test_unit_cache_is_off_for_models_with_pieces_across_classes(tmp_path):
     """A piece that joins a letter to punctuation ("x.y" as one user-defined symbol, or a model
     trained without splitting by script) would be cut apart unit by unit: units must be off,
     words still on, and the ids still SentencePiece's."""
-    from lib.tokenizer import WordCachedEncoder, unit_local, word_local
+    from lib.fast_encoder import WordCachedEncoder, unit_local, word_local
 
     texts = [f"x.y = self.value_{i} + 12\n    return x.y\n" for i in range(300)]
     path = train_sentencepiece(texts, tmp_path / "tok", TokenizerConfig(vocab_size=300, user_defined_symbols=["x.y"]))
@@ -251,7 +251,7 @@ def test_word_cache_is_off_for_models_that_merge_across_words(tmp_path):
     be encoded whole."""
     import sentencepiece as spm
 
-    from lib.tokenizer import word_local
+    from lib.fast_encoder import word_local
 
     texts = [f"alpha beta gamma {i} delta  epsilon\n" * 3 for i in range(200)]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "m"),

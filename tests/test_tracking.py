@@ -68,7 +68,7 @@ def test_a_run_is_tracked_locally_and_its_resumed_part_continues_the_same_mlflow
     proc = run_script("scripts/eval.py", "--model", str(tmp_path / "tracked"), "--max_tokens", "3000", "--samples", "1",
                       "--sample_tokens", "8", env=env)
     assert f"added to MLflow run {record['run_id']} at {uri}" in proc.stdout
-    figures = json.loads((tmp_path / "tracked" / "eval" / "metrics.ndjson").read_text().splitlines()[-1])
+    figures = json.loads((tmp_path / "tracked" / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["eval_val_bits_per_byte"] == figures["bits_per_byte"]
