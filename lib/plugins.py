@@ -1,13 +1,13 @@
 """Plugin registries: named parts a user adds without editing lib, and a record of what failed to load.
 
 A registry holds the implementations of one kind, the built-in ones first: learning-rate schedules
-(lib.optim.SCHEDULES, used by train.py) and input-file readers by suffix (lib.sources.READERS, used
+(lib.train.optim.SCHEDULES, used by train.py) and input-file readers by suffix (lib.data.sources.READERS, used
 by tokenize.py to build a corpus). A plugin is a Python
 module (a .py file or an importable name, given with --plugins, or an installed package's entry
 point in the group `lm.plugins`) that registers more when imported:
 
     # my_schedules.py
-    from lib.optim import SCHEDULES
+    from lib.train.optim import SCHEDULES
 
     @SCHEDULES.register("inverse_sqrt")
     def inverse_sqrt(progress, cfg):          # the learning rate after warmup, progress 0 -> 1
@@ -17,7 +17,7 @@ point in the group `lm.plugins`) that registers more when imported:
 
     # html_reader.py: tokenize.py --plugins html_reader.py --corpus.source pages/ reads pages/*.html
     import html, re
-    from lib.sources import READERS
+    from lib.data.sources import READERS
 
     @READERS.register(".html")
     def read_html(path):                      # (line or row number, or None for the whole file; text)
@@ -152,7 +152,7 @@ def load(specs: list[str] | tuple[str, ...] = (), entry_points: bool = True) -> 
     `lm.plugins` (when `entry_points`) and every plugin in `specs` (a .py file, or a module name
     importable from the working folder or the repository). Each plugin is imported once per
     process; a failure is recorded (in the report and in FAILURES), never raised."""
-    for module in ("lib.optim", "lib.loss", "lib.sources"):  # the built-in entries, before any plugin's
+    for module in ("lib.train.optim", "lib.model.loss", "lib.train.actions", "lib.data.sources"):  # built-ins first
         importlib.import_module(module)
 
     report = LoadReport()

@@ -95,7 +95,7 @@ def audit_plugins(rep: Report, specs: tuple[str, ...]) -> None:
 
 
 def audit_forks(rep: Report) -> None:
-    from lib import forks
+    from lib.records import forks
 
     found = forks.forks(Path(_root))
     if not found:
@@ -122,7 +122,7 @@ class ForkUpdateConfig:
 
 
 def fork_update_command(cfg: ForkUpdateConfig) -> None:
-    from lib import forks
+    from lib.records import forks
 
     fork = Path(_root) / "experiments" / cfg.name
     st = forks.update(fork, Path(_root))
@@ -137,8 +137,8 @@ def fork_update_command(cfg: ForkUpdateConfig) -> None:
 def audit_env(rep: Report) -> None:
     import platform
 
-    from lib.monitor import gpu_status
-    from lib.provenance import git_state, package_versions
+    from lib.records.monitor import gpu_status
+    from lib.records.provenance import git_state, package_versions
 
     rep.line(None, f"python {platform.python_version()} on {platform.platform()}")
     versions = package_versions()
@@ -148,7 +148,7 @@ def audit_env(rep: Report) -> None:
     import torch
 
     rep.line(None, f"torch threads {torch.get_num_threads()}, CUDA available: {torch.cuda.is_available()}")
-    from lib.precision import resolve
+    from lib.train.precision import resolve
 
     # oneDNN's flag is True on any AVX-512 CPU, native bf16 or not: auto decides by measurement
     choice = resolve("auto")
@@ -160,10 +160,10 @@ def audit_env(rep: Report) -> None:
 
 
 def audit_data(rep: Report, data: str) -> None:
-    from lib.corpus import read_manifest
+    from lib.data.corpus import read_manifest
     from lib.files import folder_digest, sha256_mismatches
-    from lib.data import tokens_dir
-    from lib.tokenizer import tokenizer_fingerprint
+    from lib.data.batches import tokens_dir
+    from lib.data.tokenizer import tokenizer_fingerprint
 
     tok_dir = tokens_dir(data)
     tokens = read_manifest(tok_dir, "tokens")
@@ -183,8 +183,8 @@ def audit_data(rep: Report, data: str) -> None:
 
 
 def audit_run(rep: Report, run: Path) -> None:
-    from lib import archive
-    from lib.checkpoint import archived_checkpoints, complete_checkpoints, verify
+    from lib.records import archive
+    from lib.records.checkpoint import archived_checkpoints, complete_checkpoints, verify
     from lib.files import CHECKSUMS, verify_checksums
 
     if not run.is_dir():
@@ -350,8 +350,8 @@ class UnpackConfig:
 
 
 def pack_command(cfg: PackConfig) -> None:
-    from lib.archive import pack
-    from lib.checkpoint import folder_bytes
+    from lib.records.archive import pack
+    from lib.records.checkpoint import folder_bytes
 
     before = folder_bytes(cfg.checkpoint) if cfg.checkpoint.is_dir() else 0
     out = pack(cfg.checkpoint, cfg.out, cfg.remove, cfg.level)
@@ -362,7 +362,7 @@ def pack_command(cfg: PackConfig) -> None:
 
 
 def unpack_command(cfg: UnpackConfig) -> None:
-    from lib.archive import unpack
+    from lib.records.archive import unpack
 
     print(f"unpacked {cfg.archive} into {unpack(cfg.archive, cfg.into or cfg.archive.parent)} (verified)")
 

@@ -87,7 +87,7 @@ def parse_rate(line: str) -> tuple[float, float, float]:
 def throughput(cfg: BenchConfig) -> dict:
     from transformers import AutoTokenizer
 
-    from lib.corpus import iter_records, read_manifest
+    from lib.data.corpus import iter_records, read_manifest
 
     corpus_dir, tok_dir = cfg.data / "corpus", cfg.data / "tokenizer"
     splits = list(read_manifest(corpus_dir, "corpus")["splits"])
@@ -149,7 +149,7 @@ def generate_corpus(cfg: BenchConfig, path: Path) -> None:
     of `self`, so the text keeps bringing new words."""
     import random
 
-    from lib.corpus import iter_records
+    from lib.data.corpus import iter_records
 
     stamp = path.with_suffix(".stamp")
     want = f"{cfg.gen_gb}:v1"

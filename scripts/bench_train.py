@@ -93,9 +93,9 @@ def trainer_worker(cfg: BenchTrainConfig, mode: str) -> None:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from lib.corpus import read_manifest
-    from lib.data import DataConfig, build_train_data, tokens_dir
-    from lib.model import build_model, flops_per_token
+    from lib.data.corpus import read_manifest
+    from lib.data.batches import DataConfig, build_train_data, tokens_dir
+    from lib.model.build import build_model, flops_per_token
 
     tc = train_config(cfg)
     tok_dir = tokens_dir(tc.data.dir)
@@ -195,10 +195,10 @@ def main() -> None:
         raise UserError("--steps must exceed --warmup")
     if cfg.rounds < 1:
         raise UserError("--rounds must be at least 1")
-    from lib.flops import measure_matmul_peak
-    from lib.model import build_model, flops_per_token
-    from lib.corpus import read_manifest
-    from lib.data import tokens_dir
+    from lib.train.flops import measure_matmul_peak
+    from lib.model.build import build_model, flops_per_token
+    from lib.data.corpus import read_manifest
+    from lib.data.batches import tokens_dir
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     tc = train_config(cfg)

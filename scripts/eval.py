@@ -41,7 +41,7 @@ class EvalConfig:
     """Print the resolved config as YAML and exit."""
     model: Path = Path("runs/default")
     """A run folder (its final/ is used), a Hugging Face model folder, or a model name found in the
-    Hugging Face cache (gpt2, tinyllama, org/name: see lib/registry.py)."""
+    Hugging Face cache (gpt2, tinyllama, org/name: see lib/model/registry.py)."""
     data: Optional[str] = None
     """Tokenized dataset folder; default: the one the run trained on, else data/stdlib."""
     split: str = "val"
@@ -97,7 +97,7 @@ def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
         run = model.parent if (model.parent / "config.yaml").is_file() else None
         model_dir = model
     elif not model.exists():  # a model name (gpt2, tinyllama, org/name): its folder in the Hugging Face cache
-        from lib.registry import resolve
+        from lib.model.registry import resolve
 
         run, model_dir = None, resolve(str(model), option="--model")
     else:
@@ -138,7 +138,7 @@ def main() -> None:
     else:
         why = "--trust_unverified" if run_dir is not None else "a model not written by train.py"
         print(f"warning: {model_dir} has no {CHECKSUMS} ({why}): its files are not checked")
-    from lib.cpu import keep_freed_memory
+    from lib.train.cpu import keep_freed_memory
 
     keep_freed_memory()  # reused activation buffers instead of page faults on every batch
     from lib.progress import quiet_library_bars
@@ -150,14 +150,14 @@ def main() -> None:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    from lib.corpus import iter_records, read_manifest
+    from lib.data.corpus import iter_records, read_manifest
     from lib.files import atomic_text
-    from lib.tokenizer import tokenizer_fingerprint
-    from lib.data import DocBoundary, gather_docs, load_split, sample_docs, tokens_dir
-    from lib.evaluate import compressor_bpb, evaluate_stream, summarize
-    from lib.metrics import METRICS, JsonlWriter, read_jsonl, write_tables
-    from lib.model import fp16_on_cpu, load_pretrained, refuse_masked_lm
-    from lib.precision import resolve, shapes_of
+    from lib.data.tokenizer import tokenizer_fingerprint
+    from lib.data.batches import DocBoundary, gather_docs, load_split, sample_docs, tokens_dir
+    from lib.model.evaluate import compressor_bpb, evaluate_stream, summarize
+    from lib.records.metrics import METRICS, JsonlWriter, read_jsonl, write_tables
+    from lib.model.build import fp16_on_cpu, load_pretrained, refuse_masked_lm
+    from lib.train.precision import resolve, shapes_of
     from transformers import AutoConfig
 
     tok_dir = tokens_dir(data_dir)
@@ -247,7 +247,7 @@ def main() -> None:
     # the run's report shows the evaluation of the run's own data, not of text it was never about
     report = run_dir / "report.md" if run_dir is not None and cfg.data is None else None
     if report is not None and report.is_file():
-        from lib.report import set_report_section
+        from lib.records.report import set_report_section
 
         set_report_section(report, f"Held-out evaluation by eval.py ({cfg.split})", (
             f"- {record['time']}: {whole}, {n_docs} of {len(docs)} documents, {n_bytes:,} bytes, "
@@ -258,7 +258,7 @@ def main() -> None:
     print(f"wrote {out_dir}/{METRICS}, metrics.csv, metrics.parquet" + (", samples.txt" if samples else "")
           + (f"; {report}" if report is not None and report.is_file() else ""))
     if cfg.tracking and report is not None:  # the run's own data, as for the report
-        from lib.tracking import log_to_recorded_run
+        from lib.records.tracking import log_to_recorded_run
 
         steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r]
         figures = {f"eval_{cfg.split}_{k}": float(record[k]) for k in ("loss", "perplexity", "accuracy", "bits_per_byte")}

@@ -90,7 +90,7 @@ def main() -> None:
           f"(median of {len(rows)} logged windows); peak memory {rows[-1].get('peak_memory_gib', float('nan')):.2f} "
           f"GiB ({'GPU tensors' if torch.cuda.is_available() else 'process RSS'})")
     if not mfus:
-        print("[gpu-check] MFU unknown: this device has no peak in lib/flops.py's table")
+        print("[gpu-check] MFU unknown: this device has no peak in lib/train/flops.py's table")
         return
     mfu = statistics.median(mfus)
     verdict = "met" if mfu >= cfg.target_mfu else "NOT met"

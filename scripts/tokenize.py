@@ -32,10 +32,10 @@ from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from lib import config as config_lib  # noqa: E402
-from lib.corpus import CorpusConfig, build_corpus  # noqa: E402
+from lib.data.corpus import CorpusConfig, build_corpus  # noqa: E402
 from lib.files import atomic_text  # noqa: E402
 from lib.errors import UserError, exit_on_user_error, writing_to  # noqa: E402
-from lib.tokenizer import EncodeOptions, TokenizerConfig  # noqa: E402
+from lib.data.tokenizer import EncodeOptions, TokenizerConfig  # noqa: E402
 
 
 @dataclass
@@ -84,7 +84,7 @@ class _TokenizerArgs:
 
 @dataclass
 class EncodeConfig(EncodeOptions, _TokenizerArgs, _Preset):
-    """Encode texts to ids with optional truncation and padding (exactly as lib.tokenizer.encode_batch)."""
+    """Encode texts to ids with optional truncation and padding (exactly as lib.data.tokenizer.encode_batch)."""
 
     input: Path = Path("input.jsonl")
     """.jsonl (the text_field of each line) or .txt (each line a text)."""
@@ -120,19 +120,19 @@ class InspectConfig(_TokenizerArgs, _Preset):
 
 def open_tokenizer(cfg: _TokenizerArgs):
     """The tokenizer --tokenizer names: a file or folder, else a model name looked up offline."""
-    from lib.tokenizer import TextTokenizer
+    from lib.data.tokenizer import TextTokenizer
 
     path = cfg.tokenizer
     if not path.exists():
-        from lib.registry import resolve_tokenizer
+        from lib.model.registry import resolve_tokenizer
 
         path = resolve_tokenizer(str(path))
     return TextTokenizer(path, cfg.pad_token)
 
 
 def cmd_train(cfg: TrainTokenizerConfig) -> None:
-    from lib.corpus import iter_source
-    from lib.pipeline import write_tokenizer
+    from lib.data.corpus import iter_source
+    from lib.data.pipeline import write_tokenizer
 
     if cfg.tokenizer.pretrained:
         raise UserError("--tokenizer.pretrained: `train` makes a new tokenizer; a base model's own is used by the "
@@ -144,9 +144,9 @@ def cmd_train(cfg: TrainTokenizerConfig) -> None:
 
 
 def cmd_encode(cfg: EncodeConfig) -> None:
-    from lib.encode import docs_path, encode_file
+    from lib.data.encode import docs_path, encode_file
     from lib.files import ensure_writable
-    from lib.parallel import default_workers
+    from lib.data.parallel import default_workers
     from lib.progress import progress
 
     ensure_writable(cfg.output.parent, "--output's folder")
@@ -168,7 +168,7 @@ def cmd_encode(cfg: EncodeConfig) -> None:
 def cmd_decode(cfg: DecodeConfig) -> None:
     import json
 
-    from lib.encode import read_npy_docs
+    from lib.data.encode import read_npy_docs
     from lib.files import ensure_writable
 
     ensure_writable(cfg.output.parent, "--output's folder")
@@ -234,7 +234,7 @@ def main() -> None:
     from lib.files import ensure_writable, no_empty_folder_left
 
     plugins.warn_failures(plugins.load(cfg.plugins))  # a reader they add applies to --corpus.source
-    from lib.pipeline import stage_tokenizer, stage_tokens
+    from lib.data.pipeline import stage_tokenizer, stage_tokens
 
     with no_empty_folder_left(cfg.out_dir):  # a failed first build leaves no empty out_dir behind
         ensure_writable(cfg.out_dir, "--out_dir")

@@ -29,16 +29,17 @@ from pathlib import Path  # noqa: E402
 from typing import Literal, Optional  # noqa: E402
 
 from lib import config as config_lib  # noqa: E402
-from lib import errors, plugins, registry, runtime  # noqa: E402
-from lib.data import DataConfig  # noqa: E402
+from lib import errors, plugins  # noqa: E402
+from lib.data.batches import DataConfig  # noqa: E402
 from lib.errors import UserError, exit_on_user_error, where_am_i  # noqa: E402
-from lib.lora import LoraOptions  # noqa: E402
-from lib.actions import ACTIONS, ActionsConfig  # noqa: E402
-from lib.loss import LOSSES, LossConfig, step_scaled_loss  # noqa: E402
-from lib.model import ModelConfig  # noqa: E402
-from lib.optim import OPTIMIZERS, OptimConfig, lr_at, set_lr  # noqa: E402
-from lib.tracking import TrackingConfig  # noqa: E402
-
+from lib.model import registry  # noqa: E402
+from lib.model.build import ModelConfig  # noqa: E402
+from lib.model.lora import LoraOptions  # noqa: E402
+from lib.model.loss import LOSSES, LossConfig, step_scaled_loss  # noqa: E402
+from lib.records.tracking import TrackingConfig  # noqa: E402
+from lib.train import runtime  # noqa: E402
+from lib.train.actions import ACTIONS, ActionsConfig  # noqa: E402
+from lib.train.optim import OPTIMIZERS, OptimConfig, lr_at, set_lr  # noqa: E402
 
 RUN_FILES = ("config.yaml", "provenance.json", "metrics.jsonl", "loss.png", "report.md")  # also sent to MLflow
 
@@ -69,7 +70,7 @@ class TrainConfig:
     size_to_budget: bool = False
     """With max_minutes, on a model built from scratch: measure this machine's matrix-product rate
     and take the shape (width, depth, heads, optimizer, learning rate) that the budget sweep found
-    best for the compute the budget buys (lib/sizing.py, experiments/budget-sweep). Not applied when
+    best for the compute the budget buys (lib/train/sizing.py, experiments/budget-sweep). Not applied when
     the command line sets any model field; other options it sets keep their values. config.yaml
     records the chosen values (with this off), and a resumed run keeps them."""
     max_steps: int = 1000
@@ -136,7 +137,7 @@ class TrainConfig:
     steps run faster. With max_minutes, the first steps run eagerly and are timed, and the model is
     compiled only where this machine's record of compiling it says the budget left repays it (the
     first time, it compiles and records the cost and the gain); compiled steps that turn out no
-    faster are dropped for eager ones (lib/compile_choice.py)."""
+    faster are dropped for eager ones (lib/train/compile_choice.py)."""
     keep_freed_memory: bool = True
     """Let glibc malloc keep freed memory for reuse instead of unmapping and faulting the same
     activation buffers back in every step (faster CPU steps; the process holds its peak memory)."""
@@ -181,35 +182,35 @@ class Run:
 
     cfg: TrainConfig
     accelerator: object
-    choice: object  # the precision chosen (lib.precision.Choice: name, reason)
+    choice: object  # the precision chosen (lib.train.precision.Choice: name, reason)
     started: float  # time.perf_counter() at the process's start: the budget counts from it
     manifest: dict = None  # the token shards' manifest
-    train_data: object = None  # lib.data training blocks or documents
+    train_data: object = None  # lib.data.batches training blocks or documents
     boundary: object = None  # where documents meet (position ids restart), or None
     held_out: object = None  # the held-out sample every evaluation scores
     model: object = None  # the built model (before Accelerate)
     prepared: object = None  # the model Accelerate prepared: what checkpoints save
-    call: object = None  # the model each step calls: prepared or compiled (lib.compile_choice)
+    call: object = None  # the model each step calls: prepared or compiled (lib.train.compile_choice)
     optimizer: object = None
-    fused: object = None  # the fused output layer (lib.fused_loss.FusedHead) or None
-    objective: object = None  # the training loss (lib.loss.TokenLoss)
+    fused: object = None  # the fused output layer (lib.model.fused_loss.FusedHead) or None
+    objective: object = None  # the training loss (lib.model.loss.TokenLoss)
     base_sha: str = None  # LoRA: the sha256 of the frozen base's weights, which checkpoints name
     n_params: int = 0
     flops_per_token: float = 0.0
     run_dir: Path = None
     resume_from: Path = None
     sampler: object = None
-    loop: object = None  # lib.loop_state.LoopState: what a checkpoint restores
+    loop: object = None  # lib.train.loop_state.LoopState: what a checkpoint restores
     metrics: object = None  # metrics.jsonl writer (main process only)
     tracker: object = None  # the MLflow mirror (main process only)
     system: object = None  # CPU, memory, GPU figures (main process only)
-    periodic: object = None  # lib.actions.Periodic: evaluations, checkpoints, plugins' actions
+    periodic: object = None  # lib.train.actions.Periodic: evaluations, checkpoints, plugins' actions
     fit: bool = False  # whether the schedule is (still) to be fitted to the budget
     stopped_early: bool = False
 
     @property
     def uses_lora(self) -> bool:
-        from lib import lora
+        from lib.model import lora
 
         return lora.enabled(self.cfg.lora)
 
@@ -235,14 +236,14 @@ class Run:
 
     @property
     def tokens_dir(self) -> Path:
-        from lib.data import tokens_dir
+        from lib.data.batches import tokens_dir
 
         return tokens_dir(self.cfg.data.dir)
 
 
 def loss_sum(run, model, batch, labels):
     """The training objective of one micro-batch: (sum of its per-token losses, its target
-    tokens), from the loss --loss.name names (lib/loss.py LOSSES: cross-entropy, or a plugin's).
+    tokens), from the loss --loss.name names (lib/model/loss.py LOSSES: cross-entropy, or a plugin's).
     The loop divides by the step's target tokens over all micro-batches and processes, so every
     token weighs the same."""
     inputs = batch.model_inputs(labels.device)
@@ -332,7 +333,7 @@ def evaluate(run) -> dict:
 
 def checkpoint_bytes(run) -> int:
     """A checkpoint's expected size: the trained weights and the optimizer's state (float32)."""
-    from lib.optim import state_numel
+    from lib.train.optim import state_numel
 
     weights = sum(p.numel() * p.element_size() for p in run.prepared.parameters() if p.requires_grad)
     return weights + 4 * state_numel(run.unwrapped, run.cfg.optim)
@@ -344,7 +345,7 @@ def save_checkpoint(run) -> None:
     """Write a checkpoint (every checkpoint_every steps, after the last step, and on a stop request)."""
     from accelerate.utils import gather_object
 
-    from lib import checkpoint as ckpt
+    from lib.records import checkpoint as ckpt
 
     cfg, loop = run.cfg, run.loop
     ckpt.assert_finite(run.unwrapped, loop.step)
@@ -382,21 +383,21 @@ def parse_config() -> TrainConfig:
 
 
 def start(cfg, started: float) -> Run:
-    """Processes, threads and precision: the model is sized to the budget first (lib/sizing.py),
+    """Processes, threads and precision: the model is sized to the budget first (lib/train/sizing.py),
     since the precision probe times the model's own matrix products."""
     runtime.prepare_environment(cfg.deterministic)  # read when MKL and cuBLAS start: before torch
-    from lib import tracking
-    from lib.corpus import read_manifest
-    from lib.data import tokens_dir
+    from lib.records import tracking
+    from lib.data.corpus import read_manifest
+    from lib.data.batches import tokens_dir
     from lib.files import ensure_writable
-    from lib.model import matmul_dims
-    from lib.precision import model_matmul_shapes
-    from lib.sizing import size_run
+    from lib.model.build import matmul_dims
+    from lib.train.precision import model_matmul_shapes
+    from lib.train.sizing import size_run
 
     manifest = read_manifest(tokens_dir(cfg.data.dir), "tokens")
     sized = []
 
-    def shapes(state):  # the model sized to the budget first (lib/sizing.py), then its products
+    def shapes(state):  # the model sized to the budget first (lib/train/sizing.py), then its products
         sized.append(size_run(cfg, sys.argv[1:], state))
         return model_matmul_shapes(*matmul_dims(cfg.model, manifest["vocab_size"]),
                                    cfg.micro_batch_size * cfg.data.seq_len)
@@ -419,9 +420,9 @@ def start(cfg, started: float) -> Run:
 
 def load_data(run) -> None:
     """Training blocks, and a held-out sample that is the same at every evaluation."""
-    from lib.data import DocBoundary, build_train_data, load_split
-    from lib.evaluate import held_out_sample, token_byte_lengths
-    from lib.tokenizer import has_tokenizer
+    from lib.data.batches import DocBoundary, build_train_data, load_split
+    from lib.model.evaluate import held_out_sample, token_byte_lengths
+    from lib.data.tokenizer import has_tokenizer
 
     cfg, tok_dir = run.cfg, run.tokens_dir
     val_tokens, val_docs = load_split(tok_dir, "val")
@@ -439,15 +440,16 @@ def open_run(run) -> None:
     """The run folder, now that every input has been read (this job's, continued or fresh), and
     the loop's state: fresh, or restored from a checkpoint with the sampler, weights, optimizer and
     random states; then provenance, the metrics sinks and the periodic actions."""
-    from lib import checkpoint as ckpt
-    from lib import lora, run_folder, tracking
-    from lib.actions import Periodic
-    from lib.data import BlockSampler
+    from lib.records import checkpoint as ckpt
+    from lib.model import lora
+    from lib.records import run_folder, tracking
+    from lib.train.actions import Periodic
+    from lib.data.batches import BlockSampler
     from lib.files import write_json
-    from lib.loop_state import LoopState
-    from lib.metrics import METRICS, JsonlWriter, truncate_after_step
-    from lib.monitor import SystemMonitor
-    from lib.provenance import provenance
+    from lib.train.loop_state import LoopState
+    from lib.records.metrics import METRICS, JsonlWriter, truncate_after_step
+    from lib.records.monitor import SystemMonitor
+    from lib.records.provenance import provenance
 
     cfg, accelerator = run.cfg, run.accelerator
     run.run_dir = cfg.runs_dir / cfg.run_name
@@ -494,10 +496,10 @@ def train(run) -> None:
     last step (the schedule's end, a spent budget, --stop_at_step) runs the final evaluation and
     checkpoint through the same actions. A stop request (SIGTERM, Ctrl-C) finishes the step,
     checkpoints and exits."""
-    from lib import budget
-    from lib.compile_choice import CompileChoice
-    from lib.flops import MfuMeter
-    from lib.preemption import StopRequests
+    from lib.train import budget
+    from lib.train.compile_choice import CompileChoice
+    from lib.train.flops import MfuMeter
+    from lib.train.preemption import StopRequests
     from lib.progress import progress
 
     cfg, loop = run.cfg, run.loop
@@ -544,7 +546,7 @@ def train(run) -> None:
 
 def one_step(run) -> tuple[float, float]:
     """Draw the step's batches, take the optimizer step, count it; (gradient norm, learning rate)."""
-    from lib import checkpoint as ckpt
+    from lib.records import checkpoint as ckpt
 
     cfg, loop = run.cfg, run.loop
     sample_ids = [run.sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
@@ -571,9 +573,9 @@ def one_step(run) -> tuple[float, float]:
 
 def fit_schedule(run, clock, bar) -> None:
     """Fit the schedule's end to the budget from the step time measured and each periodic action's
-    cost (lib/budget.py), the same horizon on every process."""
-    from lib import budget
-    from lib.distributed import broadcast_from_main
+    cost (lib/train/budget.py), the same horizon on every process."""
+    from lib.train import budget
+    from lib.train.distributed import broadcast_from_main
 
     cfg, loop = run.cfg, run.loop
     periodic, final_s = run.periodic.budget_terms(run)
@@ -605,8 +607,8 @@ def stop_reason(run, lr: float) -> bool:
 
 def stop_and_exit(run, bar, signalled: str) -> None:
     """A stop request: checkpoint this step and exit with EXIT_STOPPED (--resume auto continues)."""
-    from lib import checkpoint as ckpt
-    from lib.preemption import EXIT_STOPPED
+    from lib.records import checkpoint as ckpt
+    from lib.train.preemption import EXIT_STOPPED
 
     bar.close()
     save_checkpoint(run)
@@ -620,11 +622,11 @@ def stop_and_exit(run, bar, signalled: str) -> None:
 def finish(run) -> None:
     """After the last step's actions: the replicas' agreement, the final record, the exported
     model, the plot and the report."""
-    from lib import checkpoint as ckpt
-    from lib import export
-    from lib.model import build_model
-    from lib.monitor import peak_memory_gib
-    from lib.report import plot_metrics, write_run_report
+    from lib.records import checkpoint as ckpt
+    from lib.model import export
+    from lib.model.build import build_model
+    from lib.records.monitor import peak_memory_gib
+    from lib.records.report import plot_metrics, write_run_report
 
     cfg, loop, accelerator = run.cfg, run.loop, run.accelerator
     in_sync = runtime.replicas_identical(accelerator, run.unwrapped)
@@ -670,11 +672,11 @@ def build(run) -> None:
     import torch
     from accelerate.utils import set_seed
 
-    from lib import lora
-    from lib.fused_loss import FusedHead
-    from lib.loss import build_loss
-    from lib.model import build_model, check_data_fits, count_params, flops_per_token
-    from lib.optim import build_optimizer
+    from lib.model import lora
+    from lib.model.fused_loss import FusedHead
+    from lib.model.loss import build_loss
+    from lib.model.build import build_model, check_data_fits, count_params, flops_per_token
+    from lib.train.optim import build_optimizer
 
     cfg, accelerator, say = run.cfg, run.accelerator, run.say
     set_seed(cfg.seed, deterministic=cfg.deterministic)
@@ -728,18 +730,19 @@ def build(run) -> None:
 
 
 def compile_key(run) -> tuple[str, str]:
-    """What the cost and gain of compiling this run's model depend on, as lib.compile_choice's
+    """What the cost and gain of compiling this run's model depend on, as lib.train.compile_choice's
     (cache key, machine): the model (class, parameter counts), batch and precision; the machine
-    (device or CPU, processes, threads, torch)."""
+    (device or CPU, processes, threads, oneDNN's instruction limit, torch)."""
     import torch
 
-    from lib.compile_choice import model_key
-    from lib.flops import cpu_model
-    from lib.model import count_params
+    from lib.train.compile_choice import model_key
+    from lib.train.flops import cpu_model
+    from lib.model.build import count_params
 
     cfg, accelerator, model = run.cfg, run.accelerator, run.unwrapped
     machine = model_key({"device": accelerator.device.type if accelerator.device.type != "cpu" else cpu_model(),
                          "processes": accelerator.num_processes, "threads": torch.get_num_threads(),
+                         "isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "all"),
                          "torch": torch.__version__})
     return model_key({"model": type(model).__name__, "params": count_params(model),
                       "trained": count_params(model, trainable_only=True), "rows": cfg.micro_batch_size,
@@ -750,9 +753,9 @@ def compile_key(run) -> tuple[str, str]:
 def check_options(cfg: TrainConfig) -> None:
     """Values no run can use, refused before anything is read or written (a UserError naming the
     option)."""
-    from lib.optim import SCHEDULES
-    from lib.run_folder import check_name
-    from lib.tracking import effective_uri
+    from lib.train.optim import SCHEDULES
+    from lib.records.run_folder import check_name
+    from lib.records.tracking import effective_uri
 
     rules = [("max_steps", cfg.max_steps >= 1, "at least 1"), ("micro_batch_size", cfg.micro_batch_size >= 1,
              "at least 1"), ("grad_accum_steps", cfg.grad_accum_steps >= 1, "at least 1"),
@@ -790,9 +793,9 @@ def fp16_state(run) -> dict:
 def log_step(run, bar, window: dict, mfu, grad_norm: float, lr: float) -> None:
     """One log line and metrics record: the mean loss over every target token of every process
     since the last one (the window is then emptied), throughput and MFU, padding, fp16's scale,
-    and in the record the loss's own figures and the system's (lib.monitor.SystemMonitor).
+    and in the record the loss's own figures and the system's (lib.records.monitor.SystemMonitor).
     `window`: the tokens seen and the time at the last line (updated here)."""
-    from lib.monitor import peak_memory_gib
+    from lib.records.monitor import peak_memory_gib
     from lib.progress import write
 
     cfg, loop, accelerator = run.cfg, run.loop, run.accelerator
@@ -848,7 +851,7 @@ def fit_micro_batch(run) -> None:
     """--fit_micro_batch: halve cfg.micro_batch_size (doubling grad_accum_steps) until a step fits."""
     import torch
 
-    from lib.memory import fit_micro_batch as fit
+    from lib.train.memory import fit_micro_batch as fit
 
     cfg, accelerator = run.cfg, run.accelerator
 

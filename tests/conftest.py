@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lib import runtime  # noqa: E402 -- only os: torch is not imported yet
+from lib.train import runtime  # noqa: E402 -- only os: torch is not imported yet
 
 # what every run in this process sees, set before anything imports huggingface_hub (which reads
 # HF_HUB_OFFLINE once, when imported)

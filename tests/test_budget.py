@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import train
-from lib import budget
-from lib.optim import OptimConfig, lr_at
+from lib.train import budget
+from lib.train.optim import OptimConfig, lr_at
 from test_resume import assert_same_run
 
 
@@ -108,7 +108,7 @@ SLOW_ACTION = '''
 import time
 from dataclasses import dataclass
 
-from lib.actions import ACTIONS
+from lib.train.actions import ACTIONS
 
 
 @dataclass
@@ -125,7 +125,7 @@ def slow(run):
 
 
 def test_a_plugins_periodic_action_runs_on_its_interval_and_the_budget_pays_for_it(tiny_data, tmp_path):
-    """A periodic action registered by a plugin (lib/actions.py) runs every N steps and after the
+    """A periodic action registered by a plugin (lib/train/actions.py) runs every N steps and after the
     last one, and the fitted schedule counts its measured cost: a run whose steps take a small
     fraction of what the action costs still ends, decayed, within its budget."""
     plugin = tmp_path / "slow.py"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lib.checkpoint import STATE, best_checkpoint, complete_checkpoints, prune
+from lib.records.checkpoint import STATE, best_checkpoint, complete_checkpoints, prune
 from lib.errors import UserError
 from conftest import train
 

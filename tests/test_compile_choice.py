@@ -1,6 +1,6 @@
 """A budgeted run compiles only where the budget repays it: the first eager steps are timed, the
 decision reads this machine's record of compiling the same model, and a run without a record
-compiles and writes one (lib/compile_choice.py)."""
+compiles and writes one (lib/train/compile_choice.py)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from conftest import train
-from lib import budget, compile_choice
-from lib.compile_choice import PROBE_STEPS, CompileChoice
+from lib.train import budget, compile_choice
+from lib.train.compile_choice import PROBE_STEPS, CompileChoice
 
 
 @pytest.fixture
@@ -72,18 +72,29 @@ def test_a_record_that_does_not_pay_keeps_the_run_eager(cache):
     assert switched == [PROBE_STEPS] and choice.model == "compiled" and said[-1].startswith("compile: used: ")
 
 
-def test_a_model_never_compiled_here_is_judged_by_the_others_at_their_worst(cache):
-    compile_choice.write_record("a", machine="m", compile_s=30.0, eager_step_s=0.2, compiled_step_s=0.1)
-    compile_choice.write_record("b", machine="m", compile_s=60.0, eager_step_s=0.2, compiled_step_s=0.16)
-    compile_choice.write_record("c", machine="other", compile_s=1.0, eager_step_s=0.2, compiled_step_s=0.01)
-    record, source = compile_choice.estimate("new", "m")
-    assert record["compile_s"] == 60.0 and record["compiled_step_s"] / record["eager_step_s"] == pytest.approx(0.8)
-    assert "2 other model(s)" in source
+def key(params: int, precision: str = "bf16", rows: int = 16) -> str:
+    return compile_choice.model_key({"params": params, "precision": precision, "rows": rows, "seq": 256})
+
+
+def test_a_model_never_compiled_here_is_judged_by_the_nearest_in_this_precision(cache):
+    # a tiny model gains little; the larger one nearest in size gains more; fp32 and another machine don't count
+    compile_choice.write_record(key(90_000), machine="m", compile_s=20.0, eager_step_s=0.02, compiled_step_s=0.019)
+    compile_choice.write_record(key(2_500_000), machine="m", compile_s=30.0, eager_step_s=0.2, compiled_step_s=0.16)
+    compile_choice.write_record(key(2_000_000, "fp32"), machine="m", compile_s=5.0, eager_step_s=0.2,
+                                compiled_step_s=0.01)
+    compile_choice.write_record(key(2_000_000), machine="other", compile_s=1.0, eager_step_s=0.2, compiled_step_s=0.01)
+    record, source = compile_choice.estimate(key(2_100_000), "m")
+    assert record["compile_s"] == 30.0 and record["compiled_step_s"] / record["eager_step_s"] == pytest.approx(0.8)
+    assert "nearest model on this machine in this precision (2500000 parameters, 16 x 256" in source
     said = []
-    choice = CompileChoice("eager", "compiled", "new", "m", probe=True, say=said.append)
-    drive(choice, [0.5, 0.2, 0.2], 200.0, Clock())  # saves 40 s at best, costs 60 s
+    choice = CompileChoice("eager", "compiled", key(2_100_000), "m", probe=True, say=said.append)
+    drive(choice, [0.5, 0.2, 0.2], 120.0, Clock())  # saves 24 s at a 1.25x gain, costs 30 s
     assert choice.model == "eager" and "not measured for this model" in said[0]
-    assert compile_choice.estimate("new", "elsewhere") == (None, "")  # nothing measured there: compile as asked
+    choice = CompileChoice("eager", "compiled", key(2_100_000), "m", probe=True, say=said.append)
+    drive(choice, [0.5, 0.2, 0.2], 480.0, Clock())  # 8 minutes: saves 96 s
+    assert choice.model == "compiled"
+    assert compile_choice.estimate(key(2_100_000), "elsewhere") == (None, "")  # nothing measured there
+    assert compile_choice.estimate(key(2_100_000, "fp16"), "m") == (None, "")  # nor in that precision
 
 
 def test_compiled_steps_no_faster_go_back_to_eager(cache):
@@ -129,21 +140,23 @@ def test_a_budgeted_compiled_run_records_and_the_next_one_decides(tiny_data, tmp
 
 
 def test_a_run_ended_while_measuring_records_the_compile_time_and_the_next_one_decides_by_it(cache):
-    said = []
-    choice = CompileChoice("eager", "compiled", "k", "m", probe=True, say=said.append)
+    said, mine = [], key(1000)
+    choice = CompileChoice("eager", "compiled", mine, "m", probe=True, say=said.append)
     drive(choice, [0.5, 0.2, 0.2, 40.2], 60.0, Clock())  # the compiling step eats the short budget
     choice.finish()
-    record = json.loads(cache.read_text())["k"]
+    record = json.loads(cache.read_text())[mine]
     assert record["compile_s"] == pytest.approx(40.0) and "compiled_step_s" not in record
     assert "compiling took about 40 s" in said[-1]
     # the next run: no gain measured anywhere, so compiled steps count as free; 30 s left < 40 s
-    again = CompileChoice("eager", "compiled", "k", "m", probe=True, say=said.append)
+    again = CompileChoice("eager", "compiled", mine, "m", probe=True, say=said.append)
     drive(again, [0.5, 0.2, 0.2], 30.0, Clock())
     assert again.model == "eager" and "counted as free" in said[-1] and "less than it costs" in said[-1]
-    # with another model's measured gain (1.25x) and 5 minutes left: saves 60 s > 40 s
-    compile_choice.write_record("other", machine="m", compile_s=20.0, eager_step_s=0.25, compiled_step_s=0.2)
-    record, source = compile_choice.estimate("k", "m")
-    assert record["compile_s"] == pytest.approx(40.0) and "best gain of 1 other" in source
+    # with a similar model's measured gain (1.25x) and 5 minutes left: saves 60 s > 40 s
+    compile_choice.write_record(key(1200), machine="m", compile_s=20.0, eager_step_s=0.25, compiled_step_s=0.2)
+    compile_choice.write_record(key(1000, "fp32"), machine="m", compile_s=20.0, eager_step_s=0.25,
+                                compiled_step_s=0.01)  # another precision: not used
+    record, source = compile_choice.estimate(mine, "m")
+    assert record["compile_s"] == pytest.approx(40.0) and "gain of the nearest model compiled here (1200" in source
     assert compile_choice.pays(record, 300.0, source)[0] and not compile_choice.pays(record, 150.0, source)[0]
     # a finished measurement is not overwritten by finish()
     done = CompileChoice("eager", "compiled", "k2", "m", probe=True, say=said.append)

@@ -10,7 +10,7 @@ import pytest
 
 from lib import config as config_lib
 from lib.errors import ConfigError
-from lib.model import ModelConfig
+from lib.model.build import ModelConfig
 
 
 @dataclass
@@ -113,7 +113,7 @@ class _Sized:
 
 
 def test_a_model_size_sits_between_the_preset_and_the_flags(tmp_path):
-    from lib import registry
+    from lib.model import registry
     from lib.errors import UserError
 
     preset = write(tmp_path, "lr: 0.5\nmodel:\n  d_model: 64\n  n_layers: 3\n  d_ff: 100\n")
@@ -140,8 +140,8 @@ def test_a_model_size_sits_between_the_preset_and_the_flags(tmp_path):
 def test_named_sizes_have_the_shapes_they_are_named_after(name, vocab, params):
     import torch
 
-    from lib.model import ModelConfig, build_model, count_params
-    from lib.registry import size
+    from lib.model.build import ModelConfig, build_model, count_params
+    from lib.model.registry import size
 
     with torch.device("meta"):  # shapes only: no memory for the weights
         model = build_model(ModelConfig(**size(name)), vocab, {"bos": 1, "eos": 2, "pad": 0})

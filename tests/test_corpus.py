@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lib.corpus import CorpusConfig, build_corpus, iter_records, list_source_files, split_of, stdlib_root
+from lib.data.corpus import CorpusConfig, build_corpus, iter_records, list_source_files, split_of, stdlib_root
 from lib.errors import UserError
 
 
@@ -110,7 +110,7 @@ def test_atomic_npy_streams_rows_and_never_leaves_a_partial_file(tmp_path):
 
 
 def test_plain_text_becomes_documents_that_join_back_exactly():
-    from lib.corpus import text_documents
+    from lib.data.corpus import text_documents
 
     text = "Title\n\nFirst paragraph,\ntwo lines.\n\n  \n\nSecond.\n" + ("A long line of words here.\n" * 400) + "\nEnd"
     for mode in ("paragraphs", "chunks", "auto"):

@@ -17,8 +17,8 @@ sys.path.insert(0, str(REPO))
 def sample_and_model():
     import torch
 
-    from lib.evaluate import HeldOutSample, stream_blocks
-    from lib.model import ModelConfig, build_model
+    from lib.model.evaluate import HeldOutSample, stream_blocks
+    from lib.model.build import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=64), 97, {"bos": 1, "eos": 2, "pad": 0})

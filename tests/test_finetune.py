@@ -12,9 +12,9 @@ import pytest
 
 from conftest import run_script, train
 from helpers.base_models import book_texts, save_gpt2_base, save_llama_base
-from lib.corpus import iter_records, read_manifest
+from lib.data.corpus import iter_records, read_manifest
 from lib.errors import UserError
-from lib.tokenizer import tokenizer_fingerprint
+from lib.data.tokenizer import tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def gpt2_book(tmp_path_factory):
 def test_text_is_encoded_with_the_base_models_own_tokenizer(gpt2_book):
     from transformers import AutoTokenizer
 
-    from lib.evaluate import token_byte_lengths
+    from lib.model.evaluate import token_byte_lengths
 
     root, base, hf, data = gpt2_book
     tok = AutoTokenizer.from_pretrained(str(base))
@@ -106,7 +106,7 @@ def test_data_in_another_tokenizer_is_refused_with_the_command_that_fixes_it(gpt
 def test_a_llama_base_with_a_hugging_face_tokenizer(tiny_data, tmp_path):
     """A Llama folder whose tokenizer is tokenizer.json only (no sp.model): the same stdlib files
     encoded with it give exactly the token shards of tiny_data, whose SentencePiece model it mirrors."""
-    from lib.model import check_data_fits
+    from lib.model.build import check_data_fits
 
     base = save_llama_base(tmp_path / "llama-base", tiny_data / "tokenizer")
     data = tmp_path / "data"
@@ -173,7 +173,7 @@ def test_an_export_records_the_length_it_was_trained_on(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-    from lib.export import record_trained_length
+    from lib.model.export import record_trained_length
 
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     for name, cfg in (("gpt2", GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=1, n_head=2)),

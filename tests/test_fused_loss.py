@@ -1,4 +1,4 @@
-"""The fused output layer + cross-entropy (lib/fused_loss.py) gives the loss and gradients of
+"""The fused output layer + cross-entropy (lib/model/fused_loss.py) gives the loss and gradients of
 full logits followed by cross-entropy: in float32, under bf16 autocast, across chunk
 boundaries, with ignored rows, frozen weights and inside whole models with tied weights."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.fused_loss import FusedHead, FusedLossLinear, fused_linear_ce
-from lib.loss import IGNORE_INDEX, token_loss_sum
-from lib.model import ModelConfig, build_model
+from lib.model.fused_loss import FusedHead, FusedLossLinear, fused_linear_ce
+from lib.model.loss import IGNORE_INDEX, token_loss_sum
+from lib.model.build import ModelConfig, build_model
 
 SPECIAL = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 

@@ -11,7 +11,7 @@ import threading
 import time
 
 from conftest import BITWISE, REPO, subprocess_env, train, train_command
-from lib.checkpoint import TEST_PAUSE, complete_checkpoints
+from lib.records.checkpoint import TEST_PAUSE, complete_checkpoints
 from test_resume import assert_same_run
 
 

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from lib.data import BlockSampler, TokenBlocks, gather_docs, sample_docs
+from lib.data.batches import BlockSampler, TokenBlocks, gather_docs, sample_docs
 from lib.errors import UserError
-from lib.evaluate import compressor_bpb, stream_blocks, summarize
-from lib.loss import IGNORE_INDEX, step_scaled_loss, token_loss_sum
-from lib.optim import OptimConfig, lr_at
+from lib.model.evaluate import compressor_bpb, stream_blocks, summarize
+from lib.model.loss import IGNORE_INDEX, step_scaled_loss, token_loss_sum
+from lib.train.optim import OptimConfig, lr_at
 
 
 def test_warmup_then_cosine():
@@ -25,7 +25,7 @@ def test_warmup_then_cosine():
 
 
 def test_warmup_as_a_share_of_the_schedule_scales_with_it():
-    from lib.optim import warmup_steps
+    from lib.train.optim import warmup_steps
 
     cfg = OptimConfig(lr=1.0, warmup_steps=50, warmup_fraction=0.1, min_lr_ratio=0.1)
     assert warmup_steps(1000, cfg) == 100 and warmup_steps(30, cfg) == 3 and warmup_steps(4, cfg) == 1
@@ -165,13 +165,13 @@ def test_token_weighting_matches_one_big_batch():
 def test_keep_freed_memory_applies_on_linux():
     import sys
 
-    from lib.cpu import keep_freed_memory
+    from lib.train.cpu import keep_freed_memory
 
     assert keep_freed_memory() is sys.platform.startswith("linux")
 
 
 def test_matmul_probe_measures_something_plausible():
-    from lib.flops import measure_matmul_peak
+    from lib.train.flops import measure_matmul_peak
 
     peak = measure_matmul_peak("fp32", size=256, seconds=0.2)
     assert 1e8 < peak < 1e15
@@ -188,7 +188,7 @@ def test_fit_micro_batch_halves_on_cpu_keeping_the_step(tmp_path):
     code = f"""
 import sys; sys.path.insert(0, {str(REPO)!r})
 import numpy as np, torch
-from lib import memory
+from lib.train import memory
 memory.available_memory = lambda: 500 * 2**20
 def trial(n):
     x = np.ones(n * 100 * 2**20 // 8)  # touched, so resident
@@ -206,7 +206,7 @@ print(memory.fit_micro_batch(lambda n: None, 16, 2, torch.device("cpu"), say=pri
 def test_matmul_probe_leaves_the_global_random_state_alone():
     import torch
 
-    from lib.flops import measure_matmul_peak
+    from lib.train.flops import measure_matmul_peak
 
     torch.manual_seed(5)
     expected = torch.rand(3)
@@ -224,7 +224,7 @@ def test_fp16_on_cpu_gives_autocast_and_a_scaler_only_when_asked():
 import sys; sys.path.insert(0, {repo!r})
 import torch
 from accelerate import Accelerator
-from lib.model import fp16_on_cpu
+from lib.model.build import fp16_on_cpu
 a = Accelerator(mixed_precision={mp!r}, cpu=True)
 print(a.native_amp, fp16_on_cpu(a, {scale!r}))
 with a.autocast():
@@ -246,8 +246,8 @@ with a.autocast():
 def test_held_out_sample_is_evals_windows_with_exact_bytes(tiny_data):
     """The in-training evaluation scores a seeded sample of exactly the windows eval.py scores
     over the whole split, and knows the bytes of the text its targets encode."""
-    from lib.data import load_split
-    from lib.evaluate import IGNORE_INDEX, held_out_sample, stream_blocks, token_byte_lengths
+    from lib.data.batches import load_split
+    from lib.model.evaluate import IGNORE_INDEX, held_out_sample, stream_blocks, token_byte_lengths
 
     tokens, docs = load_split(tiny_data / "tokens", "val")
     lengths = token_byte_lengths(tiny_data / "tokenizer" / "sp.model")
@@ -276,7 +276,7 @@ def test_held_out_sample_is_evals_windows_with_exact_bytes(tiny_data):
 def test_loop_state_saves_every_process_window_and_restores_each_its_own():
     import torch
 
-    from lib.loop_state import LoopState
+    from lib.train.loop_state import LoopState
 
     ranks = [LoopState(horizon=100) for _ in range(2)]
     for rank, loop in enumerate(ranks):
@@ -313,7 +313,7 @@ def test_peak_memory_follows_what_the_process_holds():
     import psutil
     import torch
 
-    from lib.monitor import peak_memory_gib
+    from lib.records.monitor import peak_memory_gib
 
     # this process may have held more before (runs inside it): go 1 GiB above its peak so far, in
     # fresh pages from the kernel (malloc could reuse memory freed earlier and still resident)
@@ -331,7 +331,7 @@ def test_system_monitor_samples_cpu_and_memory_and_degrades_without_psutil(monke
 
     import torch
 
-    from lib.monitor import SystemMonitor
+    from lib.records.monitor import SystemMonitor
 
     monitor = SystemMonitor(torch.device("cpu"))
     assert monitor.describe() == "CPU and memory (psutil)"
@@ -359,7 +359,7 @@ def test_system_monitor_reads_the_gpu_through_nvml_and_drops_what_fails(monkeypa
 
     import torch
 
-    from lib.monitor import SystemMonitor
+    from lib.records.monitor import SystemMonitor
 
     class NotSupported(Exception):
         pass
@@ -394,8 +394,8 @@ def test_flops_per_token_charges_a_frozen_weight_no_gradient():
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lib.lora import LoraOptions, apply
-    from lib.model import flops_per_token
+    from lib.model.lora import LoraOptions, apply
+    from lib.model.build import flops_per_token
 
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, max_position_embeddings=64, tie_word_embeddings=True)

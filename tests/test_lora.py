@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lib.checkpoint import complete_checkpoints, is_sharded, tensor_names
+from lib.records.checkpoint import complete_checkpoints, is_sharded, tensor_names
 from conftest import BITWISE, train
 from test_resume import DDP, FSDP, assert_same_run
 
@@ -60,7 +60,7 @@ def test_checkpoints_hold_adapters_and_final_is_merged(tiny_data, base, tmp_path
 
     # the run checked its merge the same way before writing final/, and recorded it
     from lib.errors import UserError
-    from lib.export import MERGE_TOLERANCE, check_merge
+    from lib.model.export import MERGE_TOLERANCE, check_merge
 
     record = json.loads((run / "final" / "export.json").read_text())
     assert record["max_abs_logit_diff"] <= MERGE_TOLERANCE and record["perplexity_rel_diff"] < 1e-4, record
@@ -198,7 +198,7 @@ def test_qlora_without_bitsandbytes_says_how_to_get_it(monkeypatch):
     import importlib.util
 
     from lib.errors import UserError
-    from lib.lora import LoraOptions, check_quantize
+    from lib.model.lora import LoraOptions, check_quantize
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))

@@ -112,7 +112,7 @@ def test_unreadable_files_full_disks_and_memory_are_named_in_one_line(tmp_path, 
 
 def test_malformed_json_is_named_once_with_its_column(tmp_path):
     from lib.errors import UserError
-    from lib.sources import RecordReader, expand_inputs
+    from lib.data.sources import RecordReader, expand_inputs
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "cut off')
@@ -133,8 +133,8 @@ def test_a_failed_tokenize_leaves_no_empty_output_folder(tmp_path):
 def test_a_damaged_gzip_trailer_fails_the_archive(tmp_path):
     import hashlib
 
-    from lib.archive import _check_members, pack
-    from lib.checkpoint import STATE
+    from lib.records.archive import _check_members, pack
+    from lib.records.checkpoint import STATE
     from lib.errors import UserError
 
     folder = tmp_path / "checkpoints" / "step_0000002"
@@ -153,7 +153,7 @@ def test_a_damaged_gzip_trailer_fails_the_archive(tmp_path):
 
 
 def test_status_json_tells_a_stopped_job_from_a_failed_one(tmp_path):
-    from lib.requeue import decide
+    from lib.train.requeue import decide
 
     run = tmp_path / "run"
     run.mkdir()

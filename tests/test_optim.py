@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lib.errors import UserError
-from lib.model import ModelConfig, build_model
-from lib.optim import OPTIMIZERS, OptimConfig, build_optimizer, set_lr
+from lib.model.build import ModelConfig, build_model
+from lib.train.optim import OPTIMIZERS, OptimConfig, build_optimizer, set_lr
 
 SPECIAL = {"bos": 1, "eos": 2, "pad": 3}
 

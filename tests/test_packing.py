@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.data import DataConfig, DocBoundary, PaddedDocs, TokenBlocks, build_train_data, doc_position_ids
+from lib.data.batches import DataConfig, DocBoundary, PaddedDocs, TokenBlocks, build_train_data, doc_position_ids
 from lib.errors import UserError
-from lib.loss import IGNORE_INDEX
-from lib.model import ModelConfig, build_model
+from lib.model.loss import IGNORE_INDEX
+from lib.model.build import ModelConfig, build_model
 
 SPECIAL = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 

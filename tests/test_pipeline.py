@@ -51,7 +51,7 @@ def _shard_docs_are_sentencepiece_ids(data: Path) -> int:
     """Check that every document of every token shard is `bos` + SentencePiece's ids + `eos`."""
     import sentencepiece as spm
 
-    from lib.corpus import iter_records
+    from lib.data.corpus import iter_records
 
     sp = spm.SentencePieceProcessor(model_file=str(data / "tokenizer" / "sp.model"))
     manifest = json.loads((data / "tokens" / "manifest.json").read_text())
@@ -232,7 +232,7 @@ def test_resume_on_other_data_is_refused_unless_allowed(smoke_run, tmp_path):
 
 
 def test_padded_training_reports_its_padding(tiny_data, tmp_path):
-    from lib.data import BlockSampler, DataConfig, build_train_data
+    from lib.data.batches import BlockSampler, DataConfig, build_train_data
 
     proc = train(tiny_data, tmp_path, "smoke", "--max_steps", "6", "--log_every", "3", "--eval_every", "0",
                  "--eval_tokens", "2000", "--data.packing", "pad_multiple", "--data.pad_multiple", "48")

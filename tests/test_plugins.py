@@ -11,10 +11,10 @@ import pytest
 from conftest import run_script, train
 from lib import plugins
 from lib.errors import UserError
-from lib.optim import SCHEDULES, OptimConfig, lr_at
+from lib.train.optim import SCHEDULES, OptimConfig, lr_at
 
 CUSTOM = '''
-from lib.optim import SCHEDULES
+from lib.train.optim import SCHEDULES
 from pathlib import Path
 
 Path(__file__).with_suffix(".imports").open("a").write("x")  # counts the imports
@@ -49,7 +49,7 @@ def test_plugins_that_fail_are_recorded_and_never_raise(tmp_path, clean_registri
     broken = {
         "syntax.py": "def oops(:\n",
         "missing_package.py": "import no_such_package_anywhere\n",
-        "takes_a_builtin.py": "from lib.optim import SCHEDULES\nSCHEDULES.register('cosine', lambda p, c: 0.0)\n",
+        "takes_a_builtin.py": "from lib.train.optim import SCHEDULES\nSCHEDULES.register('cosine', lambda p, c: 0.0)\n",
         "exits.py": "raise SystemExit('no')\n",
     }
     for name, text in broken.items():
@@ -110,7 +110,7 @@ def test_train_and_audit_use_plugins_and_report_the_broken_ones(tiny_data, tmp_p
 
 HTML_READER = '''
 import html, re
-from lib.sources import READERS
+from lib.data.sources import READERS
 
 @READERS.register(".html")
 def read_html(path):
@@ -122,12 +122,12 @@ def read_html(path):
 
 
 def test_a_reader_plugin_adds_a_kind_of_input_file(tmp_path, monkeypatch, clean_registries):
-    from lib.sources import READERS, RecordReader, expand_inputs
+    from lib.data.sources import READERS, RecordReader, expand_inputs
 
     monkeypatch.setattr(READERS, "_items", dict(READERS._items))
     monkeypatch.setattr(READERS, "_sources", dict(READERS._sources))
     (tmp_path / "html_reader.py").write_text(HTML_READER)
-    (tmp_path / "takes_jsonl.py").write_text("from lib.sources import READERS\nREADERS.register('.jsonl', print)\n")
+    (tmp_path / "takes_jsonl.py").write_text("from lib.data.sources import READERS\nREADERS.register('.jsonl', print)\n")
     report = plugins.load([str(tmp_path / "html_reader.py"), str(tmp_path / "takes_jsonl.py")])
     assert report.failed[0].error == "ValueError: reader '.jsonl' is already registered (by built-in)"
     pages = tmp_path / "pages"
@@ -155,7 +155,7 @@ def test_tokenize_reads_a_folder_through_a_reader_plugin(tmp_path):
         (pages / f"p{i:02d}.html").write_text(f"<p>Page {i}: fish &amp; chips, {'and more words ' * i}</p>")
     run_script("scripts/tokenize.py", "--plugins", "html_reader.py", "--corpus.source", "pages", "--out_dir", "data",
                "--tokenizer.vocab_size", "300", "--corpus.val_per_mille", "100", cwd=tmp_path)
-    from lib.corpus import iter_records
+    from lib.data.corpus import iter_records
 
     texts = [r["text"] for split in ("train", "val") for r in iter_records(tmp_path / "data" / "corpus", split)]
     assert len(texts) == 12 and all(t.startswith("Page ") and "fish & chips" in t for t in texts)

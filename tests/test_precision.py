@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, subprocess_env, train
-from lib import flops, precision
+from lib.train import flops, precision
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_auto_without_native_bf16_picks_fp32_for_real(tmp_path):
     """ONEDNN_MAX_CPU_ISA=AVX512_CORE keeps oneDNN off bf16 and AMX instructions, as on a CPU
     that only emulates bf16: the real measurement must then choose fp32."""
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
-            "from lib.precision import resolve, model_matmul_shapes; "
+            "from lib.train.precision import resolve, model_matmul_shapes; "
             "c = resolve('auto', model_matmul_shapes(256, 704, 4096, 1024), cuda=False); print(c.name); print(c.reason)")
     env = subprocess_env({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "XDG_CACHE_HOME": str(tmp_path)})
     out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, check=True,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lib.errors import UserError
-from lib.registry import MODELS, resolve
+from lib.model.registry import MODELS, resolve
 
 
 def cache_model(hub, repo: str, model, revision: str = "0123abc") -> None:
@@ -33,7 +33,7 @@ def hub(tmp_path, monkeypatch):
 
 
 def test_names_and_folders_load_offline(hub, tmp_path):
-    from lib.model import load_pretrained
+    from lib.model.build import load_pretrained
 
     gpt2 = resolve("gpt2")
     assert gpt2 == hub / "models--openai-community--gpt2" / "snapshots" / "0123abc"

@@ -35,7 +35,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def blocks_per_epoch(data: Path, seq_len: int = 64) -> int:
-    from lib.data import build_train_data, DataConfig
+    from lib.data.batches import build_train_data, DataConfig
 
     return len(build_train_data(data / "tokens", DataConfig(seq_len=seq_len), {"pad": 3}))
 

@@ -107,7 +107,7 @@ def test_sigterm_to_a_ddp_launcher_checkpoints_every_process_and_resumes_exactly
 
 
 def test_a_second_signal_stops_at_once():
-    from lib.preemption import StopRequests
+    from lib.train.preemption import StopRequests
 
     stops = StopRequests()
     try:
@@ -115,7 +115,7 @@ def test_a_second_signal_stops_at_once():
         assert stops.requested and stops.name == "SIGINT"  # the first: noted, nothing stops yet
         code = subprocess.run(
             [os.sys.executable, "-c", "import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); "
-             "from lib.preemption import StopRequests; s = StopRequests(); signal.raise_signal(signal.SIGTERM); "
+             "from lib.train.preemption import StopRequests; s = StopRequests(); signal.raise_signal(signal.SIGTERM); "
              "signal.raise_signal(signal.SIGTERM); time.sleep(5); print('still running')", str(REPO)],
             capture_output=True, text=True, timeout=60)
         assert code.returncode == 128 + signal.SIGTERM and "still running" not in code.stdout
@@ -125,7 +125,7 @@ def test_a_second_signal_stops_at_once():
 
 
 def test_unreadable_checkpoint_records_are_set_aside_and_the_step_rewritten(tiny_data, tmp_path):
-    from lib.checkpoint import STATE, complete_checkpoints, verify
+    from lib.records.checkpoint import STATE, complete_checkpoints, verify
     from test_resume import assert_same_run
 
     common = (*BITWISE, "--log_every", "1", "--max_steps", "8", "--checkpoint_every", "2", "--keep_last_n", "3",
@@ -153,7 +153,7 @@ def run_audit(*args):
 
 
 def test_records_without_their_checks_are_not_trusted(tmp_path):
-    from lib.checkpoint import STATE, find_resume
+    from lib.records.checkpoint import STATE, find_resume
 
     run = tmp_path / "run"
     for step, record in ((2, None), (4, b""), (6, b"{}"), (8, b'{"step": 8, "files": {}}')):
@@ -311,7 +311,7 @@ def test_a_full_disk_is_named_leaves_nothing_half_written_and_keep_last_n_1_make
 def test_a_save_that_fails_midway_is_removed_and_only_a_full_disk_is_called_one(tmp_path):
     import errno
 
-    from lib.checkpoint import complete_checkpoints, save
+    from lib.records.checkpoint import complete_checkpoints, save
     from lib.errors import UserError
 
     class Half:

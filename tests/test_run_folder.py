@@ -53,7 +53,7 @@ def test_a_run_name_that_is_not_one_folder_name_is_refused_and_nothing_is_touche
 
 
 def test_packed_checkpoints_are_found_by_resume_auto_and_kept(tiny_data, finished, tmp_path):
-    from lib.archive import pack
+    from lib.records.archive import pack
 
     parent, runs = parent_with_runs(finished, tmp_path)
     # a run stopped at step 2 of 4 whose checkpoints were all packed (audit.py pack --remove)
@@ -77,7 +77,7 @@ def test_packed_checkpoints_are_found_by_resume_auto_and_kept(tiny_data, finishe
 
 
 def test_a_finished_run_kept_only_as_archives_and_final_resumes(tiny_data, finished, tmp_path):
-    from lib.archive import pack
+    from lib.records.archive import pack
 
     parent, runs = parent_with_runs(finished, tmp_path)
     for folder in sorted((runs / "other" / "checkpoints").glob("step_*")):
@@ -93,7 +93,7 @@ def test_a_finished_run_kept_only_as_archives_and_final_resumes(tiny_data, finis
 
 
 def test_overwrite_after_every_checkpoint_went_corrupt_keeps_the_corrupt_ones(tiny_data, finished, tmp_path):
-    from lib.checkpoint import STATE
+    from lib.records.checkpoint import STATE
 
     parent, runs = parent_with_runs(finished, tmp_path)
     shutil.copytree(finished, runs / "broken")

@@ -162,7 +162,7 @@ def test_gpu_check_plumbing_runs_on_cpu(tiny_data, tmp_path):
 
 
 def test_zloss_plugin_adds_z_times_the_mean_squared_log_partition_on_both_paths(tiny_data, tmp_path):
-    """experiments/zloss/zloss.py registers a loss (lib.loss.LOSSES) with its own option: named with
+    """experiments/zloss/zloss.py registers a loss (lib.model.loss.LOSSES) with its own option: named with
     --plugins, `--loss.name zloss --loss.z Z` trains on cross-entropy + Z * log(Z)^2 per token,
     on the fused output layer and on full logits alike, and logs the mean log(Z)^2."""
     plugin = str(REPO / "experiments" / "zloss" / "zloss.py")

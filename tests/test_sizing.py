@@ -1,4 +1,4 @@
-"""The default preset sizes its model to the compute its budget buys (lib/sizing.py): a slower
+"""The default preset sizes its model to the compute its budget buys (lib/train/sizing.py): a slower
 measured rate gets a smaller shape, the choice is recorded in config.yaml and kept on resume, and
 what the command line sets is never overridden."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import train
-from lib import sizing
+from lib.train import sizing
 
 SMALL, LARGE = sizing.SHAPES[0], sizing.SHAPES[-1]
 # a short sized run: stopped after one step, which writes a checkpoint

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lib.corpus import CorpusConfig, NormalizeConfig, build_corpus, iter_records
+from lib.data.corpus import CorpusConfig, NormalizeConfig, build_corpus, iter_records
 from lib.errors import UserError
 
 

@@ -7,9 +7,9 @@ from array import array
 
 import pytest
 
-from lib.corpus import CorpusConfig, build_corpus, iter_records
+from lib.data.corpus import CorpusConfig, build_corpus, iter_records
 from lib.errors import UserError
-from lib.tokenizer import (SPECIAL_IDS, EncodeOptions, TextTokenizer, TokenizerConfig, build_hf_tokenizer,
+from lib.data.tokenizer import (SPECIAL_IDS, EncodeOptions, TextTokenizer, TokenizerConfig, build_hf_tokenizer,
                            encode_batch, load_sentencepiece, train_sentencepiece)
 
 TRICKY = [
@@ -168,11 +168,11 @@ def _random_code_like(rng: random.Random, n: int) -> str:
 
 
 def test_word_cached_encoding_gives_sentencepiece_ids(tok):
-    from lib.fast_encoder import (_UNIT, _UNIT_ASCII, _WORD, WordCachedEncoder, _split_pieces, _split_units, unit_local,
+    from lib.data.fast_encoder import (_UNIT, _UNIT_ASCII, _WORD, WordCachedEncoder, _split_pieces, _split_units, unit_local,
                                   word_local)
 
     # pieces, defined here independently: a run of spaces or not, then non-spaces or newlines with
-    # the spaces after them (where lib.tokenizer cuts at spaces after anything but a space/newline)
+    # the spaces after them (where lib.data.tokenizer cuts at spaces after anything but a space/newline)
     _PIECE = re.compile("[ \u2581]++(?:[^ \u2581\n]++|\n[ \u2581]*+)*+|(?:[^ \u2581\n]++|\n[ \u2581]*+)++")
 
     sp, _, texts, tmp = tok
@@ -223,7 +223,7 @@ def test_unit_cache_is_off_for_models_with_pieces_across_classes(tmp_path):
     """A piece that joins a letter to punctuation ("x.y" as one user-defined symbol, or a model
     trained without splitting by script) would be cut apart unit by unit: units must be off,
     words still on, and the ids still SentencePiece's."""
-    from lib.fast_encoder import WordCachedEncoder, unit_local, word_local
+    from lib.data.fast_encoder import WordCachedEncoder, unit_local, word_local
 
     texts = [f"x.y = self.value_{i} + 12\n    return x.y\n" for i in range(300)]
     path = train_sentencepiece(texts, tmp_path / "tok", TokenizerConfig(vocab_size=300, user_defined_symbols=["x.y"]))
@@ -251,7 +251,7 @@ def test_word_cache_is_off_for_models_that_merge_across_words(tmp_path):
     be encoded whole."""
     import sentencepiece as spm
 
-    from lib.fast_encoder import word_local
+    from lib.data.fast_encoder import word_local
 
     texts = [f"alpha beta gamma {i} delta  epsilon\n" * 3 for i in range(200)]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "m"),
@@ -276,7 +276,7 @@ def test_packed_and_id_text_encodings_match_encode_batch(tmp_path, tiny_data):
 
     import sentencepiece as spm
 
-    from lib.tokenizer import EncodeOptions, encode_batch, packed_code
+    from lib.data.tokenizer import EncodeOptions, encode_batch, packed_code
 
     texts = ["def f(x):\n    return x + 1\n", "", "naïve café ▁ \x00 end", "a  b\n\n\tc"]
     whole = [f"alpha beta gamma {i} delta  epsilon\n" * 3 for i in range(200)]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import BITWISE, free_port, run_script, train
-from lib import tracking
+from lib.records import tracking
 
 
 def mlflow_runs(db):
@@ -40,7 +40,7 @@ def test_a_run_is_tracked_locally_and_its_resumed_part_continues_the_same_mlflow
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
     assert run.data.params["model.d_model"] == "64" and run.data.params["optim.lr"] == "0.01"
     assert run.data.tags["precision"] == "fp32" and len(run.data.tags["mlflow.source.git.commit"]) == 40
-    assert run.data.metrics["sys_rss_gib"] > 0 and "sys_cpu_percent" in run.data.metrics  # lib.monitor's figures
+    assert run.data.metrics["sys_rss_gib"] > 0 and "sys_cpu_percent" in run.data.metrics  # lib.records.monitor's figures
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [
         (r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines())
         if r["type"] == "train"]

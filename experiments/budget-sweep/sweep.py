@@ -58,9 +58,9 @@ _lzma_cache: dict[str, float] = {}
 def lzma_bpb(data: str) -> float:
     """lzma -9e bits per byte on the whole held-out text of `data` (as scripts/eval.py computes it)."""
     if data not in _lzma_cache:
-        from lib.corpus import iter_records, read_manifest
-        from lib.data import tokens_dir
-        from lib.evaluate import compressor_bpb
+        from lib.data.corpus import iter_records, read_manifest
+        from lib.data.batches import tokens_dir
+        from lib.model.evaluate import compressor_bpb
 
         tok = tokens_dir(ROOT / data)
         manifest = read_manifest(tok, "tokens")

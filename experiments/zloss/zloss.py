@@ -4,7 +4,7 @@
 """
 from dataclasses import dataclass
 
-from lib.loss import LOSSES, TokenLoss
+from lib.model.loss import LOSSES, TokenLoss
 
 
 @dataclass

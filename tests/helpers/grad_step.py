@@ -6,8 +6,8 @@ splitting the step, written to OUT/<name>.pt.
 
 A way is name=K[+naive][+plain]: K micro-batches per process. The global batch is 8 sequences of
 very uneven lengths (padded, padding ignored). Rank r of W takes rows r, r+W, ...; its rows are
-cut into K micro-batches. +naive uses the per-micro-batch mean loss instead of lib.loss's token
-weighting. The loss goes through the fused output layer (lib/fused_loss.py) as in
+cut into K micro-batches. +naive uses the per-micro-batch mean loss instead of lib.model.loss's token
+weighting. The loss goes through the fused output layer (lib/model/fused_loss.py) as in
 scripts/train.py, or with +plain through full logits. Every way starts from the same weights.
 """
 import sys
@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from lib.fused_loss import FusedHead  # noqa: E402
-from lib.loss import IGNORE_INDEX, step_scaled_loss, token_loss_sum  # noqa: E402
-from lib.model import ModelConfig, build_model  # noqa: E402
+from lib.model.fused_loss import FusedHead  # noqa: E402
+from lib.model.loss import IGNORE_INDEX, step_scaled_loss, token_loss_sum  # noqa: E402
+from lib.model.build import ModelConfig, build_model  # noqa: E402
 
 LENGTHS = [3, 48, 5, 64, 2, 40, 64, 7]
 

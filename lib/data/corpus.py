@@ -1,0 +1,351 @@
+"""Raw text -> normalized JSONL records in shards, with a content-hashed manifest.
+
+The built-in corpus is the standard library source of the Python running this code: every
+machine has it and nothing is downloaded. Local files and saved `datasets` datasets are read
+through lib/data/sources.py. A record is `{"id", "text", "source"}`, plus `"line"` for records that
+are one line (jsonl) or row (parquet) of a file. The held-out split is chosen by a hash of each
+record id (a file's relative path, or path:line), so it never depends on order, on the number
+of files or on a seed. The manifest records the sha256 of every raw input, the normalization,
+what was skipped and why, and every shard's sha256. Rebuilding gives byte-identical output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import sysconfig
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Literal, Optional
+
+from lib.errors import UserError
+from lib.files import atomic_folder, canonical_hash, read_json, sha256_file, write_json
+from lib.data.sources import ANY_SUFFIX, InputFile, RecordReader, expand_inputs, hash_inputs, is_saved_dataset
+
+MANIFEST = "manifest.json"
+MANIFEST_KEYS = {  # what every reader of a manifest relies on
+    "corpus": ("splits", "content_hash"),
+    "tokens": ("splits", "content_hash", "vocab_size", "special_ids", "tokenizer_sha256", "corpus_content_hash",
+               "corpus_dir", "tokenizer_dir"),
+}
+# Test suites ship deliberately odd files (bad encodings, huge generated data); library code is
+# what we want the model to learn.
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+@dataclass
+class NormalizeConfig:
+    """How raw text is normalized before anything else sees it (recorded in the manifest)."""
+
+    unicode: Literal["none", "NFC", "NFKC"] = "none"
+    newlines: Literal["lf", "keep"] = "lf"
+    """lf: CRLF and lone CR become LF."""
+    strip: bool = False
+    """Strip leading and trailing whitespace of each record."""
+
+
+@dataclass
+class CorpusConfig:
+    """Where raw text comes from, how it is normalized, split and sharded."""
+
+    source: str = "stdlib"
+    """'stdlib' (this interpreter's standard library sources); or files, directories and globs of
+    .py (a document per file), .txt/.md (documents per text_docs), .jsonl (a record per line) and
+    .parquet (a record per row), comma-separated; or a folder written by datasets' save_to_disk."""
+    text_field: str = "text"
+    """The field holding the text (jsonl, parquet, datasets)."""
+    template: Optional[str] = None
+    """Build the text from several fields instead, e.g. '{title}\\n\\n{body}'."""
+    loader: Optional[str] = None
+    """Read `source` through datasets.load_dataset(LOADER, data_files=..., streaming=True): a
+    builder name (json, csv, parquet, text) or a local dataset folder. Any file suffix."""
+    dataset_split: Optional[str] = None
+    """The split to read from a saved DatasetDict (or from the loader; default train)."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """Malformed JSON, a missing field, a non-string text, an empty file: stop, or skip and count."""
+    on_bad_utf8: Literal["error", "skip", "replace"] = "error"
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    text_docs: Literal["auto", "file", "paragraphs", "chunks"] = "auto"
+    """How a plain-text file (.txt, .md) becomes documents: 'file', the whole file; 'paragraphs',
+    one per paragraph (text up to a blank line); 'chunks', runs of whole paragraphs of about
+    chunk_bytes each (a longer paragraph is cut at line ends); 'auto', chunks for a file larger
+    than chunk_bytes, else the file. One large file (a book, a log) thus gets a held-out share."""
+    chunk_bytes: int = 8000
+    """Size of a 'chunks' document, in UTF-8 bytes (about; cuts fall on paragraph or line ends)."""
+    val_per_mille: int = 20
+    """Held-out share, in 1/1000 of documents, chosen by the sha256 of each document id
+    (the file's relative path, or path:line). Should no document fall in it (and the share is not
+    0), the one whose hash is lowest is held out, so a small corpus still has a held-out split."""
+    max_files: Optional[int] = None
+    """Keep only the first N files in sorted path order (toy runs)."""
+    shard_bytes: int = 4_000_000
+    """Start a new JSONL shard once a shard holds this many bytes of text."""
+
+
+def stdlib_root() -> Path:
+    """The folder holding this interpreter's pure-Python standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_source_files(root: Path, suffixes=(".py",), skip_dirs=STDLIB_SKIP_DIRS) -> list[str]:
+    """Relative POSIX paths of files under `root` with one of `suffixes`, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs]
+        for name in filenames:
+            if name.endswith(suffixes):
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def bucket_of(doc_id: str) -> int:
+    """0..999 from the sha256 of a document id alone (its relative path, or path:line)."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") % 1000
+
+
+def split_of(doc_id: str, val_per_mille: int) -> str:
+    """'val' or 'train' for a document, from the sha256 of its id alone."""
+    return "val" if bucket_of(doc_id) < val_per_mille else "train"
+
+
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+def text_documents(text: str, mode: str, chunk_bytes: int) -> list[tuple[int, str]]:
+    """(first line number, text) of each document of a plain-text file (see CorpusConfig.text_docs).
+    The pieces are consecutive slices of `text`: joined they give it back exactly."""
+    if mode == "file" or (mode == "auto" and len(text.encode("utf-8")) <= chunk_bytes):
+        return [(1, text)]
+    # paragraphs: each runs to the end of the blank lines that follow it
+    pieces, start = [], 0
+    for m in re.finditer(r"\n(?:[ \t]*\n)+", text):
+        pieces.append(text[start:m.end()])
+        start = m.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    if mode == "chunks" or mode == "auto":
+        merged, size = [], 0
+        for piece in pieces:
+            n = len(piece.encode("utf-8"))
+            if n > 2 * chunk_bytes:  # a long paragraph: cut at line ends
+                lines = piece.splitlines(keepends=True)
+                piece_parts, part = [], ""
+                for line in lines:
+                    if part and len((part + line).encode("utf-8")) > chunk_bytes:
+                        piece_parts.append(part)
+                        part = ""
+                    part += line
+                piece_parts.append(part)
+            else:
+                piece_parts = [piece]
+            for part in piece_parts:  # a new document once this one is full enough
+                n = len(part.encode("utf-8"))
+                if merged and (size + n <= chunk_bytes or size < chunk_bytes // 2):
+                    merged[-1] += part
+                    size += n
+                else:
+                    merged.append(part)
+                    size = n
+        pieces = merged
+    out, line = [], 1
+    for piece in pieces:
+        out.append((line, piece))
+        line += piece.count("\n")
+    return out
+
+
+def normalize(text: str, cfg: NormalizeConfig) -> str:
+    """Apply the configured normalization; a leading byte-order mark is always dropped."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if cfg.newlines == "lf":
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if cfg.unicode != "none":
+        text = unicodedata.normalize(cfg.unicode, text)
+    if cfg.strip:
+        text = text.strip()
+    return text
+
+
+class _ShardWriter:
+    def __init__(self, out_dir: Path, split: str, shard_bytes: int):
+        self.out_dir, self.split, self.shard_bytes = out_dir, split, shard_bytes
+        self.shards: list[dict] = []
+        self._f = None
+
+    def _open(self):
+        name = f"{self.split}-{len(self.shards):05d}.jsonl"
+        self._f = open(self.out_dir / name, "w", encoding="utf-8", newline="\n")
+        self.shards.append({"file": name, "records": 0, "text_bytes": 0})
+
+    def write(self, record: dict):
+        if self._f is None:
+            self._open()
+        self._f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+        shard = self.shards[-1]
+        shard["records"] += 1
+        shard["text_bytes"] += len(record["text"].encode("utf-8"))
+        if shard["text_bytes"] >= self.shard_bytes:
+            self.close()
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozenset = frozenset()
+             ) -> Iterator[tuple[str, dict]]:
+    """(split, record) pairs; fills `inputs` with the hashed raw files as a side result. Ids in
+    `held_out` go to val whatever their hash."""
+    if cfg.source == "stdlib":
+        root = stdlib_root()
+        files = [InputFile(root / rel, rel) for rel in list_source_files(root)]
+        # the built-in corpus tolerates what a library tree holds: empty __init__.py files
+        reader = RecordReader(on_bad_record="skip", on_bad_utf8="skip")
+    elif is_saved_dataset(cfg.source) and not cfg.loader:
+        files = []
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
+    elif cfg.loader:
+        files = expand_inputs(cfg.source, suffixes=ANY_SUFFIX)
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
+    else:
+        files = expand_inputs(cfg.source)
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
+    if cfg.max_files is not None:
+        files = files[: cfg.max_files]
+    inputs.extend(hash_inputs(files))
+    if cfg.loader:
+        stream = reader.read_with_loader(cfg.loader, files, cfg.dataset_split)
+    elif not files:
+        stream = reader.read_saved_dataset(cfg.source, cfg.dataset_split)
+    else:
+        stream = (r for f in files for r in reader.read(f))
+    for raw in stream:
+        text = normalize(raw.text, cfg.normalize)
+        if raw.line is None and raw.source.endswith(TEXT_SUFFIXES) and cfg.source != "stdlib":
+            docs = text_documents(text, cfg.text_docs, cfg.chunk_bytes)
+            parts = [(f"{raw.id}:{line}" if len(docs) > 1 else raw.id, line if len(docs) > 1 else None, piece)
+                     for line, piece in docs]
+        else:
+            parts = [(raw.id, raw.line, text)]
+        for doc_id, line, piece in parts:
+            if not piece.strip():
+                skipped["blank_text"] += 1
+                continue
+            record = {"id": doc_id, "text": piece, "source": raw.source}
+            if line is not None:
+                record["line"] = line
+            yield "val" if doc_id in held_out else split_of(doc_id, cfg.val_per_mille), record
+    skipped.update(reader.counts)
+
+
+def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
+    """Write `out_dir/{train,val}-NNNNN.jsonl` and `out_dir/manifest.json`; return the manifest.
+
+    Built in a temporary sibling folder and renamed into place (lib/files.atomic_folder), so a
+    crash never leaves a half-written corpus behind a manifest. When the new manifest equals the
+    existing one the existing folder is kept untouched (same content hash: nothing to redo
+    downstream).
+    """
+    out_dir = Path(out_dir)
+    with atomic_folder(out_dir) as build:
+        tmp = build.path
+        held_out: frozenset = frozenset()
+        while True:
+            skipped: Counter = Counter()
+            inputs: list[dict] = []
+            writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
+            lowest, lowest_bucket = None, 1000  # the train document whose hash is lowest: held out if no other is
+            try:
+                for split, record in _records(cfg, skipped, inputs, held_out):
+                    writers[split].write(record)
+                    if split == "train" and bucket_of(record["id"]) < lowest_bucket:
+                        lowest, lowest_bucket = record["id"], bucket_of(record["id"])
+            finally:
+                for w in writers.values():
+                    w.close()
+            if (writers["val"].shards or held_out or not cfg.val_per_mille
+                    or sum(s["records"] for s in writers["train"].shards) < 2):
+                break
+            held_out = frozenset([lowest])  # a small corpus: write it again with that one held out
+            for p in tmp.iterdir():
+                p.unlink()
+        splits = {}
+        for split, w in writers.items():
+            if not w.shards:
+                raise UserError(
+                    f"corpus: the {split} split is empty; raise corpus.val_per_mille or corpus.max_files, or give "
+                    "more documents (a text file becomes several with --corpus.text_docs chunks)"
+                )
+            for shard in w.shards:
+                shard["sha256"] = sha256_file(tmp / shard["file"])
+            splits[split] = {
+                "shards": w.shards,
+                "records": sum(s["records"] for s in w.shards),
+                "text_bytes": sum(s["text_bytes"] for s in w.shards),
+            }
+        manifest = {
+            "kind": "corpus",
+            "source": "stdlib" if cfg.source == "stdlib" else str(cfg.source),
+            "python": platform.python_version() if cfg.source == "stdlib" else None,
+            "settings": dataclasses.asdict(cfg),
+            "normalization": dataclasses.asdict(cfg.normalize),
+            "skipped": dict(sorted(skipped.items())),
+            "held_out_by_rule": sorted(held_out),
+            "inputs": inputs,
+            "splits": splits,
+        }
+        manifest["content_hash"] = canonical_hash(
+            {s: [sh["sha256"] for sh in v["shards"]] for s, v in splits.items()}
+        )
+        write_json(tmp / MANIFEST, manifest)
+        old = out_dir / MANIFEST
+        if old.is_file() and old.read_bytes() == (tmp / MANIFEST).read_bytes():
+            build.discard()
+    return manifest
+
+
+def read_manifest(data_dir: str | Path, kind: str) -> dict:
+    """Load `data_dir/manifest.json` and check it is of `kind`, with a clear error if not."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path} not found: build it first (make tokenize)")
+    manifest = read_json(path, "manifest")
+    if not isinstance(manifest, dict) or manifest.get("kind") != kind:
+        found = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path} is a {found!r} manifest, expected {kind!r}")
+    if kind == "tokens" and "sp_model_sha256" in manifest:  # written before tokenizers other than SentencePiece
+        manifest.setdefault("tokenizer_sha256", manifest["sp_model_sha256"])
+    missing = [k for k in MANIFEST_KEYS[kind] if k not in manifest]
+    if missing or not isinstance(manifest["splits"], dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("shards"), list) for v in manifest["splits"].values()):
+        raise UserError(f"{path} is corrupt ({'no ' + ', '.join(missing) if missing else 'malformed splits'}); "
+                        "rebuild it (scripts/tokenize.py --force)")
+    return manifest
+
+
+def iter_records(corpus_dir: str | Path, split: str) -> Iterable[dict]:
+    """Yield the records of one split in shard order."""
+    corpus_dir = Path(corpus_dir)
+    manifest = read_manifest(corpus_dir, "corpus")
+    for shard in manifest["splits"][split]["shards"]:
+        yield from iter_shard(corpus_dir / shard["file"])
+
+
+def iter_shard(path: str | Path) -> Iterable[dict]:
+    """Yield the records of one JSONL shard."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def iter_source(cfg: CorpusConfig) -> Iterator[dict]:
+    """Normalized records of a source, both splits, without writing anything."""
+    for _, record in _records(cfg, Counter(), []):
+        yield record

@@ -1,0 +1,222 @@
+"""Build a causal LM from a small config, or load one offline from a local folder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from lib.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a model built from scratch (ignored when `init_from` is set)."""
+
+    size: Optional[str] = None
+    """A named shape that sets the fields below (lib/model/registry.py SIZES: llama-20m, llama-135m,
+    llama-1b, gpt2-124m, gpt2-355m), over a --config preset; flags given with it still change
+    single fields."""
+    arch: Literal["llama", "gpt2"] = "llama"
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention (llama); None means n_heads."""
+    d_ff: Optional[int] = None
+    """MLP hidden width; None means 8/3 * d_model rounded up to a multiple of 64 (llama)."""
+    max_seq_len: int = 512
+    dropout: float = 0.0
+    """Attention dropout (llama) or all dropouts (gpt2)."""
+    tie_embeddings: bool = True
+    rope_theta: float = 10_000.0
+    init_std: float = 0.02
+    init_from: Optional[str] = None
+    """A model to start from instead: a folder (a run's final/, any Hugging Face model folder), a
+    name (gpt2, tinyllama, smollm-135m, ...) or an org/name id, looked up in the Hugging Face cache
+    (lib/model/registry.py). Nothing is downloaded unless allow_download."""
+    allow_download: bool = False
+    """Let init_from fetch a named model that is not on this machine from the Hugging Face hub."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code when loading it (only for repositories you trust)."""
+
+
+def _d_ff(cfg: ModelConfig) -> int:
+    if cfg.d_ff is not None:
+        return cfg.d_ff
+    return -(-int(8 * cfg.d_model / 3) // 64) * 64
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
+    """A freshly initialised causal LM (float32 weights) for `vocab_size` tokens.
+
+    `special` maps bos/eos/pad to ids so the saved model generates and pads correctly.
+    With `cfg.init_from` set, the weights come from that local folder instead.
+    """
+    if cfg.init_from:
+        return load_pretrained(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
+    if cfg.d_model % cfg.n_heads:
+        raise UserError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    ids = dict(bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"])
+    if cfg.arch == "llama":
+        hf_cfg = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=_d_ff(cfg),
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+            max_position_embeddings=cfg.max_seq_len, attention_dropout=cfg.dropout,
+            tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta,
+            initializer_range=cfg.init_std, **ids,
+        )
+    else:
+        hf_cfg = GPT2Config(
+            vocab_size=vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+            n_inner=cfg.d_ff, n_positions=cfg.max_seq_len, resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings,
+            initializer_range=cfg.init_std, **ids,
+        )
+    hf_cfg._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+
+
+def refuse_masked_lm(path: str | Path) -> None:
+    """A UserError for a masked-LM folder (BERT-style): AutoModelForCausalLM would load it as a
+    causal model without complaint and score it wrongly (DEFERRED.md says why it is not supported)."""
+    from lib.files import read_json
+
+    archs = read_json(Path(path) / "config.json", "model config").get("architectures") or []
+    masked = [a for a in archs if a.endswith("ForMaskedLM")]
+    if masked:
+        raise UserError(f"{path} is a masked language model ({masked[0]}); this project trains and evaluates causal "
+                        "models only: a masked LM has no left-to-right probability of a text to report (DEFERRED.md)")
+
+
+def load_pretrained(path: str | Path, dtype=None, trust_remote_code: bool = False):
+    """Load a causal LM from a local folder, offline; a clear error if it is not one."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model folder (no config.json); give a run's final/ folder")
+    refuse_masked_lm(path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs["trust_remote_code"] = trust_remote_code
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    except Exception as exc:  # a truncated or foreign weights file (safetensors, torch, json): the user's input
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise UserError(f"{path}: cannot load the model ({type(exc).__name__}: {first}); check or re-copy its "
+                        "files (a run's final/ carries checksums.json: scripts/audit.py --checks run)") from None
+
+
+def config_dims(hf_config) -> tuple[int, int, int]:
+    """(hidden size, MLP width, vocabulary) of a Hugging Face config, Llama- or GPT-2-style."""
+    hidden = hf_config.hidden_size
+    inter = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden
+    return hidden, inter, hf_config.vocab_size
+
+
+def matmul_dims(cfg: ModelConfig, vocab_size: int) -> tuple[int, int, int]:
+    """(hidden size, MLP width, vocabulary) of the model `cfg` builds or loads, without building it:
+    the matrix shapes lib.train.precision measures to choose a precision."""
+    if cfg.init_from:
+        from transformers import AutoConfig
+
+        if not (Path(cfg.init_from) / "config.json").is_file():
+            raise UserError(f"{cfg.init_from} is not a model folder (no config.json); give a run's final/ folder")
+        return config_dims(AutoConfig.from_pretrained(cfg.init_from, local_files_only=True))
+    return cfg.d_model, _d_ff(cfg) if cfg.arch == "llama" else (cfg.d_ff or 4 * cfg.d_model), vocab_size
+
+
+def fp16_on_cpu(accelerator, init_scale: float | None = None) -> bool:
+    """Give a CPU Accelerator asked for fp16 what a GPU one has: float16 autocast and (with
+    `init_scale`, for training) a dynamic loss scaler. Accelerate alone leaves fp16 off on CPU and
+    runs in fp32. Call before `prepare`. True if it did anything.
+
+    Slow on CPUs without float16 units; it is there to run the fp16 path (loss scaling, skipped
+    overflow steps, the scaler's state in checkpoints) before paying for GPUs.
+    """
+    import torch
+
+    if accelerator.mixed_precision != "fp16" or accelerator.device.type != "cpu" or accelerator.native_amp:
+        return False
+    accelerator.native_amp = True  # Accelerate's autocast() and prepare() read it
+    if init_scale is not None:
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return True
+
+
+def cpu_only() -> bool:
+    """True when torch sees no accelerator (CUDA, XPU, MPS). Accelerate must then be told so
+    (Accelerator(cpu=True)) for a multi-process launch to become CPU DDP over gloo rather than
+    independent single processes."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available()
+                or (xpu is not None and xpu.is_available()))
+
+
+def count_params(model, trainable_only: bool = False) -> int:
+    """Number of parameters, each shared tensor counted once; a 4-bit weight (bitsandbytes packs
+    two in a byte) counts the values it stands for."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        quant = getattr(p, "quant_state", None)
+        total += quant.shape.numel() if quant is not None else p.numel()
+    return total
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12 * layers * d_model * seq_len (PaLM appendix B).
+
+    N counts every weight that takes part in matmuls, the output layer included; the second
+    term is attention's score and value products. A frozen weight (LoRA's base) costs 4 per token
+    instead of 6: its forward product and the gradient of its input, but no gradient of its own.
+    """
+    cfg = model.config
+    n = count_params(model) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    frozen = max(0, n - count_params(model, trainable_only=True))  # an untied input embedding is a lookup
+    return 6 * (n - frozen) + 4 * frozen + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def check_data_fits(init_from: str | Path, manifest: dict, seq_len: int) -> None:
+    """A UserError unless data with this tokens manifest can train the model in `init_from`: the
+    same tokenizer files when the folder holds a tokenizer (lib.data.tokenizer.tokenizer_fingerprint)
+    and then no more ids than the model's embedding rows, else exactly its vocabulary size; the
+    same bos and eos ids; and sequences no longer than the model's positions."""
+    from transformers import AutoConfig
+
+    from lib.data.tokenizer import tokenizer_fingerprint
+
+    path = Path(init_from)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model.init_from {path} is not a model folder (no config.json); give a run's final/ folder")
+    refuse_masked_lm(path)
+    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    fingerprint = tokenizer_fingerprint(path)
+    rows, vocab = getattr(cfg, "vocab_size", None), manifest["vocab_size"]
+    differences = []
+    if fingerprint is not None and fingerprint != manifest["tokenizer_sha256"]:
+        differences.append("its tokenizer files differ from those the data was encoded with")
+    # a model may have more embedding rows than its tokenizer has ids (padded to a multiple)
+    if rows is not None and (vocab > rows or (fingerprint is None and vocab != rows)):
+        differences.append(f"vocabulary {rows} vs the data's {vocab}")
+    for name in ("bos", "eos"):
+        model_id = getattr(cfg, f"{name}_token_id", None)
+        data_id = manifest["special_ids"].get(name)
+        if model_id is not None and data_id is not None and model_id != data_id:
+            differences.append(f"{name} id {model_id} vs the data's {data_id}")
+    if differences:
+        raise UserError(f"--model.init_from {path} uses another tokenizer than the data ({'; '.join(differences)}). "
+                        f"Encode your text with the model's own tokenizer: python scripts/tokenize.py --tokenizer "
+                        f"{path} --corpus.source YOUR_TEXT --out_dir data/NAME, then --data.dir data/NAME (for a "
+                        "model made by train.py, its run's --data.dir also fits: see the run's config.yaml)")
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if positions and seq_len > positions:
+        raise UserError(f"--data.seq_len {seq_len} is longer than the {positions} positions of --model.init_from "
+                        f"{path}; use --data.seq_len {positions} or less")

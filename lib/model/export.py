@@ -1,0 +1,194 @@
+"""The end of a training run: the final model, in Hugging Face format with its tokenizer.
+
+    export.final_model(accelerator, prepared, run_dir / "final", tokens_dir, fused, lora_opts, rebuild)
+
+Every process calls it (under FSDP each holds a shard, and gathering the full weights takes all
+of them); the main process writes. LoRA runs also get `final_adapter/` (the adapter alone, for
+peft) beside a `final/` that holds the merged model, which eval.py and any Auto class load.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from lib.errors import UserError
+from lib.files import atomic_folder, read_json, write_checksums, write_json
+
+
+def final_model(accelerator, prepared, out_dir: str | Path, tokens_dir: str | Path, fused=None,
+                lora_opts=None, rebuild=None, base_dir=None, probe_ids=None, trained_len: int | None = None) -> None:
+    """Write `out_dir` (replaced atomically) from the prepared model. `fused`: a FusedHead to take
+    off first, so the saved output layer is a plain nn.Linear. `lora_opts`: the LoRA options of a
+    LoRA run (None otherwise); `rebuild()` returns the bare base model, needed for LoRA under FSDP,
+    where peft must merge whole tensors. A LoRA run from a saved base (`base_dir`) has its merge
+    checked on `probe_ids` (check_merge) before `out_dir` is put in place, and the figures written
+    to `out_dir/export.json`; a failed check leaves the previous `out_dir` and raises.
+    `trained_len`: for a model trained from scratch, the sequence length it learned, recorded as
+    its length (record_trained_length)."""
+    from lib.model import lora
+    from lib.train.runtime import is_sharded
+
+    out_dir = Path(out_dir)
+    sharded, use_lora = is_sharded(accelerator), lora_opts is not None
+    full_state = accelerator.get_state_dict(prepared) if sharded or not use_lora else None
+    if not accelerator.is_main_process:
+        return
+    if fused is not None:
+        fused.detach()
+    model = accelerator.unwrap_model(prepared)
+    if use_lora and sharded:  # an unsharded copy on this process, for peft to merge
+        model = lora.apply(rebuild(), lora_opts)
+        model.load_state_dict(full_state)
+        full_state = None
+    try:
+        _write(model, out_dir, tokens_dir, full_state, lora_opts, base_dir, probe_ids, trained_len)
+    except Exception as exc:  # noqa: BLE001 -- safetensors reports a full disk as its own error type
+        from lib.errors import free_mb, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        size = sum(t.numel() * t.element_size() for t in (full_state or model.state_dict()).values())
+        raise UserError(f"disk full writing the final model {out_dir}: it takes about {size / 1e6:.1f} MB "
+                        f"({free_mb(out_dir)}); nothing of it was kept, the run's checkpoints are whole. Free "
+                        "some space, then run the same command with --resume auto: it resumes at the last step "
+                        "and writes the final model") from None
+
+
+def _write(model, out_dir: Path, tokens_dir, full_state, lora_opts, base_dir, probe_ids, trained_len) -> None:
+    """final_model's writing, on the main process."""
+    from lib.model import lora
+
+    check, use_lora = None, lora_opts is not None
+    if use_lora:
+        adapter_dir = out_dir.with_name(out_dir.name + "_adapter")
+        with atomic_folder(adapter_dir) as build:
+            model.save_pretrained(str(build.path), safe_serialization=True)
+            write_checksums(build.path)
+        if lora_opts.quantize != "none":  # trained on a 4-bit base: merge into the full-precision one
+            model = lora.merge_into_full_base(model, lora_opts, base_dir)
+        model = model.merge_and_unload()
+        if base_dir is not None and probe_ids is not None:
+            check = lambda folder: write_json(  # noqa: E731
+                folder / EXPORT_RECORD, check_merge(folder, base_dir, adapter_dir, probe_ids))
+    write_final(model, tokens_dir, out_dir, full_state, check=check, trained_len=trained_len)
+
+
+MERGE_TOLERANCE = 1e-3  # largest |logit| difference accepted between the merged model and base + adapter
+EXPORT_RECORD = "export.json"
+
+
+def check_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str | Path, probe_ids,
+                tolerance: float = MERGE_TOLERANCE) -> dict:
+    """Reload the merged model from `merged_dir` and the base from `base_dir` with the adapter from
+    `adapter_dir` (fresh, as a user would), run both on `probe_ids` (a [rows, tokens] integer array)
+    and compare: the largest absolute logit difference and the perplexity of each on the probe's
+    next tokens. A UserError when the difference exceeds `tolerance`; else the figures."""
+    import math
+
+    import torch
+    from peft import PeftModel
+
+    from lib.model.loss import token_loss_sum
+    from lib.model.build import load_pretrained
+
+    ids = torch.as_tensor(probe_ids, dtype=torch.long)
+    merged = load_pretrained(merged_dir).eval()
+    adapted = PeftModel.from_pretrained(load_pretrained(base_dir), str(adapter_dir)).eval()
+
+    def logits_and_ppl(model):
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+        total, n = token_loss_sum(logits[:, :-1], ids[:, 1:])
+        return logits, math.exp(float(total / n))
+
+    a, ppl_merged = logits_and_ppl(merged)
+    b, ppl_adapted = logits_and_ppl(adapted)
+    record = {"probe_tokens": int(ids.numel()), "max_abs_logit_diff": float((a - b).abs().max()),
+              "perplexity_merged": ppl_merged, "perplexity_base_plus_adapter": ppl_adapted,
+              "perplexity_rel_diff": abs(ppl_merged - ppl_adapted) / ppl_adapted, "tolerance": tolerance}
+    if not record["max_abs_logit_diff"] <= tolerance:
+        raise UserError(f"{merged_dir}: the merged model's logits differ from base + adapter by "
+                        f"{record['max_abs_logit_diff']:.3g} (tolerance {tolerance:g}) on {ids.numel()} probe tokens; "
+                        f"the merge is wrong (the adapter alone is in {adapter_dir})")
+    return record
+
+
+def record_trained_length(folder: str | Path, seq_len: int) -> None:
+    """Make a saved model from scratch say the sequence length it was trained on, where
+    transformers and lm-evaluation-harness read it (config.json first, then the tokenizer's
+    model_max_length): positions past `seq_len` never trained, and a client that fills them scores
+    worse than the model is. A Llama's max_position_embeddings is set to `seq_len` (rotary
+    positions have no weights); a GPT-2's learned position table is cut to its first `seq_len` rows
+    (the rest were never updated) and n_positions set to match."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    cfg = read_json(folder / "config.json", "model config")
+    if "n_positions" in cfg and cfg["n_positions"] > seq_len:  # GPT-2: the position table is a weight
+        index = folder / "model.safetensors.index.json"
+        name = "transformer.wpe.weight"
+        shard = folder / (read_json(index, "weights index")["weight_map"][name] if index.is_file()
+                          else "model.safetensors")
+        with safe_open(str(shard), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors[name] = tensors[name][:seq_len].contiguous()
+        save_file(tensors, str(shard), metadata=meta)
+        cfg["n_positions"] = seq_len
+        if cfg.get("n_ctx", 0) > seq_len:
+            cfg["n_ctx"] = seq_len
+    elif cfg.get("max_position_embeddings", 0) > seq_len:
+        cfg["max_position_embeddings"] = seq_len
+    write_json(folder / "config.json", cfg)
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        write_json(tok_cfg, {**read_json(tok_cfg, "tokenizer config"), "model_max_length": seq_len})
+
+
+def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: dict | None = None,
+                check=None, trained_len: int | None = None) -> Path:
+    """Save `model` (with `state_dict`, the full one, when its parameters are sharded) and the
+    dataset's tokenizer, the one the weights were trained in, so the Auto classes load them
+    offline: this project's SentencePiece model with its Hugging Face twin, or a base model's own
+    tokenizer files copied byte for byte. `check(folder)`, if given, runs on the complete folder
+    before it replaces `out_dir` (its files are covered by checksums.json). `trained_len`: the
+    sequence length a model trained from scratch learned (lib.model.export.record_trained_length)."""
+    from transformers import AutoTokenizer
+
+    from lib.data.tokenizer import SP_MODEL, copy_tokenizer_files
+
+    tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
+    tok_dir = (tokens_dir / ".." / "tokenizer").resolve()
+    with atomic_folder(out_dir) as build:  # an older final/ stays until this one is complete
+        if state_dict is not None:
+            # a gathered state dict holds a tied weight (output layer = embedding) twice, as two
+            # tensors: keep the model's first name for each shared parameter, as a plain save does
+            first: dict[int, str] = {}
+            repeats = {name for name, param in model.named_parameters(remove_duplicate=False)
+                       if first.setdefault(id(param), name) != name}
+            state_dict = {k: v for k, v in state_dict.items() if k not in repeats}
+        model.save_pretrained(str(build.path), safe_serialization=True, state_dict=state_dict)
+        stamp = tok_dir / "build.json"
+        if stamp.is_file() and "pretrained" in read_json(stamp, "tokenizer record"):
+            copy_tokenizer_files(tok_dir, build.path)  # a base model's own files: its fingerprint stays the base's
+        else:
+            AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(build.path))
+            leave_bos_to_the_client(build.path)
+            shutil.copy2(tok_dir / SP_MODEL, build.path / SP_MODEL)
+        if trained_len is not None:
+            record_trained_length(build.path, trained_len)
+        if check is not None:  # e.g. a LoRA merge reloaded and compared: raising keeps the old out_dir
+            check(build.path)
+        write_checksums(build.path)  # audit.py and eval.py check them before trusting the weights
+    return out_dir
+
+
+def leave_bos_to_the_client(folder: Path) -> None:
+    """Make the saved tokenizer encode a text without adding bos itself. Training documents start
+    with bos, and clients add it their own way: lm-evaluation-harness puts it in front of every
+    text as context, a generation script puts it before the prompt. A tokenizer that adds one as
+    well gives them two, which the model never saw."""
+    for name, update in (("tokenizer.json", {"post_processor": None}),
+                         ("tokenizer_config.json", {"add_bos_token": False, "add_eos_token": False})):
+        if (folder / name).is_file():
+            write_json(folder / name, {**read_json(folder / name, "tokenizer file"), **update})

@@ -1,0 +1,69 @@
+"""End-of-run outputs besides the model (lib/model/export.py): the plot of the metrics and report.md."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lib.files import atomic_text
+from lib.records.metrics import read_jsonl
+
+
+def plot_metrics(run_dir: str | Path) -> Path | None:
+    """loss.png: training loss and held-out loss against optimizer step, and the learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    if not train:
+        return None
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if evals:
+        label = f"held-out loss ({evals[-1].get('val_tokens', 0):,} tokens)"
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label=label)
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(run_dir.name)
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def set_report_section(report: str | Path, title: str, body: str) -> None:
+    """Put `body` under a `## title` heading of a run's report.md, replacing that section if it is
+    there already (a re-run of the same evaluation) and keeping the rest. Written atomically."""
+    report = Path(report)
+    text = report.read_text(encoding="utf-8") if report.is_file() else ""
+    head = f"## {title}\n"
+    if head in text:
+        before, _, after = text.partition(head)
+        rest = after.split("\n## ", 1)
+        text = before + ("## " + rest[1] if len(rest) > 1 else "")
+    text = text.rstrip("\n") + "\n\n" + head + "\n" + body.rstrip("\n") + "\n"
+    with atomic_text(report) as f:
+        f.write(text.lstrip("\n"))
+
+
+def write_run_report(run_dir: str | Path, title: str, facts: list[str], final_eval: dict, held_out: str) -> Path:
+    """A run's report.md: `facts` as a list, the final held-out evaluation (a dict of
+    lib/evaluate.summarize with "tokens"), the loss plot. eval.py adds its own section later."""
+    path = Path(run_dir) / "report.md"
+    lines = [f"# Run {title}", ""] + [f"- {fact}" for fact in facts] + [
+        f"- held-out, {held_out} ({final_eval['tokens']:,} tokens; the sample every evaluation of the run "
+        f"scores): loss {final_eval['loss']:.4f}, perplexity {final_eval['perplexity']:.2f}, bits/byte "
+        f"{final_eval['bits_per_byte']:.4f}, next-token accuracy {final_eval['accuracy']:.3f}",
+        "", "![loss](loss.png)", ""]
+    with atomic_text(path) as f:
+        f.write("\n".join(lines))
+    return path
