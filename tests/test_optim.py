@@ -79,3 +79,51 @@ def test_muon_lowers_a_loss_faster_than_nothing_and_an_unknown_name_is_refused()
         assert float(model(input_ids=ids, labels=ids).loss) < first - 1.0
     with pytest.raises(UserError, match=r"--optim.name lion: no such optimizer; known: adamw, muon"):
         OPTIMIZERS.get("lion", "--optim.name")
+
+
+SGD_PLUGIN = '''
+import torch
+from lib.train.optim import OPTIMIZERS
+
+
+@OPTIMIZERS.register("plain_sgd", state_numel=lambda model: 0)
+def plain_sgd(model, cfg):  # the update is -lr x the gradient: what clipping does to it shows directly
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+'''
+
+
+def test_clipping_scales_the_step_to_the_clip_norm_with_accumulation(tiny_data, tmp_path):
+    """A step whose gradient norm exceeds --optim.grad_clip applies the gradient scaled to that
+    norm: with a plain SGD plugin (update = -lr x gradient) and two accumulated micro-batches, the
+    clipped step is the unclipped one times clip / norm, weight for weight."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import train
+
+    plugin = tmp_path / "sgd.py"
+    plugin.write_text(SGD_PLUGIN)
+    common = ["--plugins", str(plugin), "--optim.name", "plain_sgd", "--optim.schedule", "constant",
+              "--optim.warmup_steps", "0", "--max_steps", "1", "--micro_batch_size", "4", "--grad_accum_steps", "2",
+              "--eval_every", "0", "--eval_tokens", "2000", "--checkpoint_every", "0", "--log_every", "1",
+              "--precision", "fp32", "--deterministic"]
+
+    def weights(name, *args):
+        train(tiny_data, tmp_path, name, *common, *args)
+        row = next(json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(x)["type"] == "train")
+        return load_file(str(tmp_path / name / "final" / "model.safetensors")), row
+
+    start, _ = weights("start", "--optim.lr", "0", "--optim.grad_clip", "0")
+    free, row = weights("free", "--optim.lr", "0.1", "--optim.grad_clip", "0")
+    norm = row["grad_norm"]
+    clip = norm / 10
+    clipped, row2 = weights("clipped", "--optim.lr", "0.1", "--optim.grad_clip", str(clip))
+    assert row2["grad_norm"] == pytest.approx(norm, rel=1e-6)  # the norm logged is the one before clipping
+    moved = 0
+    for name, w0 in start.items():
+        full, part = free[name] - w0, clipped[name] - w0
+        torch.testing.assert_close(part, full * (clip / norm), rtol=1e-4, atol=1e-7)
+        moved += int(full.abs().max() > 0)
+    assert moved > len(start) // 2  # most tensors took a step
