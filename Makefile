@@ -74,7 +74,7 @@ gpu-kit: venv
 	ls .whl
 
 audit: venv
-	$(PY) scripts/audit.py --checks env data plugins forks
+	$(PY) scripts/audit.py
 
 # A fork is a stamped copy: FORKED_FROM holds the commit the script came from (and whether that
 # script had uncommitted changes then), so fork-diff shows the experiment's own changes only.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prove things about this checkout, its data and its runs; exit 1 if any check fails.
 
-    python scripts/audit.py                         # environment + data/stdlib integrity
+    python scripts/audit.py                         # env, data/stdlib, plugins and forks (make audit)
     python scripts/audit.py --checks data run --data data/smoke --run runs/smoke
     python scripts/audit.py resume --config configs/train/default.yaml
 
@@ -58,7 +58,7 @@ class AuditConfig:
     """YAML preset applied before these flags."""
     print_config: bool = False
     """Print the resolved config as YAML and exit."""
-    checks: tuple[Check, ...] = ("env", "data", "plugins")
+    checks: tuple[Check, ...] = ("env", "data", "plugins", "forks")
     data: str = "data/stdlib"
     """Tokenized dataset folder for the data check."""
     run: Optional[Path] = None
@@ -377,7 +377,8 @@ def main() -> None:
     if sys.argv[1:2] == ["resume"]:
         return resume_check(config_lib.parse(ResumeCheckConfig, sys.argv[2:], description=ResumeCheckConfig.__doc__,
                                              prog=f"{os.path.basename(sys.argv[0])} resume", presets=False))
-    cfg = config_lib.parse(AuditConfig, description=__doc__)
+    cfg = config_lib.parse(AuditConfig, description=__doc__,
+                           prog=f"{os.path.basename(sys.argv[0])} [resume|pack|unpack|fork-update]")
     rep = Report()
     for check in cfg.checks:
         print(f"{check}:")
