@@ -45,6 +45,9 @@ def shard_worker(rank: int, world: int, port: int, out: str) -> None:
     res = sample.evaluate(model, 8, torch.device("cpu"), shard=(rank, world, add_up))
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"result": res, "local": local["sums"]}, f)
+    # both tear the group down together: a rank that destroyed its gloo group while the other was
+    # still using it was seen to abort (as train.py's end notes)
+    dist.barrier()
     dist.destroy_process_group()
 
 
