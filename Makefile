@@ -15,7 +15,7 @@ help:
 	@echo "make gpu-kit   wheels for a GPU box without a package index (.whl/; see README)"
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
 	@echo "make eval      evaluate runs/\$$(RUN) (default: runs/default)"
-	@echo "make audit     environment, data integrity, plugins, and forks against upstream"
+	@echo "make audit     environment, data integrity, plugins, forks against upstream, security (dependencies, code, model files)"
 	@echo "make mlflow    MLflow's web view of the runs tracked in runs/mlflow.db (http://127.0.0.1:5000)"
 	@echo "make fork NAME=my-idea [SCRIPT=train]       copy scripts/SCRIPT.py into experiments/NAME/, stamped"
 	@echo "make fork-diff NAME=my-idea [SCRIPT=train]  what the fork changed since the commit it came from"

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Prove things about this checkout, its data and its runs; exit 1 if any check fails.
 
-    python scripts/audit.py                         # env, data/stdlib, plugins and forks (make audit)
+    python scripts/audit.py                         # env, data/stdlib, plugins, forks, security (make audit)
     python scripts/audit.py --checks data run --data data/smoke --run runs/smoke
+    python scripts/audit.py --checks security --security.db osv-pypi.zip --strict
     python scripts/audit.py resume --config configs/train/default.yaml
 
 Checks:
@@ -15,6 +16,16 @@ Checks:
   forks every fork under experiments/ (make fork): the commit it came from, how many commits have
         changed its script since, and whether those changes merge into it cleanly (a three-way
         merge); one that would conflict fails
+  security  (--security.parts deps code models)
+        deps: installed packages against known advisories: a local OSV database with
+          --security.db (offline), else pip-audit when its service answers, else a warning that
+          nothing was checked
+        code: bandit over scripts/, lib/, experiments/; a medium or high finding fails unless
+          configs/audit/bandit_waivers.yaml waives it (id, file, function, reason, date); a waiver
+          no finding needs any more is stale
+        models: model folders the presets and runs name (and --security.models): pickle weights
+          (.bin, .pt) named with the safetensors alternative; custom code and trust_remote_code use
+  --strict turns every warning (nothing checked, stale waiver, pickle weights) into a failure.
 
   fork-update (a subcommand) carries the upstream changes into a fork when they merge cleanly
         (make fork-update NAME=x), and otherwise changes nothing and names the conflicting lines.
@@ -40,14 +51,31 @@ while not os.path.isfile(os.path.join(_root, "lib", "__init__.py")) and _root !=
     _root = os.path.dirname(_root)
 sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
 
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Literal, Optional  # noqa: E402
 
 from lib import config as config_lib  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 
-Check = Literal["env", "data", "run", "plugins", "forks"]
+Check = Literal["env", "data", "run", "plugins", "forks", "security"]
+SecurityPart = Literal["deps", "code", "models"]
+
+
+@dataclass
+class SecurityConfig:
+    """What the security check looks at."""
+
+    parts: tuple[SecurityPart, ...] = ("deps", "code", "models")
+    db: Optional[Path] = None
+    """Local advisory database for the dependency part: a folder or .zip/.tar.gz of OSV JSON records
+    (osv.dev's PyPI export). Without it, pip-audit is used when its service answers."""
+    code: tuple[Path, ...] = (Path("scripts"), Path("lib"), Path("experiments"))
+    """Folders and files bandit scans (relative to the repository root)."""
+    waivers: Path = Path("configs/audit/bandit_waivers.yaml")
+    """Reviewed bandit findings: id, file, function, reason, date each."""
+    models: tuple[Path, ...] = ()
+    """More model folders to inspect, beside those the presets and runs name."""
 
 
 @dataclass
@@ -58,23 +86,34 @@ class AuditConfig:
     """YAML preset applied before these flags."""
     print_config: bool = False
     """Print the resolved config as YAML and exit."""
-    checks: tuple[Check, ...] = ("env", "data", "plugins", "forks")
+    checks: tuple[Check, ...] = ("env", "data", "plugins", "forks", "security")
     data: str = "data/stdlib"
     """Tokenized dataset folder for the data check."""
     run: Optional[Path] = None
     """Run folder for the run check."""
     plugins: tuple[str, ...] = ()
     """Plugins for the plugins check (.py files or module names), as train.py --plugins takes them."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    strict: bool = False
+    """Fail on warnings too: an unchecked dependency scan, a stale waiver, pickle weights."""
 
 
 class Report:
-    def __init__(self):
+    def __init__(self, strict: bool = False):
         self.failures = 0
+        self.warnings = 0
+        self.strict = strict
 
     def line(self, ok: bool | None, what: str) -> None:
         tag = {True: "PASS", False: "FAIL", None: "INFO"}[ok]
         self.failures += ok is False
         print(f"  [{tag}] {what}")
+
+    def warn(self, what: str) -> None:
+        """Something not checked or worth a look: a failure under --strict."""
+        self.warnings += 1
+        self.failures += self.strict
+        print(f"  [{'FAIL' if self.strict else 'WARN'}] {what}")
 
 
 def audit_plugins(rep: Report, specs: tuple[str, ...]) -> None:
@@ -111,6 +150,89 @@ def audit_forks(rep: Report) -> None:
         else:
             rep.line(False, f"{where}: {st.upstream_commits} upstream commit(s) since change lines the fork changed: "
                             + "; ".join(st.conflicts[:5]) + (" ..." if len(st.conflicts) > 5 else ""))
+
+
+def audit_security(rep: Report, cfg: SecurityConfig) -> None:
+    from lib import security
+
+    root = Path(_root)
+    if "deps" in cfg.parts:
+        packages = security.installed()
+        if cfg.db is not None:
+            n, found = security.scan_database(cfg.db, packages)
+            if n == 0:
+                rep.warn(f"dependencies NOT checked: {cfg.db} holds no PyPI advisories")
+            else:
+                rep.line(not found, f"{len(packages)} installed packages matched against {n} PyPI advisories in "
+                                    f"{cfg.db}: " + ("none affects an installed version" if not found
+                                                     else f"{len(found)} affect an installed version"))
+        else:
+            why = security.service_answers()
+            if why is None:
+                try:
+                    found = security.run_pip_audit()
+                    rep.line(not found, f"pip-audit (OSV service) over {len(packages)} installed packages: "
+                             + (f"{len(found)} known vulnerabilities" if found else "no known vulnerabilities"))
+                except UserError as exc:
+                    found = None
+                    rep.warn(f"dependencies NOT checked: {exc}")
+            else:
+                found = None
+                rep.warn(f"dependencies NOT checked for known vulnerabilities: {why}, and no local database was "
+                         "given (--security.db FOLDER_OR_ZIP of OSV records, e.g. osv.dev's PyPI all.zip copied "
+                         "to this machine)")
+        for adv in found or []:
+            fix = f"; fixed in {', '.join(adv.fixed)}" if adv.fixed else "; no fixed version named"
+            rep.line(False, f"{adv.package} {adv.version}: {adv.id} {adv.summary}{fix}")
+    if "code" in cfg.parts:
+        waivers_path = cfg.waivers if cfg.waivers.is_absolute() else root / cfg.waivers
+        paths = [p if p.is_absolute() else root / p for p in cfg.code]
+        scan = security.triage(security.bandit(paths, root), security.load_waivers(waivers_path))
+        for f in scan.failing:
+            rep.line(False, f"{f.id} {f.severity} {f.where()}: {f.text} (fix it, or waive it in {cfg.waivers} with "
+                            "the reason)")
+        rep.line(not scan.failing, f"bandit over {', '.join(map(str, cfg.code))}: {len(scan.failing)} medium/high "
+                                   f"finding(s) not waived, {len(scan.waived)} waived in {cfg.waivers}")
+        for w in scan.stale:
+            rep.warn(f"stale waiver in {cfg.waivers}: {w.id} in {w.file} ({w.function}) matches no finding now; "
+                     "remove it")
+        if scan.low:
+            counts: dict[str, int] = {}
+            for f in scan.low:
+                counts[f.id] = counts.get(f.id, 0) + 1
+            rep.line(None, f"{len(scan.low)} low-severity finding(s), not failing: "
+                     + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    if "models" in cfg.parts:
+        from lib.model import registry
+
+        folders: dict[Path, str] = {}
+        for value, where in security.model_folders_named(root).items():
+            try:
+                folders.setdefault(registry.resolve(value, option=f"model.init_from in {where}"), where)
+            except UserError:
+                rep.line(None, f"{value} (named in {where}) is not on this machine: not inspected")
+        for folder in cfg.models:
+            if not folder.is_dir():
+                raise UserError(f"--security.models {folder}: no such folder")
+            folders.setdefault(folder, "--security.models")
+        for folder, where in folders.items():
+            found = security.inspect_model_folder(folder)
+            if found.pickle_files:
+                alt = ("it also holds .safetensors weights, which the loader prefers; delete the pickle files"
+                       if found.safetensors else "get its model.safetensors instead (most hub repositories carry "
+                       "one), or load it once on a trusted machine and save_pretrained() it, which writes "
+                       "safetensors")
+                rep.warn(f"{folder} (from {where}): pickle-format weights {', '.join(found.pickle_files)} can run code "
+                         f"when loaded; {alt}")
+            else:
+                rep.line(True, f"{folder} (from {where}): no pickle-format weights")
+            if found.custom_code:
+                rep.line(None, f"{folder}: config.json maps classes to its own code ({', '.join(found.custom_code)}), "
+                               "which runs only with --model.trust_remote_code")
+        if not folders:
+            rep.line(None, "no model folders named by configs/ or runs/ (--security.models adds some)")
+        uses = security.remote_code_uses(root)
+        rep.line(None, "trust_remote_code: " + ("; ".join(uses) if uses else "off everywhere (presets, runs, code)"))
 
 
 @dataclass
@@ -379,7 +501,7 @@ def main() -> None:
                                              prog=f"{os.path.basename(sys.argv[0])} resume", presets=False))
     cfg = config_lib.parse(AuditConfig, description=__doc__,
                            prog=f"{os.path.basename(sys.argv[0])} [resume|pack|unpack|fork-update]")
-    rep = Report()
+    rep = Report(cfg.strict)
     for check in cfg.checks:
         print(f"{check}:")
         if check == "env":
@@ -394,7 +516,10 @@ def main() -> None:
             audit_plugins(rep, cfg.plugins)
         elif check == "forks":
             audit_forks(rep)
-    print("audit: " + ("all checks passed" if not rep.failures else f"{rep.failures} check(s) FAILED"))
+        elif check == "security":
+            audit_security(rep, cfg.security)
+    warned = f" ({rep.warnings} warning(s); --strict fails on them)" if rep.warnings and not rep.strict else ""
+    print("audit: " + ("all checks passed" + warned if not rep.failures else f"{rep.failures} check(s) FAILED"))
     sys.exit(1 if rep.failures else 0)
 
 

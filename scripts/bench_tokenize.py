@@ -99,7 +99,7 @@ def throughput(cfg: BenchConfig) -> dict:
 
     import numpy as np
 
-    hf = AutoTokenizer.from_pretrained(str(tok_dir))
+    hf = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     formats = {"npy": cfg.out_dir / "builtin.ids.npy", "jsonl": cfg.out_dir / "builtin.ids.jsonl"}
     ours, theirs, hf_ids = {k: [] for k in formats}, [], None
     for r in range(cfg.rounds):

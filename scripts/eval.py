@@ -217,7 +217,7 @@ def main() -> None:
 
     samples = []
     if cfg.samples > 0:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         set_seed(cfg.seed)
         # the opening words (up to 48 characters, cut at a space) of held-out documents, unless given
         prompts = [cfg.prompt] * cfg.samples if cfg.prompt is not None else [

@@ -143,3 +143,5 @@ def test_datasets_loader_streams_local_files(tmp_path):
         build(tmp_path, source=str(tmp_path / "nothing*.json"), loader="json")
     with pytest.raises(UserError, match="loading scripts"):
         build(tmp_path, source=str(src), loader="my_loader.py")
+    with pytest.raises(UserError, match="'someone/dataset': neither a datasets builder name .* hub datasets are not fetched"):
+        build(tmp_path, source=str(src), loader="someone/dataset")

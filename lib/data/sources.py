@@ -233,6 +233,12 @@ class RecordReader:
         if loader.endswith(".py"):
             raise UserError(f"corpus.loader {loader}: datasets {datasets.__version__} no longer runs loading "
                             "scripts; use a builder name (json, csv, parquet, text) or a dataset folder")
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+        if loader not in _PACKAGED_DATASETS_MODULES and not Path(loader).is_dir():
+            # anything else would be looked up on the Hugging Face Hub: this project reads local data only
+            raise UserError(f"corpus.loader {loader!r}: neither a datasets builder name ({', '.join(sorted(_PACKAGED_DATASETS_MODULES)[:8])}, "
+                            "...) nor a local dataset folder; hub datasets are not fetched (DEFERRED.md)")
         try:
             ds = datasets.load_dataset(loader, data_files=[str(f.path) for f in files], split=split or "train",
                                        streaming=True)

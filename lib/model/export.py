@@ -172,7 +172,7 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
         if stamp.is_file() and "pretrained" in read_json(stamp, "tokenizer record"):
             copy_tokenizer_files(tok_dir, build.path)  # a base model's own files: its fingerprint stays the base's
         else:
-            AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(build.path))
+            AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True).save_pretrained(str(build.path))
             leave_bos_to_the_client(build.path)
             shutil.copy2(tok_dir / SP_MODEL, build.path / SP_MODEL)
         if trained_len is not None:
