@@ -6,8 +6,13 @@
 
 Beside the model's bits per byte it prints what gzip, bz2 and lzma reach on the same text, so
 you see at once whether the model learned more than a compressor. Results are appended to
-OUT_DIR/metrics.jsonl (one JSON object per line) and rewritten as metrics.csv and metrics.parquet; samples go to
-OUT_DIR/samples.txt. OUT_DIR defaults to <run>/eval.
+OUT_DIR/metrics.jsonl (one JSON object per line) and rewritten as metrics.csv and metrics.parquet
+(--metrics_out, as train.py writes its own); samples go to OUT_DIR/samples.txt. OUT_DIR defaults
+to <run>/eval.
+
+Evaluating a run as it was trained (its data, seq_len, document masking and precision, the
+default stride, the whole split, into <run>/eval) also updates the run's report.md and its MLflow
+run. An evaluation with other options, or written elsewhere, is its own record only.
 """
 import os
 import sys
@@ -59,10 +64,13 @@ class EvalConfig:
     split until they hold this many tokens (train.py's evaluations use seed 0); None: the whole split."""
     sample_seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: as train.py decides it: bf16 on a GPU that has it; on a CPU, bf16 only where the model's
-    matrix products measure clearly faster in bf16 than in fp32 here."""
+    """auto: a run's own precision (its provenance.json) on the kind of device it was trained on;
+    otherwise as train.py decides it: bf16 on a GPU that has it; on a CPU, bf16 only where the
+    model's matrix products measure clearly faster in bf16 than in fp32 here (measured once, cached)."""
     out_dir: Optional[Path] = None
     """Where metrics and samples go; default: <run>/eval (or <model>/eval)."""
+    metrics_out: str = "ndjson,csv,parquet"
+    """Formats of the metrics, comma-separated: ndjson, csv, parquet (metrics.jsonl is always written)."""
     samples: int = 2
     """Text samples to generate (0: none)."""
     sample_tokens: int = 120
@@ -86,6 +94,47 @@ def weights_sha256(model_dir: Path, verified: dict[str, str] | None = None) -> s
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
     sums = {p.name: (verified or {}).get(p.name) or sha256_file(p) for p in files}
     return next(iter(sums.values())) if len(sums) == 1 else canonical_hash(sums)
+
+
+def trained_precision(run_dir: Path | None):
+    """The precision a run was trained in (lib.train.precision.Choice), from its provenance.json, when
+    this process has the kind of device it was trained on (a CPU, or a GPU); else None."""
+    import torch
+
+    from lib.train.precision import Choice
+
+    prov = run_dir / "provenance.json" if run_dir is not None else None
+    if prov is None or not prov.is_file():
+        return None
+    recorded = json.loads(prov.read_text(encoding="utf-8"))
+    if str(recorded.get("device", "")).startswith("cuda") != torch.cuda.is_available() or \
+            recorded.get("mixed_precision") not in ("no", "bf16", "fp16"):
+        return None
+    return Choice(recorded["mixed_precision"], f"auto: as {run_dir} was trained (its provenance.json)")
+
+
+def departures(cfg: EvalConfig, run_dir: Path | None, out_dir: Path, precision: str) -> list[str]:
+    """How this evaluation departs from the run's own (its data, seq_len, document masking and
+    precision, the default stride, the whole split, into <run>/eval); only the run's own updates
+    its report and MLflow run. ["not a run's final model"] outside a run."""
+    if run_dir is None:
+        return ["not a run's final model"]
+    run_data = config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}
+    trained = trained_precision(run_dir)
+    found = [f"--data {cfg.data}"] if cfg.data is not None else []
+    if out_dir.resolve() != (run_dir / "eval").resolve():
+        found.append(f"--out_dir {cfg.out_dir}")
+    if cfg.seq_len not in (None, run_data.get("seq_len")):
+        found.append(f"--seq_len {cfg.seq_len}")
+    if cfg.stride is not None:
+        found.append(f"--stride {cfg.stride}")
+    if cfg.doc_mask not in (None, bool(run_data.get("doc_mask", False))):
+        found.append(f"--doc_mask {cfg.doc_mask}")
+    if cfg.max_tokens is not None:
+        found.append(f"--max_tokens {cfg.max_tokens}")
+    if trained is not None and precision != trained.name:
+        found.append(f"--precision {precision} (trained in {trained.name})")
+    return found
 
 
 def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
@@ -155,7 +204,7 @@ def main() -> None:
     from lib.data.tokenizer import tokenizer_fingerprint
     from lib.data.batches import DocBoundary, gather_docs, load_split, sample_docs, tokens_dir
     from lib.model.evaluate import compressor_bpb, evaluate_stream, summarize
-    from lib.records.metrics import METRICS, JsonlWriter, read_jsonl, write_tables
+    from lib.records.metrics import METRICS, MetricsSink, parse_formats, read_jsonl
     from lib.model.build import fp16_on_cpu, load_pretrained, refuse_masked_lm
     from lib.train.precision import resolve, shapes_of
     from transformers import AutoConfig
@@ -170,7 +219,9 @@ def main() -> None:
     run_data = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}) if run_dir else {}
     model_cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     seq_len = cfg.seq_len or run_data.get("seq_len") or model_cfg.max_position_embeddings
-    choice = resolve(cfg.precision, shapes_of(model_cfg, cfg.batch_size * seq_len))
+    formats = parse_formats(cfg.metrics_out)
+    choice = (cfg.precision == "auto" and trained_precision(run_dir)) or \
+        resolve(cfg.precision, shapes_of(model_cfg, cfg.batch_size * seq_len))
     precision = choice.name
     print(f"precision {precision}: {choice.reason}")
     accelerator = Accelerator(mixed_precision=choice.mixed_precision)
@@ -235,17 +286,17 @@ def main() -> None:
                                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else bos)
             samples.append((prompt, tok.decode(out[0], skip_special_tokens=True)))
 
-    sink = JsonlWriter(out_dir / METRICS)
+    sink = MetricsSink(out_dir / METRICS, formats)
     sink.write(record)
     sink.close()
-    write_tables(read_jsonl(out_dir / METRICS), out_dir / "metrics")
     if samples:
         with atomic_text(out_dir / "samples.txt") as f:
             for i, (prompt, s) in enumerate(samples):
                 f.write(f"--- sample {i} (prompt {prompt!r}, temperature {cfg.temperature})\n{s}\n")
         print(f"sample 0 (prompt {samples[0][0]!r}):\n{samples[0][1]}")
-    # the run's report shows the evaluation of the run's own data, not of text it was never about
-    report = run_dir / "report.md" if run_dir is not None and cfg.data is None else None
+    # the run's report and MLflow run show the run evaluated as it was trained, not with other options
+    other = departures(cfg, run_dir, out_dir, precision)
+    report = run_dir / "report.md" if not other else None
     if report is not None and report.is_file():
         from lib.records.report import set_report_section
 
@@ -255,8 +306,12 @@ def main() -> None:
             f"- bits/byte **{res['bits_per_byte']:.4f}** (lzma -9e {baselines['lzma']:.4f}, bz2 -9 "
             f"{baselines['bz2']:.4f}, gzip -9 {baselines['gzip']:.4f}); loss {res['loss']:.4f}, "
             f"perplexity {res['perplexity']:.2f}, next-token accuracy {res['accuracy']:.3f}"))
-    print(f"wrote {out_dir}/{METRICS}, metrics.csv, metrics.parquet" + (", samples.txt" if samples else "")
+    tables = "".join(f", metrics.{f}" for f in formats if f != "ndjson")
+    print(f"wrote {out_dir}/{METRICS}{tables}" + (", samples.txt" if samples else "")
           + (f"; {report}" if report is not None and report.is_file() else ""))
+    if run_dir is not None and other:
+        print(f"not the run's own evaluation ({', '.join(other)}): {run_dir}/report.md and its MLflow run are left as "
+              "they were")
     if cfg.tracking and report is not None:  # the run's own data, as for the report
         from lib.records.tracking import log_to_recorded_run
 

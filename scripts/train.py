@@ -36,6 +36,7 @@ from lib.model import registry  # noqa: E402
 from lib.model.build import ModelConfig  # noqa: E402
 from lib.model.lora import LoraOptions  # noqa: E402
 from lib.model.loss import LOSSES, LossConfig, step_scaled_loss  # noqa: E402
+from lib.records.monitor import MonitorConfig  # noqa: E402
 from lib.records.tracking import TrackingConfig  # noqa: E402
 from lib.train import runtime  # noqa: E402
 from lib.train.actions import ACTIONS, ActionsConfig  # noqa: E402
@@ -108,6 +109,12 @@ class TrainConfig:
     tokens every seq_len // 2) drawn from across the split, the same every time, so the figure
     estimates eval.py's whole-split one; None: the whole split."""
     log_every: int = 10
+    metrics_out: str = "ndjson"
+    """Formats of the run's metrics, comma-separated: ndjson, csv, parquet (metrics.jsonl is always
+    written; metrics.csv and metrics.parquet are rebuilt from it at each evaluation, checkpoint and
+    the end, so a stopped or resumed run's tables hold exactly its records). eval.py writes the same
+    files for its evaluation."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     checkpoint_every: int = 500
     keep_last_n: int = 2
     """Complete checkpoints to keep; older ones are deleted after a new one is written."""
@@ -328,6 +335,7 @@ def evaluate(run) -> dict:
     if run.metrics:
         run.metrics.write({"type": "eval", "step": loop.step, "tokens_seen": loop.tokens_seen,
                            "elapsed_s": loop.elapsed_s(), **{f"val_{k}": v for k, v in res.items()}})
+        run.metrics.refresh_tables()
     return res
 
 
@@ -354,6 +362,8 @@ def save_checkpoint(run) -> None:
                "data_content_hash": run.manifest["content_hash"],
                **({"lora_base_sha256": run.base_sha} if run.uses_lora else {})}, keep_best=cfg.keep_best,
               expect_bytes=checkpoint_bytes(run), say=run.say)
+    if run.metrics:  # a run stopped here has tables that match its checkpoint
+        run.metrics.refresh_tables()
 
 
 @exit_on_user_error
@@ -447,7 +457,7 @@ def open_run(run) -> None:
     from lib.data.batches import BlockSampler
     from lib.files import write_json
     from lib.train.loop_state import LoopState
-    from lib.records.metrics import METRICS, JsonlWriter, truncate_after_step
+    from lib.records.metrics import METRICS, MetricsSink, parse_formats, truncate_after_step
     from lib.records.monitor import SystemMonitor
     from lib.records.provenance import provenance
 
@@ -475,8 +485,11 @@ def open_run(run) -> None:
         write_json(run.run_dir / "provenance.json",
                    provenance(cfg, run.manifest, accelerator, run.n_params, run.resume_from,
                               tracking.effective_uri(cfg.tracking, cfg.runs_dir)))
-        # resuming a finished run (its last checkpoint) redoes its final evaluation and records
-        again = ("eval", "final") if loop.step >= loop.horizon else ()
+        # resuming a finished run (its last checkpoint) redoes its final evaluation and records; a
+        # run stopped early (--stop_at_step, a budget) drops the final record and the evaluation
+        # the stop added, so the resumed log holds the rows a straight run would
+        regular_eval = cfg.eval_every and loop.step % cfg.eval_every == 0
+        again = ("eval", "final") if loop.step >= loop.horizon or not regular_eval else ("final",)
         dropped = (truncate_after_step(run.run_dir / METRICS, loop.step, again)
                    if run.resume_from is not None else 0)
         if dropped:
@@ -485,9 +498,12 @@ def open_run(run) -> None:
     if run.is_main:  # MLflow mirrors what metrics.jsonl records, from a thread: local unless --tracking.uri
         run.tracker = tracking.start(cfg.tracking, run.run_dir, config_lib.to_dict(cfg), {"precision": run.choice.name},
                                      resumed=run.resume_from is not None, say=run.say, artifacts=RUN_FILES)
-        run.metrics = JsonlWriter(run.run_dir / METRICS, mirror=run.tracker)
-        run.system = SystemMonitor(run.device)  # CPU, memory, GPU figures in every train record
-        run.say(f"system metrics: {run.system.describe()}")
+        run.metrics = MetricsSink(run.run_dir / METRICS, parse_formats(cfg.metrics_out), mirror=run.tracker)
+        if run.resume_from is not None:
+            run.metrics.refresh_tables()  # a kill may have left tables with rows past the checkpoint
+        run.system = SystemMonitor(run.device) if cfg.monitor.every else None  # CPU, memory, GPU figures
+        run.say(f"system metrics: {run.system.describe() if run.system else 'off (--monitor.every 0)'}"
+                + (f", every {cfg.monitor.every * cfg.log_every} steps" if cfg.monitor.every > 1 else ""))
     run.periodic = Periodic(cfg)
 
 
@@ -754,6 +770,7 @@ def check_options(cfg: TrainConfig) -> None:
     """Values no run can use, refused before anything is read or written (a UserError naming the
     option)."""
     from lib.train.optim import SCHEDULES
+    from lib.records.metrics import parse_formats
     from lib.records.run_folder import check_name
     from lib.records.tracking import effective_uri
 
@@ -769,13 +786,14 @@ def check_options(cfg: TrainConfig) -> None:
              ("dist_timeout_minutes", cfg.dist_timeout_minutes > 0, "more than 0")]
     rules += [(name, getattr(cfg, name) >= 0, "0 or more (0: never)")
               for name in ("eval_every", "checkpoint_every")]
-    rules += [("log_every", cfg.log_every >= 1, "at least 1")]
+    rules += [("log_every", cfg.log_every >= 1, "at least 1"), ("monitor.every", cfg.monitor.every >= 0, "0 or more")]
     for name, ok, need in rules:
         if not ok:
             value = cfg
             for part in name.split("."):
                 value = getattr(value, part)
             raise UserError(f"--{name} {value}: must be {need}")
+    parse_formats(cfg.metrics_out)
     check_name(cfg.run_name)  # one folder name inside runs_dir: nothing else can be written or removed
     effective_uri(cfg.tracking, cfg.runs_dir)  # --tracking.uri env without MLFLOW_TRACKING_URI: refused now
     SCHEDULES.get(cfg.optim.schedule, "--optim.schedule")  # a name no built-in or loaded plugin provides
@@ -810,6 +828,7 @@ def log_step(run, bar, window: dict, mfu, grad_norm: float, lr: float) -> None:
     if run.is_main:
         fp16 = fp16_state(run)
         utilization = mfu(tps)
+        sampled = run.system is not None and (loop.step // cfg.log_every) % cfg.monitor.every == 0
         padding = f" | padding {pad_frac:.1%}" if cfg.data.packing != "pack" else ""
         scaling = f" | loss scale {fp16['loss_scale']:g}, {fp16['overflow_steps']} overflow step(s)" if fp16 else ""
         write(bar, f"step {loop.step:>6}/{loop.horizon} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
@@ -819,7 +838,7 @@ def log_step(run, bar, window: dict, mfu, grad_norm: float, lr: float) -> None:
                            "horizon": loop.horizon, "tokens_seen": loop.tokens_seen, "tokens_per_s": tps,
                            "padding": pad_frac, "mfu": utilization, "skipped_steps": loop.skipped_steps,
                            "elapsed_s": loop.elapsed_s(), "peak_memory_gib": peak_memory_gib(run.device)[0],
-                           **extra, **fp16, **run.system.sample()})
+                           **extra, **fp16, **(run.system.sample() if sampled else {})})
     if not math.isfinite(loss):
         raise UserError(f"loss became {loss} at step {loop.step}; lower optim.lr or check the data")
 

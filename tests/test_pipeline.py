@@ -252,20 +252,27 @@ def test_padded_training_reports_its_padding(tiny_data, tmp_path):
 
 def test_report_shows_both_evaluations_and_bars_stay_quiet_in_a_log(smoke_run, tiny_data, tmp_path):
     """report.md holds the run's own evaluation (its fixed held-out sample) and eval.py's
-    whole-split one, replaced (not repeated) by a second eval.py; into a file or pipe, progress
-    bars are drawn about once a minute, not on every batch or log line, and the libraries' own
-    bars not at all."""
+    whole-split one, replaced (not repeated) by a second eval.py, in the precision the run trained
+    in; an evaluation with other options or another output folder leaves the report alone; into a
+    file or pipe, progress bars are drawn about once a minute, not on every batch or log line, and
+    the libraries' own bars not at all."""
     run = copy_of(smoke_run[0], tmp_path)
+    trained = json.loads((run / "provenance.json").read_text())["mixed_precision"]
     for _ in range(2):
-        proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "0", "--out_dir", str(tmp_path / "ev"),
-                          env={"TQDM_DISABLE": ""})
+        proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "0", env={"TQDM_DISABLE": ""})
     assert 1 <= proc.stderr.count("eval:") <= 3, proc.stderr
+    assert "(its provenance.json)" in proc.stdout and "GFLOP/s" not in proc.stdout  # no bf16/fp32 timing
+    rec = json.loads((run / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["precision"] == {"no": "fp32"}.get(trained, trained)
     report = (run / "report.md").read_text()
     assert report.count("## Held-out evaluation by eval.py (val)") == 1
     assert "held-out, " in report and "the sample every evaluation of the run scores" in report
     line = next(x for x in report.splitlines() if "bits/byte **" in x)
-    bpb = json.loads((tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()[-1])["bits_per_byte"]
-    assert f"**{bpb:.4f}**" in line and "lzma -9e" in line
+    assert f"**{rec['bits_per_byte']:.4f}**" in line and "lzma -9e" in line
+    for other in (["--out_dir", str(tmp_path / "ev")], ["--stride", "32"]):
+        proc = run_script("scripts/eval.py", "--model", str(run), "--samples", "0", *other)
+        assert (run / "report.md").read_text() == report, other
+        assert f"not the run's own evaluation ({' '.join(other)})" in proc.stdout
     # a process of its own: the libraries' bars and log lines go to its real stderr
     proc = train(tiny_data, tmp_path, "quiet", "--max_steps", "40", "--log_every", "1", "--eval_every", "0",
                  "--checkpoint_every", "20", env={"TQDM_DISABLE": ""}, fresh_process=True)
@@ -274,6 +281,24 @@ def test_report_shows_both_evaluations_and_bars_stay_quiet_in_a_log(smoke_run, t
     # transformers' weight-writing bar is off into a log, and Accelerate's note on the tied output
     # embedding (dropped on save, rebuilt on load) is not repeated at every checkpoint
     assert "Writing model shards" not in proc.stderr and "Removed shared tensor" not in proc.stderr + proc.stdout
+
+
+def test_system_metrics_interval_and_bad_metrics_format(tiny_data, tmp_path):
+    """--monitor.every N samples the system figures on every Nth log line, 0 never; an unknown
+    --metrics_out format is refused before the run folder is made."""
+    common = ("--max_steps", "4", "--log_every", "1", "--eval_every", "0", "--checkpoint_every", "0")
+    train(tiny_data, tmp_path, "every2", *common, "--monitor.every", "2")
+    rows = [json.loads(x) for x in (tmp_path / "every2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "sys_rss_gib" in r] == [2, 4]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4]
+    proc = train(tiny_data, tmp_path, "off", *common, "--monitor.every", "0")
+    assert "system metrics: off (--monitor.every 0)" in proc.stdout
+    rows = [json.loads(x) for x in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any(k.startswith("sys_") for r in rows for k in r)
+    assert not (tmp_path / "off" / "metrics.csv").exists()  # ndjson only, by default
+    proc = train(tiny_data, tmp_path, "bad", *common, "--metrics_out", "ndjson,xml", check=False)
+    assert proc.returncode != 0 and "--metrics_out ndjson,xml: unknown format 'xml'" in proc.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_one_text_file_from_tokenize_to_eval(tmp_path):

@@ -34,6 +34,21 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
 
 
+def tables(run: Path) -> list:
+    """metrics.jsonl, metrics.csv and metrics.parquet read back (pandas), checked to hold the same
+    rows; the (type, step) of each row."""
+    import pandas as pd
+
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    csv, parquet = pd.read_csv(run / "metrics.csv"), pd.read_parquet(run / "metrics.parquet")
+    rows = [(r["type"], r["step"]) for r in log]
+    for table in (csv, parquet):
+        assert list(zip(table["type"], table["step"])) == rows
+        train = table[table["type"] == "train"]
+        assert list(train["loss"]) == [r["loss"] for r in log if r["type"] == "train"]
+    return rows
+
+
 def blocks_per_epoch(data: Path, seq_len: int = 64) -> int:
     from lib.data.batches import build_train_data, DataConfig
 
@@ -44,13 +59,20 @@ def blocks_per_epoch(data: Path, seq_len: int = 64) -> int:
 def test_stop_and_resume_is_bitwise_the_straight_run(tiny_data, tmp_path, accum, optimizer):
     # logged every 4 steps and stopped at 6: mid-epoch and inside a logging window; Muon's momentum
     # and AdamW's moments are both restored
+    # and the metrics in every format: the resumed run's tables hold the straight run's rows
     common = [*BITWISE, "--log_every", "4", "--max_steps", "14", "--grad_accum_steps", str(accum),
-              "--checkpoint_every", "0", "--eval_every", "5", "--optim.name", optimizer]
+              "--checkpoint_every", "0", "--eval_every", "5", "--optim.name", optimizer,
+              "--metrics_out", "ndjson,csv,parquet"]
     train(tiny_data, tmp_path, "straight", *common)
     train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "6")
+    # the stopped run's tables are there, with its stop's evaluation and final record
+    assert tables(tmp_path / "resumed")[-4:] == [("train", 4), ("eval", 5), ("eval", 6), ("final", 6)]
     proc = train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto")
     assert "resumed from" in proc.stdout and "step_0000006" in proc.stdout
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    straight = tables(tmp_path / "straight")
+    assert tables(tmp_path / "resumed") == straight
+    assert straight.count(("final", 14)) == 1 and [s for t, s in straight if t == "eval"] == [5, 10, 14]
 
 
 def test_resume_across_an_epoch_boundary_and_with_ddp(tiny_data, micro_data, tmp_path):

@@ -64,8 +64,12 @@ def test_a_run_is_tracked_locally_and_its_resumed_part_continues_the_same_mlflow
     assert (tmp_path / "tracked" / "final" / "model.safetensors").read_bytes() == (
         tmp_path / "straight" / "final" / "model.safetensors").read_bytes()
 
-    # eval.py on the run (its own data) adds its figures and files to the same MLflow run
-    proc = run_script("scripts/eval.py", "--model", str(tmp_path / "tracked"), "--max_tokens", "3000", "--samples", "1",
+    # eval.py on a sample of the run's data is its own record: the MLflow run is left alone
+    proc = run_script("scripts/eval.py", "--model", str(tmp_path / "tracked"), "--max_tokens", "3000", "--samples", "0",
+                      "--out_dir", str(tmp_path / "sampled"), env=env)
+    assert "added to MLflow run" not in proc.stdout and "eval_val_loss" not in client.get_run(record["run_id"]).data.metrics
+    # the run evaluated as trained (its own data, the whole split) adds its figures and files to it
+    proc = run_script("scripts/eval.py", "--model", str(tmp_path / "tracked"), "--samples", "1",
                       "--sample_tokens", "8", env=env)
     assert f"added to MLflow run {record['run_id']} at {uri}" in proc.stdout
     figures = json.loads((tmp_path / "tracked" / "eval" / "metrics.jsonl").read_text().splitlines()[-1])

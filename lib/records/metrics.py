@@ -1,4 +1,8 @@
-"""Metric sinks: append-only JSON lines (NDJSON), and CSV / Parquet tables rebuilt from it."""
+"""Metric sinks: append-only JSON lines (NDJSON), and CSV / Parquet tables rebuilt from it.
+
+train.py and eval.py write the same files: metrics.jsonl always (one record per line, appended
+and flushed as it happens; a resume truncates it), and metrics.csv / metrics.parquet when asked
+(`--metrics_out`), rebuilt whole from metrics.jsonl, so they never hold a row it does not."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +13,7 @@ from pathlib import Path
 from lib.files import atomic_file, atomic_text
 
 METRICS = "metrics.jsonl"
+FORMATS = ("ndjson", "csv", "parquet")
 """The one name of a metrics file (one JSON object per line: NDJSON), train.py's in the run folder and
 eval.py's in its eval/ folder, beside metrics.csv and metrics.parquet."""
 
@@ -40,6 +45,36 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+def parse_formats(spec: str, option: str = "--metrics_out") -> tuple[str, ...]:
+    """The formats of a comma-separated list ("ndjson,csv,parquet"); ndjson is always among them."""
+    from lib.errors import UserError
+
+    names = [s.strip().lower() for s in spec.replace(" ", ",").split(",") if s.strip()]
+    bad = [n for n in names if n not in FORMATS]
+    if bad:
+        raise UserError(f"{option} {spec}: unknown format {bad[0]!r}; give a comma-separated list of "
+                        f"{', '.join(FORMATS)} (metrics.jsonl is always written)")
+    return tuple(f for f in FORMATS if f == "ndjson" or f in names)
+
+
+class MetricsSink(JsonlWriter):
+    """metrics.jsonl, appended record by record, and the tables of `formats` beside it, rebuilt
+    from it on `refresh_tables()` (at evaluations, checkpoints and the end) and on `close()`."""
+
+    def __init__(self, path: str | Path, formats: tuple[str, ...] = ("ndjson",), mirror=None):
+        super().__init__(path, mirror)
+        self.tables = tuple(f for f in formats if f != "ndjson")
+
+    def refresh_tables(self) -> list[Path]:
+        if not self.tables:
+            return []
+        return write_tables(read_jsonl(self.path), self.path.with_suffix(""), self.tables)
+
+    def close(self) -> None:
+        super().close()
+        self.refresh_tables()
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -80,8 +115,21 @@ def truncate_after_step(path: str | Path, step: int, drop_at_step: tuple[str, ..
     return dropped
 
 
-def write_tables(records: list[dict], stem: str | Path) -> list[Path]:
-    """Write `records` as `stem.csv` and `stem.parquet` (columns: union of keys, in order seen)."""
+NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _column(values: list):
+    """A column's values with the non-finite floats NDJSON stores as strings ("inf") turned back
+    into floats, where the column is otherwise numeric, so Parquet types it as a float column."""
+    numeric = any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if numeric and all(v is None or isinstance(v, (int, float)) or (isinstance(v, str) and v in NON_FINITE) for v in values):
+        return [NON_FINITE[v] if isinstance(v, str) else v for v in values]
+    return values
+
+
+def write_tables(records: list[dict], stem: str | Path, formats: tuple[str, ...] = ("csv", "parquet")) -> list[Path]:
+    """Write `records` as `stem.csv` and/or `stem.parquet` (columns: the union of keys, in the order
+    first seen; a record without a key leaves its cell empty), each atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -89,12 +137,16 @@ def write_tables(records: list[dict], stem: str | Path) -> list[Path]:
     columns: list[str] = []
     for r in records:
         columns += [k for k in r if k not in columns]
-    csv_path, pq_path = stem.with_suffix(".csv"), stem.with_suffix(".parquet")
-    with atomic_file(csv_path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(records)
-    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in records])
-    with atomic_file(pq_path, "wb") as f:
-        pq.write_table(table, f)
-    return [csv_path, pq_path]
+    written = []
+    if "csv" in formats:
+        written.append(stem.with_suffix(".csv"))
+        with atomic_file(written[-1], "w") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(records)
+    if "parquet" in formats:
+        written.append(stem.with_suffix(".parquet"))
+        table = pa.table({c: _column([r.get(c) for r in records]) for c in columns})
+        with atomic_file(written[-1], "wb") as f:
+            pq.write_table(table, f)
+    return written

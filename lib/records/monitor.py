@@ -3,6 +3,17 @@ peak memory from torch on a GPU, from the kernel on a CPU."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+
+
+@dataclass
+class MonitorConfig:
+    """System metrics (CPU, memory; GPU utilization, memory, power, temperature through NVML) in the
+    training records."""
+
+    every: int = 1
+    """Sample them on every this-many log lines (log_every steps apart); 0: never. A source this
+    machine lacks (no psutil, no NVIDIA driver) is left out, with the reason in the start-up log."""
 
 
 def gpu_status() -> str:
