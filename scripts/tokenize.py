@@ -218,6 +218,22 @@ SUBCOMMANDS = {"train": (TrainTokenizerConfig, cmd_train), "encode": (EncodeConf
                "decode": (DecodeConfig, cmd_decode), "inspect": (InspectConfig, cmd_inspect)}
 
 
+def held_out_note(cc, corpus: dict) -> str:
+    """How the held-out split was sized: the share asked for, raised to the floors or not, and a
+    warning when it stays below them (figures on it would be too noisy to compare)."""
+    val = corpus["splits"]["val"]
+    used = corpus.get("val_per_mille_used", cc.val_per_mille)
+    what = f"held-out split: {val['records']} documents, {val['text_bytes']:,} bytes"
+    if used != cc.val_per_mille:
+        what += (f" (share raised from {cc.val_per_mille / 10:g}% to {used / 10:g}% of documents to reach the floor of "
+                 f"{cc.val_min_bytes:,} bytes and {cc.val_min_docs} documents)")
+    if val["text_bytes"] < cc.val_min_bytes or val["records"] < cc.val_min_docs:
+        what += (f"; WARNING: below the floor of {cc.val_min_bytes:,} bytes and {cc.val_min_docs} documents even at "
+                 f"--corpus.val_max_per_mille {cc.val_max_per_mille}: its bits per byte (the model's and the "
+                 "compressors') are noisy; give more text")
+    return what
+
+
 @exit_on_user_error
 def main() -> None:
     argv = sys.argv[1:]
@@ -246,6 +262,7 @@ def main() -> None:
             log(f"corpus: {split}: {info['records']} records, {info['text_bytes'] / 1e6:.2f} MB "
                 f"in {len(info['shards'])} shard(s)")
         log(f"corpus: skipped {corpus['skipped']}; content hash {corpus['content_hash'][:16]}")
+        log(held_out_note(cfg.corpus, corpus))
         tok_dir = stage_tokenizer(cfg.out_dir, corpus_dir, corpus["content_hash"], cfg.tokenizer, cfg.force, log)
         tokens = stage_tokens(cfg.out_dir, corpus_dir, corpus, tok_dir, cfg.force, log)
         log(f"special ids: {tokens['special_ids']}; vocab {tokens['vocab_size']}")

@@ -29,7 +29,7 @@ def test_manifest_describes_shards(tmp_path):
         assert sum(len(r["text"].encode()) for r in records) == info["text_bytes"]
         for r in records:
             assert set(r) == {"id", "text", "source"}
-            assert split_of(r["source"], 20) == split
+            assert split_of(r["source"], m["val_per_mille_used"]) == split
             assert "\r" not in r["text"]
             assert (stdlib_root() / r["source"]).is_file()
 
@@ -138,9 +138,39 @@ def test_one_text_file_is_split_and_held_out_by_chunk(tmp_path):
     assert {r["id"] for r in records["val"]}.isdisjoint(r["id"] for r in records["train"])
     ordered = sorted(records["train"] + records["val"], key=lambda r: r["line"])
     assert "".join(r["text"] for r in ordered) == book.read_text(encoding="utf-8")
-    # a file of a few chunks still gets a held-out one: the chunk with the lowest hash
+    # a file of a few chunks still gets a held-out one (no floors): the chunk with the lowest hash
     small = tmp_path / "small.txt"
     small.write_text("\n\n".join(f"paragraph {i} " * 40 for i in range(6)), encoding="utf-8")
-    manifest = build_corpus(CorpusConfig(source=str(small), text_docs="paragraphs"), tmp_path / "s")
+    manifest = build_corpus(CorpusConfig(source=str(small), text_docs="paragraphs", val_min_bytes=0, val_min_docs=0),
+                            tmp_path / "s")
     assert manifest["splits"]["val"]["records"] == 1 and manifest["splits"]["train"]["records"] == 5
     assert manifest["held_out_by_rule"] == [next(iter(iter_records(tmp_path / "s", "val")))["id"]]
+
+
+def test_held_out_split_is_raised_to_its_floor_in_bytes_and_documents(tmp_path):
+    """A share too small for a small corpus is raised, a tenth of a percent at a time and by
+    document hash alone, until the split holds val_min_bytes and val_min_docs; capped at
+    val_max_per_mille, where tokenize.py warns that the figures on it are noisy."""
+    from lib.data.corpus import bucket_of
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i} " + "word " * 400}) + "\n" for i in range(300)))
+    cfg = CorpusConfig(source=str(src), val_per_mille=20, val_min_bytes=40_000, val_min_docs=15)
+    m = build_corpus(cfg, tmp_path / "c")
+    val, train = (list(iter_records(tmp_path / "c", s)) for s in ("val", "train"))
+    share = m["val_per_mille_used"]
+    assert 20 < share <= 100 and m["splits"]["val"]["text_bytes"] >= 40_000 and len(val) >= 15
+    assert all(bucket_of(r["id"]) < share for r in val) and all(bucket_of(r["id"]) >= share for r in train)
+    # the smallest share that reaches the floors: one tenth of a percent less does not
+    below = [r for r in val if bucket_of(r["id"]) < share - 1]
+    assert sum(len(r["text"].encode()) for r in below) < 40_000 or len(below) < 15
+    assert build_corpus(cfg, tmp_path / "again") == m  # deterministic
+
+    # a floor out of reach stops at the cap, and tokenize.py says so
+    from conftest import run_script
+
+    proc = run_script("scripts/tokenize.py", "--corpus.source", str(src), "--out_dir", str(tmp_path / "t"),
+                      "--tokenizer.vocab_size", "300", "--corpus.val_min_bytes", "10000000")
+    m = json.loads((tmp_path / "t" / "corpus" / "manifest.json").read_text())
+    assert m["val_per_mille_used"] == 100
+    assert "share raised from 2% to 10% of documents" in proc.stdout and "WARNING: below the floor" in proc.stdout

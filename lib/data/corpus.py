@@ -81,6 +81,14 @@ class CorpusConfig:
     """Held-out share, in 1/1000 of documents, chosen by the sha256 of each document id
     (the file's relative path, or path:line). Should no document fall in it (and the share is not
     0), the one whose hash is lowest is held out, so a small corpus still has a held-out split."""
+    val_min_bytes: int = 100_000
+    """Floor of the held-out split, in bytes of text: a smaller one gives figures (the model's and
+    the compressors' bits per byte) too noisy to compare, so the share is raised a tenth of a
+    percent at a time, up to val_max_per_mille, until the split holds this much (and val_min_docs)."""
+    val_min_docs: int = 10
+    """Floor of the held-out split, in documents (see val_min_bytes)."""
+    val_max_per_mille: int = 100
+    """The most the floors may raise the held-out share to, in 1/1000 of documents."""
     max_files: Optional[int] = None
     """Keep only the first N files in sorted path order (toy runs)."""
     shard_bytes: int = 4_000_000
@@ -199,10 +207,30 @@ class _ShardWriter:
             self._f = None
 
 
-def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozenset = frozenset()
-             ) -> Iterator[tuple[str, dict]]:
+def raised_share(cfg: CorpusConfig, val: tuple[int, int], train_by_bucket: list[list[int]]) -> Optional[int]:
+    """The held-out share (per mille) that brings the split to its floors (cfg.val_min_bytes and
+    val_min_docs), capped at cfg.val_max_per_mille and leaving at least one training document;
+    None when the share stays. `val`: (bytes, documents) held out now; `train_by_bucket`: [bytes,
+    documents] of the training documents in each of the 1000 hash buckets."""
+    share = cfg.val_per_mille
+    need = lambda b, d: b < cfg.val_min_bytes or d < cfg.val_min_docs  # noqa: E731
+    if not share or not need(*val):
+        return None
+    train_docs = sum(d for _, d in train_by_bucket)
+    (vb, vd), moved = val, 0
+    while share < min(cfg.val_max_per_mille, 1000) and need(vb, vd):
+        b, d = train_by_bucket[share]
+        if moved + d >= train_docs:
+            break
+        vb, vd, moved, share = vb + b, vd + d, moved + d, share + 1
+    return share if moved else None
+
+
+def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozenset = frozenset(),
+             share: Optional[int] = None) -> Iterator[tuple[str, dict]]:
     """(split, record) pairs; fills `inputs` with the hashed raw files as a side result. Ids in
-    `held_out` go to val whatever their hash."""
+    `held_out` go to val whatever their hash; `share`: the held-out share (default cfg.val_per_mille)."""
+    share = cfg.val_per_mille if share is None else share
     if cfg.source == "stdlib":
         root = stdlib_root()
         files = [InputFile(root / rel, rel) for rel in list_source_files(root)]
@@ -241,7 +269,7 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
             record = {"id": doc_id, "text": piece, "source": raw.source}
             if line is not None:
                 record["line"] = line
-            yield "val" if doc_id in held_out else split_of(doc_id, cfg.val_per_mille), record
+            yield "val" if doc_id in held_out else split_of(doc_id, share), record
     skipped.update(reader.counts)
 
 
@@ -257,23 +285,34 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
     with atomic_folder(out_dir) as build:
         tmp = build.path
         held_out: frozenset = frozenset()
+        share = cfg.val_per_mille
         while True:
             skipped: Counter = Counter()
             inputs: list[dict] = []
             writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
             lowest, lowest_bucket = None, 1000  # the train document whose hash is lowest: held out if no other is
+            by_bucket = [[0, 0] for _ in range(1000)]  # training [bytes, documents] per hash bucket
             try:
-                for split, record in _records(cfg, skipped, inputs, held_out):
+                for split, record in _records(cfg, skipped, inputs, held_out, share):
                     writers[split].write(record)
-                    if split == "train" and bucket_of(record["id"]) < lowest_bucket:
-                        lowest, lowest_bucket = record["id"], bucket_of(record["id"])
+                    if split == "train":
+                        bucket = bucket_of(record["id"])
+                        by_bucket[bucket][0] += len(record["text"].encode("utf-8"))
+                        by_bucket[bucket][1] += 1
+                        if bucket < lowest_bucket:
+                            lowest, lowest_bucket = record["id"], bucket
             finally:
                 for w in writers.values():
                     w.close()
-            if (writers["val"].shards or held_out or not cfg.val_per_mille
-                    or sum(s["records"] for s in writers["train"].shards) < 2):
+            val = (sum(s["text_bytes"] for s in writers["val"].shards), sum(s["records"] for s in writers["val"].shards))
+            raised = raised_share(cfg, val, by_bucket) if share == cfg.val_per_mille else None
+            if raised is None and (writers["val"].shards or held_out or not share
+                                   or sum(s["records"] for s in writers["train"].shards) < 2):
                 break
-            held_out = frozenset([lowest])  # a small corpus: write it again with that one held out
+            if raised is not None:  # too little held out: write it again with a larger share
+                share = raised
+            else:
+                held_out = frozenset([lowest])  # a small corpus: write it again with that one held out
             for p in tmp.iterdir():
                 p.unlink()
         splits = {}
@@ -298,6 +337,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
             "normalization": dataclasses.asdict(cfg.normalize),
             "skipped": dict(sorted(skipped.items())),
             "held_out_by_rule": sorted(held_out),
+            "val_per_mille_used": share,
             "inputs": inputs,
             "splits": splits,
         }
