@@ -21,7 +21,7 @@ Checks:
           --security.db (offline), else pip-audit when its service answers, else a warning that
           nothing was checked
         code: bandit over scripts/, lib/, experiments/; a medium or high finding fails unless
-          configs/audit/bandit_waivers.yaml waives it (id, file, function, reason, date); a waiver
+          configs/bandit_waivers.yaml waives it (id, file, function, reason, date); a waiver
           no finding needs any more is stale
         models: model folders the presets and runs name (and --security.models): pickle weights
           (.bin, .pt) named with the safetensors alternative; custom code and trust_remote_code use
@@ -72,7 +72,7 @@ class SecurityConfig:
     (osv.dev's PyPI export). Without it, pip-audit is used when its service answers."""
     code: tuple[Path, ...] = (Path("scripts"), Path("lib"), Path("experiments"))
     """Folders and files bandit scans (relative to the repository root)."""
-    waivers: Path = Path("configs/audit/bandit_waivers.yaml")
+    waivers: Path = Path("configs/bandit_waivers.yaml")
     """Reviewed bandit findings: id, file, function, reason, date each."""
     models: tuple[Path, ...] = ()
     """More model folders to inspect, beside those the presets and runs name."""

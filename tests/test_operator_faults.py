@@ -48,11 +48,11 @@ def test_a_full_disk_during_the_final_export_is_one_line_and_resumable(tiny_data
 def test_out_of_memory_is_one_line(tiny_data, tmp_path):
     import resource
 
-    def limit():  # 6 GiB of address space: torch starts; the first activation (5.4 GiB) does not fit
+    def limit():  # 6 GiB of address space: torch starts; the first activation (5.5 GiB) does not fit
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
 
     proc = subprocess.run(train_command(tiny_data, tmp_path, "oom", *QUICK, "--max_steps", "1", "--precision", "fp32",
-                                        "--micro_batch_size", "11000", "--model.d_model", "2048",
+                                        "--micro_batch_size", "10000", "--model.d_model", "2304",
                                         "--model.n_layers", "1"),
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
                           preexec_fn=limit)
