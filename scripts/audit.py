@@ -128,9 +128,9 @@ def audit_plugins(rep: Report, specs: tuple[str, ...]) -> None:
     if not report.loaded:
         rep.line(None, f"no plugins (none given with --plugins, no installed '{plugins.ENTRY_POINT_GROUP}' entry points)")
     for registry in plugins.REGISTRIES.values():
-        rep.line(None, f"{registry.kind}: " + ", ".join(
-            name + ("" if registry.source(name) == "built-in" else f" ({registry.source(name)})")
-            for name in registry.names()))
+        names = ", ".join(name + ("" if registry.source(name) == "built-in" else f" ({registry.source(name)})")
+                          for name in registry.names())
+        rep.line(None, f"{registry.kind}: {names or 'none registered'}")
 
 
 def audit_forks(rep: Report) -> None:
@@ -165,7 +165,7 @@ def audit_security(rep: Report, cfg: SecurityConfig) -> None:
             else:
                 rep.line(not found, f"{len(packages)} installed packages matched against {n} PyPI advisories in "
                                     f"{cfg.db}: " + ("none affects an installed version" if not found
-                                                     else f"{len(found)} affect an installed version"))
+                                                     else f"{len(found)} affect installed versions"))
         else:
             why = security.service_answers()
             if why is None:
