@@ -122,12 +122,17 @@ def test_final_loads_with_auto_classes_and_generates(smoke_run):
     tok = AutoTokenizer.from_pretrained(run / "final", local_files_only=True)
     import sentencepiece as spm
 
-    # the Hugging Face tokenizer shipped in final/ gives SentencePiece's own ids, and leaves bos to
-    # the client (which adds it, as training documents start with it: never twice)
+    # the Hugging Face tokenizer shipped in final/ gives SentencePiece's own ids after bos, as every
+    # training document starts; a bos a client writes itself is bos, not the characters < s >
     sp = spm.SentencePieceProcessor(model_file=str(run / "final" / "sp.model"))
-    assert tok("def ").input_ids == sp.encode("def ")
-    ids = torch.tensor([[tok.bos_token_id] + tok("def ").input_ids])
-    out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok("def ").input_ids == [tok.bos_token_id] + sp.encode("def ")
+    assert tok(tok.bos_token + "def ", add_special_tokens=False).input_ids == tok("def ").input_ids
+    assert tok.decode(tok(tok.bos_token + "ROMEO:", add_special_tokens=False).input_ids,
+                      skip_special_tokens=True) == "ROMEO:"
+    # plain generate(**tok(prompt)) conditions as training did
+    enc = tok("def ", return_tensors="pt")
+    ids = enc.input_ids
+    out = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1]
     # greedy generation follows the saved weights: each new token is the argmax after the ones before
     with torch.no_grad():

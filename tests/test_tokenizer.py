@@ -161,6 +161,9 @@ def test_gpt2_style_tokenizer_without_pad(tmp_path):
     assert ids == [[3, 1], [2, 0]] and mask == [[1, 1], [1, 0]]
     with pytest.raises(UserError, match="not a token"):
         TextTokenizer(tmp_path, pad_token="<nope>")
+    # the special token's string inside training text stays text, not the token (its characters
+    # are not in this toy vocabulary: they vanish rather than becoming id 0)
+    assert 0 not in t.encode(["a <|endoftext|> b"])[0]
 
 
 def _random_code_like(rng: random.Random, n: int) -> str:

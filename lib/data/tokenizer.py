@@ -313,7 +313,9 @@ class TextTokenizer:
             if self._words is not None:
                 return self._words.encode(texts)
             return self._sp.encode(texts, num_threads=self.threads or os.cpu_count() or 1)
-        return self._hf(texts, add_special_tokens=False)["input_ids"]
+        # a special-token string inside training text ("<|endoftext|>" in a file) stays text, as
+        # SentencePiece keeps it, whatever the tokenizer's own setting for its clients
+        return self._hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     @property
     def word_cached(self) -> bool:

@@ -173,7 +173,7 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
             copy_tokenizer_files(tok_dir, build.path)  # a base model's own files: its fingerprint stays the base's
         else:
             AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True).save_pretrained(str(build.path))
-            leave_bos_to_the_client(build.path)
+            client_conventions(build.path)
             shutil.copy2(tok_dir / SP_MODEL, build.path / SP_MODEL)
         if trained_len is not None:
             record_trained_length(build.path, trained_len)
@@ -183,12 +183,14 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
     return out_dir
 
 
-def leave_bos_to_the_client(folder: Path) -> None:
-    """Make the saved tokenizer encode a text without adding bos itself. Training documents start
-    with bos, and clients add it their own way: lm-evaluation-harness puts it in front of every
-    text as context, a generation script puts it before the prompt. A tokenizer that adds one as
-    well gives them two, which the model never saw."""
-    for name, update in (("tokenizer.json", {"post_processor": None}),
-                         ("tokenizer_config.json", {"add_bos_token": False, "add_eos_token": False})):
-        if (folder / name).is_file():
-            write_json(folder / name, {**read_json(folder / name, "tokenizer file"), **update})
+def client_conventions(folder: Path) -> None:
+    """Save this project's tokenizer the way clients expect a Llama-style one: encoding a text adds
+    bos in front (every training document starts with it), so `model.generate(**tok(prompt))`
+    conditions as training did; and a special-token string a client writes ("<s>") is that token.
+    (The data pipeline encodes with SentencePiece itself, where "<s>" in a file is plain text.)
+    Clients that add bos themselves encode with add_special_tokens=False, as
+    lm-evaluation-harness does, and get one bos, never two."""
+    name = "tokenizer_config.json"
+    if (folder / name).is_file():
+        write_json(folder / name, {**read_json(folder / name, "tokenizer file"), "add_bos_token": True,
+                                   "add_eos_token": False, "split_special_tokens": False})
