@@ -10,6 +10,13 @@ OUT_DIR/metrics.jsonl (one JSON object per line) and rewritten as metrics.csv an
 (--metrics_out, as train.py writes its own); samples go to OUT_DIR/samples.txt. OUT_DIR defaults
 to <run>/eval.
 
+Talking to a model (a run, a model folder, a LoRA adapter folder or a model name, offline),
+the text streamed as it is generated:
+
+    python scripts/eval.py generate --model runs/default --prompt "def parse("
+    python scripts/eval.py generate --model runs/default --interactive      # a prompt per line
+    python scripts/eval.py generate --model runs/sft --chat                 # a conversation
+
 Evaluating a run as it was trained (its data, seq_len, document masking and precision, the
 default stride, the whole split, into <run>/eval) also updates the run's report.md and its MLflow
 run. An evaluation with other options, or written elsewhere, is its own record only.
@@ -34,6 +41,7 @@ from typing import Literal, Optional  # noqa: E402
 from lib import config as config_lib  # noqa: E402
 from lib import errors  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.model.generate import GenerationOptions  # noqa: E402
 
 
 @dataclass
@@ -84,6 +92,75 @@ class EvalConfig:
     tracking: bool = True
     """Add the figures (and metrics.csv, samples.txt, the report) to the MLflow run that the training
     run recorded in its tracking.json, when evaluating that run on its own data."""
+
+
+@dataclass
+class GenerateConfig(GenerationOptions):
+    """Continue a prompt, or talk: each line read from the terminal (or a pipe) is a prompt, or in
+    --chat a user message answered in the conversation so far (the tokenizer's chat template);
+    '/reset' starts the conversation over, an empty line or end of input ends."""
+
+    model: str = "runs/default"
+    """A run folder (its final/), a model folder, a LoRA adapter folder (final_adapter/, on the base
+    its adapter_config.json names) or a model name in the Hugging Face cache."""
+    prompt: Optional[str] = None
+    """Text to continue (or, with --chat, the one user message) and exit."""
+    interactive: bool = False
+    """Read prompts (or chat messages) line by line from standard input until it ends."""
+    chat: bool = False
+    """Messages and answers through the tokenizer's chat template, as instruction tuning trained them."""
+    system: Optional[str] = None
+    """--chat: a system message in front of the conversation."""
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: the run's trained precision on the kind of device it was trained on; else fp32 on a
+    CPU, bf16 on a GPU that has it."""
+
+
+def generate_command(cfg: GenerateConfig) -> None:
+    import torch
+    from accelerate.utils import set_seed
+
+    from lib.model.generate import Session, locate
+
+    if cfg.prompt is None and not cfg.interactive:
+        raise UserError("give --prompt TEXT, or --interactive to read prompts from standard input")
+    trained = cfg.precision == "auto" and trained_precision(locate(cfg.model).run_dir)
+    name = trained.name if trained else cfg.precision
+    if name == "auto":
+        name = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    from lib.progress import quiet_library_bars
+
+    quiet_library_bars()
+    session = Session.open(cfg.model, cfg, dtype=dtype, system=cfg.system, chat=cfg.chat)
+    set_seed(cfg.seed)
+    say = (lambda text: session.chat_turn(text, sys.stdout)) if cfg.chat else (
+        lambda text: session.complete(text, sys.stdout))
+    if cfg.prompt is not None:
+        if not cfg.chat:
+            sys.stdout.write(cfg.prompt)
+        say(cfg.prompt)
+        sys.stdout.write("\n")
+        return
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"{cfg.model} ({name}): " + ("chat; /reset starts over" if cfg.chat else "a prompt per line")
+              + "; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            break
+        text = line.rstrip("\n")
+        if cfg.chat and text.strip() == "/reset":
+            session.reset()
+            continue
+        sys.stdout.write(("assistant: " if cfg.chat else text) if not tty else "")
+        say(text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def weights_sha256(model_dir: Path, verified: dict[str, str] | None = None) -> str:
@@ -168,7 +245,10 @@ def resolve_paths(cfg: EvalConfig) -> tuple[Path, Path | None, str]:
 
 @exit_on_user_error
 def main() -> None:
-    cfg = config_lib.parse(EvalConfig, description=__doc__)
+    if sys.argv[1:2] == ["generate"]:
+        return generate_command(config_lib.parse(GenerateConfig, sys.argv[2:], description=GenerateConfig.__doc__,
+                                                 prog=f"{os.path.basename(sys.argv[0])} generate", presets=False))
+    cfg = config_lib.parse(EvalConfig, description=__doc__, prog=f"{os.path.basename(sys.argv[0])} [generate]")
     model_dir, run_dir, data_dir = resolve_paths(cfg)
     from lib.files import CHECKSUMS, ensure_writable, verify_checksums
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lib.records.checkpoint import complete_checkpoints, is_sharded, tensor_names
-from conftest import BITWISE, train
+from conftest import BITWISE, run_script, train
 from test_resume import DDP, FSDP, assert_same_run
 
 
@@ -74,6 +74,10 @@ def test_checkpoints_hold_adapters_and_final_is_merged(tiny_data, base, tmp_path
     assert check_merge(run / "final", base, run / "final_adapter", ids)["max_abs_logit_diff"] <= MERGE_TOLERANCE
     with pytest.raises(UserError, match="differ from base"):
         check_merge(tampered, base, run / "final_adapter", ids)
+    # eval.py generate talks to the adapter folder (on the base it names) as to the merged model
+    said = [run_script("scripts/eval.py", "generate", "--model", str(m), "--prompt", "def ", "--temperature", "0",
+                       "--max_new_tokens", "12").stdout for m in (run / "final_adapter", run)]
+    assert said[0] == said[1] and len(said[0]) > len("def \n")
 
 
 def test_lora_resume_is_bitwise_and_refuses_another_base(tiny_data, base, tmp_path):
