@@ -282,7 +282,7 @@ def main() -> None:
     from lib.data.corpus import iter_records, read_manifest
     from lib.files import atomic_text
     from lib.data.tokenizer import tokenizer_fingerprint
-    from lib.data.batches import DocBoundary, gather_docs, load_split, sample_docs, tokens_dir
+    from lib.data.batches import DocBoundary, gather_docs, load_masks, load_split, sample_docs, tokens_dir
     from lib.model.evaluate import compressor_bpb, evaluate_stream, summarize
     from lib.records.metrics import METRICS, MetricsSink, parse_formats, read_jsonl
     from lib.model.build import fp16_on_cpu, load_pretrained, refuse_masked_lm
@@ -312,21 +312,27 @@ def main() -> None:
     tokens, docs = load_split(tok_dir, cfg.split)
     chosen = sample_docs(docs, cfg.max_tokens, cfg.sample_seed)
     stream, n_bytes = gather_docs(tokens, docs, chosen)
+    masks = load_masks(tok_dir, cfg.split)  # conversations: the assistant's tokens (and bytes) alone count
+    import numpy as np
+
+    mask_stream = gather_docs(np.concatenate(masks), docs, chosen)[0] if masks is not None else None
     n_docs = len(chosen)
     t0 = time.perf_counter()
     stride = cfg.stride or max(1, seq_len // 2)
     res = summarize(evaluate_stream(model, stream, seq_len, cfg.batch_size,
                                     accelerator.device, accelerator.autocast, stride, progress=True,
-                                    boundary=DocBoundary.of(manifest["special_ids"]) if doc_mask else None),
+                                    boundary=DocBoundary.of(manifest["special_ids"]) if doc_mask else None,
+                                    mask=mask_stream),
                     n_bytes)
     secs = time.perf_counter() - t0
     keep = set(chosen.tolist())
     doc_texts = [r["text"] for i, r in enumerate(iter_records(tok_dir / manifest["corpus_dir"], cfg.split))
                  if i in keep]
     text = "".join(doc_texts)
-    if len(text.encode("utf-8")) != n_bytes:
+    if masks is None and len(text.encode("utf-8")) != n_bytes:
         raise UserError(f"{tok_dir}: token shards and corpus text disagree; rebuild with scripts/tokenize.py --force")
-    baselines = compressor_bpb(text.encode("utf-8"))
+    # a compressor sees the whole text; the model is scored on the answers given their prompts
+    baselines = compressor_bpb(text.encode("utf-8")) if masks is None else {}
 
     whole = "the whole split" if n_docs == len(docs) else f"a sample (seed {cfg.sample_seed})"
     print(f"model {model_dir} on {tok_dir} [{cfg.split}], {whole}: {n_docs} of {len(docs)} documents, {n_bytes:,} bytes, "
@@ -339,6 +345,9 @@ def main() -> None:
     for name, bpb in baselines.items():
         verdict = "model better" if res["bits_per_byte"] < bpb else "compressor better"
         print(f"              {bpb:.4f}   {name:<5} ({verdict})")
+    if masks is not None:
+        print("              (the assistant's tokens and text only; compressors, which cannot be given the "
+              "prompts, are not compared)")
 
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": str(model_dir), "data": str(tok_dir),
               "split": cfg.split, "data_content_hash": manifest["content_hash"], "seq_len": seq_len,
@@ -383,8 +392,9 @@ def main() -> None:
         set_report_section(report, f"Held-out evaluation by eval.py ({cfg.split})", (
             f"- {record['time']}: {whole}, {n_docs} of {len(docs)} documents, {n_bytes:,} bytes, "
             f"{res['tokens']:,} tokens; seq_len {seq_len}, stride {stride}, {precision}, {secs:.1f} s\n"
-            f"- bits/byte **{res['bits_per_byte']:.4f}** (lzma -9e {baselines['lzma']:.4f}, bz2 -9 "
-            f"{baselines['bz2']:.4f}, gzip -9 {baselines['gzip']:.4f}); loss {res['loss']:.4f}, "
+            f"- bits/byte **{res['bits_per_byte']:.4f}** " + (
+                f"(lzma -9e {baselines['lzma']:.4f}, bz2 -9 {baselines['bz2']:.4f}, gzip -9 {baselines['gzip']:.4f})"
+                if baselines else "(the assistant's text only)") + f"; loss {res['loss']:.4f}, "
             f"perplexity {res['perplexity']:.2f}, next-token accuracy {res['accuracy']:.3f}"))
     tables = "".join(f", metrics.{f}" for f in formats if f != "ndjson")
     print(f"wrote {out_dir}/{METRICS}{tables}" + (", samples.txt" if samples else "")

@@ -430,15 +430,19 @@ def start(cfg, started: float) -> Run:
 
 def load_data(run) -> None:
     """Training blocks, and a held-out sample that is the same at every evaluation."""
-    from lib.data.batches import DocBoundary, build_train_data, load_split
+    import numpy as np
+
+    from lib.data.batches import DocBoundary, build_train_data, load_masks, load_split
     from lib.model.evaluate import held_out_sample, token_byte_lengths
     from lib.data.tokenizer import has_tokenizer
 
     cfg, tok_dir = run.cfg, run.tokens_dir
     val_tokens, val_docs = load_split(tok_dir, "val")
     tokenizer = (tok_dir / run.manifest["tokenizer_dir"]).resolve()
+    val_masks = load_masks(tok_dir, "val")  # conversations: the assistant's tokens alone are scored
     run.held_out = held_out_sample(val_tokens, val_docs, cfg.data.seq_len, cfg.eval_tokens,
-                                   token_byte_lengths(tokenizer) if has_tokenizer(tokenizer) else None, seed=0)
+                                   token_byte_lengths(tokenizer) if has_tokenizer(tokenizer) else None, seed=0,
+                                   mask=None if val_masks is None else np.concatenate(val_masks))
     run.train_data = build_train_data(tok_dir, cfg.data, run.manifest["special_ids"])
     run.boundary = DocBoundary.of(run.manifest["special_ids"]) if cfg.data.doc_mask else None
     if cfg.data.doc_mask and run.boundary is None:

@@ -79,3 +79,72 @@ def test_template_round_trip_through_the_tokens(make, tmp_path):
     assert tok.decode(trained) == "4" + tok.eos_token + "6, as 3 doubled." + tok.eos_token
     # every token is wholly prompt or wholly answer: the trained tokens are exactly the spans' text
     assert sum(mask) < len(ids) and trained[-1] == tok.eos_token_id
+
+
+def chat_jsonl(path, n=120):
+    import json
+
+    rows = [{"messages": [{"role": "system", "content": "Answer with the number."},
+                          {"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{2 * i}."}]} if i % 2 else
+            {"prompt": f"Spell {i} backwards.", "completion": str(i)[::-1]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    from conftest import run_script
+
+    tmp = tmp_path_factory.mktemp("chat")
+    run_script("scripts/tokenize.py", "--corpus.source", str(chat_jsonl(tmp / "talk.jsonl")), "--out_dir",
+               str(tmp / "data"), "--tokenizer.vocab_size", "300")
+    return tmp / "data"
+
+
+def test_tokenized_conversations_carry_a_mask_of_the_answers(chat_data):
+    import json
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from lib.data.batches import load_masks, load_split
+
+    manifest = json.loads((chat_data / "tokens" / "manifest.json").read_text())
+    assert manifest["loss_mask"] and "<|assistant|>" in manifest["chat_template"]
+    tok = AutoTokenizer.from_pretrained(chat_data / "tokenizer")
+    tokens, docs = load_split(chat_data / "tokens", "train")
+    mask = np.concatenate(load_masks(chat_data / "tokens", "train"))
+    ends = np.cumsum(docs[:, 0])
+    answers = [tok.decode(tokens[e - n:e][mask[e - n:e] == 1]) for e, n in zip(ends, docs[:, 0])]
+    corpus = [json.loads(x) for x in (chat_data / "corpus" / "train-00000.jsonl").read_text().splitlines()]
+    assert answers == [r["messages"][-1]["content"] + "</s>" for r in corpus]
+    # a document's recorded bytes are its answer's
+    assert list(docs[:, 1]) == [len(r["messages"][-1]["content"].encode()) for r in corpus]
+
+
+@pytest.mark.parametrize("packing", ["pack", "pad_longest"])
+def test_the_loss_counts_the_answers_alone(chat_data, packing):
+    """The loss equals cross-entropy over the answer tokens; the prompt's positions get no gradient."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lib.data.batches import DataConfig, build_train_data
+    from lib.model.loss import IGNORE_INDEX, TokenLoss
+
+    data = build_train_data(chat_data / "tokens", DataConfig(seq_len=48, packing=packing), {"pad": 3})
+    batch = data.make_batch([0, 1, 2, 3])
+    labels = torch.from_numpy(batch.labels)
+    keep = labels != IGNORE_INDEX
+    assert 0 < keep.sum() < (torch.from_numpy(batch.input_ids) != 3).sum() // 2  # answers are the short part
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=64))
+    logits = model(**batch.model_inputs("cpu")).logits
+    logits.retain_grad()
+    loss_sum, n = TokenLoss().loss_sum(logits, labels)
+    assert int(n) == int(keep.sum())
+    torch.testing.assert_close(loss_sum / n, F.cross_entropy(logits[keep].float(), labels[keep]))
+    (loss_sum / n).backward()
+    assert torch.all(logits.grad[~keep] == 0) and torch.all(logits.grad[keep].abs().sum(-1) > 0)

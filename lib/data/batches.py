@@ -48,6 +48,23 @@ def load_doc_tables(data_dir: str | Path, split: str) -> list[np.ndarray]:
     return [np.load(data_dir / shard["docs_file"]) for shard in _split_entries(data_dir, split)]
 
 
+def load_masks(data_dir: str | Path, split: str) -> list[np.ndarray] | None:
+    """Each shard's loss mask (1 where a token is a target the loss counts: the assistant's tokens
+    of a conversation), memory-mapped, in manifest order; None for data without masks (every
+    token counts)."""
+    data_dir = Path(data_dir)
+    entries = _split_entries(data_dir, split)
+    if not all("mask_file" in e for e in entries):
+        return None
+    return [np.load(data_dir / e["mask_file"], mmap_mode="r") for e in entries]
+
+
+def masked_targets(targets: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """`targets` with IGNORE_INDEX where `mask` (of the same shape) is 0."""
+    targets = np.asarray(targets, dtype=np.int64)  # (token shards are uint16: -100 would wrap)
+    return targets if mask is None else np.where(np.asarray(mask) == 1, targets, IGNORE_INDEX)
+
+
 def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All tokens of a split as one int64 array, and its (tokens, bytes) per-document table."""
     return (np.concatenate(load_shards(data_dir, split)).astype(np.int64),
@@ -125,8 +142,9 @@ class TokenBlocks:
     shards can stay memory-mapped on disk; blocks are numbered shard after shard.
     """
 
-    def __init__(self, tokens, seq_len: int, source: str = "data"):
+    def __init__(self, tokens, seq_len: int, source: str = "data", masks=None):
         self.shards = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+        self.masks = masks  # per shard, 1 where a target counts (lib.data.batches.load_masks); None: all do
         self.seq_len = seq_len
         per_shard = [max(0, (len(t) - 1) // seq_len) for t in self.shards]
         self._starts = np.concatenate([[0], np.cumsum(per_shard)])
@@ -141,14 +159,15 @@ class TokenBlocks:
     def __len__(self) -> int:
         return self.n_blocks
 
-    def batch(self, indices) -> np.ndarray:
-        """Blocks `indices` stacked into an int64 array of shape (len(indices), seq_len + 1)."""
+    def batch(self, indices, arrays=None) -> np.ndarray:
+        """Blocks `indices` stacked into an int64 array of shape (len(indices), seq_len + 1) (of
+        `arrays`, parallel to the shards, when given: the masks)."""
         L = self.seq_len
         shard_of = np.searchsorted(self._starts, indices, side="right") - 1
         rows = []
         for i, s in zip(indices, shard_of):
             j = int(i - self._starts[s])
-            rows.append(self.shards[s][j * L : j * L + L + 1])
+            rows.append((arrays or self.shards)[s][j * L : j * L + L + 1])
         return np.stack(rows).astype(np.int64)
 
     def make_batch(self, indices, boundary: DocBoundary | None = None) -> Batch:
@@ -156,7 +175,8 @@ class TokenBlocks:
         rows = self.batch(indices)
         inputs = rows[:, :-1]
         pos = None if boundary is None else doc_position_ids(inputs, boundary)
-        return Batch(inputs, rows[:, 1:], position_ids=pos)
+        mask = None if self.masks is None else self.batch(indices, self.masks)[:, 1:]
+        return Batch(inputs, masked_targets(rows[:, 1:], mask), position_ids=pos)
 
     def padding_fraction(self, order, batch_size: int) -> float:
         return 0.0
@@ -171,7 +191,9 @@ class PaddedDocs:
     mask 0 and no target.
     """
 
-    def __init__(self, shards, doc_tables, seq_len: int, pad_id: int, multiple: int = 1, source: str = "data"):
+    def __init__(self, shards, doc_tables, seq_len: int, pad_id: int, multiple: int = 1, source: str = "data",
+                 masks=None):
+        self.masks = masks  # per shard, 1 where a target counts (load_masks); None: all do
         if pad_id is None:
             raise UserError(f"{source}: the tokenizer has no pad id, which padding needs; use data.packing=pack")
         self.shards, self.seq_len, self.pad_id, self.multiple = list(shards), seq_len, pad_id, max(1, multiple)
@@ -204,10 +226,10 @@ class PaddedDocs:
         w = longest_row - 1
         return min(-(-w // self.multiple) * self.multiple, self.seq_len)
 
-    def piece(self, i: int) -> np.ndarray:
-        """The tokens of item i (a document or a piece of one)."""
+    def piece(self, i: int, arrays=None) -> np.ndarray:
+        """The tokens of item i (a document or a piece of one), or of `arrays` (the masks) there."""
         start = int(self.starts[i])
-        return self.shards[int(self.shard_idx[i])][start : start + int(self.lengths[i])]
+        return (arrays or self.shards)[int(self.shard_idx[i])][start : start + int(self.lengths[i])]
 
     def make_batch(self, indices, boundary: DocBoundary | None = None) -> Batch:
         """Items `indices` as a padded Batch (one document per row: `boundary` changes nothing)."""
@@ -220,7 +242,7 @@ class PaddedDocs:
             piece = self.piece(i)
             n = len(piece)
             inputs[r, : n - 1] = piece[:-1]
-            labels[r, : n - 1] = piece[1:]
+            labels[r, : n - 1] = masked_targets(piece[1:], None if self.masks is None else self.piece(i, self.masks)[1:])
             mask[r, : n - 1] = 1
         return Batch(inputs, labels, attention_mask=mask)
 
@@ -320,11 +342,12 @@ def build_train_data(tok_dir: Path, cfg: DataConfig, special_ids: dict):
     source = f"{tok_dir} (train)"
     if cfg.pad_multiple < 1:
         raise UserError(f"data.pad_multiple must be at least 1, got {cfg.pad_multiple}")
+    masks = load_masks(tok_dir, "train")
     if cfg.packing == "pack":
-        return TokenBlocks(load_shards(tok_dir, "train"), cfg.seq_len, source=source)
+        return TokenBlocks(load_shards(tok_dir, "train"), cfg.seq_len, source=source, masks=masks)
     multiple = cfg.pad_multiple if cfg.packing == "pad_multiple" else 1
     return PaddedDocs(load_shards(tok_dir, "train"), load_doc_tables(tok_dir, "train"), cfg.seq_len,
-                      special_ids.get("pad"), multiple, source=source)
+                      special_ids.get("pad"), multiple, source=source, masks=masks)
 
 
 def tokens_dir(data_dir: str | Path) -> Path:

@@ -83,6 +83,11 @@ def _compiled(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):  # what templates written for transformers call on bad input
+        raise UserError(f"the chat template refused the conversation: {message}")
+
+    env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template)
     except Exception as exc:  # noqa: BLE001 -- jinja2's TemplateSyntaxError and friends
@@ -122,3 +127,48 @@ def token_mask(offsets: list[tuple[int, int]], trained: list[tuple[int, int]]) -
             k += 1
         mask.append(int(k < len(spans) and spans[k][0] <= start < spans[k][1] and end > start))
     return mask
+
+
+EOS_STAND_IN = "\ue000"  # a private-use character: where the template puts eos, encoded as the eos id
+
+
+def encode_documents(tok, records: list[dict], template: str, add_bos: bool, add_eos: bool
+                     ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(ids, loss mask, trained text bytes) of each corpus record, through `tok` (a Hugging Face
+    fast tokenizer). A conversation (a record with `messages`) is rendered through `template`,
+    its eos as the eos id; its mask is 1 on the assistant's tokens (their eos included) and 0 on
+    bos and the prompt, and its bytes are the assistant's text. A plain record is trained on
+    whole (mask 1 throughout, bos included, as packed training predicts it after the previous
+    document). Documents are `bos ids eos` as `add_bos`/`add_eos` say; a conversation that ends
+    with eos gets no second one."""
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    all_ids, all_masks, all_bytes = [], [], []
+    for r in records:
+        if "messages" not in r:
+            ids = tok(r["text"], add_special_tokens=False, split_special_tokens=True).input_ids
+            ids = [bos] * add_bos + ids + [eos] * add_eos
+            all_ids.append(ids)
+            all_masks.append([1] * len(ids))
+            all_bytes.append(len(r["text"].encode("utf-8")))
+            continue
+        where = f"{r.get('source', '?')}:{r.get('line', '?')}"
+        if any(EOS_STAND_IN in m["content"] for m in r["messages"]):
+            raise UserError(f"{where}: a message holds U+E000, the character this project renders eos as")
+        doc = render(Conversation(r["messages"], where), template, eos_token=EOS_STAND_IN)
+        ids, offsets, start = [], [], 0
+        for piece in doc.text.split(EOS_STAND_IN):
+            if piece:
+                enc = tok(piece, add_special_tokens=False, return_offsets_mapping=True)
+                ids += enc.input_ids
+                offsets += [(start + a, start + b) for a, b in enc.offset_mapping]
+            start += len(piece)
+            if start < len(doc.text):  # the stand-in that ended this piece
+                ids.append(eos)
+                offsets.append((start, start + 1))
+                start += 1
+        mask = token_mask(offsets, doc.trained)
+        tail = add_eos and (not ids or ids[-1] != eos)
+        all_ids.append([bos] * add_bos + ids + [eos] * tail)
+        all_masks.append([0] * add_bos + mask + [0] * tail)
+        all_bytes.append(sum(len(doc.text[a:b].replace(EOS_STAND_IN, "").encode("utf-8")) for a, b in doc.trained))
+    return all_ids, all_masks, all_bytes

@@ -25,7 +25,8 @@ from typing import Iterable, Iterator, Literal, Optional
 
 from lib.errors import UserError
 from lib.files import atomic_folder, canonical_hash, read_json, sha256_file, write_json
-from lib.data.sources import ANY_SUFFIX, InputFile, RecordReader, expand_inputs, hash_inputs, is_saved_dataset
+from lib.data.sources import (ANY_SUFFIX, ChatText, InputFile, RecordReader, expand_inputs, hash_inputs,
+                              is_saved_dataset)
 
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = {  # what every reader of a manifest relies on
@@ -255,6 +256,14 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
     else:
         stream = (r for f in files for r in reader.read(f))
     for raw in stream:
+        messages = getattr(raw.text, "messages", None)  # a conversation (lib.data.sources.ChatText)
+        if messages is not None:
+            messages = [{"role": m["role"], "content": normalize(m["content"], cfg.normalize)} for m in messages]
+            record = {"id": raw.id, "text": ChatText.of(messages), "source": raw.source, "messages": messages}
+            if raw.line is not None:
+                record["line"] = raw.line
+            yield "val" if raw.id in held_out else split_of(raw.id, share), record
+            continue
         text = normalize(raw.text, cfg.normalize)
         if raw.line is None and raw.source.endswith(TEXT_SUFFIXES) and cfg.source != "stdlib":
             docs = text_documents(text, cfg.text_docs, cfg.chunk_bytes)
@@ -292,9 +301,11 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
             writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
             lowest, lowest_bucket = None, 1000  # the train document whose hash is lowest: held out if no other is
             by_bucket = [[0, 0] for _ in range(1000)]  # training [bytes, documents] per hash bucket
+            conversations = 0
             try:
                 for split, record in _records(cfg, skipped, inputs, held_out, share):
                     writers[split].write(record)
+                    conversations += "messages" in record
                     if split == "train":
                         bucket = bucket_of(record["id"])
                         by_bucket[bucket][0] += len(record["text"].encode("utf-8"))
@@ -338,6 +349,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
             "skipped": dict(sorted(skipped.items())),
             "held_out_by_rule": sorted(held_out),
             "val_per_mille_used": share,
+            "conversations": conversations,
             "inputs": inputs,
             "splits": splits,
         }

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from lib.data.chat import DEFAULT_TEMPLATE
 from lib.data.corpus import iter_records, read_manifest
 from lib.errors import UserError
 from lib.files import atomic_folder, canonical_hash, read_json, sha256_file, write_json
@@ -83,6 +84,33 @@ def copy_pretrained_tokenizer(source: Path, out_dir: Path, name: str, key: str |
     return info
 
 
+def chat_template(tok_dir: Path) -> str:
+    """The chat template conversations are rendered with: the tokenizer's own (a base model's,
+    in its tokenizer_config.json), else this project's default."""
+    cfg_path = tok_dir / "tokenizer_config.json"
+    own = read_json(cfg_path, "tokenizer config").get("chat_template") if cfg_path.is_file() else None
+    if isinstance(own, list):  # several named templates: the default one
+        own = next((t.get("template") for t in own if t.get("name") == "default"), None)
+    return own or DEFAULT_TEMPLATE
+
+
+def encode_chat_shards(tok_dir: Path, files: list[Path], template: str, ends: tuple[bool, bool]):
+    """Yield (ids, ids per document, trained bytes per document, loss mask) of each corpus shard,
+    through the tokenizer's Hugging Face form (offsets place the assistant's text on tokens:
+    lib.data.chat.encode_documents)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from lib.data.chat import encode_documents
+    from lib.data.corpus import iter_shard
+
+    hf = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    for path in files:
+        ids, masks, sizes = encode_documents(hf, list(iter_shard(path)), template, *ends)
+        yield (np.fromiter((i for d in ids for i in d), np.int64), np.array([len(d) for d in ids], np.int64),
+               np.array(sizes, np.int64), np.fromiter((m for d in masks for m in d), np.uint8))
+
+
 def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir: Path, force: bool = False,
                  log: Callable[[str], None] = print) -> dict:
     """Encode every corpus shard to `out_dir/tokens`: per shard a .npy of its documents as
@@ -97,7 +125,9 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
 
     tokens_dir = out_dir / "tokens"
     tok_hash = tokenizer_fingerprint(tok_dir)
-    key = canonical_hash({"corpus": corpus_manifest["content_hash"], "tokenizer": tok_hash})
+    template = chat_template(tok_dir) if corpus_manifest.get("conversations") else None
+    key = canonical_hash({"corpus": corpus_manifest["content_hash"], "tokenizer": tok_hash,
+                          **({"chat_template": template} if template is not None else {})})
     if not force and (tokens_dir / "manifest.json").is_file():
         try:
             old = read_manifest(tokens_dir, "tokens")
@@ -116,14 +146,18 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
             "--data.doc_mask cannot keep them apart")
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     splits, total_tokens, total_bytes = {}, 0, 0
+    files = [corpus_dir / shard["file"] for info in corpus_manifest["splits"].values() for shard in info["shards"]]
+    if template is not None:
+        log(f"tokens: {corpus_manifest['conversations']} conversations, trained on the assistant's tokens only "
+            f"({'the tokenizer' if template != DEFAULT_TEMPLATE else 'this project'}'s chat template)")
     with atomic_folder(tokens_dir) as build:
         tmp = build.path
-        encoded = encode_shards(tok, [corpus_dir / shard["file"] for info in corpus_manifest["splits"].values()
-                                      for shard in info["shards"]])
+        encoded = encode_shards(tok, files) if template is None else encode_chat_shards(tok_dir, files, template,
+                                                                                        tok.document_ends())
         for split, info in corpus_manifest["splits"].items():
             shards = []
             for shard in info["shards"]:
-                flat, lengths, sizes = next(encoded)
+                flat, lengths, sizes, *loss_mask = next(encoded)
                 flat = flat.astype(dtype, copy=False)
                 docs = np.stack([lengths, sizes], axis=1).astype(np.int64)
                 stem = Path(shard["file"]).stem
@@ -134,6 +168,10 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
                                "docs_sha256": sha256_file(tmp / f"{stem}.docs.npy"),
                                "tokens": int(len(flat)), "docs": len(docs),
                                "text_bytes": int(docs[:, 1].sum())})
+                if loss_mask:  # 1 where a token is a target the loss counts
+                    np.save(tmp / f"{stem}.mask.npy", loss_mask[0])
+                    shards[-1].update(mask_file=f"{stem}.mask.npy", mask_sha256=sha256_file(tmp / f"{stem}.mask.npy"),
+                                      trained_tokens=int(loss_mask[0].sum()))
             n_tok, n_bytes = sum(s["tokens"] for s in shards), sum(s["text_bytes"] for s in shards)
             splits[split] = {"shards": shards, "tokens": n_tok, "docs": sum(s["docs"] for s in shards),
                              "text_bytes": n_bytes}
@@ -146,6 +184,8 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
             "tokenizer_dir": "../tokenizer", "tokenizer_sha256": tok_hash, "vocab_size": tok.vocab_size,
             "special_ids": tok.ids, "splits": splits,
         }
+        if template is not None:
+            manifest.update(loss_mask=True, chat_template=template)
         manifest["content_hash"] = canonical_hash({s: [sh["sha256"] for sh in v["shards"]] for s, v in splits.items()})
         write_json(tmp / "manifest.json", manifest)
     secs = time.time() - t0

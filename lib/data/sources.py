@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
+from lib.data.chat import is_chat_record
 from lib.errors import UserError, json_error
 from lib.plugins import Registry
 
@@ -42,6 +43,22 @@ for _suffix in SUFFIXES:
 def known_suffixes() -> tuple[str, ...]:
     """The suffixes a directory or glob picks up: the built-in ones and those plugins added."""
     return tuple(READERS.names())
+
+
+class ChatText(str):
+    """A conversation read from a record: its plain rendering (the default chat template, turns
+    without eos), with the messages themselves in `.messages` for the tokens stage to render
+    through the tokenizer's template."""
+
+    messages: list
+
+    @classmethod
+    def of(cls, messages: list) -> "ChatText":
+        from lib.data.chat import DEFAULT_TEMPLATE, render_text
+
+        text = cls(render_text(DEFAULT_TEMPLATE, messages, eos_token=""))
+        text.messages = messages
+        return text
 
 
 @dataclass
@@ -139,6 +156,15 @@ class RecordReader:
                           f"(fields: {', '.join(map(str, obj)) or 'none'})")
                 return None
             return self.template.format(**{k: obj[k] for k in self.template_fields})
+        if self.text_field not in obj and is_chat_record(obj):
+            from lib.data.chat import parse_record
+
+            try:
+                conv = parse_record(obj, where)
+            except UserError as exc:
+                self._bad("bad_conversation", where, str(exc).removeprefix(f"{where}: "))
+                return None
+            return ChatText.of(conv.messages)
         if self.text_field not in obj:
             self._bad("missing_field", where, f"no field {self.text_field!r} (fields: {', '.join(map(str, obj)) or 'none'}; "
                       "set --corpus.text_field or --corpus.template)")

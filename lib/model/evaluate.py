@@ -29,7 +29,8 @@ def compressor_bpb(data: bytes) -> dict[str, float]:
     return {name: 8 * size / max(len(data), 1) for name, size in sizes.items()}
 
 
-def stream_blocks(tokens: np.ndarray, seq_len: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def stream_blocks(tokens: np.ndarray, seq_len: int, stride: int | None = None,
+                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut a token stream into windows of seq_len inputs starting every `stride` tokens, such
     that every token after the first is a target exactly once. Returns (inputs, targets), both
     (n, seq_len) int64; targets scored by an earlier window, and padding after the end, are
@@ -37,7 +38,8 @@ def stream_blocks(tokens: np.ndarray, seq_len: int, stride: int | None = None) -
 
     stride = seq_len (default) gives disjoint blocks: the first tokens of each block see little
     context. A smaller stride gives every scored token at least seq_len - stride tokens of
-    context, at seq_len / stride times the compute.
+    context, at seq_len / stride times the compute. `mask` (one per token, 1 where a target
+    counts: the assistant's tokens of conversations) leaves the others unscored too.
     """
     stride = stride or seq_len
     if not 0 < stride <= seq_len:
@@ -51,7 +53,10 @@ def stream_blocks(tokens: np.ndarray, seq_len: int, stride: int | None = None) -
         chunk = np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
         inputs[r, : len(chunk) - 1] = chunk[:-1]
         skip = max(scored_upto - start, 0)  # leading targets an earlier window already scored
-        targets[r, skip : len(chunk) - 1] = chunk[skip + 1 :]
+        scored = chunk[skip + 1 :]
+        if mask is not None:
+            scored = np.where(np.asarray(mask[start + skip + 1 : start + len(chunk)]) == 1, scored, IGNORE_INDEX)
+        targets[r, skip : len(chunk) - 1] = scored
         scored_upto = max(scored_upto, start + len(chunk) - 1)
     return inputs, targets
 
@@ -144,17 +149,31 @@ class HeldOutSample:
 
 
 def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_targets: int | None,
-                    byte_lengths: np.ndarray | None, seed: int = 0) -> HeldOutSample:
+                    byte_lengths: np.ndarray | None, seed: int = 0, mask: np.ndarray | None = None) -> HeldOutSample:
     """The windows eval.py scores over the whole split (seq_len tokens every seq_len // 2, each
     scoring the targets no earlier window scored), or a sample of them holding about `n_targets`
     targets, evenly spaced from a seeded offset: an estimate of eval.py's whole-split figure.
 
     Bits per byte of a sample needs the bytes of the sampled targets: `byte_lengths` per token
     id (token_byte_lengths). If they are missing or do not add up to the split's recorded bytes,
-    whole documents are sampled instead (sample_docs), whose bytes are recorded."""
+    whole documents are sampled instead (sample_docs), whose bytes are recorded.
+
+    With `mask` (conversations: only the assistant's tokens count), the windows score those
+    tokens alone, and the bytes are theirs (from `byte_lengths`; without it, no bits per byte)."""
     from lib.data.batches import gather_docs, sample_docs
 
     stride = max(1, seq_len // 2)
+    if mask is not None:
+        inputs, targets = stream_blocks(tokens, seq_len, stride, mask)
+        what = "the whole held-out split"
+        per_window = max(1.0, float((targets != IGNORE_INDEX).sum(axis=1).mean()))
+        if n_targets is not None and (targets != IGNORE_INDEX).sum() > n_targets:
+            n = len(inputs)
+            k = min(n, int(np.ceil(n_targets / per_window)))
+            pick = np.floor((np.arange(k) + np.random.default_rng(seed).random()) * n / k).astype(np.int64)
+            inputs, targets, what = inputs[pick], targets[pick], f"{k} of {n} windows of the held-out split"
+        n_bytes = int(byte_lengths[targets[targets != IGNORE_INDEX]].sum()) if byte_lengths is not None else None
+        return HeldOutSample(inputs, targets, n_bytes, what + ", the assistant's tokens only")
     total_bytes = int(docs[:, 1].sum())
     exact = byte_lengths is not None and int(byte_lengths[tokens].sum()) == total_bytes
     if n_targets is None or len(tokens) - 1 <= n_targets:
@@ -178,9 +197,10 @@ def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_target
 
 def evaluate_stream(model, tokens: np.ndarray, seq_len: int, batch_size: int, device,
                     autocast=None, stride: int | None = None, progress: bool = False,
-                    boundary=None) -> dict[str, float]:
-    """evaluate_blocks over the windows stream_blocks cuts from one token stream."""
-    inputs, targets = stream_blocks(np.asarray(tokens), seq_len, stride)
+                    boundary=None, mask: np.ndarray | None = None) -> dict[str, float]:
+    """evaluate_blocks over the windows stream_blocks cuts from one token stream (scoring only
+    the targets `mask` marks, when given)."""
+    inputs, targets = stream_blocks(np.asarray(tokens), seq_len, stride, mask)
     return evaluate_blocks(model, inputs, targets, batch_size, device, autocast, progress, boundary)
 
 

@@ -173,7 +173,7 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
             copy_tokenizer_files(tok_dir, build.path)  # a base model's own files: its fingerprint stays the base's
         else:
             AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True).save_pretrained(str(build.path))
-            client_conventions(build.path)
+            client_conventions(build.path, read_json(tokens_dir / "manifest.json", "token manifest").get("chat_template"))
             shutil.copy2(tok_dir / SP_MODEL, build.path / SP_MODEL)
         if trained_len is not None:
             record_trained_length(build.path, trained_len)
@@ -183,14 +183,21 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
     return out_dir
 
 
-def client_conventions(folder: Path) -> None:
+def client_conventions(folder: Path, chat_template: str | None = None) -> None:
     """Save this project's tokenizer the way clients expect a Llama-style one: encoding a text adds
     bos in front (every training document starts with it), so `model.generate(**tok(prompt))`
     conditions as training did; and a special-token string a client writes ("<s>") is that token.
     (The data pipeline encodes with SentencePiece itself, where "<s>" in a file is plain text.)
     Clients that add bos themselves encode with add_special_tokens=False, as
-    lm-evaluation-harness does, and get one bos, never two."""
+    lm-evaluation-harness does, and get one bos, never two.
+
+    `chat_template`: the template conversations were rendered with in training (the data's
+    manifest), saved with bos in front, so that apply_chat_template(messages, tokenize=True)
+    gives the ids training saw."""
+    from lib.data.chat import CLIENT_PREFIX
+
     name = "tokenizer_config.json"
     if (folder / name).is_file():
+        chat = {"chat_template": CLIENT_PREFIX + chat_template} if chat_template else {}
         write_json(folder / name, {**read_json(folder / name, "tokenizer file"), "add_bos_token": True,
-                                   "add_eos_token": False, "split_special_tokens": False})
+                                   "add_eos_token": False, "split_special_tokens": False, **chat})

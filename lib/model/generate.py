@@ -163,18 +163,21 @@ class Session:
             ids = [bos] + ids
         return ids
 
+    def positions(self) -> int:
+        """How many tokens the model reads (a very large number when its config does not say)."""
+        return getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None) or 1 << 30
+
     def _generate(self, ids: list[int], out: TextIO) -> str:
         import torch
 
         if not ids:
             raise UserError("the prompt encodes to no tokens: give some text")
-        positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(
-            self.model.config, "n_positions", None)
-        if positions is not None and len(ids) >= positions:
+        positions = self.positions()
+        if len(ids) >= positions:
             raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {positions}")
         kw = self.opts.generate_kwargs()
-        if positions is not None:
-            kw["max_new_tokens"] = min(kw["max_new_tokens"], positions - len(ids))
+        kw["max_new_tokens"] = min(kw["max_new_tokens"], positions - len(ids))
         streamer = _Streamer(self.tok, out, len(ids))
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         with torch.no_grad():
@@ -192,9 +195,14 @@ class Session:
         streaming the answer to `out`; the answer joins the conversation."""
         require_chat_template(self.tok, "this model")
         self.history.append({"role": "user", "content": message})
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        answer = self._generate(self.tok(text, add_special_tokens=False).input_ids, out)
+        while True:  # the oldest exchanges go first when the conversation outgrows the model's positions
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tok(text, add_special_tokens=False).input_ids
+            if len(self.history) <= 1 or len(ids) < self.positions() - 8:
+                break
+            del self.history[:2]
+        answer = self._generate(ids, out)
         self.history.append({"role": "assistant", "content": answer.strip()})
         return answer
 
