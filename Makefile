@@ -4,11 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke mlflow test bench gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
+.PHONY: help venv tokenize train eval smoke sft mlflow test bench gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9-minute budget, sized to this machine), evaluate it"
 	@echo "make smoke     the same pipeline at toy size (under 2 minutes) -> runs/smoke/"
+	@echo "make sft       instruction-tune runs/default on question/answer pairs from the stdlib -> runs/sft/ (BASE=runs/x)"
 	@echo "make test      run the test suite"
 	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~20 min)"
 	@echo "make gpu-check on a CUDA GPU: a 116M model in bf16 with compile, tokens/s and MFU"
@@ -51,6 +52,19 @@ smoke: venv
 	$(PY) scripts/eval.py --model runs/smoke
 	@echo "smoke: the pipeline ran end to end. A toy model (2 layers of width 64, 300 steps) is not expected to beat"
 	@echo "       lzma's bits per byte above; make train's model does (README, Results)."
+
+# Instruction tuning offline: pairs made from the standard library (a function's signature asked
+# about, its docstring's first paragraph as the answer), whole modules held out; the answers'
+# loss before (the base) and after, then three answers to held-out questions
+BASE ?= runs/default
+sft: venv
+	$(PY) scripts/tokenize.py stdlib-pairs --out_dir data/pairs-src
+	$(PY) scripts/tokenize.py --corpus.source data/pairs-src --corpus.split_by file --tokenizer $(BASE)/final --out_dir data/pairs
+	$(PY) scripts/eval.py --model $(BASE)/final --data data/pairs --samples 0 --out_dir runs/sft-base-eval
+	$(PY) scripts/train.py --config configs/train/sft.yaml --model.init_from $(BASE)/final --overwrite
+	$(PY) scripts/eval.py --model runs/sft --samples 0
+	$(PY) -c "import json; [print(json.loads(x)['messages'][-2]['content']) for x in open('data/pairs/corpus/val-00000.jsonl').readlines()[:3]]" \
+		| $(PY) scripts/eval.py generate --model runs/sft --chat --interactive --temperature 0 --max_new_tokens 60
 
 # TEST_WORKERS=2 runs the suite in two pytest-xdist workers (most tests are one-thread subprocess
 # runs, so faster), but in 2 of 4 such runs once one 2-process launch hung until its timeout (cause

@@ -8,6 +8,7 @@
     python scripts/tokenize.py encode  --tokenizer tok/sp.model --input in.jsonl --max_length 128
     python scripts/tokenize.py decode  --tokenizer tok/sp.model --input ids.jsonl --output text.jsonl
     python scripts/tokenize.py inspect --tokenizer runs/default/final
+    python scripts/tokenize.py stdlib-pairs --out_dir data/pairs-src     # instruction pairs, offline
 
 The pipeline writes OUT_DIR/corpus (JSONL shards + manifest), OUT_DIR/tokenizer (sp.model and a
 Hugging Face tokenizer with identical ids; or, with --tokenizer NAME_OR_FOLDER, that model's own
@@ -214,8 +215,28 @@ def cmd_inspect(cfg: InspectConfig) -> None:
     print(f"  round trip exact: {tok.decode(ids) == cfg.text}")
 
 
+@dataclass
+class PairsConfig(_Preset):
+    """Write instruction pairs made from Python's standard library (a documented function's
+    signature as the question, its docstring's first paragraph as the answer), one JSONL file
+    per module, for instruction tuning offline:
+        python scripts/tokenize.py stdlib-pairs --out_dir data/pairs-src
+        python scripts/tokenize.py --corpus.source data/pairs-src --corpus.split_by file --out_dir data/pairs"""
+
+    out_dir: Path = Path("data/pairs-src")
+
+
+def cmd_pairs(cfg: PairsConfig) -> None:
+    from lib.data.stdlib_pairs import write_pairs
+
+    counts = write_pairs(cfg.out_dir)
+    print(f"wrote {counts['pairs']:,} prompt/completion pairs from {counts['modules']} standard-library modules "
+          f"to {cfg.out_dir}/<module>.jsonl")
+
+
 SUBCOMMANDS = {"train": (TrainTokenizerConfig, cmd_train), "encode": (EncodeConfig, cmd_encode),
-               "decode": (DecodeConfig, cmd_decode), "inspect": (InspectConfig, cmd_inspect)}
+               "decode": (DecodeConfig, cmd_decode), "inspect": (InspectConfig, cmd_inspect),
+               "stdlib-pairs": (PairsConfig, cmd_pairs)}
 
 
 def held_out_note(cc, corpus: dict) -> str:

@@ -82,6 +82,9 @@ class CorpusConfig:
     """Held-out share, in 1/1000 of documents, chosen by the sha256 of each document id
     (the file's relative path, or path:line). Should no document fall in it (and the share is not
     0), the one whose hash is lowest is held out, so a small corpus still has a held-out split."""
+    split_by: Literal["document", "file"] = "document"
+    """What the held-out split is drawn by: each document's id, or the file it came from (all of a
+    file's records on one side: held-out data from sources the model never saw, e.g. modules)."""
     val_min_bytes: int = 100_000
     """Floor of the held-out split, in bytes of text: a smaller one gives figures (the model's and
     the compressors' bits per byte) too noisy to compare, so the share is raised a tenth of a
@@ -227,6 +230,11 @@ def raised_share(cfg: CorpusConfig, val: tuple[int, int], train_by_bucket: list[
     return share if moved else None
 
 
+def split_key(cfg: CorpusConfig, record: dict) -> str:
+    """What a record's split is decided by (CorpusConfig.split_by): its id, or its file."""
+    return record["source"] if cfg.split_by == "file" else record["id"]
+
+
 def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozenset = frozenset(),
              share: Optional[int] = None) -> Iterator[tuple[str, dict]]:
     """(split, record) pairs; fills `inputs` with the hashed raw files as a side result. Ids in
@@ -262,7 +270,8 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
             record = {"id": raw.id, "text": ChatText.of(messages), "source": raw.source, "messages": messages}
             if raw.line is not None:
                 record["line"] = raw.line
-            yield "val" if raw.id in held_out else split_of(raw.id, share), record
+            key = split_key(cfg, record)
+            yield "val" if key in held_out else split_of(key, share), record
             continue
         text = normalize(raw.text, cfg.normalize)
         if raw.line is None and raw.source.endswith(TEXT_SUFFIXES) and cfg.source != "stdlib":
@@ -278,7 +287,8 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
             record = {"id": doc_id, "text": piece, "source": raw.source}
             if line is not None:
                 record["line"] = line
-            yield "val" if doc_id in held_out else split_of(doc_id, share), record
+            key = split_key(cfg, record)
+            yield "val" if key in held_out else split_of(key, share), record
     skipped.update(reader.counts)
 
 
@@ -307,11 +317,11 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
                     writers[split].write(record)
                     conversations += "messages" in record
                     if split == "train":
-                        bucket = bucket_of(record["id"])
+                        bucket = bucket_of(split_key(cfg, record))
                         by_bucket[bucket][0] += len(record["text"].encode("utf-8"))
                         by_bucket[bucket][1] += 1
                         if bucket < lowest_bucket:
-                            lowest, lowest_bucket = record["id"], bucket
+                            lowest, lowest_bucket = split_key(cfg, record), bucket
             finally:
                 for w in writers.values():
                     w.close()

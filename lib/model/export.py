@@ -169,11 +169,17 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
             state_dict = {k: v for k, v in state_dict.items() if k not in repeats}
         model.save_pretrained(str(build.path), safe_serialization=True, state_dict=state_dict)
         stamp = tok_dir / "build.json"
+        template = read_json(tokens_dir / "manifest.json", "token manifest").get("chat_template")
         if stamp.is_file() and "pretrained" in read_json(stamp, "tokenizer record"):
             copy_tokenizer_files(tok_dir, build.path)  # a base model's own files: its fingerprint stays the base's
+            config = build.path / "tokenizer_config.json"
+            if template and config.is_file() and "chat_template" not in read_json(config, "tokenizer config"):
+                from lib.data.chat import CLIENT_PREFIX  # tuned on conversations through this project's template
+
+                write_json(config, {**read_json(config, "tokenizer config"), "chat_template": CLIENT_PREFIX + template})
         else:
             AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True).save_pretrained(str(build.path))
-            client_conventions(build.path, read_json(tokens_dir / "manifest.json", "token manifest").get("chat_template"))
+            client_conventions(build.path, template)
             shutil.copy2(tok_dir / SP_MODEL, build.path / SP_MODEL)
         if trained_len is not None:
             record_trained_length(build.path, trained_len)
