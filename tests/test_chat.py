@@ -148,3 +148,77 @@ def test_the_loss_counts_the_answers_alone(chat_data, packing):
     torch.testing.assert_close(loss_sum / n, F.cross_entropy(logits[keep].float(), labels[keep]))
     (loss_sum / n).backward()
     assert torch.all(logits.grad[~keep] == 0) and torch.all(logits.grad[keep].abs().sum(-1) > 0)
+
+
+def test_bad_conversations_are_named_or_skipped_and_counted(tmp_path):
+    import json
+
+    from conftest import run_script
+
+    src = chat_jsonl(tmp_path / "talk.jsonl", 40)
+    with open(src, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "anyone?"}]}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "x"}]}) + "\n")
+    args = ("scripts/tokenize.py", "--corpus.source", str(src), "--tokenizer.vocab_size", "300")
+    proc = run_script(*args, "--out_dir", str(tmp_path / "a"), check=False)
+    assert proc.returncode != 0 and "talk.jsonl:41: no assistant turn" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a").exists()
+    proc = run_script(*args, "--out_dir", str(tmp_path / "b"), "--corpus.on_bad_record", "skip")
+    manifest = json.loads((tmp_path / "b" / "corpus" / "manifest.json").read_text())
+    assert manifest["skipped"] == {"bad_conversation": 2} and manifest["conversations"] == 40
+
+
+def test_pairs_from_source_and_whole_files_held_out(tmp_path):
+    import json
+
+    from lib.data.corpus import CorpusConfig, build_corpus, iter_records
+    from lib.data.stdlib_pairs import module_pairs
+
+    mod = tmp_path / "m.py"
+    mod.write_text('def area(w, h=1):\n    """Return the area of a rectangle of width w and height h.\n\n    More."""\n'
+                   'def _hidden():\n    """Private helpers are left out of the pairs."""\n'
+                   'class Box:\n    def open(self, *, force=False):\n        """Open the box, even when stuck."""\n'
+                   'def short():\n    """Too short."""\n')
+    assert module_pairs(mod, "pkg.m") == [
+        {"prompt": "What does pkg.m.area(w, h=1) do?", "completion": "Return the area of a rectangle of width w and height h."},
+        {"prompt": "What does pkg.m.Box.open(self, *, force=False) do?", "completion": "Open the box, even when stuck."}]
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(30):
+        (src / f"mod{k}.jsonl").write_text("".join(json.dumps({"prompt": f"q{k} {i}", "completion": f"a{k} {i}"}) + "\n"
+                                                   for i in range(5)))
+    build_corpus(CorpusConfig(source=str(src), split_by="file", val_per_mille=100, val_min_bytes=0, val_min_docs=0),
+                 tmp_path / "c")
+    sides = {s: {r["source"] for r in iter_records(tmp_path / "c", s)} for s in ("train", "val")}
+    assert sides["val"] and sides["train"] and not sides["val"] & sides["train"]
+    assert sum(1 for _ in iter_records(tmp_path / "c", "val")) == 5 * len(sides["val"])  # whole files
+
+
+def test_a_tuned_model_chats_through_the_template_it_was_trained_with(chat_data, tmp_path):
+    import json
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from conftest import BITWISE, run_script, train
+    from lib.data.batches import load_split
+
+    train(chat_data, tmp_path, "sft", *BITWISE, "--max_steps", "20", "--checkpoint_every", "0", "--eval_every", "0",
+          "--data.seq_len", "48")
+    final = tmp_path / "sft" / "final"
+    tok = AutoTokenizer.from_pretrained(final, local_files_only=True)
+    assert tok.chat_template and tok.chat_template.startswith("{{ bos_token }}")
+    # the client's ids for a held-out conversation's prompt are those training saw before the answer
+    record = json.loads((chat_data / "corpus" / "val-00000.jsonl").read_text().splitlines()[0])
+    tokens, docs = load_split(chat_data / "tokens", "val")
+    doc = tokens[: docs[0, 0]].tolist()
+    prompt = tok.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, tokenize=True)
+    prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    answer = tok(record["messages"][-1]["content"], add_special_tokens=False).input_ids
+    assert doc == prompt + answer + [tok.eos_token_id]
+    proc = run_script("scripts/eval.py", "generate", "--model", str(tmp_path / "sft"), "--chat", "--prompt",
+                      record["messages"][-2]["content"], "--temperature", "0", "--max_new_tokens", "8")
+    assert proc.returncode == 0 and proc.stdout.strip()
+    rec = json.loads(run_script("scripts/eval.py", "--model", str(tmp_path / "sft"), "--samples", "0").stdout and
+                     (tmp_path / "sft" / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["tokens"] == int(np.concatenate([np.load(chat_data / "tokens" / "val-00000.mask.npy")]).sum())

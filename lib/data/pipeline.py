@@ -145,7 +145,7 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
             "with nothing between them: a model trained on them cannot tell where one ends, and "
             "--data.doc_mask cannot keep them apart")
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    splits, total_tokens, total_bytes = {}, 0, 0
+    splits, total_tokens, total_bytes, longest = {}, 0, 0, 0
     files = [corpus_dir / shard["file"] for info in corpus_manifest["splits"].values() for shard in info["shards"]]
     if template is not None:
         log(f"tokens: {corpus_manifest['conversations']} conversations, trained on the assistant's tokens only "
@@ -158,6 +158,7 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
             shards = []
             for shard in info["shards"]:
                 flat, lengths, sizes, *loss_mask = next(encoded)
+                longest = max(longest, int(lengths.max(initial=0)))
                 flat = flat.astype(dtype, copy=False)
                 docs = np.stack([lengths, sizes], axis=1).astype(np.int64)
                 stem = Path(shard["file"]).stem
@@ -189,6 +190,9 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
         manifest["content_hash"] = canonical_hash({s: [sh["sha256"] for sh in v["shards"]] for s, v in splits.items()})
         write_json(tmp / "manifest.json", manifest)
     secs = time.time() - t0
+    if template is not None:
+        log(f"tokens: the longest document is {longest:,} tokens: train with --data.seq_len {longest - 1} or more to "
+            "keep every conversation whole in view")
     log(f"tokens: encoded {total_bytes / 1e6:.1f} MB into {total_tokens:,} tokens "
         f"({total_bytes / max(total_tokens, 1):.2f} bytes/token) in {secs:.1f}s "
         f"({total_bytes / 1e6 / max(secs, 1e-9):.1f} MB/s) -> {tokens_dir}")
