@@ -222,3 +222,21 @@ def test_a_tuned_model_chats_through_the_template_it_was_trained_with(chat_data,
     rec = json.loads(run_script("scripts/eval.py", "--model", str(tmp_path / "sft"), "--samples", "0").stdout and
                      (tmp_path / "sft" / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["tokens"] == int(np.concatenate([np.load(chat_data / "tokens" / "val-00000.mask.npy")]).sum())
+
+
+def test_instruction_records_through_a_template_and_a_completion_field(tmp_path):
+    import json
+
+    from lib.data.corpus import CorpusConfig, build_corpus, iter_records
+
+    src = tmp_path / "alpaca.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"Add {i} and 2.", "input": f"x = {i}", "output": f"{i + 2}"})
+                           + "\n" for i in range(30)) + json.dumps({"instruction": "No answer.", "input": ""}) + "\n")
+    cfg = dict(source=str(src), template="{instruction}\n\n{input}", val_min_bytes=0, val_min_docs=0)
+    with pytest.raises(UserError, match=r"alpaca.jsonl:31: no string field 'output' \(--corpus.completion_field\)"):
+        build_corpus(CorpusConfig(**cfg, completion_field="output"), tmp_path / "a")
+    m = build_corpus(CorpusConfig(**cfg, completion_field="output", on_bad_record="skip"), tmp_path / "b")
+    assert m["conversations"] == 30 and m["skipped"] == {"missing_field": 1}
+    first = next(r for s in ("train", "val") for r in iter_records(tmp_path / "b", s) if r["id"].endswith(":1"))
+    assert first["messages"] == [{"role": "user", "content": "Add 0 and 2.\n\nx = 0"},
+                                 {"role": "assistant", "content": "2"}]

@@ -62,6 +62,10 @@ class CorpusConfig:
     """The field holding the text (jsonl, parquet, datasets)."""
     template: Optional[str] = None
     """Build the text from several fields instead, e.g. '{title}\\n\\n{body}'."""
+    completion_field: Optional[str] = None
+    """With a template: the field holding the answer. The template's text becomes the user's
+    message and this field the assistant's, the only text trained on (an instruction dataset:
+    --corpus.template '{instruction}\\n\\n{input}' --corpus.completion_field output)."""
     loader: Optional[str] = None
     """Read `source` through datasets.load_dataset(LOADER, data_files=..., streaming=True): a
     builder name (json, csv, parquet, text) or a local dataset folder. Any file suffix."""
@@ -247,13 +251,13 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
         reader = RecordReader(on_bad_record="skip", on_bad_utf8="skip")
     elif is_saved_dataset(cfg.source) and not cfg.loader:
         files = []
-        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field)
     elif cfg.loader:
         files = expand_inputs(cfg.source, suffixes=ANY_SUFFIX)
-        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field)
     else:
         files = expand_inputs(cfg.source)
-        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8)
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field)
     if cfg.max_files is not None:
         files = files[: cfg.max_files]
     inputs.extend(hash_inputs(files))

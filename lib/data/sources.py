@@ -122,8 +122,8 @@ class RecordReader:
 
     def __init__(self, text_field: str = "text", template: Optional[str] = None,
                  on_bad_record: Literal["error", "skip"] = "error",
-                 on_bad_utf8: Literal["error", "skip", "replace"] = "error"):
-        self.text_field, self.template = text_field, template
+                 on_bad_utf8: Literal["error", "skip", "replace"] = "error", completion_field: Optional[str] = None):
+        self.text_field, self.template, self.completion_field = text_field, template, completion_field
         self.on_bad_record, self.on_bad_utf8 = on_bad_record, on_bad_utf8
         self.template_fields = ([f for _, f, _, _ in string.Formatter().parse(template) if f]
                                 if template else [])
@@ -155,7 +155,15 @@ class RecordReader:
                 self._bad("missing_field", where, f"no field {missing[0]!r} for the template "
                           f"(fields: {', '.join(map(str, obj)) or 'none'})")
                 return None
-            return self.template.format(**{k: obj[k] for k in self.template_fields})
+            text = self.template.format(**{k: obj[k] for k in self.template_fields})
+            if self.completion_field is None:
+                return text
+            answer = obj.get(self.completion_field)
+            if not isinstance(answer, str):
+                self._bad("missing_field", where, f"no string field {self.completion_field!r} (--corpus.completion_field) "
+                          f"(fields: {', '.join(map(str, obj)) or 'none'})")
+                return None
+            return ChatText.of([{"role": "user", "content": text}, {"role": "assistant", "content": answer}])
         if self.text_field not in obj and is_chat_record(obj):
             from lib.data.chat import parse_record
 
