@@ -4,11 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke sft mlflow test bench gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
+.PHONY: help venv tokenize train eval smoke sft lm-eval mlflow test bench gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9-minute budget, sized to this machine), evaluate it"
 	@echo "make smoke     the same pipeline at toy size (under 2 minutes) -> runs/smoke/"
+	@echo "make lm-eval   install lm-evaluation-harness (optional) without changing any installed package's version"
 	@echo "make sft       instruction-tune runs/default on question/answer pairs from the stdlib -> runs/sft/ (BASE=runs/x)"
 	@echo "make test      run the test suite"
 	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~20 min)"
@@ -52,6 +53,13 @@ smoke: venv
 	$(PY) scripts/eval.py --model runs/smoke
 	@echo "smoke: the pipeline ran end to end. A toy model (2 layers of width 64, 300 steps) is not expected to beat"
 	@echo "       lzma's bits per byte above; make train's model does (README, Results)."
+
+# lm-evaluation-harness is optional. A plain `pip install "lm_eval[hf]"` upgrades torch to a CUDA
+# build over the pinned CPU one: install it against this venv's exact versions instead.
+lm-eval: venv
+	$(PY) -m pip freeze --exclude-editable > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt "lm_eval[hf]"
+	$(PY) -c "import lm_eval, torch; print('lm_eval', lm_eval.__version__, '| torch', torch.__version__)"
 
 # Instruction tuning offline: pairs made from the standard library (a function's signature asked
 # about, its docstring's first paragraph as the answer), whole modules held out; the answers'
