@@ -448,6 +448,29 @@ def load_data(run) -> None:
     if cfg.data.doc_mask and run.boundary is None:
         run.say("note: the tokenizer has neither bos nor eos, so nothing marks where documents meet: attention "
                 "spans them")
+    if val_masks is not None:
+        long = too_long_conversations(tok_dir, run.manifest, cfg.data.seq_len)
+        if long:
+            run.say(f"warning: {long[0]} conversation(s) are longer than --data.seq_len {cfg.data.seq_len} + 1 tokens "
+                    f"(the first: {long[1]}, {long[2]} tokens). They are cut into blocks like any document: their "
+                    f"later answer tokens are trained without the conversation's start in view. --data.seq_len "
+                    f"{long[3] - 1} keeps every one whole")
+
+
+def too_long_conversations(tok_dir, manifest: dict, seq_len: int) -> tuple | None:
+    """(how many training conversations exceed seq_len + 1 tokens, the first one's file:line, its
+    length, the longest length), or None when none does."""
+    import numpy as np
+
+    from lib.data.batches import load_doc_tables
+    from lib.data.corpus import iter_records
+
+    lengths = np.concatenate(load_doc_tables(tok_dir, "train"))[:, 0]
+    long = np.nonzero(lengths > seq_len + 1)[0]
+    if not len(long):
+        return None
+    first = next(r for i, r in enumerate(iter_records(tok_dir / manifest["corpus_dir"], "train")) if i == long[0])
+    return len(long), f"{first['source']}:{first.get('line', '?')}", int(lengths[long[0]]), int(lengths.max())
 
 
 def open_run(run) -> None:

@@ -222,6 +222,12 @@ def test_a_tuned_model_chats_through_the_template_it_was_trained_with(chat_data,
     rec = json.loads(run_script("scripts/eval.py", "--model", str(tmp_path / "sft"), "--samples", "0").stdout and
                      (tmp_path / "sft" / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["tokens"] == int(np.concatenate([np.load(chat_data / "tokens" / "val-00000.mask.npy")]).sum())
+    # conversations longer than the sequence are cut, and the run names the first and the length to use
+    proc = train(chat_data, tmp_path, "short", *BITWISE, "--max_steps", "2", "--checkpoint_every", "0",
+                 "--eval_every", "0", "--data.seq_len", "16")
+    line = next(x for x in proc.stdout.splitlines() if "longer than --data.seq_len 16 + 1" in x)
+    longest = int(np.concatenate([np.load(chat_data / "tokens" / "train-00000.docs.npy")])[:, 0].max())
+    assert "(the first: talk.jsonl:" in line and f"--data.seq_len {longest - 1} keeps every one whole" in line
 
 
 def test_instruction_records_through_a_template_and_a_completion_field(tmp_path):
