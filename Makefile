@@ -56,10 +56,12 @@ smoke: venv
 
 # lm-evaluation-harness is optional. A plain `pip install "lm_eval[hf]"` upgrades torch to a CUDA
 # build over the pinned CPU one: install it against this venv's exact versions instead.
-lm-eval: venv
+lm-eval: $(VENV)/.lm_eval
+$(VENV)/.lm_eval: $(VENV)/.installed
 	$(PY) -m pip freeze --exclude-editable > $(VENV)/constraints.txt
 	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt "lm_eval[hf]"
 	$(PY) -c "import lm_eval, torch; print('lm_eval', lm_eval.__version__, '| torch', torch.__version__)"
+	touch $@
 
 # Instruction tuning offline: pairs made from the standard library (a function's signature asked
 # about, its docstring's first paragraph as the answer), whole modules held out; the answers'
@@ -79,7 +81,7 @@ sft: venv
 # not found; not seen since, see docs/2026-12-01-measurements.md; a stuck wait now ends as an error
 # after --dist_timeout_minutes): serial by default
 TEST_WORKERS ?= 0
-test: venv
+test: venv lm-eval  # tests/test_tasks.py runs lm-evaluation-harness
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 bench: tokenize

@@ -92,6 +92,56 @@ class EvalConfig:
     tracking: bool = True
     """Add the figures (and metrics.csv, samples.txt, the report) to the MLflow run that the training
     run recorded in its tracking.json, when evaluating that run on its own data."""
+    tasks: tuple[str, ...] = ()
+    """lm-evaluation-harness tasks to run on the model instead of scoring the held-out split (make
+    lm-eval installs the harness); their figures go to the same metrics files, and to the run's
+    MLflow run."""
+    tasks_dir: Optional[Path] = None
+    """A folder of task YAML files for --tasks (with local data files: offline)."""
+
+
+def run_tasks(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir: Path) -> None:
+    """--tasks: the harness on the model, one metrics record per task."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--tasks needs lm-evaluation-harness: `make lm-eval` installs it against this venv's "
+                        "versions (a plain pip install would replace the CPU torch)") from None
+    from transformers import AutoTokenizer
+
+    from lib.model.build import load_pretrained
+    from lib.records.metrics import METRICS, MetricsSink, parse_formats, read_jsonl
+
+    if cfg.tasks_dir is not None and not cfg.tasks_dir.is_dir():
+        raise UserError(f"--tasks_dir {cfg.tasks_dir}: no such folder")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # task data from local files; nothing fetched
+    manager = TaskManager(include_path=str(cfg.tasks_dir) if cfg.tasks_dir else None)
+    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"--tasks {unknown[0]}: no such task" + (f" in {cfg.tasks_dir} or" if cfg.tasks_dir else "")
+                        + " among the harness's own")
+    model = load_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size),
+                                      tasks=list(cfg.tasks), task_manager=manager)["results"]
+    sink = MetricsSink(out_dir / METRICS, parse_formats(cfg.metrics_out))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    figures = {}
+    for task, found in results.items():
+        metrics = {k.split(",")[0]: v for k, v in found.items() if "," in k and isinstance(v, (int, float))}
+        sink.write({"time": stamp, "type": "task", "model": str(model_dir), "task": task,
+                    "documents": found.get("sample_len"), **metrics})
+        print(f"  {task:<24} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        figures.update({f"task_{task}_{k}": float(v) for k, v in metrics.items() if not k.endswith("_stderr")})
+    sink.close()
+    print(f"wrote {out_dir}/{METRICS}")
+    if cfg.tracking and run_dir is not None:
+        from lib.records.tracking import log_to_recorded_run
+
+        steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r]
+        log_to_recorded_run(run_dir, figures, max(steps, default=0), [], print)
 
 
 @dataclass
@@ -267,6 +317,8 @@ def main() -> None:
     else:
         why = "--trust_unverified" if run_dir is not None else "a model not written by train.py"
         print(f"warning: {model_dir} has no {CHECKSUMS} ({why}): its files are not checked")
+    if cfg.tasks:
+        return run_tasks(cfg, model_dir, run_dir, out_dir)
     from lib.train.cpu import keep_freed_memory
 
     keep_freed_memory()  # reused activation buffers instead of page faults on every batch
