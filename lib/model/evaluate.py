@@ -148,6 +148,13 @@ class HeldOutSample:
         return min(times[1:] or times) * batches
 
 
+def spaced(n: int, k: int, seed: int) -> np.ndarray:
+    """k of n indices, evenly spaced from a seeded offset: every part of the split (every
+    document, in proportion to its size) is in the sample, which a simple random sample of a few
+    hundred windows is not."""
+    return np.floor((np.arange(k) + np.random.default_rng(seed).random()) * n / k).astype(np.int64)
+
+
 def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_targets: int | None,
                     byte_lengths: np.ndarray | None, seed: int = 0, mask: np.ndarray | None = None) -> HeldOutSample:
     """The windows eval.py scores over the whole split (seq_len tokens every seq_len // 2, each
@@ -170,7 +177,7 @@ def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_target
         if n_targets is not None and (targets != IGNORE_INDEX).sum() > n_targets:
             n = len(inputs)
             k = min(n, int(np.ceil(n_targets / per_window)))
-            pick = np.floor((np.arange(k) + np.random.default_rng(seed).random()) * n / k).astype(np.int64)
+            pick = spaced(n, k, seed)
             inputs, targets, what = inputs[pick], targets[pick], f"{k} of {n} windows of the held-out split"
         n_bytes = int(byte_lengths[targets[targets != IGNORE_INDEX]].sum()) if byte_lengths is not None else None
         return HeldOutSample(inputs, targets, n_bytes, what + ", the assistant's tokens only")
@@ -187,9 +194,7 @@ def held_out_sample(tokens: np.ndarray, docs: np.ndarray, seq_len: int, n_target
     inputs, targets = stream_blocks(tokens, seq_len, stride)
     n = len(inputs)
     k = min(n, int(np.ceil(n_targets / (targets != IGNORE_INDEX).sum(axis=1).mean())))
-    # evenly spaced from a seeded offset: every part of the split (every document, in proportion
-    # to its size) is in the sample, which a simple random sample of a few hundred windows is not
-    pick = np.floor((np.arange(k) + np.random.default_rng(seed).random()) * n / k).astype(np.int64)
+    pick = spaced(n, k, seed)
     inputs, targets = inputs[pick], targets[pick]
     n_bytes = int(byte_lengths[targets[targets != IGNORE_INDEX]].sum())
     return HeldOutSample(inputs, targets, n_bytes, f"{k} of {n} windows, evenly spaced across the held-out split")
