@@ -162,6 +162,9 @@ class GenerateConfig(GenerationOptions):
     system: Optional[str] = None
     """--chat: a system message in front of the conversation."""
     seed: int = 0
+    trust_unverified: bool = False
+    """Use a run's model even though its checksums.json is missing (its files cannot be checked);
+    without it such a model is refused, and a model whose files differ from the record always is."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: the run's trained precision on the kind of device it was trained on; else fp32 on a
     CPU, bf16 on a GPU that has it."""
@@ -183,7 +186,8 @@ def generate_command(cfg: GenerateConfig) -> None:
     from lib.progress import quiet_library_bars
 
     quiet_library_bars()
-    session = Session.open(cfg.model, cfg, dtype=dtype, system=cfg.system, chat=cfg.chat)
+    session = Session.open(cfg.model, cfg, dtype=dtype, system=cfg.system, chat=cfg.chat,
+                           trust_unverified=cfg.trust_unverified)
     set_seed(cfg.seed)
     say = (lambda text: session.chat_turn(text, sys.stdout)) if cfg.chat else (
         lambda text: session.complete(text, sys.stdout))
@@ -300,23 +304,14 @@ def main() -> None:
                                                  prog=f"{os.path.basename(sys.argv[0])} generate", presets=False))
     cfg = config_lib.parse(EvalConfig, description=__doc__, prog=f"{os.path.basename(sys.argv[0])} [generate]")
     model_dir, run_dir, data_dir = resolve_paths(cfg)
-    from lib.files import CHECKSUMS, ensure_writable, verify_checksums
+    from lib.files import ensure_writable
+    from lib.model.build import check_model_files
 
-    # before any work: whether the weights are the ones the run wrote, where the results go
-    if not (model_dir / CHECKSUMS).is_file() and run_dir is not None and not cfg.trust_unverified:
-        # train.py writes it: without it a changed model would be scored as the run's
-        raise UserError(f"{model_dir} is the final model of run {run_dir} but has no {CHECKSUMS}, so its files cannot "
-                        "be checked against what training wrote (scripts/audit.py --checks run fails it too); pass "
-                        "--trust_unverified to score it anyway")
+    # before any work: whether the weights are the ones the run wrote (a run's final/ without its
+    # checksums.json is refused: a changed model would be scored as the run's), where results go
+    verified = check_model_files(model_dir, run_dir is not None, cfg.trust_unverified)
     out_dir = ensure_writable(cfg.out_dir or ((run_dir or model_dir) / "eval"), "--out_dir")
     errors.writing_to(out_dir)
-    verified = None
-    if (model_dir / CHECKSUMS).is_file():
-        verified = verify_checksums(model_dir)
-        print(f"{model_dir}: {len(verified)} files match {CHECKSUMS}")
-    else:
-        why = "--trust_unverified" if run_dir is not None else "a model not written by train.py"
-        print(f"warning: {model_dir} has no {CHECKSUMS} ({why}): its files are not checked")
     if cfg.tasks:
         return run_tasks(cfg, model_dir, run_dir, out_dir)
     from lib.train.cpu import keep_freed_memory

@@ -798,7 +798,7 @@ def check_options(cfg: TrainConfig) -> None:
     option)."""
     from lib.train.optim import SCHEDULES
     from lib.records.metrics import parse_formats
-    from lib.records.run_folder import check_name
+    from lib.records.run_folder import check_name, refuse_unless_run
     from lib.records.tracking import effective_uri
 
     rules = [("max_steps", cfg.max_steps >= 1, "at least 1"), ("micro_batch_size", cfg.micro_batch_size >= 1,
@@ -822,6 +822,7 @@ def check_options(cfg: TrainConfig) -> None:
             raise UserError(f"--{name} {value}: must be {need}")
     parse_formats(cfg.metrics_out)
     check_name(cfg.run_name)  # one folder name inside runs_dir: nothing else can be written or removed
+    refuse_unless_run(cfg.runs_dir / cfg.run_name)  # a file, or a folder no run wrote: refused before any work
     effective_uri(cfg.tracking, cfg.runs_dir)  # --tracking.uri env without MLFLOW_TRACKING_URI: refused now
     SCHEDULES.get(cfg.optim.schedule, "--optim.schedule")  # a name no built-in or loaded plugin provides
     OPTIMIZERS.get(cfg.optim.name, "--optim.name")

@@ -92,6 +92,28 @@ def refuse_masked_lm(path: str | Path) -> None:
                         "models only: a masked LM has no left-to-right probability of a text to report (DEFERRED.md)")
 
 
+def check_model_files(model_dir: str | Path, in_run: bool, trust_unverified: bool = False, say=print) -> dict | None:
+    """Before a model folder is read: its files against its checksums.json (train.py writes one into
+    every final/ and final_adapter/), the verified file -> sha256 table returned. A missing or
+    changed file is a UserError naming it. A folder without the record is refused when it is a
+    run's (`in_run`: a changed model would be taken for the run's) unless `trust_unverified`, and
+    only warned about otherwise (a model not written by train.py); None then."""
+    from lib.files import CHECKSUMS, verify_checksums
+
+    model_dir = Path(model_dir)
+    if (model_dir / CHECKSUMS).is_file():
+        verified = verify_checksums(model_dir)
+        say(f"{model_dir}: {len(verified)} files match {CHECKSUMS}")
+        return verified
+    if in_run and not trust_unverified:
+        raise UserError(f"{model_dir} is a run's model but has no {CHECKSUMS}, so its files cannot be checked against "
+                        "what training wrote (scripts/audit.py --checks run fails it too); pass --trust_unverified to "
+                        "use it anyway")
+    say(f"warning: {model_dir} has no {CHECKSUMS} ({'--trust_unverified' if in_run else 'a model not written by train.py'}"
+        "): its files are not checked")
+    return None
+
+
 def load_pretrained(path: str | Path, dtype=None, trust_remote_code: bool = False):
     """Load a causal LM from a local folder, offline; a clear error if it is not one."""
     from transformers import AutoModelForCausalLM

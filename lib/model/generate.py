@@ -8,6 +8,7 @@ continue prompts or hold a conversation, streaming the text as it is generated (
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
@@ -132,16 +133,24 @@ class Session:
 
     @classmethod
     def open(cls, spec: str, opts: GenerationOptions, dtype=None, system: Optional[str] = None,
-             chat: bool = False) -> "Session":
-        """Load what `spec` names (see `locate`) on this machine's device, offline; `chat`: refuse
-        a tokenizer without a chat template before loading any weights."""
+             chat: bool = False, trust_unverified: bool = False) -> "Session":
+        """Load what `spec` names (see `locate`) on this machine's device, offline, its files checked
+        against their checksums.json first (lib.model.build.check_model_files: a run's model without
+        one is refused unless `trust_unverified`); `chat`: refuse a tokenizer without a chat template
+        before loading any weights. What the check finds goes to stderr (stdout is the text)."""
         import torch
         from transformers import AutoTokenizer
 
-        from lib.model.build import load_pretrained
+        from lib.model.build import check_model_files, load_pretrained
 
         opts.check()
         src = locate(spec)
+        say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+        # what the run wrote (its final/, or its adapter) must carry its record; a base model
+        # from elsewhere is checked where it has one
+        written = src.adapter_dir or src.model_dir
+        for folder in filter(None, (src.model_dir, src.adapter_dir)):
+            check_model_files(folder, src.run_dir is not None and folder == written, trust_unverified, say=say)
         tok = AutoTokenizer.from_pretrained(str(src.tokenizer_dir), local_files_only=True)
         if chat:
             require_chat_template(tok, src.tokenizer_dir)

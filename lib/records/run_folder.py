@@ -11,6 +11,11 @@ ends, however it ends, so a crashed or killed job never leaves it stuck (only it
 next job of that name takes over); a second job meanwhile is refused with the holder's pid,
 host, start time and command, which the lock file records.
 
+A folder is a run only if it holds a run's own records (`run_records`: its status.json, its
+provenance.json, a config.yaml that train.py wrote, a checkpoint's record): a folder of anything
+else (a user's documents named by mistake) is refused by every start, --overwrite and --resume
+included, with what was found there, and nothing in it is read, renamed or removed.
+
 Nothing in a run folder is deleted unless the user named it for deletion:
 - `--resume auto` continues from the newest checkpoint that verifies, a folder or a packed
   `.tar.gz` archive (scripts/audit.py pack), whichever is newer; corrupt ones are set aside as
@@ -157,9 +162,56 @@ def _has_records(metrics: Path) -> bool:
         return True  # unreadable: assume it holds something
 
 
+def _read_dict(path: Path, parse) -> dict | None:
+    try:
+        found = parse(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except Exception:  # noqa: BLE001 -- unreadable or malformed (YAML's own errors included): not a record
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def run_records(run_dir: str | Path) -> list[str]:
+    """The records in `run_dir` that only a training job writes: status.json (with a job state),
+    provenance.json (with the command and precision), config.yaml (a resolved train config, with
+    run_name), checkpoints/step_*/trainer_state.json. Empty for a folder that is not a run."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    found = []
+    status = _read_dict(run_dir / STATUS, json.loads)
+    if status and status.get("state") in ("running", "finished", "stopped", "failed"):
+        found.append(STATUS)
+    prov = _read_dict(run_dir / "provenance.json", json.loads)
+    if prov and "argv" in prov and "mixed_precision" in prov:
+        found.append("provenance.json")
+    config = _read_dict(run_dir / "config.yaml", yaml.safe_load)
+    if config and "run_name" in config:
+        found.append("config.yaml")
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob(f"{ckpt.PREFIX}*/{ckpt.STATE}")):
+        found.append(f"checkpoints/{ckpt.PREFIX}*")
+    return found
+
+
+def refuse_unless_run(run_dir: Path) -> None:
+    """A UserError when `run_dir` holds entries but none of a run's records: it was never a run,
+    and nothing may be written, renamed or removed there."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise UserError(f"--run_name {run_dir.name}: {run_dir} is a file, not a run folder; pick another "
+                        "--run_name (or --runs_dir)")
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
+    if entries and not run_records(run_dir):
+        shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} entries)" if len(entries) > 8 else "")
+        raise UserError(f"{run_dir} is not a run folder: it holds {shown} and none of a run's records (status.json, "
+                        "provenance.json, config.yaml, checkpoints/); nothing there was touched. Pick another "
+                        "--run_name (or --runs_dir); --overwrite and --resume act on run folders only")
+
+
 def _decide(run_dir: Path, resume: str | None, overwrite: bool, say) -> Path | None:
     """claim's decision, on the main process: the checkpoint to resume from, or None for a fresh
     start in `run_dir` (emptied first only with --overwrite)."""
+    refuse_unless_run(run_dir)
     resume_from = ckpt.find_resume(run_dir, resume, say=say) if resume else None
     if resume_from is not None or not run_dir.is_dir() or not any(run_dir.iterdir()):
         run_dir.mkdir(parents=True, exist_ok=True)
