@@ -284,19 +284,22 @@ def audit_env(rep: Report) -> None:
 def audit_data(rep: Report, data: str) -> None:
     from lib.data.corpus import read_manifest
     from lib.files import folder_digest, sha256_mismatches
-    from lib.data.batches import tokens_dir
+    from lib.data.batches import shard_problems, tokens_dir
     from lib.data.tokenizer import tokenizer_fingerprint
 
     tok_dir = tokens_dir(data)
     tokens = read_manifest(tok_dir, "tokens")
     corpus_dir = tok_dir / tokens["corpus_dir"]
     corpus = read_manifest(corpus_dir, "corpus")
-    for where, manifest, keys in ((corpus_dir, corpus, ("sha256",)), (tok_dir, tokens, ("sha256", "docs_sha256"))):
-        table = {shard["file"] if key == "sha256" else shard["docs_file"]: shard[key]
-                 for split in manifest["splits"].values() for shard in split["shards"] for key in keys}
-        bad = [name for name, _ in sha256_mismatches(table, folder_digest(where))]
-        rep.line(not bad, f"{where}: {len(table)} files match their sha256" if not bad
-                 else f"{where}: changed or missing: {', '.join(bad)}")
+    table = {shard["file"]: shard["sha256"] for split in corpus["splits"].values() for shard in split["shards"]}
+    bad = [name for name, _ in sha256_mismatches(table, folder_digest(corpus_dir))]
+    rep.line(not bad, f"{corpus_dir}: {len(table)} files match their sha256" if not bad
+             else f"{corpus_dir}: changed or missing: {', '.join(bad)}")
+    bad = shard_problems(tok_dir, tokens)
+    n_files = sum(len([k for k in ("file", "docs_file", "mask_file") if k in e])
+                  for split in tokens["splits"].values() for e in split["shards"])
+    rep.line(not bad, f"{tok_dir}: {n_files} files match their sha256, every token id within the vocabulary"
+             if not bad else f"{tok_dir}: " + "; ".join(f"{name} {why}" for name, why in bad))
     rep.line(tokens["corpus_content_hash"] == corpus["content_hash"],
              "token shards were encoded from this corpus (content hash matches)")
     tokenizer = (tok_dir / tokens["tokenizer_dir"]).resolve()

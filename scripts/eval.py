@@ -329,7 +329,8 @@ def main() -> None:
     from lib.data.corpus import iter_records, read_manifest
     from lib.files import atomic_text
     from lib.data.tokenizer import tokenizer_fingerprint
-    from lib.data.batches import DocBoundary, gather_docs, load_masks, load_split, sample_docs, tokens_dir
+    from lib.data.batches import (DocBoundary, gather_docs, load_masks, load_split, sample_docs, tokens_dir,
+                                  verify_shards)
     from lib.model.evaluate import compressor_bpb, evaluate_stream, summarize
     from lib.records.metrics import METRICS, MetricsSink, parse_formats, read_jsonl
     from lib.model.build import fp16_on_cpu, load_pretrained, refuse_masked_lm
@@ -338,6 +339,7 @@ def main() -> None:
 
     tok_dir = tokens_dir(data_dir)
     manifest = read_manifest(tok_dir, "tokens")
+    verify_shards(tok_dir, manifest, (cfg.split,))
     refuse_masked_lm(model_dir)
     model_tok = tokenizer_fingerprint(model_dir)
     if model_tok is not None and model_tok != manifest["tokenizer_sha256"]:

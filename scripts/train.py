@@ -437,6 +437,7 @@ def load_data(run) -> None:
     from lib.data.tokenizer import has_tokenizer
 
     cfg, tok_dir = run.cfg, run.tokens_dir
+    verify_shards_on_main(run)
     val_tokens, val_docs = load_split(tok_dir, "val")
     tokenizer = (tok_dir / run.manifest["tokenizer_dir"]).resolve()
     val_masks = load_masks(tok_dir, "val")  # conversations: the assistant's tokens alone are scored
@@ -455,6 +456,24 @@ def load_data(run) -> None:
                     f"(the first: {long[1]}, {long[2]} tokens). They are cut into blocks like any document: their "
                     f"later answer tokens are trained without the conversation's start in view. --data.seq_len "
                     f"{long[3] - 1} keeps every one whole")
+
+
+def verify_shards_on_main(run) -> None:
+    """Every file of the training and held-out splits against the manifest, before any is used (a
+    flipped byte, a truncated file, an id past the vocabulary, a path out of the folder): checked
+    on the main process, its verdict given to every process."""
+    from lib.data.batches import verify_shards
+    from lib.train.distributed import broadcast_from_main
+
+    problem = None
+    if run.is_main:
+        try:
+            verify_shards(run.tokens_dir, run.manifest, ("train", "val"), say=run.say)
+        except UserError as exc:
+            problem = str(exc)
+    problem = broadcast_from_main(problem, run.accelerator)
+    if problem:
+        raise UserError(problem)
 
 
 def too_long_conversations(tok_dir, manifest: dict, seq_len: int) -> tuple | None:

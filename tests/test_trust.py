@@ -108,12 +108,12 @@ def damaged_copy(tiny_data: Path, tmp_path: Path, how: str) -> Path:
     elif how == "escape":
         entry["file"] = "../../../../etc/passwd"
         (tok / "manifest.json").write_text(json.dumps(manifest))
-    return data
+    return data, split
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "oov", "escape"])
 def test_damaged_token_shards_are_one_line_before_any_work(tiny_data, run, tmp_path, how):
-    data = damaged_copy(tiny_data, tmp_path, how)
+    data, split = damaged_copy(tiny_data, tmp_path, how)
     proc = train(data, tmp_path / "runs", "r", *QUICK, "--max_steps", "2", check=False)
     line = one_line_error(proc)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -122,7 +122,7 @@ def test_damaged_token_shards_are_one_line_before_any_work(tiny_data, run, tmp_p
     else:
         assert "tokens/" in line and ".npy" in line and "audit.py --checks data" in line, line
     assert not (tmp_path / "runs" / "r").exists()
-    proc = run_script("scripts/eval.py", "--model", str(run), "--data", str(data), "--samples", "0",
+    proc = run_script("scripts/eval.py", "--model", str(run), "--data", str(data), "--split", split, "--samples", "0",
                       "--out_dir", str(tmp_path / "eval"), "--no_tracking", check=False)
     line = one_line_error(proc)
     assert proc.returncode == 2 and ("audit.py --checks data" in line or "outside" in line), line

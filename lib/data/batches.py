@@ -35,6 +35,73 @@ def _split_entries(data_dir: Path, split: str) -> list[dict]:
     return manifest["splits"][split]["shards"]
 
 
+def _inside(folder: Path, name: str, within: Path | None = None) -> Path | None:
+    """`folder / name` when it stays inside `within` (default: `folder`; no absolute path, no `..`
+    out of it), else None."""
+    path = (folder / name).resolve()
+    return path if path.is_relative_to((within or folder).resolve()) else None
+
+
+def shard_problems(tok_dir: str | Path, manifest: dict, splits=None, first_only: bool = False) -> list[tuple[str, str]]:
+    """(file as the manifest names it, what is wrong with it: "is missing", "holds token id ...") for each token shard, document table and loss
+    mask of `splits` (default: all) that is named outside `tok_dir`, missing, of another sha256
+    than the manifest records, unreadable as an array, or (token shards) holding an id outside
+    the vocabulary; the corpus and tokenizer folders must lie within the dataset folder. Empty
+    when every file is what tokenize.py wrote. Reads every byte once (about as fast as the disk)."""
+    from lib.files import sha256_file
+
+    tok_dir = Path(tok_dir)
+    found = []
+    for key in ("corpus_dir", "tokenizer_dir"):
+        if isinstance(manifest.get(key), str) and _inside(tok_dir, manifest[key], tok_dir.parent) is None:
+            found.append((manifest[key], f"is named by {key} outside the dataset folder {tok_dir.parent}"))
+    for split in splits or list(manifest["splits"]):
+        for entry in manifest["splits"].get(split, {}).get("shards", []):
+            for name_key, sha_key in (("file", "sha256"), ("docs_file", "docs_sha256"), ("mask_file", "mask_sha256")):
+                name = entry.get(name_key)
+                if name is None and name_key == "mask_file":
+                    continue
+                path = _inside(tok_dir, name) if isinstance(name, str) else None
+                why = (f"is named outside {tok_dir}" if path is None else "is missing" if not path.is_file() else
+                       "is corrupt (sha256 mismatch)" if sha256_file(path) != entry.get(sha_key) else None)
+                if why is None:
+                    try:
+                        arr = np.load(path, mmap_mode="r")
+                    except (ValueError, OSError) as exc:
+                        why = f"is unreadable as an array ({exc})"
+                    else:
+                        top = int(arr.max()) if name_key == "file" and arr.size else -1
+                        if top >= manifest["vocab_size"]:
+                            why = f"holds token id {top}, outside the vocabulary of {manifest['vocab_size']}"
+                if why:
+                    found.append((str(name), why))
+                    if first_only:
+                        return found
+    return found
+
+
+def verify_shards(tok_dir: str | Path, manifest: dict, splits, say=print) -> None:
+    """Check the files of `splits` as shard_problems does, before they are used: a UserError
+    naming the first bad file and the audit that lists them all; the cost said in one line."""
+    import time
+
+    tok_dir = Path(tok_dir)
+    t = time.perf_counter()
+    bad = shard_problems(tok_dir, manifest, splits, first_only=True)
+    if bad:
+        name, why = bad[0]
+        if why.startswith("is named"):
+            raise UserError(f"{tok_dir / 'manifest.json'}: {name} {why}: a manifest may only name files in its "
+                            "own folder; rebuild the dataset with scripts/tokenize.py --force")
+        raise UserError(f"{tok_dir.name}/{name} in {tok_dir.parent} {why}: the token shards are damaged; "
+                        f"`python scripts/audit.py --checks data --data {tok_dir.parent}` lists every damaged file, "
+                        "and scripts/tokenize.py --force rebuilds them")
+    entries = [e for s in splits for e in manifest["splits"].get(s, {}).get("shards", [])]
+    size = sum((tok_dir / e[k]).stat().st_size for e in entries for k in ("file", "docs_file", "mask_file") if k in e)
+    say(f"token shards verified against the manifest ({', '.join(splits)}): {len(entries)} shard(s), "
+        f"{size / 1e6:,.1f} MB in {time.perf_counter() - t:.1f} s")
+
+
 def load_shards(data_dir: str | Path, split: str) -> list[np.ndarray]:
     """A split's token shards as read-only memory maps in manifest order (nothing is loaded
     into RAM until a block is read)."""
