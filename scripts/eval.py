@@ -230,18 +230,9 @@ def weights_sha256(model_dir: Path, verified: dict[str, str] | None = None) -> s
 def trained_precision(run_dir: Path | None):
     """The precision a run was trained in (lib.train.precision.Choice), from its provenance.json, when
     this process has the kind of device it was trained on (a CPU, or a GPU); else None."""
-    import torch
+    from lib.train.precision import recorded
 
-    from lib.train.precision import Choice
-
-    prov = run_dir / "provenance.json" if run_dir is not None else None
-    if prov is None or not prov.is_file():
-        return None
-    recorded = json.loads(prov.read_text(encoding="utf-8"))
-    if str(recorded.get("device", "")).startswith("cuda") != torch.cuda.is_available() or \
-            recorded.get("mixed_precision") not in ("no", "bf16", "fp16"):
-        return None
-    return Choice(recorded["mixed_precision"], f"auto: as {run_dir} was trained (its provenance.json)")
+    return recorded(run_dir)
 
 
 def departures(cfg: EvalConfig, run_dir: Path | None, out_dir: Path, precision: str) -> list[str]:

@@ -412,10 +412,17 @@ def start(cfg, started: float) -> Run:
         return model_matmul_shapes(*matmul_dims(cfg.model, manifest["vocab_size"]),
                                    cfg.micro_batch_size * cfg.data.seq_len)
 
+    kept = None  # a resumed run keeps the precision it chose at its start: a probe never switches it midway
+    if cfg.resume and cfg.precision == "auto":
+        from lib.train.precision import Choice, recorded
+
+        found = recorded(cfg.runs_dir / cfg.run_name)
+        kept = found and Choice(found.mixed_precision, f"auto: as this run chose at its start ({cfg.runs_dir / cfg.run_name}"
+                                                       "/provenance.json); a resume does not measure again")
     accelerator, choice = runtime.start(cfg.precision, shapes, grad_accum_steps=cfg.grad_accum_steps,
                                         fp16_init_scale=cfg.fp16_init_scale, threads=cfg.threads,
                                         deterministic=cfg.deterministic, keep_freed_memory=cfg.keep_freed_memory,
-                                        timeout_minutes=cfg.dist_timeout_minutes)
+                                        timeout_minutes=cfg.dist_timeout_minutes, kept=kept)
     run = Run(cfg, accelerator, choice, started, manifest=manifest)
     if sized[0]:
         run.say(sized[0])

@@ -36,8 +36,20 @@ GPU_PEAK_TFLOPS = [
 
 PEAK_SHAPE = (2048, 2048, 2048)  # large enough for any CPU's best kernel
 # Other processes' CPU use during a probe, in cores (averaged over the probe), above which the
-# figures are not cached: background daemons stay far below it, one busy process is ~1.
+# figures are measured again and never cached: background daemons stay far below it, one busy
+# process is ~1.
 LOADED_CORES = 0.25
+# Readings no CPU gives, taken for a disturbed probe (seen under load: fp32 0 and 1 GFLOP/s, bf16
+# 87x fp32): fp32 below this rate (one core of any x86-64 or Arm server CPU does tens of GFLOP/s on
+# these shapes), and bf16 beyond this multiple of fp32 (AMX's bf16 peak per cycle is 16x AVX-512's
+# fp32 one; emulated bf16 is slower than fp32, down to hundreds of times, so no lower bound)
+MIN_FP32_FLOPS = 5e9
+MAX_BF16_OVER_FP32 = 16.0
+
+
+class ProbeFailed(RuntimeError):
+    """The throughput probe gave no figure to trust: its process failed (the message carries the
+    child's own error), or it read implausible figures twice."""
 
 
 def gpu_peak(name: str, dtype: str) -> float | None:
@@ -141,16 +153,36 @@ def probe_worker(jobs: list[list], rounds: int = 3, seconds: float = 0.5) -> dic
 def _probe_in_subprocess(jobs: list[list], threads: int) -> dict:
     """probe_worker in a child process. Not in this one: the first large bf16 matmul can switch
     the process to other CPU kernels (AMX), so a run that probed would compute slightly different
-    numbers from one that read the cache, and runs would not reproduce bit for bit."""
+    numbers from one that read the cache, and runs would not reproduce bit for bit. A child that
+    fails raises ProbeFailed with the last line of its own error output."""
     import subprocess
     import sys
 
     root = str(Path(__file__).resolve().parent.parent)
     code = ("import sys, json, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(int(sys.argv[2])); "
             "from lib.train.flops import probe_worker; print(json.dumps(probe_worker(json.loads(sys.argv[3]))))")
-    out = subprocess.run([sys.executable, "-c", code, root, str(threads), json.dumps(jobs)], capture_output=True,
-                         text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        out = subprocess.run([sys.executable, "-c", code, root, str(threads), json.dumps(jobs)], capture_output=True,
+                             text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except subprocess.CalledProcessError as exc:
+        said = [x for x in (exc.stderr or "").strip().splitlines() if x.strip()]
+        raise ProbeFailed(f"the probe's process exited {exc.returncode}: {said[-1] if said else 'no message'}") from None
+    except (OSError, ValueError, IndexError) as exc:  # could not start, or printed no figures
+        raise ProbeFailed(f"the probe's process gave no figures ({type(exc).__name__}: {exc})") from None
+
+
+def implausible(figures: dict[str, float], dtypes: dict[str, str]) -> str | None:
+    """Why a set of readings {name: FLOP/s} of `dtypes` {name: dtype} cannot be a quiet CPU's (a
+    zero, fp32 below MIN_FP32_FLOPS, bf16 beyond MAX_BF16_OVER_FP32 times fp32), or None."""
+    for name, value in figures.items():
+        if not value > 0 or (dtypes[name] == "fp32" and value < MIN_FP32_FLOPS):
+            return f"{name} {value / 1e9:,.1f} GFLOP/s"
+    fp32 = [v for n, v in figures.items() if dtypes[n] == "fp32"]
+    bf16 = [v for n, v in figures.items() if dtypes[n] == "bf16"]
+    if fp32 and bf16 and max(bf16) > MAX_BF16_OVER_FP32 * min(fp32):
+        return f"bf16 {max(bf16) / min(fp32):,.0f}x fp32"
+    return None
 
 
 def _key(name: str, threads: int) -> str:
@@ -179,28 +211,39 @@ def _write_cache(updates: dict) -> None:
 
 def cpu_throughput(jobs: dict[str, tuple[str, list]], refresh: bool = False) -> tuple[dict[str, float], str]:
     """Measured FLOP/s of each job {name: (dtype, [(m, k, n), ...])} on torch's current thread
-    count, and where the figures came from ('cached', 'measured', or 'measured under load ...').
+    count, and where the figures came from ('cached', 'measured now', or what was wrong first).
 
     The cache key holds the kernel settings a run may restrict (--deterministic keeps oneDNN off
     AMX, where fp16 matmuls can run hundreds of times slower): a figure measured under them must not stand
-    for runs without them, nor the other way round. Figures measured while other processes kept
-    the CPU busy are returned but not cached."""
+    for runs without them, nor the other way round. A reading taken while other processes kept
+    the CPU busy, or one no CPU gives (`implausible`), is measured once more; figures are cached
+    only when quiet and plausible. Raises ProbeFailed when the probe's process fails or both
+    readings are implausible."""
     import torch
 
     threads = torch.get_num_threads()
     keys = {name: _key(f"{name}:{dtype}:{shapes}", threads) for name, (dtype, shapes) in jobs.items()}
+    dtypes = {name: dtype for name, (dtype, _) in jobs.items()}
     cache = {} if refresh else _read_cache()
     found = {name: float(cache[k]) for name, k in keys.items() if k in cache}
     missing = [[name, dtype, shapes] for name, (dtype, shapes) in jobs.items() if name not in found]
     if not missing:
         return found, "cached"
-    res = _probe_in_subprocess(missing, threads)
-    found.update(res["flops"])
-    if res["other_cores"] > LOADED_CORES:
-        return found, (f"measured now, while other processes used {res['other_cores']:.1f} core(s): "
-                       "used for this run, not cached")
-    _write_cache({keys[name]: res["flops"][name] for name, _, _ in missing})
-    return found, "measured now"
+    notes = []  # what was wrong with each reading that was not taken
+    for attempt in (1, 2):
+        res = _probe_in_subprocess(missing, threads)
+        figures = {**found, **res["flops"]}
+        wrong = implausible(figures, dtypes)
+        loaded = res["other_cores"] > LOADED_CORES
+        if not wrong and not loaded:
+            _write_cache({keys[name]: res["flops"][name] for name, _, _ in missing})
+            return figures, "measured now" + (f", again: the first reading was {notes[0]}" if notes else "")
+        if attempt == 2 and not wrong:  # under load both times, yet figures a CPU can give
+            return figures, (f"measured twice, the first reading {notes[0]}, the second taken while other processes "
+                             f"used {res['other_cores']:.1f} core(s): used for this run, not cached")
+        notes.append(f"implausible ({wrong})" if wrong else
+                     f"taken while other processes used {res['other_cores']:.1f} core(s)")
+    raise ProbeFailed(f"both readings were unusable: {notes[0]}, then {notes[1]}")
 
 
 def cpu_peak(dtype: str, refresh: bool = False) -> float:
@@ -226,7 +269,10 @@ def device_peak(device, dtypes: tuple[str, ...] = ("fp32", "bf16"), refresh: boo
         dtype = max(peaks, key=peaks.get)
         return peaks[dtype], dtype, f"{name} data sheet, dense {dtype}"
     if device.type == "cpu":
-        figures, how = cpu_throughput({d: (d, [list(PEAK_SHAPE)]) for d in dtypes}, refresh)
+        try:
+            figures, how = cpu_throughput({d: (d, [list(PEAK_SHAPE)]) for d in dtypes}, refresh)
+        except ProbeFailed as exc:
+            return None, "", f"no MFU: the CPU's matmul peak is unknown ({exc})"
         dtype = max(figures, key=figures.get)
         return figures[dtype], dtype, (f"{dtype} matmul peak of this CPU ({torch.get_num_threads()} threads), "
                                        f"{how}")

@@ -70,17 +70,43 @@ def resolve(choice: str, shapes: list[tuple[int, int, int]] | None = None, cuda:
         if torch.cuda.is_bf16_supported():
             return Choice("bf16", "auto: the GPU supports bf16")
         return Choice("fp16", "auto: the GPU has no bf16, fp16 with a loss scaler")
-    from lib.train.flops import cpu_throughput
+    from lib.train.flops import ProbeFailed, cpu_throughput
 
     # no shapes given (audit.py): those of the default preset, 8 x 256 tokens (shares its cache entry)
     shapes = [list(s) for s in (shapes or model_matmul_shapes(256, 704, 16384, 2048))]
-    figures, how = cpu_throughput({"model_fp32": ("fp32", shapes), "model_bf16": ("bf16", shapes)}, refresh)
+    try:
+        figures, how = cpu_throughput({"model_fp32": ("fp32", shapes), "model_bf16": ("bf16", shapes)}, refresh)
+    except ProbeFailed as exc:  # fp32 is never wrong: at worst slower where bf16 is native
+        return Choice("no", f"auto: warning: the bf16/fp32 probe gave nothing to decide by ({exc}); fp32, which "
+                            "is correct on every CPU (--precision bf16 to choose it yourself)")
     mixed, why = decide_cpu(figures["model_fp32"], figures["model_bf16"])
     return Choice(mixed, f"auto: {why} ({how}, {torch.get_num_threads()} threads)")
 
 
-def resolve_on_main(choice: str, shapes, state) -> Choice:
-    """`resolve` on the main process of `state` (an Accelerate PartialState), sent to every rank."""
+def recorded(run_dir, what: str = "was trained") -> Choice | None:
+    """The precision a run chose (its provenance.json), when this process has the kind of device
+    it ran on (a CPU, or a GPU); else None."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    prov = Path(run_dir) / "provenance.json" if run_dir is not None else None
+    try:
+        found = json.loads(prov.read_text(encoding="utf-8")) if prov is not None and prov.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or found.get("mixed_precision") not in ("no", "bf16", "fp16") or \
+            str(found.get("device", "")).startswith("cuda") != torch.cuda.is_available():
+        return None
+    return Choice(found["mixed_precision"], f"auto: as {run_dir} {what} (its provenance.json)")
+
+
+def resolve_on_main(choice: str, shapes, state, kept: Choice | None = None) -> Choice:
+    """`resolve` on the main process of `state` (an Accelerate PartialState), sent to every rank;
+    `kept` (a resumed run's own choice) instead, for auto, without measuring."""
     from lib.train.distributed import broadcast_from_main
 
+    if choice == "auto" and kept is not None:
+        return kept
     return broadcast_from_main(resolve(choice, shapes) if state.is_main_process else None, state)

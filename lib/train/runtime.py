@@ -24,7 +24,7 @@ def prepare_environment(deterministic: bool) -> None:
 
 
 def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: float, threads: int | None,
-          deterministic: bool, keep_freed_memory: bool, timeout_minutes: float = 10.0, say=None):
+          deterministic: bool, keep_freed_memory: bool, timeout_minutes: float = 10.0, say=None, kept=None):
     """(accelerator, precision Choice) for this process, every process of the launch calling it.
 
     `precision`: auto | fp32 | bf16 | fp16 (see lib/precision.resolve); `shapes`: the model's
@@ -34,7 +34,8 @@ def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: flo
     chosen and why, and warns when a launcher's FSDP config cannot shard this job.
     `timeout_minutes`: the longest any collective (the process group's start included) waits for
     the other processes; past it, the collective fails (lib/errors turns that into one line naming
-    the process and, where the script said, the step).
+    the process and, where the script said, the step). `kept`: a resumed run's own precision
+    choice, which auto takes instead of measuring (a run never changes precision midway).
     """
     import torch
     from accelerate import Accelerator, PartialState
@@ -64,7 +65,7 @@ def start(precision: str, shapes, *, grad_accum_steps: int, fp16_init_scale: flo
     cpu_fsdp = on_cpu and allow_fsdp_on_cpu()  # an FSDP launcher config on CPU: FSDP, not DDP
     if callable(shapes):  # decided once the processes exist (train.py sizes the model here)
         shapes = shapes(state)
-    choice = precision_lib.resolve_on_main(precision, shapes, state)
+    choice = precision_lib.resolve_on_main(precision, shapes, state, kept)
     accelerator = Accelerator(mixed_precision=choice.mixed_precision, cpu=on_cpu,
                               gradient_accumulation_steps=grad_accum_steps,
                               kwargs_handlers=[GradScalerKwargs(init_scale=fp16_init_scale)])

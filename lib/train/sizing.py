@@ -66,11 +66,17 @@ def measured_gflops(precision: str) -> tuple[float, str]:
     """(GFLOP/s, how): this machine's rate on the REFERENCE products in the dtype a run with
     `precision` computes in (auto: bf16 where it measures clearly faster, as lib.train.precision
     decides), on torch's current thread count; cached by lib.train.flops."""
-    from lib.train.flops import cpu_throughput
+    from lib.errors import UserError
+    from lib.train.flops import ProbeFailed, cpu_throughput
     from lib.train.precision import decide_cpu
 
     shapes = [list(s) for s in REFERENCE]
-    figures, how = cpu_throughput({"model_fp32": ("fp32", shapes), "model_bf16": ("bf16", shapes)})
+    try:
+        figures, how = cpu_throughput({"model_fp32": ("fp32", shapes), "model_bf16": ("bf16", shapes)})
+    except ProbeFailed as exc:
+        raise UserError(f"--size_to_budget needs this machine's matrix-product rate, and the probe gave none ({exc}); "
+                        "run again when the machine is quieter, or give the model's shape (--model.*) without "
+                        "--size_to_budget") from None
     if precision == "auto":
         dtype = "bf16" if decide_cpu(figures["model_fp32"], figures["model_bf16"])[0] == "bf16" else "fp32"
     else:
