@@ -57,6 +57,8 @@ def is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
+    if isinstance(exc, OSError) and exc.errno is None and " requested and " in text and text.endswith(" written"):
+        return True  # numpy's short write (ndarray.tofile inside np.save): the file system took no more
     return any(s in text for s in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded"))
 
 

@@ -76,6 +76,9 @@ class SecurityConfig:
     """Reviewed bandit findings: id, file, function, reason, date each."""
     models: tuple[Path, ...] = ()
     """More model folders to inspect, beside those the presets and runs name."""
+    tasks_dir: tuple[Path, ...] = ()
+    """lm-evaluation-harness task folders (eval.py --tasks_dir) to inspect for the code their YAML
+    files would run (`!function`), with the code part."""
 
 
 @dataclass
@@ -152,6 +155,29 @@ def audit_forks(rep: Report) -> None:
                             + "; ".join(st.conflicts[:5]) + (" ..." if len(st.conflicts) > 5 else ""))
 
 
+def audit_task_folders(rep: Report, folders) -> None:
+    """What the task YAML files of `folders` would run: a `!function` imports a module from the
+    YAML's folder (eval.py refuses it without --allow_task_code)."""
+    from lib.model.tasks import scan
+
+    if not folders:
+        rep.line(None, "task folders: a task YAML's '!function module.name' runs that module from its folder "
+                       "(eval.py --tasks_dir refuses it without --allow_task_code); --security.tasks_dir DIR "
+                       "lists what a folder would run")
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise UserError(f"--security.tasks_dir {folder}: no such folder")
+        entries = scan(folder)
+        for e in entries:
+            if e.functions:
+                rep.warn(f"{e.path}: runs code from {e.path.parent} ({', '.join('!function ' + f for f in e.functions)}); "
+                         "read it before passing eval.py --allow_task_code")
+            if e.error:
+                rep.warn(f"{e.path}: not readable as a task ({e.error})")
+        if not any(e.functions for e in entries):
+            rep.line(True, f"{folder}: {len(entries)} task YAML file(s), none runs code (!function)")
+
+
 def audit_security(rep: Report, cfg: SecurityConfig) -> None:
     from lib import security
 
@@ -196,6 +222,7 @@ def audit_security(rep: Report, cfg: SecurityConfig) -> None:
         for w in scan.stale:
             rep.warn(f"stale waiver in {cfg.waivers}: {w.id} in {w.file} ({w.function}) matches no finding now; "
                      "remove it")
+        audit_task_folders(rep, cfg.tasks_dir)
         if scan.low:
             counts: dict[str, int] = {}
             for f in scan.low:

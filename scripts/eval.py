@@ -97,7 +97,11 @@ class EvalConfig:
     lm-eval installs the harness); their figures go to the same metrics files, and to the run's
     MLflow run."""
     tasks_dir: Optional[Path] = None
-    """A folder of task YAML files for --tasks (with local data files: offline)."""
+    """A folder of task YAML files for --tasks (with local data files: offline). A YAML there that
+    names `!function module.name` runs that module from the folder: refused unless allow_task_code."""
+    allow_task_code: bool = False
+    """Let the task YAML files of --tasks_dir run the Python code they name (`!function`) from their
+    folder. Read that code first: it runs with your permissions."""
 
 
 def run_tasks(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir: Path) -> None:
@@ -116,6 +120,10 @@ def run_tasks(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir: P
 
     if cfg.tasks_dir is not None and not cfg.tasks_dir.is_dir():
         raise UserError(f"--tasks_dir {cfg.tasks_dir}: no such folder")
+    if cfg.tasks_dir is not None:  # before the harness reads it: code it would run, data it cannot read offline
+        from lib.model.tasks import check
+
+        check(cfg.tasks_dir, cfg.tasks, cfg.allow_task_code)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # task data from local files; nothing fetched
     manager = TaskManager(include_path=str(cfg.tasks_dir) if cfg.tasks_dir else None)
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
@@ -124,8 +132,12 @@ def run_tasks(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir: P
                         + " among the harness's own")
     model = load_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size),
-                                      tasks=list(cfg.tasks), task_manager=manager)["results"]
+    try:
+        results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size),
+                                          tasks=list(cfg.tasks), task_manager=manager)["results"]
+    except (OSError, ConnectionError, ValueError) as exc:  # data the harness could not load (a hub name, a file)
+        raise UserError(f"--tasks {' '.join(cfg.tasks)}: the harness could not load a task's data ({errors.one_line(exc)[:300]}); "
+                        "tasks run offline, from local data files named in a --tasks_dir YAML") from None
     sink = MetricsSink(out_dir / METRICS, parse_formats(cfg.metrics_out))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     figures = {}

@@ -209,11 +209,13 @@ def test_a_torn_last_metrics_line_does_not_stop_eval(run, tmp_path):
 def test_a_full_disk_inside_a_shard_write_is_one_line_and_leaves_nothing(tmp_path):
     from test_robustness import tmpfs
 
-    with tmpfs(tmp_path / "disk", size="3m") as disk:
+    with tmpfs(tmp_path / "disk", size="2500k") as disk:  # the corpus fits, its token shards do not
         proc = run_script("scripts/tokenize.py", "--config", "configs/tokenize/smoke.yaml", "--out_dir",
                           str(disk / "out"), "--corpus.max_files", "80", "--tokenizer.vocab_size", "512", check=False)
         line = one_line_error(proc)
-        assert "disk full" in line, line
+        assert "disk full" in line and "Traceback" not in proc.stderr, line
+        assert (disk / "out" / "corpus" / "manifest.json").is_file(), proc.stdout[-2000:]  # the shards' step failed
+        assert not (disk / "out" / "tokens").exists()
         assert not any(p.is_file() and p.name.endswith(".npy") for p in disk.rglob("*")), list(disk.rglob("*"))
 
 

@@ -117,6 +117,24 @@ def is_saved_dataset(path: str | Path) -> bool:
                               or (path / "state.json").is_file())
 
 
+def template_fields(template: str) -> list[str]:
+    """The field names a --corpus.template fills, or a UserError saying what is wrong with it (an
+    unclosed brace, a positional or attribute field): the template is checked before any record."""
+    problem = None
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        if any(not f.isidentifier() for f in fields):
+            problem = f"field {next(f for f in fields if not f.isidentifier())!r} is not a plain name"
+        else:
+            template.format(**{f: "" for f in fields})
+    except (ValueError, IndexError, KeyError, AttributeError) as exc:
+        problem = str(exc).strip("'") or type(exc).__name__
+    if problem:
+        raise UserError(f"--corpus.template {template!r}: {problem}; a field is a record's key in braces, "
+                        "{instruction}, and a literal brace is doubled, {{ or }}")
+    return fields
+
+
 class RecordReader:
     """Turns input files into RawRecords under the configured policies, counting what it drops."""
 
@@ -125,8 +143,7 @@ class RecordReader:
                  on_bad_utf8: Literal["error", "skip", "replace"] = "error", completion_field: Optional[str] = None):
         self.text_field, self.template, self.completion_field = text_field, template, completion_field
         self.on_bad_record, self.on_bad_utf8 = on_bad_record, on_bad_utf8
-        self.template_fields = ([f for _, f, _, _ in string.Formatter().parse(template) if f]
-                                if template else [])
+        self.template_fields = template_fields(template) if template else []
         self.counts: Counter = Counter()
 
     # -- policy helpers

@@ -31,9 +31,10 @@ class JsonlWriter:
     Only the main process should own one.
     """
 
-    def __init__(self, path: str | Path, mirror=None):
+    def __init__(self, path: str | Path, mirror=None, say=print):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _cut_torn_tail(self.path, say)  # a record appended to a torn line would be torn with it
         self._f = open(self.path, "a", encoding="utf-8")
         self.mirror = mirror
 
@@ -77,13 +78,47 @@ class MetricsSink(JsonlWriter):
         self.refresh_tables()
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of an NDJSON file (an empty list when it does not exist)."""
+def _cut_torn_tail(path: Path, say) -> None:
+    """Remove a last line that a killed writer left without its newline (it holds no whole
+    record), saying so."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return
+            keep = data.rfind(b"\n") + 1
+            f.truncate(keep)
+    except FileNotFoundError:
+        return
+    say(f"warning: {path}: its last line was torn (a write cut short, {len(data) - keep} bytes): removed before "
+        "appending")
+
+
+def read_jsonl(path: str | Path, say=print) -> list[dict]:
+    """All records of an NDJSON file (an empty list when it does not exist). A torn last line (a
+    writer killed mid-line) is skipped, saying so; any other line that is not a JSON object is a
+    UserError naming the file and line."""
+    from lib.errors import UserError, json_error
+
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == len(lines):
+                say(f"warning: {path}: its last line is torn (a write cut short): skipped")
+                continue
+            raise UserError(f"{path}:{i}: not a JSON record ({json_error(exc)}); remove or repair that line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{i}: not a JSON object; remove or repair that line")
+        records.append(record)
+    return records
 
 
 def truncate_after_step(path: str | Path, step: int, drop_at_step: tuple[str, ...] = ()) -> int:
