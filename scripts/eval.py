@@ -307,6 +307,14 @@ def main() -> None:
                                                  prog=f"{os.path.basename(sys.argv[0])} generate", presets=False))
     cfg = config_lib.parse(EvalConfig, description=__doc__, prog=f"{os.path.basename(sys.argv[0])} [generate]")
     model_dir, run_dir, data_dir = resolve_paths(cfg)
+    if run_dir is not None:  # no training job may replace the weights (or the report) while they are scored
+        from lib.records import run_folder
+
+        try:
+            run_folder.acquire(run_dir, advice="then evaluate the run")
+            errors.at_exit(lambda exc: run_folder.release(run_dir))
+        except OSError as exc:  # a read-only runs folder: no training job can write there either
+            print(f"note: {run_dir} not locked for the evaluation ({exc.strerror or exc})")
     from lib.files import ensure_writable
     from lib.model.build import check_model_files
 
@@ -444,6 +452,7 @@ def main() -> None:
         set_report_section(report, f"Held-out evaluation by eval.py ({cfg.split})", (
             f"- {record['time']}: {whole}, {n_docs} of {len(docs)} documents, {n_bytes:,} bytes, "
             f"{res['tokens']:,} tokens; seq_len {seq_len}, stride {stride}, {precision}, {secs:.1f} s\n"
+            f"- weights scored: {model_dir.name}/ with sha256 {record['weights_sha256']}\n"
             f"- bits/byte **{res['bits_per_byte']:.4f}** " + (
                 f"(lzma -9e {baselines['lzma']:.4f}, bz2 -9 {baselines['bz2']:.4f}, gzip -9 {baselines['gzip']:.4f})"
                 if baselines else "(the assistant's text only)") + f"; loss {res['loss']:.4f}, "
@@ -461,7 +470,8 @@ def main() -> None:
         figures = {f"eval_{cfg.split}_{k}": float(record[k]) for k in ("loss", "perplexity", "accuracy", "bits_per_byte")}
         figures.update({f"eval_{cfg.split}_{k}_bits_per_byte": v for k, v in baselines.items()})
         log_to_recorded_run(run_dir, figures, max(steps, default=0), [
-            ("eval", out_dir / "metrics.csv"), ("eval", out_dir / "samples.txt"), ("", report)], print)
+            ("eval", out_dir / "metrics.csv"), ("eval", out_dir / "samples.txt"), ("", report)], print,
+            tags={f"eval_{cfg.split}_weights_sha256": record["weights_sha256"]})
 
 
 if __name__ == "__main__":

@@ -266,19 +266,26 @@ def test_a_task_that_runs_code_from_its_folder_is_refused_unless_allowed(run, tm
 # 7. an evaluation names and holds the weights it scored
 
 def test_eval_holds_the_run_and_names_the_weights_it_scored(run, tmp_path):
+    import subprocess
+    import sys
+
     from lib.files import sha256_file
-    from lib.records import run_folder
 
     copy = tmp_path / "runs" / "done"
     shutil.copytree(run, copy)
-    run_folder.acquire(copy)  # as a training job on it would
+    # another process holds the run, as a training job on it would
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from lib.records import run_folder; run_folder.acquire(sys.argv[2]); print('held', "
+                               "flush=True); time.sleep(120)", str(REPO), str(copy)], stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "held"
         proc = run_script("scripts/eval.py", "--model", str(copy), "--samples", "0", check=False)
         line = one_line_error(proc)
-        assert "in use" in line, line
+        assert "in use by pid" in line and str(holder.pid) in line, line
         assert not (copy / "eval").exists()
     finally:
-        run_folder.release(copy)
+        holder.kill()
+        holder.wait()
     run_script("scripts/eval.py", "--model", str(copy), "--samples", "0")
     sha = sha256_file(copy / "final" / "model.safetensors")
     assert sha[:12] in (copy / "report.md").read_text()

@@ -73,9 +73,9 @@ def lock_path(run_dir: str | Path) -> Path:
     return run_dir.with_name(f".{run_dir.name}.lock")
 
 
-def acquire(run_dir: str | Path) -> None:
+def acquire(run_dir: str | Path, advice: str = "or pick another --run_name") -> None:
     """Hold `run_dir`'s lock until `release` (again: no-op), or raise a UserError naming the job
-    that holds it."""
+    that holds it (and `advice`, after "wait for that job to end (or stop it), ")."""
     import fcntl
 
     path = lock_path(run_dir)
@@ -89,7 +89,7 @@ def acquire(run_dir: str | Path) -> None:
         except OSError:
             os.close(fd)
             raise UserError(f"run folder {Path(run_dir)} is in use by {holder(path)}; wait for that job to end (or "
-                            f"stop it), or pick another --run_name") from None
+                            f"stop it), {advice}") from None
         try:  # the file we locked is still the lock file (its last holder deletes it as it ends)
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break

@@ -284,10 +284,10 @@ def start(cfg: TrackingConfig, run_dir: str | Path, params: dict, tags: dict, re
 
 
 def log_to_recorded_run(run_dir: str | Path, metrics: dict, step: int, artifacts: list[tuple[str, Path]],
-                        say: Callable[[str], None], timeout_s: float = 60.0) -> bool:
-    """Add `metrics` (at `step`) and files ((artifact folder or '', local file) pairs) to the MLflow run a
-    training run folder records in tracking.json, leaving that run's status as it is: eval.py's
-    figures beside the training run's. False (and nothing done) when the folder records no run;
+                        say: Callable[[str], None], timeout_s: float = 60.0, tags: dict | None = None) -> bool:
+    """Add `metrics` (at `step`), `tags` and files ((artifact folder or '', local file) pairs) to the
+    MLflow run a training run folder records in tracking.json, leaving that run's status as it is:
+    eval.py's figures beside the training run's. False (and nothing done) when the folder records no run;
     a failure or a store that does not answer within timeout_s is one warning."""
     import json
 
@@ -303,7 +303,8 @@ def log_to_recorded_run(run_dir: str | Path, metrics: dict, step: int, artifacts
             Metric = entities.Metric
             client = MlflowClient(tracking_uri=record["uri"])
             stamp = _now_ms()
-            client.log_batch(record["run_id"], metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
+            client.log_batch(record["run_id"], metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()],
+                             tags=[entities.RunTag(k, str(v)) for k, v in (tags or {}).items()])
             for folder, path in artifacts:
                 if Path(path).is_file():
                     client.log_artifact(record["run_id"], str(path), folder or None)
