@@ -27,6 +27,19 @@ def one_line(exc: BaseException) -> str:
 
 
 _at_exit: list = []
+_said: list = []  # the one-line error the wrapper printed last (status.json records it)
+
+
+def last_error() -> str | None:
+    """The message of the one-line error the wrapper printed as the script ended (None before)."""
+    return _said[-1] if _said else None
+
+
+def _fail(message: str, code: int):
+    """Print `error: message` to stderr, remember it (last_error), exit with `code`."""
+    _said.append(message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def at_exit(callback) -> None:
@@ -157,6 +170,7 @@ def exit_on_user_error(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        _said.clear()
         try:
             result = guarded(*args, **kwargs)
         except BaseException as exc:
@@ -171,33 +185,27 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            _fail(str(exc), 2)
         except KeyboardInterrupt:
-            print("error: interrupted (Ctrl-C); what was written completely is kept (a training run continues "
-                  "with --resume auto)", file=sys.stderr)
-            sys.exit(130)
+            _fail("interrupted (Ctrl-C); what was written completely is kept (a training run continues with "
+                  "--resume auto)", 130)
         except (RuntimeError, MemoryError) as exc:
             oom = _out_of_memory(exc)
             if oom:
-                print(f"error: {oom}", file=sys.stderr, flush=True)
-                sys.exit(2)
+                _fail(oom, 2)
             failure = _collective_failure(exc) if isinstance(exc, RuntimeError) else None
             if failure is None:
                 raise
-            print(f"error: {_where[0]()}: {failure}", file=sys.stderr, flush=True)
-            sys.exit(3)
+            _fail(f"{_where[0]()}: {failure}", 3)
         except OSError as exc:  # the machine's, not the code's: a full, read-only or forbidden place
             if is_disk_full(exc):
                 place = exc.filename or (_output[0] if _output else None)
                 where = "" if place is None else (
                     f" writing {'' if exc.filename else 'under '}{place} ({free_mb(place)})")
-                print(f"error: disk full{where}: free some space and run again (a training run continues "
-                      "with --resume auto; what was written completely is kept)", file=sys.stderr)
+                _fail(f"disk full{where}: free some space and run again (a training run continues with --resume "
+                      "auto; what was written completely is kept)", 2)
             elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                print(f"error: {_permission(exc)}", file=sys.stderr)
-            else:
-                raise
-            sys.exit(2)
+                _fail(_permission(exc), 2)
+            raise
 
     return wrapper

@@ -315,8 +315,23 @@ def test_a_checkpoint_whose_random_state_cannot_be_restored_is_never_resumed_sil
     assert (runs / "done" / "checkpoints" / "step_0000004.corrupt").is_dir()
 
 
-def test_advice_that_works():
-    from lib.data.tokenizer import vocab_too_high_advice
+def test_advice_that_works(tmp_path):
+    from lib.data.corpus import text_documents
+    from lib.data.tokenizer import sentencepiece_advice
 
-    assert "Lower --tokenizer.vocab_size" in vocab_too_high_advice(400, 312)
-    assert "Raise" not in vocab_too_high_advice(400, 312)
+    high = sentencepiece_advice("Internal: trainer_interface.cc(661) [(trainer_spec_.vocab_size()) == "
+                                "(model_proto->pieces_size())] Vocabulary size too high (400). Please set it to a "
+                                "value <= 312.", 400, 0.9995)
+    assert "Lower --tokenizer.vocab_size to 312 or less" in high and "Raise" not in high, high
+    low = sentencepiece_advice("Internal: Vocabulary size is smaller than required_chars. 50 vs 80.", 50, 1.0)
+    assert "Raise --tokenizer.vocab_size" in low
+    # a file of one 200 kB line, in chunks: several documents, joined back exactly
+    line = " ".join(f"word{i}" for i in range(30_000))
+    docs = text_documents(line, "chunks", 8000)
+    assert len(docs) > 10 and "".join(t for _, t in docs) == line
+    assert max(len(t.encode()) for _, t in docs) <= 2 * 8000
+    # the first checkpoint that does not fit names no --keep_last_n that changes nothing
+    from lib.records.checkpoint import _room_for
+
+    assert "--keep_last_n 1" not in (_room_for(tmp_path, 1 << 60, keep_last_n=1, has_checkpoint=False) or "")
+    assert "--keep_last_n 1" in (_room_for(tmp_path, 1 << 60, keep_last_n=3, has_checkpoint=True) or "")

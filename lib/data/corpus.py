@@ -132,6 +132,25 @@ def split_of(doc_id: str, val_per_mille: int) -> str:
 TEXT_SUFFIXES = (".txt", ".md")
 
 
+def _cut_line(line: str, chunk_bytes: int) -> list[str]:
+    """`line` in consecutive pieces of at most about `chunk_bytes` UTF-8 bytes, each ending after a
+    space where there is one in its second half (else cut mid-word): a file of one long line (a
+    dump, a minified text) still becomes documents. Joined, they give `line` back."""
+    if len(line.encode("utf-8")) <= 2 * chunk_bytes:
+        return [line]
+    pieces, start = [], 0
+    while start < len(line):
+        end = start + chunk_bytes  # characters: at most 4 bytes each, so at most 4 chunk_bytes bytes
+        while end < len(line) and len(line[start:end].encode("utf-8")) > chunk_bytes:
+            end = start + max(1, (end - start) // 2)
+        if end < len(line):
+            space = line.rfind(" ", start + (end - start) // 2, end)
+            end = space + 1 if space >= 0 else end
+        pieces.append(line[start:end])
+        start = end
+    return pieces
+
+
 def text_documents(text: str, mode: str, chunk_bytes: int) -> list[tuple[int, str]]:
     """(first line number, text) of each document of a plain-text file (see CorpusConfig.text_docs).
     The pieces are consecutive slices of `text`: joined they give it back exactly."""
@@ -148,8 +167,8 @@ def text_documents(text: str, mode: str, chunk_bytes: int) -> list[tuple[int, st
         merged, size = [], 0
         for piece in pieces:
             n = len(piece.encode("utf-8"))
-            if n > 2 * chunk_bytes:  # a long paragraph: cut at line ends
-                lines = piece.splitlines(keepends=True)
+            if n > 2 * chunk_bytes:  # a long paragraph: cut at line ends (a line longer still at spaces)
+                lines = [cut for line in piece.splitlines(keepends=True) for cut in _cut_line(line, chunk_bytes)]
                 piece_parts, part = [], ""
                 for line in lines:
                     if part and len((part + line).encode("utf-8")) > chunk_bytes:

@@ -109,14 +109,27 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, cfg: Tokenize
             num_threads=2,
             minloglevel=2,
         )
-    except RuntimeError as exc:  # SentencePiece's own checks, such as a vocabulary too small for the characters
-        reason = str(exc).split("] ", 1)[-1].split(" Increase vocab_size")[0]
-        raise UserError(f"SentencePiece cannot train with tokenizer.vocab_size={cfg.vocab_size}, "
-                        f"tokenizer.character_coverage={cfg.character_coverage}: {reason} Raise "
-                        "--tokenizer.vocab_size or lower --tokenizer.character_coverage.") from None
+    except RuntimeError as exc:  # SentencePiece's own checks: a vocabulary too small for the characters, or too large
+        raise UserError(sentencepiece_advice(str(exc), cfg.vocab_size, cfg.character_coverage)) from None
     path = out_dir / SP_MODEL
     path.write_bytes(model.getvalue())
     return path
+
+
+def sentencepiece_advice(error: str, vocab_size: int, coverage: float) -> str:
+    """The one-line message for SentencePiece refusing to train, with the change that fixes it: a
+    vocabulary too large for the text ("Vocabulary size too high (400). Please set it to a value
+    <= 312.") is lowered; one too small for the characters is raised, or fewer characters kept."""
+    import re
+
+    reason = error.split("] ", 1)[-1].split(" Increase vocab_size")[0].strip()
+    head = f"SentencePiece cannot train with tokenizer.vocab_size={vocab_size}, " \
+           f"tokenizer.character_coverage={coverage}: {reason}"
+    most = re.search(r"too high.*?<=\s*(\d+)", reason)
+    if most:
+        return (f"{head} Lower --tokenizer.vocab_size to {most.group(1)} or less (this text holds no more distinct "
+                "pieces), or give more text.")
+    return f"{head} Raise --tokenizer.vocab_size or lower --tokenizer.character_coverage."
 
 
 def load_sentencepiece(path: str | Path) -> "sentencepiece.SentencePieceProcessor":

@@ -19,7 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from lib.records.checkpoint_record import (PREFIX, REQUIRED, SHARDS, STATE, _step_of, complete_checkpoints,  # noqa: F401
+from lib.records.checkpoint_record import (PREFIX, RANDOM_STATE, REQUIRED, SHARDS, STATE, _step_of,  # noqa: F401
+                                   complete_checkpoints,
                                    step_dir, verify)
 from lib.files import fresh_folder, publish_folder, tmp_folder, read_json, sha256_file, write_json
 from lib.errors import UserError
@@ -182,15 +183,17 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _room_for(root: Path, need: int) -> str | None:
+def _room_for(root: Path, need: int, keep_last_n: int = 1, has_checkpoint: bool = False) -> str | None:
     """None when the file system holding `root` has room for `need` bytes (and some to spare),
-    else the UserError message saying it does not."""
+    else the UserError message saying it does not (suggesting --keep_last_n 1 only where it would
+    free something: older checkpoints exist and more than one is kept)."""
     free = shutil.disk_usage(root).free
     if free >= _with_margin(need):
         return None
+    fewer = (" (older runs, or pass --keep_last_n 1: older checkpoints are then deleted to make room before a new "
+             "one is written)") if has_checkpoint and keep_last_n > 1 else " (older runs, other files)"
     return (f"disk full: {free / 1e6:.1f} MB free on the file system of {root}, and a checkpoint of this run takes "
-            f"about {_with_margin(need) / 1e6:.1f} MB with its margin; free some space there (older runs, or pass "
-            "--keep_last_n 1: older checkpoints are then deleted to make room before a new one is written), then run "
+            f"about {_with_margin(need) / 1e6:.1f} MB with its margin; free some space there{fewer}, then run "
             "again with --resume auto (nothing written so far is lost)")
 
 
@@ -249,7 +252,7 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
         root.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(root)
         _make_room(Path(run_dir), need, keep_last_n, keep_best, say)
-        full = _room_for(root, need)
+        full = _room_for(root, need, keep_last_n, bool(newest))
         if full is None:
             fresh_folder(final)  # = tmp
     full = broadcast_from_main(full, accelerator)
@@ -268,7 +271,7 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
     except (OSError, RuntimeError) as exc:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        full = _room_for(root, need)
+        full = _room_for(root, need, keep_last_n, bool(newest))
         if full is None and not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
             raise
         raise UserError(f"writing checkpoint {final} failed: {full or str(exc)}") from None
@@ -276,6 +279,28 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last_n: int, state: d
         prune(run_dir, keep_last_n, keep_best)
     accelerator.wait_for_everyone()
     return final
+
+
+def restorable_random_state(path: Path, process_index: int) -> None:
+    """A UserError unless this process's random state in checkpoint `path` can be read: Accelerate
+    resumes without it and only logs so at info level, and the resumed run then draws other
+    dropout masks and batches than the straight one would have."""
+    from accelerate.utils import load as load_pickle
+
+    name = RANDOM_STATE.format(process_index)
+    if not (path / name).is_file():
+        written = len(list(path.glob(RANDOM_STATE.format("*"))))
+        raise UserError(f"checkpoint {path} has no {name}: it was written by a job of {written} process(es) and this "
+                        f"one has more, so process {process_index} has no random state to continue; resume with "
+                        f"{written} process(es)")
+    try:
+        states = load_pickle(path / name)
+        if not isinstance(states, dict) or "torch_manual_seed" not in states:
+            raise ValueError("no torch random state in it")
+    except Exception as exc:  # noqa: BLE001 -- whatever torch.load raises: unusable either way
+        raise UserError(f"checkpoint {path}: its random state {name} cannot be restored ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}), so a resume could not be exact; "
+                        "resume from an earlier checkpoint (--resume checkpoints/step_...)") from None
 
 
 def load(accelerator, path: Path, data_content_hash: str, allow_data_change: bool = False,
@@ -303,6 +328,7 @@ def load(accelerator, path: Path, data_content_hash: str, allow_data_change: boo
         raise UserError(f"checkpoint {path} was written by {'an FSDP' if shards else 'a non-FSDP'} job "
                         f"and this one {'uses' if fsdp else 'does not use'} FSDP; resume with the launcher config "
                         "it was written with (its provenance.json names the distributed type)")
+    restorable_random_state(path, accelerator.process_index)
     try:
         accelerator.load_state(str(path), strict=strict)
     except RuntimeError as exc:  # torch: "Error(s) in loading state_dict ... size mismatch for ..."

@@ -10,6 +10,7 @@ from lib.files import check_sha256, folder_digest, read_json
 
 STATE = "trainer_state.json"
 PREFIX = "step_"
+RANDOM_STATE = "random_states_{}.pkl"  # Accelerate's random state of each process
 SHARDS = "pytorch_model_fsdp_0"  # where Accelerate writes an FSDP model's shards (torch.distributed.checkpoint)
 
 
@@ -53,5 +54,8 @@ def verify(path: Path) -> dict:
         raise UserError(f"checkpoint {path}: {STATE} is corrupt (it records step {state['step']})")
     if not any(name.startswith(("model", SHARDS)) for name in state["files"]):
         raise UserError(f"checkpoint {path}: {STATE} is corrupt (it lists no model weights)")
+    if RANDOM_STATE.format(0) not in state["files"]:  # Accelerate would resume without it, only logging so
+        raise UserError(f"checkpoint {path}: {STATE} lists no {RANDOM_STATE.format(0)} (the random state), so a "
+                        "resume from it could not be exact")
     check_sha256(state["files"], folder_digest(path), f"checkpoint {path}: file {{name}}")
     return state

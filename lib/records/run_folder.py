@@ -293,7 +293,7 @@ def record_end(run_dir: Path, exc: BaseException | None) -> None:
     """Write how the job ended into status.json: 'finished' (main() returned), 'stopped' (it exited
     with EXIT_STOPPED: a signal, checkpoint written) or 'failed' (anything else, with the exit code
     or exception)."""
-    from lib.errors import one_line
+    from lib.errors import last_error, one_line
     from lib.train.preemption import EXIT_STOPPED
 
     if not run_dir.is_dir():
@@ -304,8 +304,10 @@ def record_end(run_dir: Path, exc: BaseException | None) -> None:
     elif code == EXIT_STOPPED:
         _write_status(run_dir, "stopped", exit_code=EXIT_STOPPED)
     else:
+        # a one-line error ends as SystemExit: the line it printed is the error
         _write_status(run_dir, "failed", exit_code=code if isinstance(code, int) else 1,
-                      error=None if isinstance(exc, SystemExit) else one_line(exc))
+                      error=(last_error() or (code if isinstance(code, str) else None)) if isinstance(exc, SystemExit)
+                      else one_line(exc))
 
 
 def read_status(run_dir: str | Path) -> dict | None:
