@@ -401,7 +401,7 @@ def start(cfg, started: float) -> Run:
     from lib.data.batches import tokens_dir
     from lib.files import ensure_writable
     from lib.model.build import matmul_dims
-    from lib.train.precision import model_matmul_shapes
+    from lib.train.precision import model_matmul_shapes, recorded as recorded_precision
     from lib.train.sizing import size_run
 
     manifest = read_manifest(tokens_dir(cfg.data.dir), "tokens")
@@ -412,13 +412,8 @@ def start(cfg, started: float) -> Run:
         return model_matmul_shapes(*matmul_dims(cfg.model, manifest["vocab_size"]),
                                    cfg.micro_batch_size * cfg.data.seq_len)
 
-    kept = None  # a resumed run keeps the precision it chose at its start: a probe never switches it midway
-    if cfg.resume and cfg.precision == "auto":
-        from lib.train.precision import Choice, recorded
-
-        found = recorded(cfg.runs_dir / cfg.run_name)
-        kept = found and Choice(found.mixed_precision, f"auto: as this run chose at its start ({cfg.runs_dir / cfg.run_name}"
-                                                       "/provenance.json); a resume does not measure again")
+    # a resumed run keeps the precision it chose at its start: a probe never switches it midway
+    kept = recorded_precision(cfg.runs_dir / cfg.run_name, "chose at its start") if cfg.resume else None
     accelerator, choice = runtime.start(cfg.precision, shapes, grad_accum_steps=cfg.grad_accum_steps,
                                         fp16_init_scale=cfg.fp16_init_scale, threads=cfg.threads,
                                         deterministic=cfg.deterministic, keep_freed_memory=cfg.keep_freed_memory,

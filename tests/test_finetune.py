@@ -162,7 +162,7 @@ def test_a_masked_lm_is_refused_not_scored_as_causal(tiny_data, tmp_path):
     BertForMaskedLM(BertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64)).save_pretrained(bert)
     for proc in (run_script("scripts/eval.py", "--model", str(bert), "--data", str(tiny_data), check=False),
-                 train(tiny_data, tmp_path, "bert", "--model.init_from", str(bert), "--max_steps", "2", check=False)):
+                 train(tiny_data, tmp_path, "ft", "--model.init_from", str(bert), "--max_steps", "2", check=False)):
         assert proc.returncode == 2 and "masked language model (BertForMaskedLM)" in proc.stderr, proc.stderr
         assert "DEFERRED.md" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -57,6 +57,7 @@ def test_prompt_and_piped_prompts_continue_as_transformers_does(run):
 
 def test_chat_applies_the_template_to_the_whole_conversation(run, tmp_path):
     from lib.model.generate import GenerationOptions, Session
+    from lib.files import write_checksums
 
     proc = run_script("scripts/eval.py", "generate", "--model", str(run), "--chat", "--prompt", "hi", check=False)
     assert proc.returncode != 0 and "has no chat template" in proc.stderr and "Traceback" not in proc.stderr
@@ -65,6 +66,7 @@ def test_chat_applies_the_template_to_the_whole_conversation(run, tmp_path):
     shutil.copytree(run / "final", chat)
     cfg = json.loads((chat / "tokenizer_config.json").read_text())
     (chat / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TEMPLATE}))
+    write_checksums(chat)  # edited on purpose: its record says so (generate checks it)
     session = Session.open(str(chat), GenerationOptions(temperature=0, max_new_tokens=8), system="be brief")
     first = session.chat_turn("what is os?", io.StringIO())
     seen = []

@@ -140,7 +140,9 @@ def test_a_damaged_gzip_trailer_fails_the_archive(tmp_path):
     folder = tmp_path / "checkpoints" / "step_0000002"
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"w" * 5000)
-    files = {"model.safetensors": hashlib.sha256(b"w" * 5000).hexdigest()}
+    (folder / "random_states_0.pkl").write_bytes(b"r" * 100)
+    files = {"model.safetensors": hashlib.sha256(b"w" * 5000).hexdigest(),
+             "random_states_0.pkl": hashlib.sha256(b"r" * 100).hexdigest()}
     (folder / STATE).write_text(json.dumps({"step": 2, "tokens_seen": 1, "sampler": {}, "data_content_hash": "h",
                                             "files": files}))
     archive = pack(folder)

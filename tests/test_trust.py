@@ -168,7 +168,7 @@ def test_a_resume_keeps_the_precision_the_run_chose(tiny_data, tmp_path):
     train(tiny_data, tmp_path, "p", *QUICK, "--max_steps", "4", "--stop_at_step", "2", "--precision", "auto")
     chosen = json.loads((tmp_path / "p" / "provenance.json").read_text())["mixed_precision"]
     proc = train(tiny_data, tmp_path, "p", *QUICK, "--max_steps", "4", "--resume", "auto", "--precision", "auto")
-    assert "as this run chose at its start" in proc.stdout and "GFLOP/s on the model" not in proc.stdout, proc.stdout
+    assert "chose at its start (its provenance.json)" in proc.stdout and "GFLOP/s on the model" not in proc.stdout, proc.stdout
     assert json.loads((tmp_path / "p" / "provenance.json").read_text())["mixed_precision"] == chosen
 
 
