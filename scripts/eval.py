@@ -42,6 +42,7 @@ from lib import config as config_lib  # noqa: E402
 from lib import errors  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 from lib.model.generate import GenerationOptions  # noqa: E402
+from lib.train.precision import recorded as recorded_precision  # noqa: E402
 
 
 @dataclass
@@ -190,7 +191,7 @@ def generate_command(cfg: GenerateConfig) -> None:
 
     if cfg.prompt is None and not cfg.interactive:
         raise UserError("give --prompt TEXT, or --interactive to read prompts from standard input")
-    trained = cfg.precision == "auto" and trained_precision(locate(cfg.model).run_dir)
+    trained = cfg.precision == "auto" and recorded_precision(locate(cfg.model).run_dir)
     name = trained.name if trained else cfg.precision
     if name == "auto":
         name = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -239,14 +240,6 @@ def weights_sha256(model_dir: Path, verified: dict[str, str] | None = None) -> s
     return next(iter(sums.values())) if len(sums) == 1 else canonical_hash(sums)
 
 
-def trained_precision(run_dir: Path | None):
-    """The precision a run was trained in (lib.train.precision.Choice), from its provenance.json, when
-    this process has the kind of device it was trained on (a CPU, or a GPU); else None."""
-    from lib.train.precision import recorded
-
-    return recorded(run_dir)
-
-
 def departures(cfg: EvalConfig, run_dir: Path | None, out_dir: Path, precision: str) -> list[str]:
     """How this evaluation departs from the run's own (its data, seq_len, document masking and
     precision, the default stride, the whole split, into <run>/eval); only the run's own updates
@@ -254,7 +247,7 @@ def departures(cfg: EvalConfig, run_dir: Path | None, out_dir: Path, precision: 
     if run_dir is None:
         return ["not a run's final model"]
     run_data = config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}
-    trained = trained_precision(run_dir)
+    trained = recorded_precision(run_dir)
     found = [f"--data {cfg.data}"] if cfg.data is not None else []
     if out_dir.resolve() != (run_dir / "eval").resolve():
         found.append(f"--out_dir {cfg.out_dir}")
@@ -360,7 +353,7 @@ def main() -> None:
     model_cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     seq_len = cfg.seq_len or run_data.get("seq_len") or model_cfg.max_position_embeddings
     formats = parse_formats(cfg.metrics_out)
-    choice = (cfg.precision == "auto" and trained_precision(run_dir)) or \
+    choice = (cfg.precision == "auto" and recorded_precision(run_dir)) or \
         resolve(cfg.precision, shapes_of(model_cfg, cfg.batch_size * seq_len))
     precision = choice.name
     print(f"precision {precision}: {choice.reason}")
