@@ -328,9 +328,9 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
 
     from lib.data.corpus import iter_records, read_manifest
+    from lib.data.tokenizer import load_hf_tokenizer
     from lib.files import atomic_text
     from lib.data.tokenizer import tokenizer_fingerprint
     from lib.data.batches import (DocBoundary, gather_docs, load_masks, load_split, sample_docs, tokens_dir,
@@ -410,7 +410,7 @@ def main() -> None:
 
     samples = []
     if cfg.samples > 0:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        tok = load_hf_tokenizer(model_dir)
         set_seed(cfg.seed)
         # the opening words (up to 48 characters, cut at a space) of held-out documents, unless given
         prompts = [cfg.prompt] * cfg.samples if cfg.prompt is not None else [

@@ -248,10 +248,12 @@ def held_out_note(cc, corpus: dict) -> str:
     if used != cc.val_per_mille:
         what += (f" (share raised from {cc.val_per_mille / 10:g}% to {used / 10:g}% of documents to reach the floor of "
                  f"{cc.val_min_bytes:,} bytes and {cc.val_min_docs} documents)")
-    if val["text_bytes"] < cc.val_min_bytes or val["records"] < cc.val_min_docs:
-        what += (f"; WARNING: below the floor of {cc.val_min_bytes:,} bytes and {cc.val_min_docs} documents even at "
-                 f"--corpus.val_max_per_mille {cc.val_max_per_mille}: its bits per byte (the model's and the "
-                 "compressors') are noisy; give more text")
+    missed = ([f"{cc.val_min_bytes:,} bytes (--corpus.val_min_bytes)"] * (val["text_bytes"] < cc.val_min_bytes)
+              + [f"{cc.val_min_docs} documents (--corpus.val_min_docs)"] * (val["records"] < cc.val_min_docs))
+    if missed:
+        what += (f"; WARNING: below the floor of {' and '.join(missed)} even at --corpus.val_max_per_mille "
+                 f"{cc.val_max_per_mille}: its bits per byte (the model's and the compressors') are noisy; give "
+                 "more text")
     return what
 
 
@@ -282,7 +284,9 @@ def main() -> None:
         for split, info in corpus["splits"].items():
             log(f"corpus: {split}: {info['records']} records, {info['text_bytes'] / 1e6:.2f} MB "
                 f"in {len(info['shards'])} shard(s)")
-        log(f"corpus: skipped {corpus['skipped']}; content hash {corpus['content_hash'][:16]}")
+        log(f"corpus: skipped {corpus['skipped'] or 'nothing'}; content hash {corpus['content_hash'][:16]}")
+        for kind, first in corpus.get("skipped_first", {}).items():
+            log(f"corpus: the first {kind} skipped: {first}")
         log(held_out_note(cfg.corpus, corpus))
         tok_dir = stage_tokenizer(cfg.out_dir, corpus_dir, corpus["content_hash"], cfg.tokenizer, cfg.force, log)
         tokens = stage_tokens(cfg.out_dir, corpus_dir, corpus, tok_dir, cfg.force, log)

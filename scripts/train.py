@@ -454,10 +454,14 @@ def load_data(run) -> None:
     if val_masks is not None:
         long = too_long_conversations(tok_dir, run.manifest, cfg.data.seq_len)
         if long:
+            limit, whole = model_positions(cfg), long[3] - 1
+            advice = (f"--data.seq_len {whole} keeps every one whole" if limit is None or whole <= limit else
+                      f"keeping every one whole needs {whole} positions, more than the model's {limit}: fine-tune a "
+                      f"model with more positions, or shorten those conversations"
+                      + (f" (--data.seq_len {limit}, the most it takes, cuts fewer)" if cfg.data.seq_len < limit else ""))
             run.say(f"warning: {long[0]} conversation(s) are longer than --data.seq_len {cfg.data.seq_len} + 1 tokens "
                     f"(the first: {long[1]}, {long[2]} tokens). They are cut into blocks like any document: their "
-                    f"later answer tokens are trained without the conversation's start in view. --data.seq_len "
-                    f"{long[3] - 1} keeps every one whole")
+                    f"later answer tokens are trained without the conversation's start in view; {advice}")
 
 
 def verify_shards_on_main(run) -> None:
@@ -476,6 +480,20 @@ def verify_shards_on_main(run) -> None:
     problem = broadcast_from_main(problem, run.accelerator)
     if problem:
         raise UserError(problem)
+
+
+def model_positions(cfg) -> int | None:
+    """The positions of the model this run trains: --model.init_from's config, else
+    --model.max_seq_len (None where the config names none)."""
+    import json
+
+    if not cfg.model.init_from:
+        return cfg.model.max_seq_len
+    try:
+        config = json.loads((Path(cfg.model.init_from) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("max_position_embeddings") or config.get("n_positions")
 
 
 def too_long_conversations(tok_dir, manifest: dict, seq_len: int) -> tuple | None:

@@ -21,7 +21,7 @@ def test_records_are_recognised_and_faults_named():
     for obj, what in (({"messages": [{"role": "user", "content": "hi"}]}, "p.jsonl:4: no assistant turn"),
                       ({"messages": [{"role": "bot", "content": "hi"}]}, "p.jsonl:4: message 1 has role 'bot'"),
                       ({"messages": [{"role": "user", "content": 3}]}, "message 1 (user) has a int content"),
-                      ({"messages": []}, "non-empty list"), ({"messages": ["hi"]}, "message 1 is not a")):
+                      ({"messages": []}, "non-empty list"), ({"messages": ["hi"]}, "message 1 is neither a")):
         with pytest.raises(UserError, match=what.replace("(", r"\(").replace(")", r"\)")):
             parse_record(obj, "p.jsonl:4")
 

@@ -1,5 +1,6 @@
 """Conversations and instructions as training documents: records of `messages` (role and
-content, the chat-template convention) or of `prompt`/`completion`, rendered to text through a
+content, the chat-template convention), ShareGPT's `conversations` (from and value) or
+`prompt`/`completion`, rendered to text through a
 chat template, with the character spans of the assistant's turns, the only text the loss counts.
 
     doc = render(parse_record({"messages": [{"role": "user", "content": "hi"},
@@ -47,31 +48,47 @@ class ChatDocument:
     trained: list[tuple[int, int]]  # character spans of the assistant turns in `text`
 
 
+# Role names of other layouts, mapped as axolotl and FastChat map ShareGPT's: `from` human/gpt.
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+              "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
+TURN_LISTS = ("messages", "conversations")  # a list of turns, each {role, content} or {from, value}
+
+
 def is_chat_record(obj) -> bool:
-    return isinstance(obj, dict) and ("messages" in obj or ("prompt" in obj and "completion" in obj))
+    return isinstance(obj, dict) and (any(isinstance(obj.get(k), list) for k in TURN_LISTS)
+                                      or ("prompt" in obj and "completion" in obj))
 
 
 def parse_record(obj: dict, where: str) -> Conversation:
-    """The conversation of a `messages` or `prompt`/`completion` record; UserError naming `where`
-    (file:line) for one without an assistant turn, with an unknown role or a non-string content."""
-    if "messages" in obj:
-        messages = obj["messages"]
+    """The conversation of a record: `messages` ({role, content} turns), ShareGPT's
+    `conversations` ({from, value} turns, from human/gpt/system; either key takes either kind of
+    turn), or `prompt`/`completion`, each with an optional top-level `system` string. A UserError
+    naming `where` (file:line) for one without an assistant turn, with an unknown role or a
+    non-string content."""
+    key = next((k for k in TURN_LISTS if k in obj), None)
+    if key is not None:
+        messages = obj[key]
         if not isinstance(messages, list) or not messages:
-            raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+            raise UserError(f"{where}: {key!r} must be a non-empty list of {{role, content}} or {{from, value}} objects")
     else:
         messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
-        if "system" in obj:
-            messages.insert(0, {"role": "system", "content": obj["system"]})
     clean = []
     for i, m in enumerate(messages, 1):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{where}: message {i} is not a {{role, content}} object")
-        if m["role"] not in ROLES:
-            raise UserError(f"{where}: message {i} has role {m['role']!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise UserError(f"{where}: message {i} ({m['role']}) has a {type(m['content']).__name__} content, "
+        role_key = "role" if isinstance(m, dict) and "role" in m else "from"
+        text_key = "content" if isinstance(m, dict) and "content" in m else "value"
+        if not isinstance(m, dict) or role_key not in m or text_key not in m:
+            raise UserError(f"{where}: message {i} is neither a {{role, content}} nor a {{from, value}} object")
+        role = ROLE_NAMES.get(m[role_key]) if isinstance(m[role_key], str) else None
+        if role is None:
+            raise UserError(f"{where}: message {i} has {role_key} {m[role_key]!r}; read are {', '.join(ROLES)} "
+                            "(and ShareGPT's human, gpt)")
+        if not isinstance(m[text_key], str):
+            raise UserError(f"{where}: message {i} ({role}) has a {type(m[text_key]).__name__} {text_key}, "
                             "not a string")
-        clean.append({"role": m["role"], "content": m["content"]})
+        clean.append({"role": role, "content": m[text_key]})
+    system = obj.get("system")
+    if isinstance(system, str) and system.strip() and not (clean and clean[0]["role"] == "system"):
+        clean.insert(0, {"role": "system", "content": system})
     if not any(m["role"] == "assistant" for m in clean):
         raise UserError(f"{where}: no assistant turn: nothing to train on (a conversation needs at least one "
                         "assistant message; a prompt/completion record, a completion)")

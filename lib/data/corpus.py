@@ -56,16 +56,30 @@ class CorpusConfig:
 
     source: str = "stdlib"
     """'stdlib' (this interpreter's standard library sources); or files, directories and globs of
-    .py (a document per file), .txt/.md (documents per text_docs), .jsonl (a record per line) and
-    .parquet (a record per row), comma-separated; or a folder written by datasets' save_to_disk."""
+    .py (a document per file), .txt/.md (documents per text_docs), .jsonl (a record per line),
+    .json (an array of records, or one per line) and .parquet (a record per row), comma-separated;
+    or a folder written by datasets' save_to_disk."""
+    format: Literal["auto", "text", "messages", "sharegpt", "prompt_completion", "alpaca"] = "auto"
+    """The layout of records (jsonl, json, parquet, datasets), each read without conversion:
+    text {"text": ...} (trained on whole); and, as conversations whose answers alone are trained
+    on, messages {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}, sharegpt
+    {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}, prompt_completion
+    {"prompt", "completion"} and alpaca {"instruction", "input", "output"} (an empty input is
+    left out of the prompt); each may carry a top-level "system" string. auto: each record by its
+    fields, in that order."""
     text_field: str = "text"
     """The field holding the text (jsonl, parquet, datasets)."""
     template: Optional[str] = None
-    """Build the text from several fields instead, e.g. '{title}\\n\\n{body}'."""
+    """Build the text from fields instead: '{title}\\n\\n{body}'. \\n and \\t are a newline and a
+    tab (as typed in bash's single quotes; a YAML string may hold real ones), \\\\ a backslash;
+    square brackets around a part with a field leave it out when that field is empty or missing,
+    '{instruction}[\\n\\n{input}]'; brackets around no field, or written \\[ \\], are plain text;
+    a literal brace is doubled."""
     completion_field: Optional[str] = None
     """With a template: the field holding the answer. The template's text becomes the user's
     message and this field the assistant's, the only text trained on (an instruction dataset:
-    --corpus.template '{instruction}\\n\\n{input}' --corpus.completion_field output)."""
+    --corpus.template '{instruction}[\\n\\n{input}]' --corpus.completion_field output, which is
+    also what --corpus.format alpaca does)."""
     loader: Optional[str] = None
     """Read `source` through datasets.load_dataset(LOADER, data_files=..., streaming=True): a
     builder name (json, csv, parquet, text) or a local dataset folder. Any file suffix."""
@@ -259,8 +273,9 @@ def split_key(cfg: CorpusConfig, record: dict) -> str:
 
 
 def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozenset = frozenset(),
-             share: Optional[int] = None) -> Iterator[tuple[str, dict]]:
-    """(split, record) pairs; fills `inputs` with the hashed raw files as a side result. Ids in
+             share: Optional[int] = None, examples: Optional[dict] = None) -> Iterator[tuple[str, dict]]:
+    """(split, record) pairs; fills `inputs` with the hashed raw files, and `skipped` and `examples`
+    with what was dropped (counts, and the first of each reason), as side results. Ids in
     `held_out` go to val whatever their hash; `share`: the held-out share (default cfg.val_per_mille)."""
     share = cfg.val_per_mille if share is None else share
     if cfg.source == "stdlib":
@@ -270,13 +285,16 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
         reader = RecordReader(on_bad_record="skip", on_bad_utf8="skip")
     elif is_saved_dataset(cfg.source) and not cfg.loader:
         files = []
-        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field)
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field,
+                              cfg.format)
     elif cfg.loader:
         files = expand_inputs(cfg.source, suffixes=ANY_SUFFIX)
-        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field)
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field,
+                              cfg.format)
     else:
         files = expand_inputs(cfg.source)
-        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field)
+        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field,
+                              cfg.format)
     if cfg.max_files is not None:
         files = files[: cfg.max_files]
     inputs.extend(hash_inputs(files))
@@ -313,6 +331,8 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
             key = split_key(cfg, record)
             yield "val" if key in held_out else split_of(key, share), record
     skipped.update(reader.counts)
+    if examples is not None:
+        examples.update(reader.first)
 
 
 def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
@@ -330,13 +350,14 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
         share = cfg.val_per_mille
         while True:
             skipped: Counter = Counter()
+            examples: dict = {}
             inputs: list[dict] = []
             writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
             lowest, lowest_bucket = None, 1000  # the train document whose hash is lowest: held out if no other is
             by_bucket = [[0, 0] for _ in range(1000)]  # training [bytes, documents] per hash bucket
             conversations = 0
             try:
-                for split, record in _records(cfg, skipped, inputs, held_out, share):
+                for split, record in _records(cfg, skipped, inputs, held_out, share, examples):
                     writers[split].write(record)
                     conversations += "messages" in record
                     if split == "train":
@@ -361,10 +382,15 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
                 p.unlink()
         splits = {}
         for split, w in writers.items():
+            if not w.shards and sum(skipped.values()) and not any(x.shards for x in writers.values()):
+                kinds = ", ".join(f"{n} {kind}" for kind, n in skipped.most_common())
+                top = skipped.most_common(1)[0][0]
+                raise UserError(f"corpus: every record was skipped ({kinds}); the first: {examples.get(top, top)}")
             if not w.shards:
+                dropped = f" ({sum(skipped.values())} record(s) were skipped: {dict(skipped)})" if skipped else ""
                 raise UserError(
-                    f"corpus: the {split} split is empty; raise corpus.val_per_mille or corpus.max_files, or give "
-                    "more documents (a text file becomes several with --corpus.text_docs chunks)"
+                    f"corpus: the {split} split is empty{dropped}; raise corpus.val_per_mille or corpus.max_files, "
+                    "or give more documents (a text file becomes several with --corpus.text_docs chunks)"
                 )
             for shard in w.shards:
                 shard["sha256"] = sha256_file(tmp / shard["file"])
@@ -380,6 +406,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
             "settings": dataclasses.asdict(cfg),
             "normalization": dataclasses.asdict(cfg.normalize),
             "skipped": dict(sorted(skipped.items())),
+            "skipped_first": dict(sorted(examples.items())),
             "held_out_by_rule": sorted(held_out),
             "val_per_mille_used": share,
             "conversations": conversations,

@@ -99,16 +99,53 @@ def encode_chat_shards(tok_dir: Path, files: list[Path], template: str, ends: tu
     through the tokenizer's Hugging Face form (offsets place the assistant's text on tokens:
     lib.data.chat.encode_documents)."""
     import numpy as np
-    from transformers import AutoTokenizer
 
     from lib.data.chat import encode_documents
     from lib.data.corpus import iter_shard
+    from lib.data.tokenizer import load_hf_tokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    hf = load_hf_tokenizer(tok_dir)
     for path in files:
         ids, masks, sizes = encode_documents(hf, list(iter_shard(path)), template, *ends)
         yield (np.fromiter((i for d in ids for i in d), np.int64), np.array([len(d) for d in ids], np.int64),
                np.array(sizes, np.int64), np.fromiter((m for d in masks for m in d), np.uint8))
+
+
+def model_positions(tok_dir: Path) -> tuple[int, str] | None:
+    """(positions, model folder) of the model whose tokenizer `tok_dir` copied (its build.json names
+    the folder; its config.json the positions), or None: a tokenizer of this project's own, or a
+    folder without a model config."""
+    import json
+
+    try:
+        source = Path(json.loads((tok_dir / "build.json").read_text())["source"])
+        cfg = json.loads((source / "config.json").read_text())
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return (int(positions), str(source)) if positions else None
+
+
+def seq_len_advice(longest: int, lengths: list, positions: tuple[int, str] | None) -> str:
+    """What tokenize.py says about the conversations' lengths: the --data.seq_len that keeps every
+    one whole (a block holds seq_len + 1 tokens), never more than the model's positions; past
+    them, how many are cut and what to do instead."""
+    import numpy as np
+
+    whole = max(longest - 1, 1)
+    if positions is None:
+        return (f"tokens: the longest conversation is {longest:,} tokens: --data.seq_len {whole} or more keeps every "
+                "one whole in view (a model trained from scratch needs --model.max_seq_len as long)")
+    limit, source = positions
+    if whole <= limit:
+        return (f"tokens: the longest conversation is {longest:,} tokens: --data.seq_len {whole} or more (up to the "
+                f"model's {limit} positions) keeps every one whole in view")
+    every = np.concatenate(lengths) if lengths else np.zeros(0)
+    cut = int((every > limit + 1).sum())
+    return (f"tokens: the longest conversation is {longest:,} tokens, more than the {limit} positions of {source}: "
+            f"{cut:,} of {len(every):,} conversations are longer than --data.seq_len {limit} (the most that model "
+            "takes) and are cut into blocks, their later answer tokens trained without the conversation's start in "
+            "view; to keep them whole, fine-tune a model with more positions or shorten those conversations")
 
 
 def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir: Path, force: bool = False,
@@ -145,7 +182,7 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
             "with nothing between them: a model trained on them cannot tell where one ends, and "
             "--data.doc_mask cannot keep them apart")
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    splits, total_tokens, total_bytes, longest = {}, 0, 0, 0
+    splits, total_tokens, total_bytes, longest, lengths_seen = {}, 0, 0, 0, []
     files = [corpus_dir / shard["file"] for info in corpus_manifest["splits"].values() for shard in info["shards"]]
     if template is not None:
         log(f"tokens: {corpus_manifest['conversations']} conversations, trained on the assistant's tokens only "
@@ -159,6 +196,7 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
             for shard in info["shards"]:
                 flat, lengths, sizes, *loss_mask = next(encoded)
                 longest = max(longest, int(lengths.max(initial=0)))
+                lengths_seen.append(lengths)
                 flat = flat.astype(dtype, copy=False)
                 docs = np.stack([lengths, sizes], axis=1).astype(np.int64)
                 stem = Path(shard["file"]).stem
@@ -191,8 +229,7 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
         write_json(tmp / "manifest.json", manifest)
     secs = time.time() - t0
     if template is not None:
-        log(f"tokens: the longest document is {longest:,} tokens: train with --data.seq_len {longest - 1} or more to "
-            "keep every conversation whole in view")
+        log(seq_len_advice(longest, lengths_seen, model_positions(tok_dir)))
     log(f"tokens: encoded {total_bytes / 1e6:.1f} MB into {total_tokens:,} tokens "
         f"({total_bytes / max(total_tokens, 1):.2f} bytes/token) in {secs:.1f}s "
         f"({total_bytes / 1e6 / max(secs, 1e-9):.1f} MB/s) -> {tokens_dir}")

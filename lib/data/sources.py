@@ -19,18 +19,18 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import string
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
-from lib.data.chat import is_chat_record
 from lib.errors import UserError, json_error
 from lib.plugins import Registry
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
-SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".parquet")
 READERS = Registry("reader")
 """Readers of input files by suffix. A plugin adds one for another kind of file (lib/plugins.py):
 fn(path) -> iterable of (number, text), one pair per document, number being its 1-based line or
@@ -117,40 +117,141 @@ def is_saved_dataset(path: str | Path) -> bool:
                               or (path / "state.json").is_file())
 
 
-def template_fields(template: str) -> list[str]:
-    """The field names a --corpus.template fills, or a UserError saying what is wrong with it (an
-    unclosed brace, a positional or attribute field): the template is checked before any record."""
-    problem = None
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-        if any(not f.isidentifier() for f in fields):
-            problem = f"field {next(f for f in fields if not f.isidentifier())!r} is not a plain name"
-        else:
-            template.format(**{f: "" for f in fields})
-    except (ValueError, IndexError, KeyError, AttributeError) as exc:
-        problem = str(exc).strip("'") or type(exc).__name__
-    if problem:
-        raise UserError(f"--corpus.template {template!r}: {problem}; a field is a record's key in braces, "
-                        "{instruction}, and a literal brace is doubled, {{ or }}")
-    return fields
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", "[": "\ue001", "]": "\ue002"}
+# \[ and \] stand for literal brackets while the optional parts are found (private-use characters,
+# put back afterwards)
+
+
+class Template:
+    """A --corpus.template: text with record fields in braces, `{instruction}`.
+
+    `\\n` and `\\t` mean a newline and a tab (bash's single quotes pass them as two characters; a
+    YAML string may hold real ones: both give the same text), `\\\\` a backslash. A part in square
+    brackets that holds a field is left out when a field in it is missing or empty, so one
+    template gives both of Alpaca's prompt shapes: '{instruction}[\\n\\n{input}]'. Brackets around
+    no field are plain text ('[INST] {instruction} [/INST]'); `\\[` and `\\]` are always plain
+    brackets. A literal brace is doubled, {{ or }}.
+
+    A malformed template (an unclosed brace, a positional or attribute field, an unclosed
+    bracket) is a UserError naming it, raised before any record is read."""
+
+    def __init__(self, raw: str, option: str = "--corpus.template"):
+        self.raw = raw
+        text = re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), raw, flags=re.S)
+        self.parts: list[tuple[bool, str, list[str]]] = []  # (optional, format string, its fields)
+        problem = None
+        pos = 0
+        try:
+            segments = []  # the text between bracketed parts: a bracket left there is unmatched
+            for m in re.finditer(r"\[([^\[\]]*)\]", text):
+                segments.append(text[pos:m.start()])
+                self._add(False, segments[-1])
+                fields = self._fields(m.group(1))
+                self._add(bool(fields), m.group(1) if fields else m.group(0))
+                pos = m.end()
+            segments.append(text[pos:])
+            self._add(False, segments[-1])
+            if any(c in seg for seg in segments for c in "[]"):
+                problem = "a [ or ] is unmatched (write \\[ or \\] for a plain one)"
+        except (ValueError, IndexError, KeyError, AttributeError) as exc:
+            problem = str(exc).strip("'") or type(exc).__name__
+        if problem:
+            raise UserError(f"{option} {raw!r}: {problem}; a field is a record's key in braces, {{instruction}}, "
+                            "a literal brace is doubled, {{ or }}, and [ ] around a part with a field make it "
+                            "optional")
+
+    @staticmethod
+    def _fields(fmt: str) -> list[str]:
+        return [f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None]
+
+    def _add(self, optional: bool, fmt: str) -> None:
+        if not fmt:
+            return
+        fields = self._fields(fmt)
+        bad = next((f for f in fields if not f.isidentifier()), None)
+        if bad is not None:
+            raise ValueError(f"field {bad!r} is not a plain name")
+        fmt.format(**{f: "" for f in fields})  # raises for a malformed part
+        self.parts.append((optional, fmt, fields))
+
+    @property
+    def fields(self) -> list[str]:
+        """Every field the template names, in order, once each."""
+        return list(dict.fromkeys(f for _, _, fs in self.parts for f in fs))
+
+    @property
+    def required(self) -> list[str]:
+        """The fields outside optional parts: a record without one is a bad record."""
+        return list(dict.fromkeys(f for optional, _, fs in self.parts if not optional for f in fs))
+
+    def render(self, obj: dict) -> str:
+        """The template filled from `obj` (which holds every required field)."""
+        out = []
+        for optional, fmt, fields in self.parts:
+            values = {f: obj.get(f) for f in fields}
+            if optional and any(v is None or (isinstance(v, str) and not v.strip()) for v in values.values()):
+                continue
+            out.append(fmt.format(**values))
+        return "".join(out).replace("\ue001", "[").replace("\ue002", "]")
+
+
+FORMATS = ("auto", "text", "messages", "sharegpt", "prompt_completion", "alpaca")
+LAYOUTS = ("text: {\"text\": ...} (another field: --corpus.text_field); "
+           "messages: {\"messages\": [{\"role\", \"content\"}, ...]}; "
+           "sharegpt: {\"conversations\": [{\"from\": \"human\"|\"gpt\"|\"system\", \"value\"}, ...]}; "
+           "prompt_completion: {\"prompt\", \"completion\"}; "
+           "alpaca: {\"instruction\", \"input\", \"output\"} (input may be empty); "
+           "any other fields: --corpus.template with --corpus.completion_field")
+ALPACA = Template("{instruction}[\\n\\n{input}]")  # the input part left out where a record has none
+
+
+def layout_of(obj: dict, text_field: str) -> Optional[str]:
+    """The layout a record is in (FORMATS, for --corpus.format auto), or None: the text field
+    first, then a list of turns, prompt/completion, instruction/output."""
+    if text_field in obj:
+        return "text"
+    if isinstance(obj.get("messages"), list):
+        return "messages"
+    if isinstance(obj.get("conversations"), list):
+        return "sharegpt"
+    if "prompt" in obj and "completion" in obj:
+        return "prompt_completion"
+    if "instruction" in obj and "output" in obj:
+        return "alpaca"
+    return None
 
 
 class RecordReader:
-    """Turns input files into RawRecords under the configured policies, counting what it drops."""
+    """Turns input files into RawRecords under the configured policies, counting what it drops
+    (with the first example of each reason, `first`)."""
 
     def __init__(self, text_field: str = "text", template: Optional[str] = None,
                  on_bad_record: Literal["error", "skip"] = "error",
-                 on_bad_utf8: Literal["error", "skip", "replace"] = "error", completion_field: Optional[str] = None):
-        self.text_field, self.template, self.completion_field = text_field, template, completion_field
+                 on_bad_utf8: Literal["error", "skip", "replace"] = "error", completion_field: Optional[str] = None,
+                 format: str = "auto"):
+        self.text_field, self.completion_field, self.format = text_field, completion_field, format
         self.on_bad_record, self.on_bad_utf8 = on_bad_record, on_bad_utf8
-        self.template_fields = template_fields(template) if template else []
+        self.template = Template(template) if template else None
+        if self.template is not None and format not in ("auto", "text"):
+            raise UserError(f"--corpus.template and --corpus.format {format} are two layouts: give one")
+        if completion_field is not None and self.template is None:
+            raise UserError("--corpus.completion_field names the answer of a --corpus.template: give the template too")
         self.counts: Counter = Counter()
+        self.first: dict[str, str] = {}
+
+    @property
+    def columns(self) -> Optional[list[str]]:
+        """The columns a tabular input must have (None: whatever the layout needs)."""
+        if self.template is not None:
+            return self.template.required + ([self.completion_field] if self.completion_field else [])
+        return [self.text_field] if self.format == "text" else None
 
     # -- policy helpers
     def _bad(self, kind: str, where: str, what: str) -> None:
         if self.on_bad_record == "error":
             raise UserError(f"{where}: {what} (pass --corpus.on_bad_record skip to drop such records)")
         self.counts[kind] += 1
+        self.first.setdefault(kind, f"{where}: {what}")
 
     def _decode(self, raw: bytes, where: str, base_offset: int = 0) -> Optional[str]:
         try:
@@ -162,43 +263,73 @@ class RecordReader:
             self.counts[f"not_utf8_{'skipped' if self.on_bad_utf8 == 'skip' else 'replaced'}"] += 1
             return None if self.on_bad_utf8 == "skip" else raw.decode("utf-8", errors="replace")
 
+    def _fields(self, obj: dict) -> str:
+        return ", ".join(map(str, obj)) or "none"
+
     def _text_of(self, obj, where: str) -> Optional[str]:
+        """The record's text: a string, or a ChatText for a conversation (its messages attached)."""
         if not isinstance(obj, dict):
             self._bad("not_an_object", where, f"expected a JSON object, got {type(obj).__name__}")
             return None
-        if self.template:
-            missing = [f for f in self.template_fields if f not in obj]
-            if missing:
-                self._bad("missing_field", where, f"no field {missing[0]!r} for the template "
-                          f"(fields: {', '.join(map(str, obj)) or 'none'})")
+        if self.template is not None:
+            return self._templated(obj, where, self.template, self.completion_field)
+        layout = layout_of(obj, self.text_field) if self.format == "auto" else self.format
+        if layout is None:
+            self._bad("missing_field", where, f"no field {self.text_field!r}, nor another layout this reads (fields: "
+                      f"{self._fields(obj)}). Read are {LAYOUTS}; --corpus.format names one")
+            return None
+        if layout == "alpaca":
+            return self._templated(obj, where, ALPACA, "output")
+        if layout == "text":
+            if self.text_field not in obj:
+                seen = layout_of(obj, self.text_field)
+                hint = f"it is in the {seen} layout, which --corpus.format {seen} reads" if seen else (
+                    "set --corpus.text_field or --corpus.template")
+                self._bad("missing_field", where, f"no field {self.text_field!r} (fields: {self._fields(obj)}; {hint})")
                 return None
-            text = self.template.format(**{k: obj[k] for k in self.template_fields})
-            if self.completion_field is None:
+            text = obj[self.text_field]
+            if isinstance(text, str):
                 return text
-            answer = obj.get(self.completion_field)
-            if not isinstance(answer, str):
-                self._bad("missing_field", where, f"no string field {self.completion_field!r} (--corpus.completion_field) "
-                          f"(fields: {', '.join(map(str, obj)) or 'none'})")
-                return None
-            return ChatText.of([{"role": "user", "content": text}, {"role": "assistant", "content": answer}])
-        if self.text_field not in obj and is_chat_record(obj):
-            from lib.data.chat import parse_record
+            hint = ("; a list of turns is read as a conversation: leave --corpus.text_field out (--corpus.format "
+                    f"{'sharegpt' if self.text_field == 'conversations' else 'messages'})"
+                    if isinstance(text, list) and text and isinstance(text[0], dict) else "")
+            self._bad("not_a_string", where, f"field {self.text_field!r} is a {type(text).__name__}, not a string{hint}")
+            return None
+        need = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion")}
+        missing = [k for k in need[layout] if k not in obj]
+        if missing:
+            self._bad("missing_field", where, f"no field {missing[0]!r} for --corpus.format {layout} "
+                      f"(fields: {self._fields(obj)})")
+            return None
+        from lib.data.chat import parse_record
 
-            try:
-                conv = parse_record(obj, where)
-            except UserError as exc:
-                self._bad("bad_conversation", where, str(exc).removeprefix(f"{where}: "))
-                return None
-            return ChatText.of(conv.messages)
-        if self.text_field not in obj:
-            self._bad("missing_field", where, f"no field {self.text_field!r} (fields: {', '.join(map(str, obj)) or 'none'}; "
-                      "set --corpus.text_field or --corpus.template)")
+        try:
+            conv = parse_record(obj, where)
+        except UserError as exc:
+            self._bad("bad_conversation", where, str(exc).removeprefix(f"{where}: "))
             return None
-        text = obj[self.text_field]
-        if not isinstance(text, str):
-            self._bad("not_a_string", where, f"field {self.text_field!r} is a {type(text).__name__}, not a string")
+        return ChatText.of(conv.messages)
+
+    def _templated(self, obj: dict, where: str, template: Template, completion_field: Optional[str]) -> Optional[str]:
+        missing = [f for f in template.required if f not in obj or obj[f] is None]
+        if missing:
+            what = "the template" if template is self.template else "--corpus.format alpaca"
+            self._bad("missing_field", where, f"no field {missing[0]!r} for {what} (fields: {self._fields(obj)})")
             return None
-        return text
+        text = template.render(obj)
+        if completion_field is None:
+            return text
+        answer = obj.get(completion_field)
+        if not isinstance(answer, str):
+            option = "--corpus.completion_field" if template is self.template else "the alpaca layout's answer"
+            self._bad("missing_field", where, f"no string field {completion_field!r} ({option}) "
+                      f"(fields: {self._fields(obj)})")
+            return None
+        messages = [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        system = obj.get("system")
+        if isinstance(system, str) and system.strip():
+            messages.insert(0, {"role": "system", "content": system})
+        return ChatText.of(messages)
 
     # -- readers
     def read(self, f: InputFile) -> Iterator[RawRecord]:
@@ -213,6 +344,8 @@ class RecordReader:
             yield from self._read_with_plugin(f, plugin)
         elif name.endswith(".jsonl"):
             yield from self._read_jsonl(f)
+        elif name.endswith(".json"):
+            yield from self._read_json(f)
         elif name.endswith(".parquet"):
             yield from self._read_parquet(f)
         else:
@@ -257,6 +390,45 @@ class RecordReader:
                 if text is not None:
                     yield RawRecord(id=f"{f.rel}:{lineno}", text=text, source=f.rel, line=lineno)
 
+    def _read_json(self, f: InputFile) -> Iterator[RawRecord]:
+        """A .json file: an array of records (each named by its number and the line it starts on),
+        or one record per line as in .jsonl."""
+        raw = f.path.read_bytes()
+        head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+        if head != b"[":
+            if head == b"{" and not _parses(raw.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n", 1)[0]):
+                whole = _parses(raw)
+                if isinstance(whole, dict):  # one pretty-printed object, not records
+                    raise UserError(f"{f.path}: one JSON object (keys: {', '.join(map(str, whole)) or 'none'}), not "
+                                    "an array of records or one record per line; write its records as an array, "
+                                    "[{...}, ...], or one per line")
+            yield from self._read_jsonl(f)
+            return
+        text = self._decode(raw, str(f.path))
+        if text is None:
+            return
+        decoder = json.JSONDecoder()
+        pos = text.index("[") + 1
+        number, line, counted = 0, 1, 0
+        ws = re.compile(r"[\s,]*")
+        while True:
+            pos = ws.match(text, pos).end()
+            if pos >= len(text) or text[pos] == "]":
+                break
+            number += 1
+            line, counted = line + text.count("\n", counted, pos), pos
+            where = f"{f.path}:{line}"
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{f.path}:{exc.lineno}: record {number} of the array is malformed JSON ({json_error(exc)}); "
+                                "the array cannot be read past it") from None
+            got = self._text_of(obj, where)
+            if got is not None:
+                yield RawRecord(id=f"{f.rel}:{number}", text=got, source=f.rel, line=line)
+        if pos >= len(text):
+            raise UserError(f"{f.path}: the array is not closed with ]: the file is cut short")
+
     def _read_parquet(self, f: InputFile) -> Iterator[RawRecord]:
         import pyarrow.parquet as pq
 
@@ -264,10 +436,18 @@ class RecordReader:
             pf = pq.ParquetFile(f.path)
         except Exception as exc:  # pyarrow raises several types for a broken file
             raise UserError(f"{f.path}: not a readable Parquet file ({exc})") from None
-        columns = self.template_fields or [self.text_field]
-        missing = [c for c in columns if c not in pf.schema_arrow.names]
-        if missing:
-            raise UserError(f"{f.path}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        names = pf.schema_arrow.names
+        missing = [c for c in self.columns or [] if c not in names]
+        layout = ("template" if self.template is not None else self.format if self.format != "auto"
+                  else layout_of({n: [] for n in names}, self.text_field))
+        if missing or layout is None:
+            raise UserError(f"{f.path}: no column {(missing or [self.text_field])[0]!r} (columns: {', '.join(names)})"
+                            + ("" if missing else f", nor another layout this reads. Read are {LAYOUTS}"))
+        if self.template is not None:
+            wanted = self.template.fields + [self.completion_field or "system"]
+        else:
+            wanted = [self.text_field] if layout == "text" else None  # None: every column, for the layout
+        columns = [c for c in wanted if c in names] if wanted else None
         row = 0
         for batch in pf.iter_batches(columns=columns, batch_size=1024):
             for obj in batch.to_pylist():
@@ -320,6 +500,14 @@ class RecordReader:
             text = self._text_of(obj, f"{path}: row {row}")
             if text is not None:
                 yield RawRecord(id=f"{label}:{row}", text=text, source=label, line=row)
+
+
+def _parses(raw: bytes):
+    """The JSON value `raw` holds, or None where it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, TypeError):
+        return None
 
 
 def hash_inputs(files: list[InputFile]) -> list[dict]:

@@ -147,6 +147,19 @@ def load_sentencepiece(path: str | Path) -> "sentencepiece.SentencePieceProcesso
     return sp
 
 
+def load_hf_tokenizer(path: str | Path):
+    """A Hugging Face tokenizer from a local folder, without transformers' warning that a text is
+    longer than the model's positions ("... will result in indexing errors"): this project never
+    feeds a whole document to a model (packing cuts it into blocks; generation keeps the last
+    positions), so the warning would only mislead."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if hasattr(tok, "deprecation_warnings"):
+        tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tok
+
+
 def tokenizer_fingerprint(path: str | Path) -> str | None:
     """What decides a tokenizer's ids, as one sha256: a SentencePiece model's bytes (the file, or a
     folder holding sp.model), else a hash of the encoding files a folder holds (ENCODING_FILES),
@@ -280,11 +293,9 @@ class TextTokenizer:
             words, units = cache_levels(path)
             self._words = WordCachedEncoder(self._sp, units=units) if words else None
         elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
             self.kind = "huggingface"
             try:
-                self._hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                self._hf = load_hf_tokenizer(path)
             except (OSError, ValueError) as exc:
                 raise UserError(f"{path}: not a loadable Hugging Face tokenizer ({exc})") from None
             h = self._hf

@@ -139,8 +139,8 @@ class Session:
         one is refused unless `trust_unverified`); `chat`: refuse a tokenizer without a chat template
         before loading any weights. What the check finds goes to stderr (stdout is the text)."""
         import torch
-        from transformers import AutoTokenizer
 
+        from lib.data.tokenizer import load_hf_tokenizer
         from lib.model.build import check_model_files, load_pretrained
 
         opts.check()
@@ -151,7 +151,7 @@ class Session:
         written = src.adapter_dir or src.model_dir
         for folder in filter(None, (src.model_dir, src.adapter_dir)):
             check_model_files(folder, src.run_dir is not None and folder == written, trust_unverified, say=say)
-        tok = AutoTokenizer.from_pretrained(str(src.tokenizer_dir), local_files_only=True)
+        tok = load_hf_tokenizer(src.tokenizer_dir)
         if chat:
             require_chat_template(tok, src.tokenizer_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,20 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from lib.errors import UserError
-
-# bitsandbytes' CPU backend (imported by peft wherever bitsandbytes is installed) tries to fetch an
-# optional kernel from the hub and warns on every import when it cannot, which offline is always;
-# its own torch code then runs, as intended here.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-# peft calls a transformers method that transformers 5 renamed; nothing for a user to act on
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass
