@@ -40,7 +40,7 @@ from lib.records.monitor import MonitorConfig  # noqa: E402
 from lib.records.tracking import TrackingConfig  # noqa: E402
 from lib.train import runtime  # noqa: E402
 from lib.train.actions import ACTIONS, ActionsConfig  # noqa: E402
-from lib.train.optim import OPTIMIZERS, OptimConfig, lr_at, set_lr  # noqa: E402
+from lib.train.optim import OPTIMIZERS, OptimConfig, lr_at, lr_at_progress, set_lr  # noqa: E402
 
 RUN_FILES = ("config.yaml", "provenance.json", "metrics.jsonl", "loss.png", "report.md")  # also sent to MLflow
 
@@ -78,15 +78,15 @@ class TrainConfig:
     """Optimizer steps at most; without a time budget the learning-rate schedule spans exactly these."""
     max_minutes: Optional[float] = None
     """Time budget of the run, in wall-clock minutes from the process's start (all resumed parts
-    together): start-up, compilation, steps, evaluations and checkpoints, with time kept for the
-    final evaluation and export. With fit_schedule, the schedule is fitted to it; in any case the
+    together): start-up, compilation, steps, evaluations and checkpoints, and the final evaluation
+    and export, for which time is kept. With fit_schedule, the schedule follows it; in any case the
     run stops (saving everything) once it is spent."""
     fit_schedule: Optional[bool] = None
-    """With max_minutes: once the first steps are timed, end the schedule (its decay
-    included) at the last step that fits the budget, never past max_steps, and fit it again from
-    the steps timed since, every 50 steps until half the budget is spent. The horizon is kept in
-    checkpoints, so a resumed run continues the same schedule. Default: on, except with
-    --deterministic (a horizon measured from time differs between runs); off: the schedule spans
+    """With max_minutes: the learning rate follows the clock, the schedule's progress being the
+    share of the budget's training time spent (lib/train/budget.py), so the run ends at the
+    schedule's floor on time however fast the machine is and however its load changes; max_steps
+    still bounds it. Its progress is kept in checkpoints, so a resumed run continues it. Default:
+    on, except with --deterministic (time differs between runs); off: the schedule spans
     max_steps and the budget only stops the run."""
     stop_at_step: Optional[int] = None
     """Stop after this optimizer step (saving everything), the schedule still spanning
@@ -212,7 +212,6 @@ class Run:
     tracker: object = None  # the MLflow mirror (main process only)
     system: object = None  # CPU, memory, GPU figures (main process only)
     periodic: object = None  # lib.train.actions.Periodic: evaluations, checkpoints, plugins' actions
-    fit: bool = False  # whether the schedule is (still) to be fitted to the budget
     stopped_early: bool = False
 
     @property
@@ -263,10 +262,11 @@ class NonFiniteStep(Exception):
     """The loss or gradient norm of a step was not finite; the weights are untouched."""
 
 
-def optimizer_step(run, batches):
-    """One optimizer step over the step's micro-batches (grad_accum_steps of them, each process its
-    own): forward, backward, clip, step. Returns (this process's loss sum, target tokens of all
-    processes, gradient norm, learning rate, what was non-finite: [] when the update was applied).
+def optimizer_step(run, batches, lr: float):
+    """One optimizer step at learning rate `lr` over the step's micro-batches (grad_accum_steps of
+    them, each process its own): forward, backward, clip, step. Returns (this process's loss sum,
+    target tokens of all processes, gradient norm, what was non-finite: [] when the update was
+    applied).
     A non-finite loss or gradient norm raises NonFiniteStep before the update, or with
     --on_nonfinite skip drops the update and counts it."""
     import torch
@@ -292,7 +292,6 @@ def optimizer_step(run, batches):
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(run.call.model.parameters(), clip)
     total_loss = accelerator.reduce(step_loss.clone(), reduction="sum")
-    lr = lr_at(loop.step, loop.horizon, cfg.optim)
     # fp16: an overflowing gradient is the loss scaler's business (it skips the update itself)
     bad = [what for what, value in (("loss", total_loss), ("gradient norm", grad_norm))
            if not torch.isfinite(value) and not (what == "gradient norm" and accelerator.mixed_precision == "fp16")]
@@ -309,7 +308,7 @@ def optimizer_step(run, batches):
         # (Accelerate's optimizer_step_was_skipped misses skips inside a fused AdamW kernel)
         loop.overflow_steps += scale is not None and accelerator.scaler.get_scale() < scale
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, step_tokens, float(grad_norm), lr, bad
+    return step_loss, step_tokens, float(grad_norm), bad
 
 
 @ACTIONS.register("eval", every="eval_every", replace=True,
@@ -368,7 +367,9 @@ def save_checkpoint(run) -> None:
 
 @exit_on_user_error
 def main() -> None:
-    started = time.perf_counter()  # a time budget is the run's wall time: start-up counts in it
+    # a time budget is the command's wall time: start-up counts in it, the interpreter's and the
+    # imports' too when this file is the program (not when a test calls main() in its own process)
+    started = time.perf_counter() - (process_age_s() if __name__ == "__main__" else 0.0)
     cfg = parse_config()
     run = start(cfg, started)
     load_data(run)
@@ -376,6 +377,16 @@ def main() -> None:
     open_run(run)
     train(run)
     finish(run)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (0 where psutil cannot tell)."""
+    try:
+        import psutil
+
+        return max(time.time() - psutil.Process().create_time(), 0.0)
+    except Exception:  # noqa: BLE001 -- no psutil, or no process table: count from here
+        return 0.0
 
 
 def parse_config() -> TrainConfig:
@@ -522,6 +533,7 @@ def open_run(run) -> None:
     from lib.train.actions import Periodic
     from lib.data.batches import BlockSampler
     from lib.files import write_json
+    from lib.train.budget import ClockSchedule
     from lib.train.loop_state import LoopState
     from lib.records.metrics import METRICS, MetricsSink, parse_formats, truncate_after_step
     from lib.records.monitor import SystemMonitor
@@ -535,9 +547,10 @@ def open_run(run) -> None:
         config_lib.save(cfg, run.run_dir / "config.yaml")
     run.sampler = BlockSampler(len(run.train_data), cfg.micro_batch_size, cfg.seed, accelerator.process_index,
                                run.world)
-    run.loop = loop = LoopState(horizon=cfg.max_steps, device=run.device)
+    on_clock = bool(cfg.max_minutes and (cfg.fit_schedule if cfg.fit_schedule is not None else not cfg.deterministic))
+    run.loop = loop = LoopState(horizon=cfg.max_steps, device=run.device,
+                                clock=ClockSchedule(60 * cfg.max_minutes, cfg.max_steps) if on_clock else None)
     where_am_i(lambda: f"process {accelerator.process_index} of {run.world}, at step {loop.step + 1}")
-    run.fit = bool(cfg.max_minutes and (cfg.fit_schedule if cfg.fit_schedule is not None else not cfg.deterministic))
     if run.resume_from is not None:
         vet = (lambda st: lora.check_checkpoint(run.resume_from, st, run.unwrapped, run.base_sha,
                                                 cfg.model.init_from)) if run.uses_lora else None
@@ -546,7 +559,6 @@ def open_run(run) -> None:
         run.sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
         loop.load_state_dict(state, accelerator.process_index)
         run.say(f"resumed from {run.resume_from} at step {loop.step}")
-    run.fit = run.fit and loop.fitted_to_minutes is None
     if run.is_main:
         write_json(run.run_dir / "provenance.json",
                    provenance(cfg, run.manifest, accelerator, run.n_params, run.resume_from,
@@ -555,7 +567,7 @@ def open_run(run) -> None:
         # run stopped early (--stop_at_step, a budget) drops the final record and the evaluation
         # the stop added, so the resumed log holds the rows a straight run would
         regular_eval = cfg.eval_every and loop.step % cfg.eval_every == 0
-        again = ("eval", "final") if loop.step >= loop.horizon or not regular_eval else ("final",)
+        again = ("eval", "final") if loop.done or not regular_eval else ("final",)
         dropped = (truncate_after_step(run.run_dir / METRICS, loop.step, again)
                    if run.resume_from is not None else 0)
         if dropped:
@@ -596,45 +608,44 @@ def train(run) -> None:
                              probe=bool(cfg.compile and cfg.max_minutes and not cfg.deterministic and run.world == 1))
     window = {"tokens": loop.tokens_seen, "t": time.perf_counter()}  # what the next log line's rate counts from
     # a resumed run with no step left (it redoes the final evaluation) adds no time to the run's
-    loop.started_at = run.started if loop.step < loop.horizon else time.perf_counter()
-    last = loop.step >= loop.horizon
+    loop.started_at = run.started if not loop.done else time.perf_counter()
+    last = loop.done
     if last:  # a resumed run that had finished: its last step's actions again (the final evaluation)
         bar.close()
         loop.stop_timing()
         run.periodic.run(run, loop.step, last=True)
     while not last:
+        lr, last = next_learning_rate(run, clock)  # last: the schedule's end, by its steps or its clock
+        bar.total = loop.horizon
         clock.start()
-        grad_norm, lr = one_step(run)
+        grad_norm = one_step(run, lr)
         bar.update(1)
         clock.stop()
-        if run.call.after_step(clock.last_s, 60 * (cfg.max_minutes or 0) * (1 - budget.MARGIN) - loop.elapsed_s(),
-                               clock):
+        if run.call.after_step(clock.last_s, seconds_left(run, clock), clock):
             clock = budget.StepClock()  # the next step compiles, or the pace changed: time afresh
-        if run.fit and clock.ready and budget.refit_due(loop.step, loop.fitted_to_minutes is not None,
-                                                        loop.elapsed_s(), 60 * cfg.max_minutes):
-            fit_schedule(run, clock, bar)
-        if loop.step % cfg.log_every == 0 or loop.step == loop.horizon:
+        if loop.step % cfg.log_every == 0 or last:
             log_step(run, bar, window, mfu, grad_norm, lr)
-        last = loop.step >= loop.horizon or stop_reason(run, lr)
+        last = last or stop_reason(run, lr)
         if last:
             bar.close()
             loop.stop_timing()
             run.call.finish()
-        run.periodic.run(run, loop.step, last)
+        run.periodic.run(run, loop.step, last, pace=clock.pace)
         signalled = stops.agreed(run.accelerator) if not last else None  # the same on every process
         if signalled:
             stop_and_exit(run, bar, signalled)
 
 
-def one_step(run) -> tuple[float, float]:
-    """Draw the step's batches, take the optimizer step, count it; (gradient norm, learning rate)."""
+def one_step(run, lr: float) -> float:
+    """Draw the step's batches, take the optimizer step at learning rate `lr`, count it; the
+    gradient norm."""
     from lib.records import checkpoint as ckpt
 
     cfg, loop = run.cfg, run.loop
     sample_ids = [run.sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
     batches = [run.train_data.make_batch(ids, run.boundary) for ids in sample_ids]
     try:
-        step_loss, step_tokens, grad_norm, lr, bad = optimizer_step(run, batches)
+        step_loss, step_tokens, grad_norm, bad = optimizer_step(run, batches, lr)
     except NonFiniteStep as exc:
         found = ckpt.complete_checkpoints(run.run_dir)
         raise UserError(
@@ -650,27 +661,46 @@ def one_step(run) -> tuple[float, float]:
     if not bad:  # a skipped step's loss would make the whole logging window non-finite
         loop.window.loss += step_loss
         loop.window.tokens += step_tokens
-    return grad_norm, lr
+    return grad_norm
 
 
-def fit_schedule(run, clock, bar) -> None:
-    """Fit the schedule's end to the budget from the step time measured and each periodic action's
-    cost (lib/train/budget.py), the same horizon on every process."""
-    from lib.train import budget
+def next_learning_rate(run, clock) -> tuple[float, bool]:
+    """The learning rate of the step about to run, and whether it is the schedule's last: by the
+    step count (lib.train.optim.lr_at), or on a time budget's clock (lib/train/budget.py), where
+    the main process's clock decides for every process."""
     from lib.train.distributed import broadcast_from_main
 
     cfg, loop = run.cfg, run.loop
-    periodic, final_s = run.periodic.budget_terms(run)
-    export_s = run.periodic["checkpoint"].cost(run)  # the exported model: about a checkpoint's writing
-    plan = budget.plan(loop.step, cfg.max_steps, 60 * cfg.max_minutes, loop.elapsed_s(), clock.step_seconds,
-                       periodic=periodic, final_s=final_s + export_s)
-    horizon, why = broadcast_from_main(plan, run.accelerator)  # every process: one schedule
-    if loop.fitted_to_minutes is None:
-        run.say(f"schedule fitted to the budget at step {loop.step}: it ends at step {horizon} ({why})")
-    elif abs(horizon - loop.horizon) > 0.02 * loop.horizon:
-        run.say(f"schedule fitted again at step {loop.step}: it ends at step {horizon}, not {loop.horizon} ({why})")
-    loop.horizon, loop.fitted_to_minutes, bar.total = horizon, cfg.max_minutes, horizon
-    run.fit = loop.elapsed_s() < budget.REFIT_UNTIL * 60 * cfg.max_minutes
+    if loop.clock is None:
+        return lr_at(loop.step, loop.horizon, cfg.optim), loop.step + 1 >= loop.horizon
+    schedule = loop.clock
+    if schedule.warm_end is None and cfg.optim.warmup_fraction is None and loop.step >= cfg.optim.warmup_steps:
+        schedule.warm_end = schedule.progress
+    final_s = final_work_seconds(run, clock.pace)
+    last = schedule.advance(loop.step, loop.elapsed_s(), clock.pace, final_s,
+                            between_s=run.periodic.due_seconds(run, loop.step + 1, clock.pace), worst_s=clock.worst)
+    if run.world > 1:
+        schedule.start_s, schedule.progress, schedule.warm_end, last = broadcast_from_main(
+            (schedule.start_s, schedule.progress, schedule.warm_end, last), run.accelerator)
+    loop.horizon = loop.step + 1 if last else schedule.projected_steps(loop.step, loop.elapsed_s(), final_s)
+    return lr_at_progress(loop.step, schedule.progress, cfg.optim, schedule.warm_end), last
+
+
+def final_work_seconds(run, pace: float) -> float:
+    """What follows the last step, at the step time `pace`: the actions due then (the final
+    evaluation and checkpoint, plugins'), and the exported model, which costs about a checkpoint's
+    writing again for the weights and once more for checking them, plus half a second for the
+    plot and the report."""
+    return run.periodic.final_seconds(run, pace) + 2 * run.periodic["checkpoint"].cost(run, pace) + 0.5
+
+
+def seconds_left(run, clock) -> float:
+    """Seconds of the budget left for steps (0 without a budget)."""
+    from lib.train import budget
+
+    if not run.cfg.max_minutes:
+        return 0.0
+    return 60 * run.cfg.max_minutes * (1 - budget.MARGIN) - final_work_seconds(run, clock.pace) - run.loop.elapsed_s()
 
 
 def stop_reason(run, lr: float) -> bool:
@@ -730,7 +760,7 @@ def finish(run) -> None:
             run.say(f"best checkpoint by held-out loss: {best}")
         run.metrics.close()
         plot_metrics(run.run_dir)
-        fitted = f", the schedule fitted to a {loop.fitted_to_minutes:g} minute budget" if loop.fitted_to_minutes else ""
+        fitted = f", the learning rate on a {cfg.max_minutes:g} minute budget's clock" if loop.clock else ""
         write_run_report(run.run_dir, cfg.run_name, [
             f"model: {cfg.model.arch}, {run.n_params / 1e6:.2f}M parameters, seq_len {cfg.data.seq_len}",
             f"precision: {run.choice.name} ({run.choice.reason})",
@@ -741,6 +771,11 @@ def finish(run) -> None:
         peak, of_what = peak_memory_gib(run.device)
         run.say(f"done: {loop.step} steps in {loop.elapsed_s() / 60:.1f} min of training, peak memory {train_peak:.2f} "
                 f"GiB ({of_what}, main process; {peak:.2f} with the export); final model in {run.run_dir / 'final'}")
+        if cfg.max_minutes:
+            wall, budget_s = loop.elapsed_before_s + time.perf_counter() - loop.started_at, 60 * cfg.max_minutes
+            run.say(f"budget: {wall:.1f} s of {budget_s:g} s ({wall / budget_s:.1%}), of which "
+                    f"{time.perf_counter() - loop.stopped_at:.1f} s after the last step (its evaluation, checkpoint "
+                    f"and the export" + (f"; {loop.clock.kept_s:.1f} s were kept for them)" if loop.clock else ")"))
     # every process tears its process group down together: a rank that destroyed its gloo group
     # while the main one was still writing the final model once died with SIGABRT (FSDP2 on CPU)
     accelerator.wait_for_everyone()
@@ -926,11 +961,13 @@ def describe_run(run) -> None:
             f"{layout} | {run.world} process(es), precision {run.choice.name} | "
             f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
             f"{horizon} steps ({rows_per_step * horizon / len(train_data):.2f} epochs)"
-            + (" at most: the schedule is fitted to the budget after its first steps" if run.fit else ""))
-    if cfg.max_minutes and not run.fit and run.resume_from is None:
+            + (" at most: the learning rate follows the budget's clock, at its floor when the training time is "
+               "spent" if run.loop.clock else ""))
+    if cfg.max_minutes and not run.loop.clock and run.resume_from is None:
         run.say(f"the schedule spans {horizon} steps; the {cfg.max_minutes:g} minute budget only stops the run"
-                + (" (--deterministic: a horizon measured from time would differ between runs; "
-                   "--fit_schedule True to fit it anyway)" if cfg.deterministic and cfg.fit_schedule is None else ""))
+                + (" (--deterministic: a learning rate on the clock would differ between runs; "
+                   "--fit_schedule True to follow the clock anyway)" if cfg.deterministic and cfg.fit_schedule is None
+                   else ""))
 
 
 def fit_micro_batch(run) -> None:

@@ -287,7 +287,7 @@ def test_loop_state_saves_every_process_window_and_restores_each_its_own():
     # what gather_object gives every process: each process's list, in process order
     windows = [w for loop in ranks for w in loop.state_dict(lambda items: items)["log_windows"]]
     saved = {**ranks[0].state_dict(lambda items: items), "log_windows": windows}
-    assert saved["step"] == 6 and saved["val_loss"] == 2.5 and saved["fitted_horizon"] is None
+    assert saved["step"] == 6 and saved["val_loss"] == 2.5 and saved["clock"] is None
     saved = json.loads(json.dumps(saved))  # as trainer_state.json holds it
     for rank, original in enumerate(ranks):
         restored = LoopState(horizon=100)
@@ -299,11 +299,19 @@ def test_loop_state_saves_every_process_window_and_restores_each_its_own():
     extra = LoopState(horizon=100)
     extra.load_state_dict(saved, process_index=2)
     assert float(extra.window.loss) == 0 and extra.window.slots == 0
-    # a horizon fitted to a budget comes back with the budget it was fitted to
-    ranks[0].horizon, ranks[0].fitted_to_minutes = 37, 2.5
-    again = LoopState(horizon=100)
-    again.load_state_dict(ranks[0].state_dict(lambda items: items), 0)
-    assert (again.horizon, again.fitted_to_minutes) == (37, 2.5) and again.elapsed_s() >= ranks[0].elapsed_before_s
+    # a schedule on a budget's clock comes back where it was, with the time the run had spent
+    from lib.train.budget import ClockSchedule
+
+    ranks[0].clock = ClockSchedule(150.0, 1000, start_s=4.0, progress=0.37, warm_end=0.05)
+    again = LoopState(horizon=100, clock=ClockSchedule(150.0, 1000))
+    again.load_state_dict(json.loads(json.dumps(ranks[0].state_dict(lambda items: items))), 0)
+    assert (again.clock.start_s, again.clock.progress, again.clock.warm_end) == (4.0, 0.37, 0.05)
+    assert again.elapsed_s() >= ranks[0].elapsed_before_s and not again.done
+    # a checkpoint of a horizon fitted in steps (before the clock) keeps that horizon
+    old_style = {**ranks[0].state_dict(lambda items: items), "clock": None, "fitted_horizon": 37}
+    legacy = LoopState(horizon=100, clock=ClockSchedule(150.0, 1000))
+    legacy.load_state_dict(old_style, 0)
+    assert legacy.horizon == 37 and legacy.clock is None
 
 
 def test_peak_memory_follows_what_the_process_holds():

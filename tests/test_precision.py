@@ -66,7 +66,7 @@ def test_auto_on_cuda_needs_no_measurement(cache, monkeypatch):
     assert calls == []
 
 
-def test_figures_measured_under_load_are_measured_again_and_never_cached(cache):
+def test_figures_measured_under_load_are_measured_again_and_never_cached(cache, monkeypatch):
     calls, speed, path = cache
     speed["other_cores"] = 1.0  # another process kept a core busy during both readings
     figures, how = flops.cpu_throughput({"x": ("fp32", [[64, 64, 64]])})
@@ -75,6 +75,16 @@ def test_figures_measured_under_load_are_measured_again_and_never_cached(cache):
     speed["other_cores"] = 0.0
     assert flops.cpu_throughput({"x": ("fp32", [[64, 64, 64]])})[1] == "measured now" and len(calls) == 3
     assert flops.cpu_throughput({"x": ("fp32", [[64, 64, 64]])})[1] == "cached" and len(calls) == 3
+    # two loaded readings decide together: the faster of the two for each figure, marked in `how`
+    readings = iter([{"fp32": 90e9, "bf16": 250e9}, {"fp32": 160e9, "bf16": 40e9}])
+
+    def loaded_probe(jobs, threads):
+        reading = next(readings)
+        return {"flops": {name: reading[dtype] for name, dtype, _ in jobs}, "other_cores": 1.5}
+
+    monkeypatch.setattr(flops, "_probe_in_subprocess", loaded_probe)
+    both, how = flops.cpu_throughput({"a": ("fp32", [[8, 8, 8]]), "b": ("bf16", [[8, 8, 8]])})
+    assert both == {"a": 160e9, "b": 250e9} and "under load" in how and "faster of both readings" in how
 
 
 def test_device_peak_is_the_fastest_dtype_named(cache):

@@ -15,8 +15,9 @@ sets its interval, in optimizer steps:
 The loop runs every action whose interval divides the step, and at the last step (the schedule's
 end, a spent budget, --stop_at_step) every action registered with `at_end=True` (the default), so
 the final evaluation and checkpoint go through the same code as the periodic ones. Each call is
-timed; a time budget's fit charges each action its measured seconds (before its first call, the
-`estimate` it was registered with, if any), so adding an action never makes a fitted run overrun.
+timed. A time budget's schedule follows the clock, so a periodic action's time is simply spent;
+the actions due after the last step are reserved for, at their measured seconds (before the
+first call, the `estimate` they were registered with, if any), so none makes a budgeted run overrun.
 """
 from __future__ import annotations
 
@@ -53,15 +54,19 @@ class Action:
     at_end: bool
     estimate: Optional[Callable] = None
     seconds: list = field(default_factory=list)
+    paces: list = field(default_factory=list)  # the step time when each call was timed (None: unknown)
     last_result: object = None
 
     def due(self, step: int, last: bool) -> bool:
         return (last and self.at_end) or (bool(self.every) and step % self.every == 0)
 
-    def cost(self, run) -> float:
-        """Seconds of one call: the mean of those measured, else the registered estimate, else 0."""
+    def cost(self, run, pace: float | None = None) -> float:
+        """Seconds of one call: the mean of those measured, each scaled by `pace` over the step time
+        when it was timed (work timed on a quiet machine takes longer on a busy one), else the
+        registered estimate, else 0."""
         if self.seconds:
-            return sum(self.seconds) / len(self.seconds)
+            scaled = [s * (pace / p if pace and p else 1.0) for s, p in zip(self.seconds, self.paces)]
+            return sum(scaled) / len(scaled)
         return float(self.estimate(run)) if self.estimate is not None else 0.0
 
 
@@ -81,16 +86,21 @@ class Periodic:
     def __getitem__(self, name: str) -> Action:
         return next(a for a in self.actions if a.name == name)
 
-    def run(self, run, step: int, last: bool) -> None:
-        """Call, in order, the actions due after optimizer step `step` (all at_end ones if `last`)."""
+    def run(self, run, step: int, last: bool, pace: float | None = None) -> None:
+        """Call, in order, the actions due after optimizer step `step` (all at_end ones if `last`),
+        timing each; `pace`: the step time now, kept with each timing (Action.cost)."""
         for action in self.actions:
             if action.due(step, last):
                 t = time.perf_counter()
                 action.last_result = action.fn(run)
                 action.seconds.append(time.perf_counter() - t)
+                action.paces.append(pace)
 
-    def budget_terms(self, run) -> tuple[list[tuple[int, float]], float]:
-        """(interval, seconds) of each periodic action, and the seconds of those at the last step."""
-        periodic = [(a.every, a.cost(run)) for a in self.actions if a.every]
-        final = sum(a.cost(run) for a in self.actions if a.at_end)
-        return periodic, final
+    def due_seconds(self, run, step: int, pace: float | None = None) -> float:
+        """Seconds of the actions due by their interval after optimizer step `step`, at the step
+        time `pace`."""
+        return sum(a.cost(run, pace) for a in self.actions if a.due(step, last=False))
+
+    def final_seconds(self, run, pace: float | None = None) -> float:
+        """Seconds of the actions that run after the last step, at the step time `pace`."""
+        return sum(a.cost(run, pace) for a in self.actions if a.at_end)

@@ -1,36 +1,47 @@
-"""A learning-rate schedule that fits a time budget, whatever the machine's speed.
+"""A learning-rate schedule that follows the clock, so that a budgeted run ends decayed on a fast
+machine and a slow one, and when the machine's load changes midway.
 
-With a budget (train.py --max_minutes), the schedule's horizon (the step where its decay ends)
-is not a step count that suits one CPU: after its first steps the loop measures its step time and
-fixes the horizon at the last step that fits the remaining budget, counting the evaluations,
-checkpoints and the final evaluation and export still to come, and fits it again as more steps
-are timed, until half the budget is spent. From then on the horizon is part
-of the run's state (saved in every checkpoint), so a resumed run continues the same schedule.
+With a budget (train.py --max_minutes) the schedule's progress is the share of the run's training
+time spent: from its first step to the budget, less a small margin and what the work after the
+last step costs (the final evaluation and checkpoint, the exported model). Before each step the
+loop asks for the learning rate at the time that step will end; the step after which another one
+would not end in time is the last, at the schedule's floor. A machine that slows down midway
+(another job starts) thus takes fewer steps but still decays on time; one that speeds up takes
+more. The progress never goes back, and max_steps still bounds it (whichever is further on
+counts). What the last step's work costs is measured as the run goes (each evaluation and
+checkpoint is timed) and scaled by the current step time, since an evaluation timed on a quiet
+machine takes longer on a busy one.
+
+The progress, the time the first step began and the warmup's end are the loop's state, saved in
+every checkpoint: a resumed run continues the schedule from the time it had spent. Time differs
+between runs, so --deterministic runs keep their schedule over max_steps
+(lib.train.optim.lr_at) and the budget only stops them.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
 
 SKIP_STEPS = 2  # untimed steps after a (re)start: compilation and first-touch allocations
-MIN_TIMED_STEPS = 8  # timed steps the fit needs
-MARGIN = 0.05  # share of the budget kept free: the step time measured early can drift
-# The first fit uses a few steps' timing, which was seen 20% off the run's later pace either way
-# (a schedule that ended early, or a budget spent before the decay): the horizon is fitted again
-# every REFIT_EVERY steps from all the steps timed so far, until REFIT_UNTIL of the budget is
-# spent, so that the decay itself runs on a settled horizon.
-REFIT_EVERY = 50
-REFIT_UNTIL = 0.5
+MIN_TIMED_STEPS = 8  # timed steps a decision from the step time needs (lib.train.compile_choice)
+MARGIN = 0.02  # share of the budget kept free: what the estimate of the final work misses
+PACE_STEPS = 10  # the pace is the mean of this many latest steps: it follows a change of load within them
+WORST_STEPS = 100  # the last step is planned for the longest of this many latest steps
 
 
 class StepClock:
     """Seconds spent in optimizer steps (not evaluations or checkpoints) since this process
-    started training, leaving out its first SKIP_STEPS steps."""
+    started training, leaving out its first SKIP_STEPS steps; `pace`, the latest steps' mean."""
 
     def __init__(self) -> None:
         self.seen = 0
         self.timed = 0
         self.seconds = 0.0
         self.last_s = 0.0  # the latest step's seconds, timed or not
+        self.recent: deque = deque(maxlen=PACE_STEPS)
+        self.window: deque = deque(maxlen=WORST_STEPS)
         self._t = None
 
     def start(self) -> None:
@@ -42,6 +53,8 @@ class StepClock:
         if self.seen > SKIP_STEPS:
             self.timed += 1
             self.seconds += self.last_s
+            self.recent.append(self.last_s)
+            self.window.append(self.last_s)
 
     @property
     def ready(self) -> bool:
@@ -51,36 +64,69 @@ class StepClock:
     def step_seconds(self) -> float:
         return self.seconds / max(self.timed, 1)
 
+    @property
+    def pace(self) -> float:
+        """Seconds of a step now: the mean of the latest timed steps (before any is timed, the
+        latest step's own, compilation included: an overestimate that only moves the first
+        learning rates a little further on)."""
+        return sum(self.recent) / len(self.recent) if self.recent else self.last_s
 
-def fit_horizon(step: int, max_steps: int, seconds_left: float, seconds_per_step: float,
-                final_seconds: float = 0.0) -> int:
-    """The last optimizer step of a schedule that, from `step` (steps done), ends within
-    `seconds_left`: each further step costs `seconds_per_step` (its share of evaluations and
-    checkpoints included) and `final_seconds` are kept for what follows the last step. Never
-    beyond max_steps, never before step + 1 (unless max_steps is reached: then max_steps)."""
-    room = max(seconds_left - final_seconds, 0.0)
-    return min(max_steps, max(step + 1, step + int(room // max(seconds_per_step, 1e-9))))
-
-
-def plan(step: int, max_steps: int, budget_s: float, elapsed_s: float, step_s: float, *,
-         periodic: list[tuple[int, float]], final_s: float) -> tuple[int, str]:
-    """(horizon, explanation) for a budgeted run `elapsed_s` into its budget: `step_s` per
-    optimizer step measured; `periodic`, each periodic action's (interval in steps, seconds of
-    one call: evaluations, checkpoints, a plugin's); `final_s`, what follows the last step (its
-    evaluation, checkpoint and the exported model), which is reserved for. MARGIN of the budget is
-    kept free."""
-    per_step = step_s + sum(seconds / every for every, seconds in periodic if every)
-    left = budget_s * (1 - MARGIN) - elapsed_s
-    horizon = fit_horizon(step, max_steps, left, per_step, final_s)
-    why = (f"{step_s:.3f} s per step measured, {per_step:.3f} s with evaluations and checkpoints; "
-           f"{max(left, 0) / 60:.1f} of the {budget_s / 60:g} minute budget left")
-    if horizon == max_steps:
-        why += f" (capped by max_steps {max_steps})"
-    return horizon, why
+    @property
+    def worst(self) -> float:
+        """The longest of the latest WORST_STEPS steps (the latest one included, timed or not): on a
+        busy machine a step now and then takes a hundred times the mean, and the last one must
+        still end in time."""
+        return max(max(self.window, default=0.0), self.last_s)
 
 
-def refit_due(step: int, fitted: bool, elapsed_s: float, budget_s: float) -> bool:
-    """Whether the loop fits the horizon (again) after optimizer step `step`: the first time
-    as soon as the clock is ready (`fitted` False), then every REFIT_EVERY steps while less than
-    REFIT_UNTIL of the budget is spent."""
-    return not fitted or (step % REFIT_EVERY == 0 and elapsed_s < REFIT_UNTIL * budget_s)
+@dataclass
+class ClockSchedule:
+    """Where a budgeted run is in its schedule (see the module's note)."""
+
+    budget_s: float
+    max_steps: int
+    start_s: Optional[float] = None
+    """The run's elapsed seconds when its first step began (its start-up is not training time)."""
+    progress: float = 0.0
+    """The schedule's progress at the end of the latest step, 0 to 1."""
+    warm_end: Optional[float] = None
+    """The progress at which warmup (counted in steps) ended."""
+    kept_s: float = 0.0
+    """The seconds kept for the work after the last step, as last estimated (not saved)."""
+
+    def end_s(self, final_s: float) -> float:
+        """The elapsed seconds by which the last step must end: the budget, less the margin and
+        `final_s` (the work after the last step)."""
+        return self.budget_s * (1 - MARGIN) - final_s
+
+    def advance(self, step: int, elapsed_s: float, pace_s: float, final_s: float, between_s: float = 0.0,
+                worst_s: Optional[float] = None) -> bool:
+        """Move the progress to the end of optimizer step `step` (0-based, about to run), which
+        starts `elapsed_s` into the run and takes `pace_s`; True when it is the last step: after
+        it and the periodic actions due after it (`between_s`), a next one as long as the longest
+        lately (`worst_s`, default pace_s) would not end by end_s(final_s), or max_steps is
+        reached. The last step's progress is 1."""
+        if self.start_s is None:
+            self.start_s = elapsed_s
+        self.kept_s = final_s
+        end = self.end_s(final_s)
+        worst_s = pace_s if worst_s is None else max(worst_s, pace_s)
+        last = elapsed_s + pace_s + between_s + worst_s > end or step + 1 >= self.max_steps
+        by_time = (elapsed_s + pace_s - self.start_s) / max(end - self.start_s, 1e-9)
+        self.progress = 1.0 if last else min(1.0, max(self.progress, by_time, (step + 1) / self.max_steps))
+        return last
+
+    def projected_steps(self, step: int, elapsed_s: float, final_s: float) -> int:
+        """The step the schedule will likely end at, at the pace so far (evaluations and checkpoints
+        included): for the progress bar and the log, never for the learning rate."""
+        if self.start_s is None or step == 0 or elapsed_s <= self.start_s:
+            return self.max_steps
+        per_step = (elapsed_s - self.start_s) / step
+        return min(self.max_steps, step + 1 + max(int((self.end_s(final_s) - elapsed_s) // per_step), 0))
+
+    def state_dict(self) -> dict:
+        return {"budget_s": self.budget_s, "start_s": self.start_s, "progress": self.progress,
+                "warm_end": self.warm_end}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.start_s, self.progress, self.warm_end = d["start_s"], d["progress"], d.get("warm_end")

@@ -1,7 +1,7 @@
 """The training loop's own state, in one object that a checkpoint saves and restores.
 
-Where the loop is (optimizer step, tokens seen, the schedule's horizon and the budget it was
-fitted to, training time of earlier parts of the run), what it has counted (updates skipped for a
+Where the loop is (optimizer step, tokens seen, the schedule's horizon, or its progress on a time
+budget's clock, training time of earlier parts of the run), what it has counted (updates skipped for a
 non-finite loss, updates fp16's loss scaler dropped), the last evaluation, and the logging window:
 the loss and token sums since the last log line, so that the first line logged after a resume is
 the one an uninterrupted run logs.
@@ -51,7 +51,8 @@ class LoopState:
     optimizer, the sampler and random states (which Accelerate and the sampler save)."""
 
     horizon: int
-    """The schedule's last optimizer step (max_steps, or fitted to a time budget)."""
+    """The schedule's last optimizer step (max_steps); under a time budget's clock, the step it is
+    projected to end at (shown, never used for the learning rate)."""
     step: int = 0
     """Optimizer steps done."""
     tokens_seen: int = 0
@@ -60,8 +61,9 @@ class LoopState:
     """Updates dropped for a non-finite loss or gradient (--on_nonfinite skip)."""
     overflow_steps: int = 0
     """Updates fp16's loss scaler dropped for an overflowing gradient."""
-    fitted_to_minutes: Optional[float] = None
-    """The time budget `horizon` was fitted to, once it is (then it is never fitted again)."""
+    clock: Optional[object] = None
+    """The schedule's progress on a time budget's clock (lib.train.budget.ClockSchedule), or None:
+    a schedule over `horizon` steps."""
     elapsed_before_s: float = 0.0
     """Training seconds spent by the earlier parts of a resumed run."""
     last_eval: dict = field(default_factory=lambda: {"step": None, "loss": None, "seconds": None})
@@ -81,6 +83,11 @@ class LoopState:
         if self.window.loss is None:
             self.window.loss = torch.zeros((), device=self.device)
 
+    @property
+    def done(self) -> bool:
+        """Whether the schedule has ended: its last step taken (by the step count or the clock)."""
+        return self.clock.progress >= 1.0 if self.clock is not None else self.step >= self.horizon
+
     def elapsed_s(self) -> float:
         """Seconds of the whole run, resumed parts included, from each part's start (start-up,
         evaluations and checkpoints inside the loop count) to the end of its loop (the final
@@ -97,8 +104,8 @@ class LoopState:
         together."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
                 "overflow_steps": self.overflow_steps,
-                "fitted_horizon": self.horizon if self.fitted_to_minutes else None,
-                "fitted_to_minutes": self.fitted_to_minutes, "elapsed_s": self.elapsed_s(),
+                "clock": self.clock.state_dict() if self.clock is not None else None,
+                "elapsed_s": self.elapsed_s(),
                 "val_loss": self.last_eval["loss"] if self.last_eval["step"] == self.step else None,
                 "log_windows": gather([self.window.state_dict()])}
 
@@ -108,8 +115,10 @@ class LoopState:
         self.step, self.tokens_seen = d["step"], d["tokens_seen"]
         self.skipped_steps, self.overflow_steps = d.get("skipped_steps", 0), d.get("overflow_steps", 0)
         self.elapsed_before_s = d.get("elapsed_s", 0.0)
-        if d.get("fitted_horizon"):  # fitted to the budget before the stop: the same schedule
-            self.horizon, self.fitted_to_minutes = d["fitted_horizon"], d["fitted_to_minutes"]
+        if d.get("clock") and self.clock is not None:  # the same schedule, from the time it had spent
+            self.clock.load_state_dict(d["clock"])
+        elif d.get("fitted_horizon"):  # a checkpoint of a schedule fitted to a budget in steps: kept
+            self.horizon, self.clock = d["fitted_horizon"], None
         windows = d.get("log_windows", [])
         self.window.load_state_dict(windows[process_index] if process_index < len(windows) else {})
         self.started_at, self.stopped_at = time.perf_counter(), None

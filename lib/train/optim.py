@@ -1,8 +1,9 @@
 """Optimizers by name (AdamW; Muon for hidden matrices with AdamW for the rest) and learning-rate
 schedules.
 
-The schedule is a pure function of the optimizer step, set on the optimizer before each step:
-nothing to checkpoint, and the same for any number of processes or accumulation steps.
+The schedule is a function of the optimizer step (lr_at), or under a time budget of the share of
+the training time spent (lr_at_progress, lib/train/budget.py), set on the optimizer before each
+step: the same for any number of processes or accumulation steps.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ class OptimConfig:
     (train.py --plugins; lib/plugins.py)."""
     warmup_steps: int = 50
     warmup_fraction: Optional[float] = None
-    """When set, warmup is this share of the schedule's steps (under a time budget, of the fitted
-    horizon), at least one step, instead of warmup_steps: a short run still warms up, trains and
+    """When set, warmup is this share of the schedule's steps (under a time budget, of its training
+    time), at least one step, instead of warmup_steps: a short run still warms up, trains and
     decays."""
     decay_fraction: float = 0.2
     """wsd only: share of the steps after warmup spent decaying."""
@@ -68,6 +69,26 @@ def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     span = max(1, max_steps - warmup - 1)
     return SCHEDULES.get(cfg.schedule, "--optim.schedule")(min(1.0, (step - warmup) / span), cfg)
+
+
+def lr_at_progress(step: int, progress: float, cfg: OptimConfig, warm_end: Optional[float] = None) -> float:
+    """Learning rate for optimizer step `step` (0-based) at `progress` (0 to 1, the share of a time
+    budget's training time spent at the end of the step: lib/train/budget.py). Linear warmup over
+    the first warmup_steps steps (warmup_fraction: while progress is below it), then the named
+    schedule over the progress left after warmup (`warm_end`: the progress where the warmup
+    steps ended), at its end (the floor of the built-in ones) at progress 1."""
+    schedule = SCHEDULES.get(cfg.schedule, "--optim.schedule")
+    if progress >= 1.0:
+        return schedule(1.0, cfg)
+    if cfg.warmup_fraction is not None:
+        start = cfg.warmup_fraction
+        if progress < start:
+            return cfg.lr * progress / start
+    else:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        start = warm_end or 0.0
+    return schedule(min(1.0, max(0.0, (progress - start) / max(1.0 - start, 1e-9))), cfg)
 
 
 def warmup_steps(max_steps: int, cfg: OptimConfig) -> int:
