@@ -630,7 +630,7 @@ def train(run) -> None:
             bar.close()
             loop.stop_timing()
             run.call.finish()
-        run.periodic.run(run, loop.step, last, pace=clock.pace)
+        run.periodic.run(run, loop.step, last, pace=clock.steady)
         signalled = stops.agreed(run.accelerator) if not last else None  # the same on every process
         if signalled:
             stop_and_exit(run, bar, signalled)
@@ -676,9 +676,9 @@ def next_learning_rate(run, clock) -> tuple[float, bool]:
     schedule = loop.clock
     if schedule.warm_end is None and cfg.optim.warmup_fraction is None and loop.step >= cfg.optim.warmup_steps:
         schedule.warm_end = schedule.progress
-    final_s = final_work_seconds(run, clock.pace)
+    final_s = final_work_seconds(run, clock.steady)
     last = schedule.advance(loop.step, loop.elapsed_s(), clock.pace, final_s,
-                            between_s=run.periodic.due_seconds(run, loop.step + 1, clock.pace), worst_s=clock.worst)
+                            between_s=run.periodic.due_seconds(run, loop.step + 1, clock.steady), worst_s=clock.worst)
     if run.world > 1:
         schedule.start_s, schedule.progress, schedule.warm_end, last = broadcast_from_main(
             (schedule.start_s, schedule.progress, schedule.warm_end, last), run.accelerator)
@@ -700,7 +700,7 @@ def seconds_left(run, clock) -> float:
 
     if not run.cfg.max_minutes:
         return 0.0
-    return 60 * run.cfg.max_minutes * (1 - budget.MARGIN) - final_work_seconds(run, clock.pace) - run.loop.elapsed_s()
+    return 60 * run.cfg.max_minutes * (1 - budget.MARGIN) - final_work_seconds(run, clock.steady) - run.loop.elapsed_s()
 
 
 def stop_reason(run, lr: float) -> bool:

@@ -120,16 +120,16 @@ def _busy(n: int) -> list:
 
 
 def test_a_budgeted_run_ends_on_time_and_decayed_when_the_load_changes(tiny_data, tmp_path):
-    """Two heavy processes started a third of the way into a 30 s budget, or running from the start
-    and stopped halfway: either run ends within 5% of its budget (start-up, final evaluation and
-    export included), at the schedule's floor, with no step cut short by the budget."""
+    """A second heavy process started a third of the way into a 30 s budget, or running from the
+    start and stopped halfway: either run ends within 5% of its budget (start-up, final evaluation
+    and export included), at the schedule's floor, with no step cut short by the budget."""
     budget_s = 30.0
     for name, start_at, stop_at in (("loaded_later", budget_s / 3, None), ("relieved_later", 0.0, budget_s / 2)):
         procs: list = []
 
         def change_load():
             time.sleep(start_at)
-            procs.extend(_busy(2))
+            procs.extend(_busy(1))
             if stop_at is not None:
                 time.sleep(stop_at - start_at)
                 for p in procs:

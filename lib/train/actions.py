@@ -21,6 +21,7 @@ first call, the `estimate` they were registered with, if any), so none makes a b
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -55,19 +56,27 @@ class Action:
     estimate: Optional[Callable] = None
     seconds: list = field(default_factory=list)
     paces: list = field(default_factory=list)  # the step time when each call was timed (None: unknown)
+    estimated: tuple | None = None  # (seconds, step time) of the registered estimate, made once
     last_result: object = None
 
     def due(self, step: int, last: bool) -> bool:
         return (last and self.at_end) or (bool(self.every) and step % self.every == 0)
 
     def cost(self, run, pace: float | None = None) -> float:
-        """Seconds of one call: the mean of those measured, each scaled by `pace` over the step time
-        when it was timed (work timed on a quiet machine takes longer on a busy one), else the
-        registered estimate, else 0."""
+        """Seconds of one call: the median of those measured, each scaled by `pace` over the step
+        time when it was timed (work timed on a quiet machine takes longer on a busy one; the median,
+        since one call caught by a change of load took twenty times the others), else the
+        registered estimate (made once: an evaluation's times a few batches), scaled alike, else 0."""
+        def scaled(seconds: float, then: float | None) -> float:
+            return seconds * (pace / then if pace and then else 1.0)
+
         if self.seconds:
-            scaled = [s * (pace / p if pace and p else 1.0) for s, p in zip(self.seconds, self.paces)]
-            return sum(scaled) / len(scaled)
-        return float(self.estimate(run)) if self.estimate is not None else 0.0
+            return statistics.median(scaled(s, p) for s, p in zip(self.seconds, self.paces))
+        if self.estimate is None:
+            return 0.0
+        if self.estimated is None:
+            self.estimated = (float(self.estimate(run)), pace)
+        return scaled(*self.estimated)
 
 
 class Periodic:

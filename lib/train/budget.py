@@ -72,6 +72,12 @@ class StepClock:
         return sum(self.recent) / len(self.recent) if self.recent else self.last_s
 
     @property
+    def steady(self) -> float:
+        """The mean of the latest WORST_STEPS steps: the step time that work timed now is compared
+        by (lib.train.actions.Action.cost), steadier than `pace` on a machine whose steps jump."""
+        return sum(self.window) / len(self.window) if self.window else self.last_s
+
+    @property
     def worst(self) -> float:
         """The longest of the latest WORST_STEPS steps (the latest one included, timed or not): on a
         busy machine a step now and then takes a hundred times the mean, and the last one must
