@@ -496,15 +496,9 @@ def verify_shards_on_main(run) -> None:
 def model_positions(cfg) -> int | None:
     """The positions of the model this run trains: --model.init_from's config, else
     --model.max_seq_len (None where the config names none)."""
-    import json
+    from lib.model.build import folder_positions
 
-    if not cfg.model.init_from:
-        return cfg.model.max_seq_len
-    try:
-        config = json.loads((Path(cfg.model.init_from) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("max_position_embeddings") or config.get("n_positions")
+    return folder_positions(cfg.model.init_from) if cfg.model.init_from else cfg.model.max_seq_len
 
 
 def too_long_conversations(tok_dir, manifest: dict, seq_len: int) -> tuple | None:

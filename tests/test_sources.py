@@ -145,3 +145,16 @@ def test_datasets_loader_streams_local_files(tmp_path):
         build(tmp_path, source=str(src), loader="my_loader.py")
     with pytest.raises(UserError, match="'someone/dataset': neither a datasets builder name .* hub datasets are not fetched"):
         build(tmp_path, source=str(src), loader="someone/dataset")
+
+
+def test_parquet_instructions_keep_their_answer_and_system_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": f"Q{i}", "input": "", "output": f"A{i}", "system": "Be brief.", "n": i} for i in range(25)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "i.parquet")
+    build(tmp_path, source=str(tmp_path / "i.parquet"), template="{instruction}[\\n\\n{input}]",
+          completion_field="output")
+    rec = next(r for r in all_records(tmp_path / "out") if r["line"] == 1)
+    assert rec["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q0"},
+                               {"role": "assistant", "content": "A0"}]

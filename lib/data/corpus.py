@@ -283,16 +283,11 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
         files = [InputFile(root / rel, rel) for rel in list_source_files(root)]
         # the built-in corpus tolerates what a library tree holds: empty __init__.py files
         reader = RecordReader(on_bad_record="skip", on_bad_utf8="skip")
-    elif is_saved_dataset(cfg.source) and not cfg.loader:
-        files = []
-        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field,
-                              cfg.format)
-    elif cfg.loader:
-        files = expand_inputs(cfg.source, suffixes=ANY_SUFFIX)
-        reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field,
-                              cfg.format)
     else:
-        files = expand_inputs(cfg.source)
+        if is_saved_dataset(cfg.source) and not cfg.loader:
+            files = []
+        else:
+            files = expand_inputs(cfg.source, suffixes=ANY_SUFFIX) if cfg.loader else expand_inputs(cfg.source)
         reader = RecordReader(cfg.text_field, cfg.template, cfg.on_bad_record, cfg.on_bad_utf8, cfg.completion_field,
                               cfg.format)
     if cfg.max_files is not None:

@@ -117,13 +117,14 @@ def model_positions(tok_dir: Path) -> tuple[int, str] | None:
     folder without a model config."""
     import json
 
+    from lib.model.build import folder_positions
+
     try:
         source = Path(json.loads((tok_dir / "build.json").read_text())["source"])
-        cfg = json.loads((source / "config.json").read_text())
     except (OSError, KeyError, TypeError, ValueError):
         return None
-    positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    return (int(positions), str(source)) if positions else None
+    positions = folder_positions(source)
+    return (positions, str(source)) if positions else None
 
 
 def seq_len_advice(longest: int, lengths: list, positions: tuple[int, str] | None) -> str:

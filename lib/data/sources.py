@@ -16,6 +16,7 @@ Bad input policies:
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -136,7 +137,6 @@ class Template:
     bracket) is a UserError naming it, raised before any record is read."""
 
     def __init__(self, raw: str, option: str = "--corpus.template"):
-        self.raw = raw
         text = re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), raw, flags=re.S)
         self.parts: list[tuple[bool, str, list[str]]] = []  # (optional, format string, its fields)
         problem = None
@@ -195,7 +195,6 @@ class Template:
         return "".join(out).replace("\ue001", "[").replace("\ue002", "]")
 
 
-FORMATS = ("auto", "text", "messages", "sharegpt", "prompt_completion", "alpaca")
 LAYOUTS = ("text: {\"text\": ...} (another field: --corpus.text_field); "
            "messages: {\"messages\": [{\"role\", \"content\"}, ...]}; "
            "sharegpt: {\"conversations\": [{\"from\": \"human\"|\"gpt\"|\"system\", \"value\"}, ...]}; "
@@ -206,7 +205,7 @@ ALPACA = Template("{instruction}[\\n\\n{input}]")  # the input part left out whe
 
 
 def layout_of(obj: dict, text_field: str) -> Optional[str]:
-    """The layout a record is in (FORMATS, for --corpus.format auto), or None: the text field
+    """The layout a record is in (CorpusConfig.format's names, for auto), or None: the text field
     first, then a list of turns, prompt/completion, instruction/output."""
     if text_field in obj:
         return "text"
@@ -370,9 +369,10 @@ class RecordReader:
         except Exception as exc:  # noqa: BLE001 -- the plugin's failure, named with its file
             self._bad("reader_failed", str(f.path), f"{what} failed: {type(exc).__name__}: {exc}")
 
-    def _read_jsonl(self, f: InputFile) -> Iterator[RawRecord]:
+    def _read_jsonl(self, f: InputFile, lines=None) -> Iterator[RawRecord]:
+        """Records of a file of JSON lines (`lines`: its lines, already read; else read as a stream)."""
         offset = 0
-        with open(f.path, "rb") as fh:
+        with open(f.path, "rb") if lines is None else contextlib.nullcontext(lines) as fh:
             for lineno, raw in enumerate(fh, start=1):
                 where = f"{f.path}:{lineno}"
                 start, offset = offset, offset + len(raw)
@@ -394,15 +394,15 @@ class RecordReader:
         """A .json file: an array of records (each named by its number and the line it starts on),
         or one record per line as in .jsonl."""
         raw = f.path.read_bytes()
-        head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
-        if head != b"[":
-            if head == b"{" and not _parses(raw.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n", 1)[0]):
+        body = raw.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if body[:1] != b"[":
+            if body[:1] == b"{" and not _parses(body.split(b"\n", 1)[0]):
                 whole = _parses(raw)
                 if isinstance(whole, dict):  # one pretty-printed object, not records
                     raise UserError(f"{f.path}: one JSON object (keys: {', '.join(map(str, whole)) or 'none'}), not "
                                     "an array of records or one record per line; write its records as an array, "
                                     "[{...}, ...], or one per line")
-            yield from self._read_jsonl(f)
+            yield from self._read_jsonl(f, raw.splitlines(keepends=True))
             return
         text = self._decode(raw, str(f.path))
         if text is None:
@@ -444,7 +444,7 @@ class RecordReader:
             raise UserError(f"{f.path}: no column {(missing or [self.text_field])[0]!r} (columns: {', '.join(names)})"
                             + ("" if missing else f", nor another layout this reads. Read are {LAYOUTS}"))
         if self.template is not None:
-            wanted = self.template.fields + [self.completion_field or "system"]
+            wanted = self.template.fields + ([self.completion_field, "system"] if self.completion_field else [])
         else:
             wanted = [self.text_field] if layout == "text" else None  # None: every column, for the layout
         columns = [c for c in wanted if c in names] if wanted else None

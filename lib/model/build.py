@@ -206,6 +206,19 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * (n - frozen) + 4 * frozen + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
+def folder_positions(folder: str | Path) -> int | None:
+    """The positions of the model in `folder`, from its config.json (max_position_embeddings, or
+    GPT-2's n_positions); None where the folder has no readable config or it names none."""
+    import json
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    return int(positions) if positions else None
+
+
 def check_data_fits(init_from: str | Path, manifest: dict, seq_len: int) -> None:
     """A UserError unless data with this tokens manifest can train the model in `init_from`: the
     same tokenizer files when the folder holds a tokenizer (lib.data.tokenizer.tokenizer_fingerprint)
@@ -238,7 +251,7 @@ def check_data_fits(init_from: str | Path, manifest: dict, seq_len: int) -> None
                         f"Encode your text with the model's own tokenizer: python scripts/tokenize.py --tokenizer "
                         f"{path} --corpus.source YOUR_TEXT --out_dir data/NAME, then --data.dir data/NAME (for a "
                         "model made by train.py, its run's --data.dir also fits: see the run's config.yaml)")
-    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    positions = folder_positions(path)
     if positions and seq_len > positions:
         raise UserError(f"--data.seq_len {seq_len} is longer than the {positions} positions of --model.init_from "
                         f"{path}; use --data.seq_len {positions} or less")

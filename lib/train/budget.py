@@ -40,8 +40,7 @@ class StepClock:
         self.timed = 0
         self.seconds = 0.0
         self.last_s = 0.0  # the latest step's seconds, timed or not
-        self.recent: deque = deque(maxlen=PACE_STEPS)
-        self.window: deque = deque(maxlen=WORST_STEPS)
+        self.window: deque = deque(maxlen=WORST_STEPS)  # the latest timed steps' seconds
         self._t = None
 
     def start(self) -> None:
@@ -53,7 +52,6 @@ class StepClock:
         if self.seen > SKIP_STEPS:
             self.timed += 1
             self.seconds += self.last_s
-            self.recent.append(self.last_s)
             self.window.append(self.last_s)
 
     @property
@@ -69,7 +67,8 @@ class StepClock:
         """Seconds of a step now: the mean of the latest timed steps (before any is timed, the
         latest step's own, compilation included: an overestimate that only moves the first
         learning rates a little further on)."""
-        return sum(self.recent) / len(self.recent) if self.recent else self.last_s
+        recent = list(self.window)[-PACE_STEPS:]
+        return sum(recent) / len(recent) if recent else self.last_s
 
     @property
     def steady(self) -> float:
@@ -131,8 +130,7 @@ class ClockSchedule:
         return min(self.max_steps, step + 1 + max(int((self.end_s(final_s) - elapsed_s) // per_step), 0))
 
     def state_dict(self) -> dict:
-        return {"budget_s": self.budget_s, "start_s": self.start_s, "progress": self.progress,
-                "warm_end": self.warm_end}
+        return {"start_s": self.start_s, "progress": self.progress, "warm_end": self.warm_end}
 
     def load_state_dict(self, d: dict) -> None:
         self.start_s, self.progress, self.warm_end = d["start_s"], d["progress"], d.get("warm_end")
