@@ -137,6 +137,8 @@ def _build(cls: type[T], data: dict, where: str, prefix: str = "", base: T | Non
     base = base if base is not None else cls()
     updates = {}
     for key, value in data.items():
+        if key in getattr(cls, "RETIRED", ()):  # an option since removed, in an older run's config.yaml
+            continue
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""

@@ -247,22 +247,24 @@ def from_command_line(argv: list[str]) -> list[str]:
     return found
 
 
-def extend_config(cls: type, sections: dict[str, "Registry"]) -> type:
-    """`cls` (a config dataclass) with each section (field name -> the registry it chooses from:
-    "loss" -> LOSSES) widened by the option fields its plugin entries declare, so that
-    `--loss.name zloss --loss.z 1e-4` parses, validates and is saved in config.yaml like any
-    option. A field two entries declare must agree on its type; built-in entries' options are
-    in the section class already. Returns `cls` itself when no plugin adds a field."""
+def extend_config(cls: type, sections: dict[str, "Registry | tuple[Registry, ...]"]) -> type:
+    """`cls` (a config dataclass) with each section (field name -> the registry, or registries, it
+    chooses from: "loss" -> LOSSES, "optim" -> (OPTIMIZERS, SCHEDULES)) widened by the option fields
+    its plugin entries declare, so that `--loss.name zloss --loss.z 1e-4` parses, validates and is
+    saved in config.yaml like any option. A field two entries declare must agree on its type;
+    built-in entries' options are in the section class already. Returns `cls` itself when no
+    plugin adds a field."""
     import dataclasses
     import typing
 
     hints = typing.get_type_hints(cls)
     widened = []
-    for section, registry in sections.items():
+    for section, registries in sections.items():
         base = hints[section]
         have = typing.get_type_hints(base)
         added: dict[str, tuple] = {}
-        for name in registry.names():
+        for registry, name in [(r, n) for r in (registries if isinstance(registries, tuple) else (registries,))
+                               for n in r.names()]:
             options = registry.options(name)
             if options is None:
                 continue

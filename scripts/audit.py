@@ -137,7 +137,7 @@ def audit_plugins(rep: Report, specs: tuple[str, ...]) -> None:
 
 
 def audit_forks(rep: Report) -> None:
-    from lib.records import forks
+    from lib.audit import forks
 
     found = forks.forks(Path(_root))
     if not found:
@@ -179,7 +179,7 @@ def audit_task_folders(rep: Report, folders) -> None:
 
 
 def audit_security(rep: Report, cfg: SecurityConfig) -> None:
-    from lib import security
+    from lib.audit import security
 
     root = Path(_root)
     if "deps" in cfg.parts:
@@ -271,7 +271,7 @@ class ForkUpdateConfig:
 
 
 def fork_update_command(cfg: ForkUpdateConfig) -> None:
-    from lib.records import forks
+    from lib.audit import forks
 
     fork = Path(_root) / "experiments" / cfg.name
     st = forks.update(fork, Path(_root))

@@ -107,45 +107,21 @@ class EvalConfig:
 
 def run_tasks(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir: Path) -> None:
     """--tasks: the harness on the model, one metrics record per task."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise UserError("--tasks needs lm-evaluation-harness: `make lm-eval` installs it against this venv's "
-                        "versions (a plain pip install would replace the CPU torch)") from None
-    from transformers import AutoTokenizer
-
+    from lib.data.tokenizer import load_hf_tokenizer
+    from lib.model import tasks
     from lib.model.build import load_pretrained
     from lib.records.metrics import METRICS, MetricsSink, parse_formats, read_jsonl
 
-    if cfg.tasks_dir is not None and not cfg.tasks_dir.is_dir():
-        raise UserError(f"--tasks_dir {cfg.tasks_dir}: no such folder")
-    if cfg.tasks_dir is not None:  # before the harness reads it: code it would run, data it cannot read offline
-        from lib.model.tasks import check
-
-        check(cfg.tasks_dir, cfg.tasks, cfg.allow_task_code)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # task data from local files; nothing fetched
-    manager = TaskManager(include_path=str(cfg.tasks_dir) if cfg.tasks_dir else None)
-    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
-    if unknown:
-        raise UserError(f"--tasks {unknown[0]}: no such task" + (f" in {cfg.tasks_dir} or" if cfg.tasks_dir else "")
-                        + " among the harness's own")
-    model = load_pretrained(model_dir)
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    try:
-        results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size),
-                                          tasks=list(cfg.tasks), task_manager=manager)["results"]
-    except (OSError, ConnectionError, ValueError) as exc:  # data the harness could not load (a hub name, a file)
-        raise UserError(f"--tasks {' '.join(cfg.tasks)}: the harness could not load a task's data ({errors.one_line(exc)[:300]}); "
-                        "tasks run offline, from local data files named in a --tasks_dir YAML") from None
+    manager = tasks.task_manager(cfg.tasks, cfg.tasks_dir, cfg.allow_task_code)
+    results = tasks.run_tasks(load_pretrained(model_dir).eval(), load_hf_tokenizer(model_dir), cfg.tasks, manager,
+                              cfg.batch_size)
     sink = MetricsSink(out_dir / METRICS, parse_formats(cfg.metrics_out))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     figures = {}
     for task, found in results.items():
-        metrics = {k.split(",")[0]: v for k, v in found.items() if "," in k and isinstance(v, (int, float))}
+        metrics = {k: v for k, v in found.items() if k != "documents"}
         sink.write({"time": stamp, "type": "task", "model": str(model_dir), "task": task,
-                    "documents": found.get("sample_len"), **metrics})
+                    "documents": found["documents"], **metrics})
         print(f"  {task:<24} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         figures.update({f"task_{task}_{k}": float(v) for k, v in metrics.items() if not k.endswith("_stderr")})
     sink.close()

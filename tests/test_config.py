@@ -146,3 +146,15 @@ def test_named_sizes_have_the_shapes_they_are_named_after(name, vocab, params):
     with torch.device("meta"):  # shapes only: no memory for the weights
         model = build_model(ModelConfig(**size(name)), vocab, {"bos": 1, "eos": 2, "pad": 0})
     assert count_params(model) == params
+
+
+def test_options_since_removed_are_read_from_an_older_config_and_test_aids_are_not_options(tmp_path):
+    """A config.yaml written before the test aids left the options (debug_stall: null) still loads;
+    --help shows no test aid (they are environment variables: lib/train/faults.py)."""
+    from conftest import run_script
+
+    old = tmp_path / "old.yaml"
+    old.write_text("max_steps: 7\ndebug_stall: null\ndebug_nan_step: null\n")
+    proc = run_script("scripts/train.py", "--config", str(old), "--print_config")
+    assert "max_steps: 7" in proc.stdout and "debug" not in proc.stdout
+    assert "debug" not in run_script("scripts/train.py", "--help").stdout

@@ -119,6 +119,11 @@ def test_fsdp2_on_cpu_shards_trains_like_ddp_and_resumes(tiny_data, tmp_path, dd
     assert "was written by an FSDP job and this one does not use FSDP" in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
+    # an optimizer that needs whole matrices (registered so) is refused under FSDP, before the run folder
+    proc = train(tiny_data, tmp_path, "muon", *PARALLEL_RUN, "--optim.name", "muon", launcher=FSDP, check=False)
+    assert proc.returncode != 0 and "--optim.name muon does not combine with FSDP here" in proc.stderr
+    assert not (tmp_path / "muon").exists()
+
 
 def test_fsdp_asked_for_but_not_applied_says_so(tiny_data, tmp_path):
     # what the launcher sets for an FSDP config, on a job it did not launch as a distributed one
@@ -132,8 +137,8 @@ def test_nonfinite_loss_is_stopped_or_skipped(tiny_data, tmp_path, policy):
     from safetensors.torch import load_file
 
     proc = train(tiny_data, tmp_path, policy, "--max_steps", "10", "--log_every", "2", "--eval_every", "0",
-                 "--eval_tokens", "2000", "--checkpoint_every", "4", "--debug_nan_step", "6",
-                 "--on_nonfinite", policy, check=False)
+                 "--eval_tokens", "2000", "--checkpoint_every", "4",
+                 "--on_nonfinite", policy, env={"LM_TEST_NAN_STEP": "6"}, check=False)
     run = tmp_path / policy
     if policy == "stop":
         assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -104,7 +104,7 @@ def test_audit_resume_passes_and_names_the_first_diverging_step(tiny_data, tmp_p
     broken = tmp_path / "experiments" / "broken" / "train.py"
     broken.parent.mkdir(parents=True)
     src = (REPO / "scripts" / "train.py").read_text()
-    line = 'run.sampler.load_state_dict(state["sampler"], cfg.allow_data_change)'
+    line = 'sampler.load_state_dict(state["sampler"], cfg.allow_data_change)'
     assert line in src
     broken.write_text(src.replace(line, "pass"))
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the copy lives outside the repository

@@ -344,7 +344,7 @@ def test_a_process_that_stops_answering_ends_the_job_with_an_error_naming_rank_a
     t = time.time()
     proc = train(tiny_data, tmp_path, "stall", "--max_steps", "8", "--log_every", "1", "--eval_every", "0",
                  "--eval_tokens", "2000", "--checkpoint_every", "0", "--precision", "fp32", "--no_mfu",
-                 "--dist_timeout_minutes", "0.1", "--debug_stall", "1:3:25",
+                 "--dist_timeout_minutes", "0.1", env={"LM_TEST_STALL": "1:3:25"},
                  launcher=accelerate_launch("cpu_ddp"), check=False, timeout=300)
     assert proc.returncode != 0 and time.time() - t < 100, (time.time() - t, proc.stderr[-3000:])
     out = proc.stdout + proc.stderr

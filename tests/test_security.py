@@ -11,7 +11,7 @@ import pytest
 from packaging.version import Version
 
 from conftest import run_script
-from lib import security
+from lib.audit import security
 
 
 def osv(id_, name, **affected):

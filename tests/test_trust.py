@@ -295,7 +295,7 @@ def test_eval_holds_the_run_and_names_the_weights_it_scored(run, tmp_path):
 # 8. status.json, random states, advice
 
 def test_a_failed_run_records_its_error(tiny_data, tmp_path):
-    proc = train(tiny_data, tmp_path, "nan", *QUICK, "--max_steps", "4", "--debug_nan_step", "2", check=False)
+    proc = train(tiny_data, tmp_path, "nan", *QUICK, "--max_steps", "4", env={"LM_TEST_NAN_STEP": "2"}, check=False)
     line = one_line_error(proc)
     status = json.loads((tmp_path / "nan" / "status.json").read_text())
     assert status["state"] == "failed" and status["error"] and status["error"] in line, (status, line)

@@ -7,6 +7,7 @@ continue prompts or hold a conversation, streaming the text as it is generated (
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -217,3 +218,28 @@ class Session:
 
     def reset(self) -> None:
         self.history.clear()
+
+
+def greedy_continuations(model, prompts: list[list[int]], new_tokens: int, device, autocast=None,
+                         eos: int | None = None) -> list[list[int]]:
+    """Each prompt's greedy continuation (token ids, up to its first `eos`), of up to `new_tokens`
+    tokens, fewer where the model's positions end. Greedy and one prompt at a time, so every
+    process that calls it with the same weights runs the same forward passes (a sharded model's
+    forward is collective). The model is in eval mode meanwhile, then back in its own."""
+    import torch
+
+    cfg = model.config
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
+        for ids in prompts:
+            n = new_tokens if positions is None else max(0, min(new_tokens, positions - len(ids)))
+            seq = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                 device=device), do_sample=False, max_new_tokens=n, eos_token_id=eos,
+                                 pad_token_id=eos if eos is not None else 0, temperature=None, top_p=None, top_k=None)
+            new = seq[0, len(ids):].tolist()
+            out.append(new[:new.index(eos)] if eos in new else new)
+    model.train(was_training)
+    return out

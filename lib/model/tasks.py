@@ -127,3 +127,56 @@ def check(tasks_dir: str | Path, wanted, allow_code: bool) -> None:
     if broken and unknown:
         raise UserError(f"--tasks {unknown[0]}: not defined by any readable YAML in {tasks_dir}; {broken[0].path} "
                         f"cannot be read ({broken[0].error})")
+
+
+def task_manager(tasks, tasks_dir: Path | None, allow_code: bool):
+    """The harness's TaskManager for `tasks` (its own tasks, and those of `tasks_dir`), each one
+    checked before any model is given to it: the harness installed, the folder's code allowed, its
+    data local, every task found. A UserError names what is missing."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--tasks needs lm-evaluation-harness: `make lm-eval` installs it against this venv's "
+                        "versions (a plain pip install would replace the CPU torch)") from None
+    import os
+
+    if tasks_dir is not None and not Path(tasks_dir).is_dir():
+        raise UserError(f"--tasks_dir {tasks_dir}: no such folder")
+    if tasks_dir is not None:  # before the harness reads it: code it would run, data it cannot read offline
+        check(tasks_dir, tasks, allow_code)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # task data from local files; nothing fetched
+    manager = TaskManager(include_path=str(tasks_dir) if tasks_dir else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"--tasks {unknown[0]}: no such task" + (f" in {tasks_dir} or" if tasks_dir else "")
+                        + " among the harness's own")
+    return manager
+
+
+def run_tasks(model, tokenizer, tasks, manager, batch_size: int, quiet: bool = False) -> dict[str, dict]:
+    """The harness's figures for each task on `model` (a loaded transformers model, in eval mode):
+    task -> {"documents": n, metric: value, ...}, the metric names without the harness's filter.
+    `quiet`: the harness's warnings are not shown (train.py runs the same tasks again and again)."""
+    import logging
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from lib import errors
+
+    harness_log = logging.getLogger("lm_eval")
+    level = harness_log.level
+    if quiet:
+        harness_log.setLevel(logging.ERROR)
+    try:
+        results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                                          tasks=list(tasks), task_manager=manager)["results"]
+    except (OSError, ConnectionError, ValueError) as exc:  # data the harness could not load (a hub name, a file)
+        raise UserError(f"--tasks {' '.join(tasks)}: the harness could not load a task's data "
+                        f"({errors.one_line(exc)[:300]}); tasks run offline, from local data files named in a "
+                        "--tasks_dir YAML") from None
+    finally:
+        harness_log.setLevel(level)
+    return {task: {"documents": found.get("sample_len"),
+                   **{k.split(",")[0]: v for k, v in found.items() if "," in k and isinstance(v, (int, float))}}
+            for task, found in results.items()}

@@ -8,7 +8,8 @@ from lib.records.metrics import read_jsonl
 
 
 def plot_metrics(run_dir: str | Path) -> Path | None:
-    """loss.png: training loss and held-out loss against optimizer step, and the learning rate."""
+    """loss.png: training loss and held-out loss against optimizer step, the figures of harness
+    tasks run during training (if any), and the learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +21,18 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     evals = [r for r in records if r.get("type") == "eval"]
     if not train:
         return None
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    tasks = [r for r in records if r.get("type") == "task"]
+    task_figures = sorted({k for r in tasks for k in r if k.startswith("task_") and not k.endswith("_stderr")})
+    if task_figures:  # harness tasks during training (train.py --tasks_every): a panel beside the loss
+        fig, (ax, ax_task, ax_lr) = plt.subplots(3, 1, figsize=(8, 8), sharex=True, height_ratios=[3, 2, 1])
+        for name in task_figures:
+            points = [(r["step"], r[name]) for r in tasks if r.get(name) is not None]
+            ax_task.plot(*zip(*points), "o-", label=name.removeprefix("task_"))
+        ax_task.set_ylabel("task figure")
+        ax_task.grid(alpha=0.3)
+        ax_task.legend(fontsize="small")
+    else:
+        fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     if evals:
         label = f"held-out loss ({evals[-1].get('val_tokens', 0):,} tokens)"

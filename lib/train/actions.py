@@ -1,7 +1,9 @@
-"""Periodic actions of the training loop: evaluations, checkpoints, and what plugins add.
+"""The periodic work of the training loop, timed so that a time budget can charge it: the loop's own
+jobs (evaluation, samples, tasks, checkpoint: `if` blocks in train.py's loop) and the actions
+plugins register here.
 
-An action is a function of the run (train.py's `Run`) registered in ACTIONS with the option that
-sets its interval, in optimizer steps:
+A plugin's action is a function of the run (train.py's `Run`) registered in ACTIONS with the
+option that sets its interval, in optimizer steps:
 
     # samples.py: train.py --plugins samples.py --actions.samples_every 500
     @dataclass
@@ -10,28 +12,29 @@ sets its interval, in optimizer steps:
 
     @ACTIONS.register("samples", options=SampleOptions, every="actions.samples_every")
     def write_samples(run):
-        ...                                       # run.model, run.metrics, run.loop.step, run.say
+        ...                                       # run.unwrapped, run.metrics, run.loop.step, run.say
 
 The loop runs every action whose interval divides the step, and at the last step (the schedule's
-end, a spent budget, --stop_at_step) every action registered with `at_end=True` (the default), so
-the final evaluation and checkpoint go through the same code as the periodic ones. Each call is
-timed. A time budget's schedule follows the clock, so a periodic action's time is simply spent;
-the actions due after the last step are reserved for, at their measured seconds (before the
-first call, the `estimate` they were registered with, if any), so none makes a budgeted run overrun.
+end, a spent budget, --stop_at_step) every action registered with `at_end=True` (the default).
+Every job is timed. A time budget's schedule follows the clock, so a periodic job's time is
+simply spent; the jobs due after the last step are reserved for, at their measured seconds
+(before the first call, the `estimate` they were registered with, if any), so none makes a
+budgeted run overrun.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from lib.plugins import Registry
 
 ACTIONS = Registry("periodic action")
-"""Periodic actions by name: fn(run) -> anything, registered with `every` (the dotted option that
-holds its interval; 0 there: only at the end, or never with at_end=False), `at_end` (default True)
-and `estimate` (fn(run) -> seconds of one call, used until one is measured)."""
+"""Plugins' periodic actions by name: fn(run) -> anything, registered with `every` (the dotted
+option that holds its interval; 0 there: only at the end, or never with at_end=False), `at_end`
+(default True) and `estimate` (fn(run) -> seconds of one call, used until one is measured)."""
 
 
 @dataclass
@@ -48,16 +51,17 @@ def option(cfg, dotted: str):
 
 
 @dataclass
-class Action:
+class Job:
+    """One periodic job: when it is due, and what its calls cost."""
+
     name: str
-    fn: Callable
     every: int
     at_end: bool
     estimate: Optional[Callable] = None
+    fn: Optional[Callable] = None  # a plugin's action; the loop's own jobs are called by the loop
     seconds: list = field(default_factory=list)
     paces: list = field(default_factory=list)  # the step time when each call was timed (None: unknown)
     estimated: tuple | None = None  # (seconds, step time) of the registered estimate, made once
-    last_result: object = None
 
     def due(self, step: int, last: bool) -> bool:
         return (last and self.at_end) or (bool(self.every) and step % self.every == 0)
@@ -80,36 +84,45 @@ class Action:
 
 
 class Periodic:
-    """The run's actions, in registration order (the built-in evaluation and checkpoint first)."""
+    """A run's periodic jobs: the loop's own, then the plugins' actions in registration order."""
 
-    def __init__(self, cfg):
-        self.actions = []
+    def __init__(self, cfg, own: dict[str, tuple[int, bool, Optional[Callable]]]):
+        """`own`: the loop's jobs, name -> (interval, at the end too, estimate); one with neither
+        an interval nor at_end never runs and is left out."""
+        self.jobs = [Job(name, every, at_end, estimate) for name, (every, at_end, estimate) in own.items()
+                     if every or at_end]
         for name in ACTIONS.names():
             every = ACTIONS.meta(name, "every")
             interval = int(option(cfg, every)) if every else 0
             at_end = ACTIONS.meta(name, "at_end", True)
             if interval or at_end:
-                self.actions.append(Action(name, ACTIONS.get(name, "actions"), interval, at_end,
-                                           ACTIONS.meta(name, "estimate")))
+                self.jobs.append(Job(name, interval, at_end, ACTIONS.meta(name, "estimate"),
+                                     fn=ACTIONS.get(name, "actions")))
 
-    def __getitem__(self, name: str) -> Action:
-        return next(a for a in self.actions if a.name == name)
+    def __getitem__(self, name: str) -> Job:
+        return next(j for j in self.jobs if j.name == name)
 
-    def run(self, run, step: int, last: bool, pace: float | None = None) -> None:
-        """Call, in order, the actions due after optimizer step `step` (all at_end ones if `last`),
-        timing each; `pace`: the step time now, kept with each timing (Action.cost)."""
-        for action in self.actions:
-            if action.due(step, last):
-                t = time.perf_counter()
-                action.last_result = action.fn(run)
-                action.seconds.append(time.perf_counter() - t)
-                action.paces.append(pace)
+    @contextlib.contextmanager
+    def timed(self, name: str, pace: float | None) -> Iterator[None]:
+        """Time the block as one call of job `name`; `pace`: the step time now (Job.cost)."""
+        t = time.perf_counter()
+        yield
+        self[name].seconds.append(time.perf_counter() - t)
+        self[name].paces.append(pace)
+
+    def run_actions(self, run, step: int, last: bool, pace: float | None = None) -> None:
+        """Call, in order, the plugins' actions due after optimizer step `step` (all at_end ones
+        if `last`), timing each."""
+        for job in self.jobs:
+            if job.fn is not None and job.due(step, last):
+                with self.timed(job.name, pace):
+                    job.fn(run)
 
     def due_seconds(self, run, step: int, pace: float | None = None) -> float:
-        """Seconds of the actions due by their interval after optimizer step `step`, at the step
+        """Seconds of the jobs due by their interval after optimizer step `step`, at the step
         time `pace`."""
-        return sum(a.cost(run, pace) for a in self.actions if a.due(step, last=False))
+        return sum(j.cost(run, pace) for j in self.jobs if j.due(step, last=False))
 
     def final_seconds(self, run, pace: float | None = None) -> float:
-        """Seconds of the actions that run after the last step, at the step time `pace`."""
-        return sum(a.cost(run, pace) for a in self.actions if a.at_end)
+        """Seconds of the jobs that run after the last step, at the step time `pace`."""
+        return sum(j.cost(run, pace) for j in self.jobs if j.at_end)

@@ -24,8 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-SKIP_STEPS = 2  # untimed steps after a (re)start: compilation and first-touch allocations
-MIN_TIMED_STEPS = 8  # timed steps a decision from the step time needs (lib.train.compile_choice)
+SKIP_STEPS = 2  # untimed steps after a (re)start: torch.compile's compilation and first-touch allocations
 MARGIN = 0.02  # share of the budget kept free: what the estimate of the final work misses
 PACE_STEPS = 10  # the pace is the mean of this many latest steps: it follows a change of load within them
 WORST_STEPS = 100  # the last step is planned for the longest of this many latest steps
@@ -38,7 +37,6 @@ class StepClock:
     def __init__(self) -> None:
         self.seen = 0
         self.timed = 0
-        self.seconds = 0.0
         self.last_s = 0.0  # the latest step's seconds, timed or not
         self.window: deque = deque(maxlen=WORST_STEPS)  # the latest timed steps' seconds
         self._t = None
@@ -51,16 +49,7 @@ class StepClock:
         self.last_s = time.perf_counter() - self._t
         if self.seen > SKIP_STEPS:
             self.timed += 1
-            self.seconds += self.last_s
             self.window.append(self.last_s)
-
-    @property
-    def ready(self) -> bool:
-        return self.timed >= MIN_TIMED_STEPS
-
-    @property
-    def step_seconds(self) -> float:
-        return self.seconds / max(self.timed, 1)
 
     @property
     def pace(self) -> float:

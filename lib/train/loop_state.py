@@ -66,8 +66,8 @@ class LoopState:
     a schedule over `horizon` steps."""
     elapsed_before_s: float = 0.0
     """Training seconds spent by the earlier parts of a resumed run."""
-    last_eval: dict = field(default_factory=lambda: {"step": None, "loss": None, "seconds": None})
-    """Step, held-out loss and seconds of the latest evaluation."""
+    last_eval: dict = field(default_factory=lambda: {"step": None, "loss": None, "seconds": None, "figures": None})
+    """Step, held-out loss, seconds and all figures of the latest evaluation (the loss alone is saved)."""
     window: LogWindow = field(default_factory=LogWindow)
     started_at: float = field(default_factory=time.perf_counter)
     """When this process started (train.py: the process itself, so that its start-up counts in a
@@ -87,6 +87,18 @@ class LoopState:
     def done(self) -> bool:
         """Whether the schedule has ended: its last step taken (by the step count or the clock)."""
         return self.clock.progress >= 1.0 if self.clock is not None else self.step >= self.horizon
+
+    def count_step(self, step_tokens: int, batches: list, step_loss=None) -> None:
+        """An optimizer step done: its target tokens (all processes) counted, and in the logging
+        window its input slots and padding, and its loss (this process's sum; None for a skipped
+        update, whose non-finite loss would make the window's mean non-finite)."""
+        self.step += 1
+        self.tokens_seen += step_tokens
+        self.window.slots += sum(b.input_ids.size for b in batches)
+        self.window.pad += sum(b.n_padding for b in batches)
+        if step_loss is not None:
+            self.window.loss += step_loss
+            self.window.tokens += step_tokens
 
     def elapsed_s(self) -> float:
         """Seconds of the whole run, resumed parts included, from each part's start (start-up,

@@ -19,12 +19,14 @@ OPTIMIZERS = Registry("optimizer")
 parameters, whose every parameter group takes the schedule's learning rate (set_lr). Registered
 with `state_numel` (fn(model) -> float32 state values it keeps: what a checkpoint holds besides the
 weights, which the disk-space check and a time budget's checkpoint estimate use; without it, two
-per trainable parameter, as AdamW's moments) and optionally `options` (a dataclass of its own
---optim.* flags). Plugins add more (lib/plugins.py)."""
+per trainable parameter, as AdamW's moments), `whole_matrices=True` where its update needs each
+weight matrix whole (so FSDP, which shards them, is refused), and optionally `options` (a
+dataclass of its own --optim.* flags). Plugins add more (lib/plugins.py)."""
 
 SCHEDULES = Registry("schedule")
 """Learning-rate schedules by name: fn(progress, cfg) -> the learning rate at `progress` (0 at the
-end of warmup, 1 at the last step); lr_at applies the warmup. Plugins add more (lib/plugins.py)."""
+end of warmup, 1 at the last step); lr_at applies the warmup. Registered optionally with `options`
+(a dataclass of its own --optim.* flags, which `cfg` then holds). Plugins add more (lib/plugins.py)."""
 
 
 @dataclass
@@ -178,7 +180,7 @@ def _muon_state(model) -> int:
     return _numel(hidden) + 2 * _numel(rest) if hidden else 2 * _numel(rest)
 
 
-@OPTIMIZERS.register("muon", state_numel=_muon_state)
+@OPTIMIZERS.register("muon", state_numel=_muon_state, whole_matrices=True)
 def muon(model, cfg: OptimConfig):
     """Muon (orthogonalized momentum, torch.optim.Muon) for the 2-D weights inside the blocks,
     AdamW for the rest: embeddings and the output layer (whose rows are looked up or scored one
