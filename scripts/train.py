@@ -563,6 +563,10 @@ def train(run: Run) -> None:
     # time of the run's
     last = loop.done
     loop.started_at = run.started if not last else time.perf_counter()
+
+    def due(every: int) -> bool:  # a periodic job after this step: on its interval, and after the last step
+        return last or (every > 0 and loop.step % every == 0)
+
     model.prepared.train()
     while True:
         if not last:
@@ -598,11 +602,7 @@ def train(run: Run) -> None:
         if last:
             bar.close()
             loop.stop_timing()
-
         # the periodic jobs, each timed: the budget keeps time for those due after the next step and at the end
-        def due(every: int) -> bool:
-            return last or (every > 0 and loop.step % every == 0)
-
         pace = clock.steady
         if due(cfg.eval_every):
             with run.jobs.timed("eval", pace):

@@ -207,3 +207,49 @@ def test_plugins_named_before_parsing_come_from_flags_and_the_preset(tmp_path):
     argv = ["--config", str(preset), "--plugins", "b.py", "mod_c", "--seed", "1", "--plugins=d.py"]
     assert plugins.from_command_line(argv) == ["a.py", "b.py", "mod_c", "d.py"]
     assert plugins.from_command_line(["--seed", "1"]) == []
+
+
+def test_the_readme_plugins_work_as_printed(tiny_data, tmp_path):
+    """The README's loss, periodic action and optimizer plugins: each code block saved as the file
+    its first line names, and its command run in bash as printed (on the test data, shorter)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    for name in ("scripts", "lib", "configs", "experiments"):
+        (tmp_path / name).symlink_to(REPO / name)
+    commands = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        first = block.splitlines()[0]
+        if re.match(r"# (watch|sgd)\.py: python scripts/train\.py", first):
+            file, command = first[2:].split(": ", 1)
+            (tmp_path / file).write_text(block)
+            commands[file] = command
+    commands["zloss"] = next(c for b in re.findall(r"```bash\n(.*?)```", text, re.S) for c in b.splitlines()
+                             if "--loss.name zloss" in c and c.startswith("python scripts/train.py"))
+    assert sorted(commands) == ["sgd.py", "watch.py", "zloss"]
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    for name, command in commands.items():
+        run = tmp_path / "runs" / name.split(".")[0]
+        extra = (f" --data.dir {tiny_data} --runs_dir {run.parent} --run_name {run.name} --tracking.no_mlflow "
+                 "--max_steps 60 --log_every 10 --eval_every 0 --checkpoint_every 0 --eval_tokens 2000")
+        proc = subprocess.run(["bash", "-c", command + extra], cwd=tmp_path, capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, (name, proc.stdout[-3000:] + proc.stderr[-3000:])
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if r["type"] == "train"]
+        assert losses[-1] < losses[0], (name, losses)  # it trained
+        saved = (run / "config.yaml").read_text()
+        if name == "watch.py":
+            watched = [r for r in rows if r["type"] == "watch"]
+            assert [r["step"] for r in watched] == [50] and watched[0]["weight_norm"] > 0
+            assert "step 50: weight norm" in proc.stdout and "watch_every: 50" in saved
+        elif name == "sgd.py":
+            assert "name: sgd" in saved and "momentum: 0.9" in saved
+        else:
+            assert "name: zloss" in saved and "z: 0.0001" in saved
