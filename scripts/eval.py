@@ -326,6 +326,8 @@ def main() -> None:
         raise UserError(f"{model_dir} was trained with another tokenizer than {tok_dir}; evaluate on data encoded "
                         f"with the model's own tokenizer (scripts/tokenize.py --tokenizer {model_dir} ...)")
     run_data = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}) if run_dir else {}
+    import lib.model.gpt  # noqa: F401 -- registers the project's own model type
+
     model_cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     seq_len = cfg.seq_len or run_data.get("seq_len") or model_cfg.max_position_embeddings
     formats = parse_formats(cfg.metrics_out)

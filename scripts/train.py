@@ -461,7 +461,9 @@ def build(cfg: TrainConfig, accelerator: Accelerator, data: Data) -> Model:
         say("activation checkpointing: on (activations recomputed in the backward pass)")
     attention = cfg.attention if cfg.attention != "auto" else (
         "eager" if cfg.compile and accelerator.device.type == "cpu" else "sdpa")
-    if attention != model.config._attn_implementation:
+    if cfg.model.arch == "gpt" and not cfg.model.init_from:
+        attention = "sdpa"  # the project's own model has one attention path (lib/model/gpt.py)
+    elif attention != model.config._attn_implementation:
         model.set_attn_implementation(attention)
     n_params, base_sha = count_params(model), None
     if lora.enabled(cfg.lora):

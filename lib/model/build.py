@@ -16,7 +16,9 @@ class ModelConfig:
     """A named shape that sets the fields below (lib/model/registry.py SIZES: llama-20m, llama-135m,
     llama-1b, gpt2-124m, gpt2-355m), over a --config preset; flags given with it still change
     single fields."""
-    arch: Literal["llama", "gpt2"] = "llama"
+    arch: Literal["llama", "gpt2", "gpt"] = "llama"
+    """llama or gpt2: transformers' classes; gpt: this project's own model (lib/model/gpt.py), which
+    exports as a Llama (with qk_norm, a Qwen3) where its options allow, else in its own format."""
     d_model: int = 256
     n_layers: int = 6
     n_heads: int = 4
@@ -30,6 +32,13 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     init_std: float = 0.02
+    qk_norm: bool = False
+    """arch gpt: RMSNorm on each head's queries and keys before the rotary positions."""
+    mlp: Literal["swiglu", "relu2"] = "swiglu"
+    """arch gpt: SwiGLU (gate, up, down; d_ff defaults to 8/3 d_model) or ReLU² (up, relu(x)^2, down;
+    d_ff defaults to 4 d_model, the same weights)."""
+    logit_softcap: Optional[float] = None
+    """arch gpt: squash the logits to (-c, c) by c * tanh(logits / c); None: not at all."""
     init_from: Optional[str] = None
     """A model to start from instead: a folder (a run's final/, any Hugging Face model folder), a
     name (gpt2, tinyllama, smollm-135m, ...) or an org/name id, looked up in the Hugging Face cache
@@ -43,6 +52,8 @@ class ModelConfig:
 def _d_ff(cfg: ModelConfig) -> int:
     if cfg.d_ff is not None:
         return cfg.d_ff
+    if cfg.arch == "gpt" and cfg.mlp == "relu2":
+        return 4 * cfg.d_model
     return -(-int(8 * cfg.d_model / 3) // 64) * 64
 
 
@@ -60,6 +71,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     ids = dict(bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"])
+    if cfg.arch == "gpt":
+        from lib.model.gpt import GPT, GPTConfig
+
+        return GPT(GPTConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                             n_kv_heads=cfg.n_kv_heads, d_ff=_d_ff(cfg), max_seq_len=cfg.max_seq_len, mlp=cfg.mlp,
+                             qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings, logit_softcap=cfg.logit_softcap,
+                             rope_theta=cfg.rope_theta, dropout=cfg.dropout, init_std=cfg.init_std, **ids))
     if cfg.arch == "llama":
         hf_cfg = LlamaConfig(
             vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=_d_ff(cfg),
@@ -115,8 +133,11 @@ def check_model_files(model_dir: str | Path, in_run: bool, trust_unverified: boo
 
 
 def load_pretrained(path: str | Path, dtype=None, trust_remote_code: bool = False):
-    """Load a causal LM from a local folder, offline; a clear error if it is not one."""
+    """Load a causal LM from a local folder, offline; a clear error if it is not one (this
+    project's own format too: lib/model/gpt.py registers it with the Auto classes)."""
     from transformers import AutoModelForCausalLM
+
+    import lib.model.gpt  # noqa: F401 -- registers the project's own model type
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -147,8 +168,10 @@ def matmul_dims(cfg: ModelConfig, vocab_size: int) -> tuple[int, int, int]:
 
         if not (Path(cfg.init_from) / "config.json").is_file():
             raise UserError(f"{cfg.init_from} is not a model folder (no config.json); give a run's final/ folder")
+        import lib.model.gpt  # noqa: F401 -- registers the project's own model type
+
         return config_dims(AutoConfig.from_pretrained(cfg.init_from, local_files_only=True))
-    return cfg.d_model, _d_ff(cfg) if cfg.arch == "llama" else (cfg.d_ff or 4 * cfg.d_model), vocab_size
+    return cfg.d_model, _d_ff(cfg) if cfg.arch != "gpt2" else (cfg.d_ff or 4 * cfg.d_model), vocab_size
 
 
 def fp16_on_cpu(accelerator, init_scale: float | None = None) -> bool:
@@ -232,6 +255,8 @@ def check_data_fits(init_from: str | Path, manifest: dict, seq_len: int) -> None
     if not (path / "config.json").is_file():
         raise UserError(f"--model.init_from {path} is not a model folder (no config.json); give a run's final/ folder")
     refuse_masked_lm(path)
+    import lib.model.gpt  # noqa: F401 -- registers the project's own model type
+
     cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
     fingerprint = tokenizer_fingerprint(path)
     rows, vocab = getattr(cfg, "vocab_size", None), manifest["vocab_size"]

@@ -159,7 +159,10 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
 
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
     tok_dir = (tokens_dir / ".." / "tokenizer").resolve()
+    model, state_dict, exported = as_standard(model, state_dict)
     with atomic_folder(out_dir) as build:  # an older final/ stays until this one is complete
+        if exported is not None:
+            write_json(build.path / EXPORT_RECORD, exported)
         if state_dict is not None:
             # a gathered state dict holds a tied weight (output layer = embedding) twice, as two
             # tensors: keep the model's first name for each shared parameter, as a plain save does
@@ -187,6 +190,42 @@ def write_final(model, tokens_dir: str | Path, out_dir: str | Path, state_dict: 
             check(build.path)
         write_checksums(build.path)  # audit.py and eval.py check them before trusting the weights
     return out_dir
+
+
+STANDARD_TOLERANCE = 1e-4  # largest |logit| difference accepted between the project's model and its standard twin
+
+
+def as_standard(model, state_dict: dict | None = None) -> tuple:
+    """(the model to save, its state dict, what export.json records): this project's own model
+    (lib/model/gpt.py) as the standard architecture with the same weights (Llama; Qwen3 with
+    QK-norm), checked logit for logit on a fixed input, or as it is, in its own format, where an
+    option has no standard layout (saying which). Any other model as it is, with nothing to record."""
+    import torch
+
+    from lib.model.gpt import GPT, to_standard
+
+    if not isinstance(model, GPT):
+        return model, state_dict, None
+    try:
+        standard = to_standard(model, state_dict)
+    except ValueError as why:
+        print(f"final model: in this project's own format ({why}); eval.py and AutoModelForCausalLM after "
+              "`import lib.model.gpt` read it")
+        return model, state_dict, {"format": "lm_repo_gpt", "why": str(why)}
+    if state_dict is not None:
+        model = GPT(model.config)
+        model.load_state_dict(state_dict, strict=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        diff = float((model.float()(ids, use_cache=False).logits - standard(ids, use_cache=False).logits).abs().max())
+    model.train(was_training)
+    if not diff <= STANDARD_TOLERANCE:
+        raise RuntimeError(f"the {type(standard).__name__} export of the model differs from it by {diff:.3g} in "
+                           "its logits: a weight is mapped wrong (lib/model/gpt.py)")
+    print(f"final model: exported as {type(standard).__name__} (logits within {diff:.1e} of the trained model's)")
+    return standard, None, {"format": type(standard).__name__, "max_abs_logit_diff": diff, "probe_tokens": 64}
 
 
 def client_conventions(folder: Path, chat_template: str | None = None) -> None:

@@ -165,10 +165,13 @@ class FusedHead:
     @staticmethod
     def attach(model, chunk_rows: int = CHUNK_ROWS, compiled: bool = False) -> "FusedHead | None":
         """A FusedHead on `model`'s output layer, or None where it does not apply: an output
-        layer that is not a plain bias-free nn.Linear (a LoRA-wrapped head, say). `compiled`:
+        layer that is not a plain bias-free nn.Linear (a LoRA-wrapped head, say), or logits
+        soft-capped after it (lib/model/gpt.py). `compiled`:
         fuse each chunk's softmax with torch.compile (for runs that compile anyway)."""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if type(head) is not torch.nn.Linear or head.bias is not None:
+            return None
+        if getattr(getattr(model, "config", None), "logit_softcap", None):  # the loss is of the capped logits
             return None
         head.__class__ = FusedLossLinear
         head.fused_chunk_rows, head.fused_compiled = chunk_rows, compiled

@@ -1,0 +1,142 @@
+"""lib/model/gpt.py, the project's own model: with the default options it is a Llama weight for
+weight (and with QK-norm a Qwen3), packed documents attend within themselves, generation works."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lib.model.gpt import GPT, GPTConfig, standard_config
+
+
+def tiny(**options) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                         **options)).eval()
+
+
+@pytest.mark.parametrize("options, arch", [({}, "LlamaForCausalLM"), ({"qk_norm": True}, "Qwen3ForCausalLM"),
+                                           ({"tie_embeddings": False}, "LlamaForCausalLM")])
+def test_the_standard_architecture_computes_the_same_logits_from_the_same_weights(options, arch):
+    ours = tiny(**options)
+    theirs = AutoModelForCausalLM.from_config(standard_config(ours.config), dtype=torch.float32).eval()
+    assert type(theirs).__name__ == arch
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing)  # tied: one tensor
+    ids = torch.randint(0, 97, (2, 24))
+    packed = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)  # two documents per row
+    with torch.no_grad():
+        for kwargs in ({}, {"position_ids": packed}):
+            a, b = ours(ids, use_cache=False, **kwargs).logits, theirs(ids, use_cache=False, **kwargs).logits
+            assert (a - b).abs().max() < 1e-5, (kwargs, (a - b).abs().max())
+
+
+def test_a_packed_document_sees_nothing_of_the_one_before():
+    model = tiny()
+    ids = torch.randint(0, 97, (1, 20))
+    other = ids.clone()
+    other[0, :8] = torch.randint(0, 97, (8,))  # a different first document
+    positions = torch.cat([torch.arange(8), torch.arange(12)])[None]
+    with torch.no_grad():
+        a = model(ids, position_ids=positions).logits[0, 8:]
+        b = model(other, position_ids=positions).logits[0, 8:]
+        alone = model(ids[:, 8:]).logits[0]
+    assert (a - b).abs().max() < 1e-5 and (a - alone).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("options", [{}, {"mlp": "relu2"}, {"logit_softcap": 15.0}, {"qk_norm": True}])
+def test_greedy_generation_with_the_cache_continues_as_full_forward_passes_do(options):
+    model = tiny(**options)
+    prompt = torch.randint(0, 97, (1, 5))
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_options_without_a_standard_layout_are_named():
+    for options, words in (({"mlp": "relu2"}, "mlp relu2"), ({"logit_softcap": 30.0}, "logit_softcap 30")):
+        with pytest.raises(ValueError, match=words):
+            standard_config(tiny(**options).config)
+    assert tiny(logit_softcap=2.0)(torch.randint(0, 97, (1, 6))).logits.abs().max() < 2.0
+
+
+@pytest.mark.parametrize("options", [(), ("--model.qk_norm",), ("--model.mlp", "relu2"),
+                                     ("--model.logit_softcap", "15", "--model.no_tie_embeddings")],
+                         ids=["default", "qk_norm", "relu2", "softcap_untied"])
+def test_each_option_trains_and_resumes_bit_for_bit(tiny_data, tmp_path, options):
+    from conftest import BITWISE, train
+    from test_resume import assert_same_run
+
+    common = (*BITWISE, "--model.arch", "gpt", *options, "--max_steps", "8", "--log_every", "1",
+              "--eval_every", "4", "--checkpoint_every", "4")
+    train(tiny_data, tmp_path, "straight", *common)
+    train(tiny_data, tmp_path, "resumed", *common, "--stop_at_step", "4")
+    train(tiny_data, tmp_path, "resumed", *common, "--resume", "auto")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_the_default_options_export_a_llama_and_the_others_the_projects_own_format(tiny_data, tmp_path):
+    import json
+
+    from conftest import run_script, train
+
+    quick = ("--model.arch", "gpt", "--max_steps", "6", "--eval_every", "0", "--checkpoint_every", "0",
+             "--eval_tokens", "2000", "--precision", "fp32")
+    proc = train(tiny_data, tmp_path, "llama", *quick)
+    final = tmp_path / "llama" / "final"
+    assert "exported as LlamaForCausalLM" in proc.stdout
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((final / "export.json").read_text())["max_abs_logit_diff"] <= 1e-4
+    plain = AutoModelForCausalLM.from_pretrained(final, local_files_only=True)  # no import of this project's code
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    proc = train(tiny_data, tmp_path, "relu2", *quick, "--model.mlp", "relu2")
+    own = tmp_path / "relu2" / "final"
+    assert "in this project's own format (mlp relu2" in proc.stdout
+    assert json.loads((own / "config.json").read_text())["model_type"] == "lm_repo_gpt"
+    out = run_script("scripts/eval.py", "--model", str(tmp_path / "relu2"), "--samples", "1").stdout
+    assert "bits/byte" in out
+
+
+def test_the_export_check_fails_when_a_weight_is_mapped_wrong(monkeypatch):
+    from lib.model import export, gpt
+
+    model = tiny()
+    right = gpt.to_standard
+
+    def swapped(m, state_dict=None):  # two layers' query weights exchanged
+        standard = right(m, state_dict)
+        layers = standard.model.layers
+        a, b = layers[0].self_attn.q_proj.weight, layers[1].self_attn.q_proj.weight
+        with torch.no_grad():
+            tmp = a.clone()
+            a.copy_(b)
+            b.copy_(tmp)
+        return standard
+
+    assert export.as_standard(model)[2]["max_abs_logit_diff"] <= 1e-4
+    monkeypatch.setattr(gpt, "to_standard", swapped)
+    with pytest.raises(RuntimeError, match="a weight is mapped wrong"):
+        export.as_standard(model)
+
+
+def test_lora_and_fsdp2_on_the_projects_own_model(tiny_data, tmp_path):
+    """LoRA on a model saved in the project's own format (its merge checked against base + adapter
+    as for any base), and FSDP2 over two CPU processes sharding its blocks, exported as a Llama."""
+    import json
+
+    from conftest import accelerate_launch, train
+
+    quick = ("--max_steps", "6", "--eval_every", "0", "--eval_tokens", "2000", "--precision", "fp32")
+    train(tiny_data, tmp_path, "base", *quick, "--checkpoint_every", "0", "--model.arch", "gpt", "--model.mlp", "relu2")
+    proc = train(tiny_data, tmp_path, "lora", *quick, "--checkpoint_every", "0",
+                 "--model.init_from", str(tmp_path / "base" / "final"), "--lora.r", "4")
+    assert "LoRA r=4" in proc.stdout and "q_proj" in proc.stdout
+    merged = json.loads((tmp_path / "lora" / "final" / "export.json").read_text())
+    assert merged["max_abs_logit_diff"] <= 1e-3
+    proc = train(tiny_data, tmp_path, "fsdp", *quick, "--checkpoint_every", "3", "--model.arch", "gpt",
+                 launcher=accelerate_launch("cpu_fsdp2"))
+    assert "sharded" in proc.stdout and "exported as LlamaForCausalLM" in proc.stdout
+    assert (tmp_path / "fsdp" / "checkpoints" / "step_0000006" / "pytorch_model_fsdp_0").exists()
