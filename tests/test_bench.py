@@ -13,13 +13,17 @@ def test_bench_train_compares_every_configuration_and_plots(tiny_data, tmp_path)
                       "--out_dir", str(tmp_path), "--steps", "4", "--warmup", "1", "--rounds", "1")
     out = json.loads((tmp_path / "train.json").read_text())
     assert set(out["results"]) == {"trainer_defaults", "trainer_careful", "ours_default", "ours_same_as_a",
-                                   "ours_fp32", "ours_bf16"}
+                                   "ours_fp32", "ours_bf16", "llama_3x192", "gpt_3x192"}
     for name, res in out["results"].items():
         assert res["tokens_per_s"] > 0 and res["share_of_peak"] > 0, name
     assert out["results"]["ours_default"]["dtype"] in ("fp32", "bf16")
     assert out["results"]["ours_bf16"]["dtype"] == "bf16" and out["results"]["ours_fp32"]["dtype"] == "fp32"
     assert set(out["ratios"]) == set(out["ceilings"]) == {
-        "ours_default / trainer_defaults", "ours_default / trainer_careful", "ours_same_as_a / trainer_defaults"}
+        "ours_default / trainer_defaults", "ours_default / trainer_careful", "ours_same_as_a / trainer_defaults",
+        "gpt_3x192 / llama_3x192"}
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("[bench] gpt_3x192 / llama_3x192 "))
+    assert "(target >= 1.0x:" in line
+    assert (tmp_path / "runs" / "gpt_3x192" / "final" / "export.json").is_file()  # the own model ran
     for key, ratio in out["ratios"].items():
         line = next(x for x in proc.stdout.splitlines() if x.startswith(f"[bench] {key} "))
         assert f"{ratio:5.2f}x median of" in line and "ceiling" in line

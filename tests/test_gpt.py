@@ -140,3 +140,30 @@ def test_lora_and_fsdp2_on_the_projects_own_model(tiny_data, tmp_path):
                  launcher=accelerate_launch("cpu_fsdp2"))
     assert "sharded" in proc.stdout and "exported as LlamaForCausalLM" in proc.stdout
     assert (tmp_path / "fsdp" / "checkpoints" / "step_0000006" / "pytorch_model_fsdp_0").exists()
+
+
+def test_the_readme_commands_for_the_own_model_as_printed(tiny_data, tmp_path):
+    """The README's --model.arch gpt commands in bash as printed (on the test data, shorter): each
+    trains the option it names, as config.yaml records."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "--model.arch gpt" in b)
+    commands = [c for c in block.splitlines() if c.startswith("python scripts/train.py")]
+    assert len(commands) == 2
+    for name in ("scripts", "lib", "configs"):
+        (tmp_path / name).symlink_to(REPO / name)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    for command, saved in zip(commands, ("qk_norm: true", "mlp: relu2")):
+        extra = (f" --data.dir {tiny_data} --runs_dir {tmp_path / 'runs'} --tracking.no_mlflow --max_steps 4 "
+                 "--eval_every 0 --checkpoint_every 0 --eval_tokens 2000")
+        proc = subprocess.run(["bash", "-c", command + extra], cwd=tmp_path, capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        run = tmp_path / "runs" / command.split("--run_name ")[1].split()[0]
+        assert saved in (run / "config.yaml").read_text() and "arch: gpt" in (run / "config.yaml").read_text()
