@@ -434,6 +434,7 @@ def build(cfg: TrainConfig, accelerator: Accelerator, data: Data) -> Model:
     from accelerate.utils import set_seed
 
     from lib.model.fused_loss import FusedHead
+    from lib.model.gpt import GPT
 
     say, sharded = accelerator.print, runtime.is_sharded(accelerator)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
@@ -461,8 +462,8 @@ def build(cfg: TrainConfig, accelerator: Accelerator, data: Data) -> Model:
         say("activation checkpointing: on (activations recomputed in the backward pass)")
     attention = cfg.attention if cfg.attention != "auto" else (
         "eager" if cfg.compile and accelerator.device.type == "cpu" else "sdpa")
-    if cfg.model.arch == "gpt" and not cfg.model.init_from:
-        attention = "sdpa"  # the project's own model has one attention path (lib/model/gpt.py)
+    if isinstance(model, GPT):  # the project's own model (lib/model/gpt.py)
+        model.set_attention(attention)
     elif attention != model.config._attn_implementation:
         model.set_attn_implementation(attention)
     n_params, base_sha = count_params(model), None

@@ -35,7 +35,7 @@ class GPTConfig(PretrainedConfig):
                  n_kv_heads: int | None = None, d_ff: int | None = None, max_seq_len: int = 512,
                  mlp: str = "swiglu", qk_norm: bool = False, tie_embeddings: bool = True,
                  logit_softcap: float | None = None, rope_theta: float = 10_000.0, norm_eps: float = 1e-5,
-                 dropout: float = 0.0, init_std: float = 0.02, **kwargs):
+                 dropout: float = 0.0, init_std: float = 0.02, attention: str = "sdpa", **kwargs):
         if mlp not in ("swiglu", "relu2"):
             raise ValueError(f"mlp {mlp!r}: swiglu or relu2")
         self.vocab_size, self.d_model, self.n_layers, self.n_heads = vocab_size, d_model, n_layers, n_heads
@@ -45,6 +45,9 @@ class GPTConfig(PretrainedConfig):
         self.max_seq_len, self.mlp, self.qk_norm = max_seq_len, mlp, qk_norm
         self.logit_softcap, self.rope_theta, self.norm_eps = logit_softcap, rope_theta, norm_eps
         self.dropout, self.init_std = dropout, init_std
+        # sdpa: torch's fused kernel; eager: the products and a softmax written out, which on a CPU
+        # ran faster in training than sdpa's kernel (and faster still with a document mask)
+        self.attention = attention
         # a saved config.json holds transformers' name for it
         super().__init__(tie_word_embeddings=kwargs.pop("tie_word_embeddings", tie_embeddings), **kwargs)
 
@@ -106,6 +109,7 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
+        self.eager = cfg.attention == "eager"
 
     def forward(self, x, cos, sin, mask, cache=None):
         b, t, _ = x.shape
@@ -117,13 +121,20 @@ class Attention(nn.Module):
         q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
         if cache is not None:  # generation: the keys and values of the tokens before these
             k, v = cache.update(k, v, self.layer)
-        causal = mask is None and t > 1
-        if mask is None and t > 1 and k.shape[2] != t:  # a prompt after cached tokens: causal from the end
+        if mask is None and t > 1:  # causal; a prompt after cached tokens is causal from the end
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
-            causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             dropout_p=self.dropout if self.training else 0.0,
-                                             enable_gqa=self.n_kv != self.n_heads)
+        dropout = self.dropout if self.training else 0.0
+        if self.eager:
+            if self.n_kv != self.n_heads:
+                k, v = (z.repeat_interleave(self.n_heads // self.n_kv, dim=1) for z in (k, v))
+            scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = F.dropout(scores.float().softmax(-1).to(q.dtype), dropout, self.training)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -181,6 +192,14 @@ class GPT(PreTrainedModel, GenerationMixin):
             nn.init.normal_(module.weight, std=self.config.init_std)
         elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
+
+    def set_attention(self, kind: str) -> None:
+        """Attention through torch's fused kernel ("sdpa") or written out ("eager"): the same function."""
+        if kind not in ("sdpa", "eager"):
+            raise ValueError(f"attention {kind!r}: sdpa or eager")
+        self.config.attention = kind
+        for block in self.model.layers:
+            block.self_attn.eager = kind == "eager"
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
