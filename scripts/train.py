@@ -24,6 +24,7 @@ sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir)
 # torch, accelerate and transformers are imported inside the functions that use them: the
 # environment --deterministic sets must be in place before torch starts (runtime.prepare_environment),
 # and --help stays fast. Nothing imported at the top imports them.
+import functools  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -357,7 +358,7 @@ def check_options(cfg: TrainConfig) -> None:
         raise UserError(f"--tasks_every {cfg.tasks_every}: name the tasks to run with --tasks")
     if cfg.tasks:  # the harness installed, each task found and readable offline: before any training
 
-        tasks.task_manager(cfg.tasks, cfg.tasks_dir, cfg.allow_task_code)
+        task_manager(cfg.tasks, cfg.tasks_dir, cfg.allow_task_code)
     parse_formats(cfg.metrics_out)
     run_folder.check_name(cfg.run_name)  # one folder name inside runs_dir: nothing else can be written or removed
     run_folder.refuse_unless_run(cfg.runs_dir / cfg.run_name)  # a file, or a folder no run wrote: refused before any work
@@ -869,7 +870,7 @@ def run_tasks(run: Run) -> None:
     the next collective): one metrics record per task and a log line."""
     if run.is_main:
         t = time.perf_counter()
-        manager = tasks.task_manager(run.cfg.tasks, run.cfg.tasks_dir, run.cfg.allow_task_code)
+        manager = task_manager(run.cfg.tasks, run.cfg.tasks_dir, run.cfg.allow_task_code)
         model = run.unwrapped
         was_training = model.training
         results = tasks.run_tasks(model.eval(), load_hf_tokenizer(run.data.tokenizer), run.cfg.tasks, manager,
@@ -882,6 +883,13 @@ def run_tasks(run: Run) -> None:
             run.metrics.write({"type": "task", "step": run.loop.step, "task": task, "documents": found["documents"],
                                **{f"task_{task}_{k}": v for k, v in figures.items()}})
     run.accelerator.wait_for_everyone()
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager(names: tuple[str, ...], tasks_dir: Optional[Path], allow_code: bool):
+    """The harness's task index for --tasks, checked once (check_options) and kept for every run of
+    them: building it scans every task the harness knows."""
+    return tasks.task_manager(names, tasks_dir, allow_code)
 
 
 def save_checkpoint(run: Run) -> None:

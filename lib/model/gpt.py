@@ -30,6 +30,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 class GPTConfig(PretrainedConfig):
     model_type = "lm_repo_gpt"
+    # the names transformers' utilities and this project's helpers read
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                     "max_position_embeddings": "max_seq_len"}
 
     def __init__(self, vocab_size: int = 4096, d_model: int = 256, n_layers: int = 4, n_heads: int = 4,
                  n_kv_heads: int | None = None, d_ff: int | None = None, max_seq_len: int = 512,
@@ -50,23 +53,6 @@ class GPTConfig(PretrainedConfig):
         self.attention = attention
         # a saved config.json holds transformers' name for it
         super().__init__(tie_word_embeddings=kwargs.pop("tie_word_embeddings", tie_embeddings), **kwargs)
-
-    # the names transformers' utilities and this project's helpers read
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layers
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.n_heads
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.max_seq_len
 
 
 def rotary(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +107,6 @@ class Attention(nn.Module):
         q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
         if cache is not None:  # generation: the keys and values of the tokens before these
             k, v = cache.update(k, v, self.layer)
-        if mask is None and t > 1:  # causal; a prompt after cached tokens is causal from the end
-            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
         dropout = self.dropout if self.training else 0.0
         if self.eager:
             if self.n_kv != self.n_heads:
@@ -227,11 +211,11 @@ class GPT(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = torch.arange(done, done + t, device=x.device).expand(b, t)
         mask = document_mask(position_ids) if done == 0 else None
+        if mask is None and t > 1:  # causal; a prompt after cached tokens is causal from the end
+            mask = torch.ones(t, done + t, dtype=torch.bool, device=x.device).tril(done)
         if attention_mask is not None and not bool(attention_mask.all()):  # left padding (batched generation)
             keys = attention_mask[:, None, None, -(done + t):].bool()
-            own = mask if mask is not None else torch.ones(t, done + t, dtype=torch.bool,
-                                                           device=x.device).tril(done)
-            mask = own & keys
+            mask = keys if mask is None else mask & keys
         cos, sin = rotary(position_ids, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
@@ -248,21 +232,6 @@ class GPT(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=past_key_values if use_cache else None)
-
-
-def flops_per_token(cfg: GPTConfig, seq_len: int, trainable: int, frozen: int = 0) -> float:
-    """Training FLOPs per token: 6 per trained matmul weight, 4 per frozen one (its forward and the
-    gradient of its input), and attention's score and value products, 12 * layers * d_model *
-    seq_len (PaLM appendix B)."""
-    return 6 * trainable + 4 * frozen + 12 * cfg.n_layers * cfg.d_model * seq_len
-
-
-def parameters_in_matmuls(model: GPT) -> int:
-    """The weights that take part in matrix products: all but the norms and an untied input
-    embedding (a lookup)."""
-    total = sum(p.numel() for n, p in model.named_parameters() if "norm" not in n)
-    return total - (0 if model.config.tie_word_embeddings else model.config.vocab_size * model.config.d_model)
-
 
 
 def standard_config(cfg: GPTConfig, **ids) -> PretrainedConfig:
