@@ -20,7 +20,8 @@ help:
 	@echo "make audit     environment, data integrity, plugins, forks against upstream, security (dependencies, code, model files)"
 	@echo "make mlflow    MLflow's web view of the runs tracked in runs/mlflow.db (http://127.0.0.1:5000)"
 	@echo "make fork NAME=my-idea [SCRIPT=train]       copy scripts/SCRIPT.py into experiments/NAME/, stamped"
-	@echo "make fork-diff NAME=my-idea [SCRIPT=train]  what the fork changed since the commit it came from"
+	@echo "make fork NAME=my-idea FILE=lib/model/gpt.py  copy the model file there too (--model.file uses it)"
+	@echo "make fork-diff NAME=my-idea                 what the fork changed since the commit it came from"
 	@echo "make fork-update NAME=my-idea               carry later changes of the script into the fork (clean merges only)"
 	@echo "make clean     delete data/ and runs/smoke/ (rebuildable); make distclean also deletes .venv and runs/"
 
@@ -102,23 +103,27 @@ gpu-kit: venv
 audit: venv
 	$(PY) scripts/audit.py
 
-# A fork is a stamped copy: FORKED_FROM holds the commit the script came from (and whether that
-# script had uncommitted changes then), so fork-diff shows the experiment's own changes only.
+# A fork is a stamped copy: FORKED_FROM holds, for each file copied, the commit it came from and
+# its path (and whether that file had uncommitted changes then), so fork-diff shows the
+# experiment's own changes only and audit.py --checks forks tracks upstream changes to each.
 SCRIPT ?= train
+FILE ?= scripts/$(SCRIPT).py
 fork:
-	@test -n "$(NAME)" || { echo "usage: make fork NAME=my-idea [SCRIPT=train]" >&2; exit 2; }
+	@test -n "$(NAME)" || { echo "usage: make fork NAME=my-idea [SCRIPT=train | FILE=lib/model/gpt.py]" >&2; exit 2; }
 	@case "$(NAME)" in .*|*/*) echo "NAME=$(NAME): an experiment name is one folder name inside experiments/ (no path, not hidden)" >&2; exit 2;; esac
-	@test ! -e experiments/$(NAME)/$(SCRIPT).py || { echo "experiments/$(NAME)/$(SCRIPT).py exists" >&2; exit 2; }
+	@git ls-files --error-unmatch "$(FILE)" >/dev/null 2>&1 || { echo "FILE=$(FILE): not a file this repository tracks (e.g. scripts/train.py, lib/model/gpt.py)" >&2; exit 2; }
+	@test ! -e experiments/$(NAME)/$(notdir $(FILE)) || { echo "experiments/$(NAME)/$(notdir $(FILE)) exists" >&2; exit 2; }
 	mkdir -p experiments/$(NAME)
-	cp scripts/$(SCRIPT).py experiments/$(NAME)/$(SCRIPT).py
-	{ git rev-parse HEAD; git diff --quiet HEAD -- scripts/$(SCRIPT).py || echo "scripts/$(SCRIPT).py had uncommitted changes"; } \
-		> experiments/$(NAME)/FORKED_FROM
-	@echo "forked scripts/$(SCRIPT).py -> experiments/$(NAME)/$(SCRIPT).py; run it as python experiments/$(NAME)/$(SCRIPT).py ..."
+	cp $(FILE) experiments/$(NAME)/$(notdir $(FILE))
+	{ echo "$$(git rev-parse HEAD) $(FILE)"; git diff --quiet HEAD -- $(FILE) || echo "$(FILE) had uncommitted changes"; } \
+		>> experiments/$(NAME)/FORKED_FROM
+	@echo "forked $(FILE) -> experiments/$(NAME)/$(notdir $(FILE))"
+	@case "$(FILE)" in scripts/*) echo "run it as python experiments/$(NAME)/$(notdir $(FILE)) ...";; \
+		lib/model/gpt.py) echo "train with it: --model.arch gpt --model.file experiments/$(NAME)/gpt.py";; esac
 
-fork-diff:
-	@test -f experiments/$(NAME)/FORKED_FROM || { echo "experiments/$(NAME) is not a stamped fork (make fork NAME=...)" >&2; exit 2; }
-	git show $$(head -n1 experiments/$(NAME)/FORKED_FROM):scripts/$(SCRIPT).py | diff -u --label scripts/$(SCRIPT).py \
-		--label experiments/$(NAME)/$(SCRIPT).py - experiments/$(NAME)/$(SCRIPT).py || true
+fork-diff: venv
+	@test -n "$(NAME)" || { echo "usage: make fork-diff NAME=my-idea" >&2; exit 2; }
+	@$(PY) scripts/audit.py fork-diff --name $(NAME)
 
 fork-update: venv
 	@test -n "$(NAME)" || { echo "usage: make fork-update NAME=my-idea" >&2; exit 2; }

@@ -13,9 +13,10 @@ Checks:
   run   every checkpoint's files match the sha256 recorded when it was written; final/ is there
   plugins  every plugin (--plugins, installed `lm.plugins` entry points) loads; what each registry
         holds and where each entry came from
-  forks every fork under experiments/ (make fork): the commit it came from, how many commits have
-        changed its script since, and whether those changes merge into it cleanly (a three-way
-        merge); one that would conflict fails
+  forks every fork under experiments/ (make fork): for each file it copies (a script, the model
+        file lib/model/gpt.py), the commit it came from, how many commits have changed that file
+        since, and whether those changes merge into the copy cleanly (a three-way merge); one that
+        would conflict fails
   security  (--security.parts deps code models)
         deps: installed packages against known advisories: a local OSV database with
           --security.db (offline), else pip-audit when its service answers, else a warning that
@@ -28,7 +29,8 @@ Checks:
   --strict turns every warning (nothing checked, stale waiver, pickle weights) into a failure.
 
   fork-update (a subcommand) carries the upstream changes into a fork when they merge cleanly
-        (make fork-update NAME=x), and otherwise changes nothing and names the conflicting lines.
+        (make fork-update NAME=x), and otherwise changes nothing and names the conflicting lines;
+        fork-diff (make fork-diff NAME=x) prints what the fork changed in each of its copies.
 
   resume (a subcommand) trains a training config at tiny size twice, straight through and
         stopped mid-way then resumed in a new process, and checks that every logged loss and
@@ -143,16 +145,17 @@ def audit_forks(rep: Report) -> None:
     if not found:
         rep.line(None, "no forks under experiments/ (make fork NAME=... makes one)")
     for fork in found:
-        st = forks.status(fork, Path(_root))
-        where = f"experiments/{st.name}/{st.script} (from {st.base[:10]})"
-        if not st.upstream_commits:
-            rep.line(True, f"{where}: scripts/{st.script} unchanged since")
-        elif st.clean:
-            rep.line(True, f"{where}: {st.upstream_commits} upstream commit(s) since, merging cleanly "
-                           f"(make fork-update NAME={st.name} takes them)")
-        else:
-            rep.line(False, f"{where}: {st.upstream_commits} upstream commit(s) since change lines the fork changed: "
-                            + "; ".join(st.conflicts[:5]) + (" ..." if len(st.conflicts) > 5 else ""))
+        for st in forks.status(fork, Path(_root)):
+            where = f"experiments/{st.name}/{st.copy} (from {st.base[:10]})"
+            if not st.upstream_commits:
+                rep.line(True, f"{where}: {st.upstream} unchanged since")
+            elif st.clean:
+                rep.line(True, f"{where}: {st.upstream_commits} upstream commit(s) to {st.upstream} since, merging "
+                               f"cleanly (make fork-update NAME={st.name} takes them)")
+            else:
+                rep.line(False, f"{where}: {st.upstream_commits} upstream commit(s) to {st.upstream} since change "
+                                "lines the fork changed: " + "; ".join(st.conflicts[:5])
+                                + (" ..." if len(st.conflicts) > 5 else ""))
 
 
 def audit_task_folders(rep: Report, folders) -> None:
@@ -263,24 +266,31 @@ def audit_security(rep: Report, cfg: SecurityConfig) -> None:
 
 
 @dataclass
-class ForkUpdateConfig:
-    """Carry the changes made to a fork's script since its commit into the fork (a clean merge only)."""
+class ForkConfig:
+    """A fork's files against the project's (make fork-update, make fork-diff)."""
 
     name: str
     """The fork: experiments/NAME."""
 
 
-def fork_update_command(cfg: ForkUpdateConfig) -> None:
+def fork_update_command(cfg: ForkConfig) -> None:
+    """Carry the changes made to a fork's files since its commit into the fork (clean merges only)."""
     from lib.audit import forks
 
-    fork = Path(_root) / "experiments" / cfg.name
-    st = forks.update(fork, Path(_root))
-    if not st.upstream_commits:
-        print(f"experiments/{cfg.name}/{st.script}: scripts/{st.script} has not changed since {st.base[:10]}; "
-              "nothing to do")
-    else:
-        print(f"experiments/{cfg.name}/{st.script}: {st.upstream_commits} upstream commit(s) since {st.base[:10]} merged "
-              f"in cleanly; {forks.STAMP} now names HEAD (make fork-diff NAME={cfg.name} shows the fork's own changes)")
+    for st in forks.update(Path(_root) / "experiments" / cfg.name, Path(_root)):
+        if not st.upstream_commits:
+            print(f"experiments/{cfg.name}/{st.copy}: {st.upstream} has not changed since {st.base[:10]}; nothing to do")
+        else:
+            print(f"experiments/{cfg.name}/{st.copy}: {st.upstream_commits} upstream commit(s) since {st.base[:10]} "
+                  f"merged in cleanly; {forks.STAMP} now names HEAD (make fork-diff NAME={cfg.name} shows the fork's "
+                  "own changes)")
+
+
+def fork_diff_command(cfg: ForkConfig) -> None:
+    """What a fork changed in each of its files since the commit it was copied at (a unified diff)."""
+    from lib.audit import forks
+
+    print(forks.diff(Path(_root) / "experiments" / cfg.name, Path(_root)), end="")
 
 
 def audit_env(rep: Report) -> None:
@@ -522,15 +532,16 @@ def unpack_command(cfg: UnpackConfig) -> None:
 @exit_on_user_error
 def main() -> None:
     for name, cls, run in (("pack", PackConfig, pack_command), ("unpack", UnpackConfig, unpack_command),
-                           ("fork-update", ForkUpdateConfig, fork_update_command)):
+                           ("fork-update", ForkConfig, fork_update_command),
+                           ("fork-diff", ForkConfig, fork_diff_command)):
         if sys.argv[1:2] == [name]:
-            return run(config_lib.parse(cls, sys.argv[2:], description=cls.__doc__,
+            return run(config_lib.parse(cls, sys.argv[2:], description=(run.__doc__ or cls.__doc__),
                                         prog=f"{os.path.basename(sys.argv[0])} {name}", presets=False))
     if sys.argv[1:2] == ["resume"]:
         return resume_check(config_lib.parse(ResumeCheckConfig, sys.argv[2:], description=ResumeCheckConfig.__doc__,
                                              prog=f"{os.path.basename(sys.argv[0])} resume", presets=False))
     cfg = config_lib.parse(AuditConfig, description=__doc__,
-                           prog=f"{os.path.basename(sys.argv[0])} [resume|pack|unpack|fork-update]")
+                           prog=f"{os.path.basename(sys.argv[0])} [resume|pack|unpack|fork-update|fork-diff]")
     rep = Report(cfg.strict)
     for check in cfg.checks:
         print(f"{check}:")

@@ -435,7 +435,6 @@ def build(cfg: TrainConfig, accelerator: Accelerator, data: Data) -> Model:
     from accelerate.utils import set_seed
 
     from lib.model.fused_loss import FusedHead
-    from lib.model.gpt import GPT
 
     say, sharded = accelerator.print, runtime.is_sharded(accelerator)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
@@ -463,7 +462,7 @@ def build(cfg: TrainConfig, accelerator: Accelerator, data: Data) -> Model:
         say("activation checkpointing: on (activations recomputed in the backward pass)")
     attention = cfg.attention if cfg.attention != "auto" else (
         "eager" if cfg.compile and accelerator.device.type == "cpu" else "sdpa")
-    if isinstance(model, GPT):  # the project's own model (lib/model/gpt.py)
+    if hasattr(model, "set_attention"):  # the project's own model (lib/model/gpt.py, or --model.file's copy)
         model.set_attention(attention)
     elif attention != model.config._attn_implementation:
         model.set_attn_implementation(attention)

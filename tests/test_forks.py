@@ -1,6 +1,6 @@
-"""Forks made with `make fork` are tracked against the script they copy: audit.py --checks forks
-says how far upstream has moved and whether it merges in cleanly, and `make fork-update` carries
-a clean merge in and refuses a conflicting one, naming the lines. Run in a repository made of this
+"""Forks made with `make fork` are tracked against the files they copy (a script, the model file):
+audit.py --checks forks says how far upstream has moved and whether it merges in cleanly, and
+`make fork-update` carries a clean merge in and refuses a conflicting one, naming the lines. Run in a repository made of this
 working tree's files (nothing is committed here), with forks made at test time."""
 from __future__ import annotations
 
@@ -42,14 +42,32 @@ def test_fork_status_clean_update_and_conflict(tmp_path):
     upstream.write_text(upstream.read_text().replace('    run_name: str = "default"\n', '    run_name: str = "base"\n'))
     sh(clone, *GIT, "commit", "-q", "-am", "upstream: another default run name")
     out = sh(clone, *audit).stdout
-    assert "1 upstream commit(s) since, merging cleanly" in out and "[PASS]" in out
+    assert "1 upstream commit(s) to scripts/train.py since, merging cleanly" in out and "[PASS]" in out
     update = sh(clone, *MAKE_UPDATE)
     assert "merged in cleanly" in update.stdout
     text = fork.read_text()
     assert "    seed: int = 7\n" in text and '    run_name: str = "base"\n' in text  # both changes
     head = sh(clone, "git", "rev-parse", "HEAD").stdout.strip()
-    assert (clone / "experiments" / "mine" / "FORKED_FROM").read_text().split()[0] == head
+    assert (clone / "experiments" / "mine" / "FORKED_FROM").read_text().splitlines()[0] == f"{head} scripts/train.py"
     assert "unchanged since" in sh(clone, *audit).stdout
+
+    # the model file forked into the same experiment: tracked as its own copy, from its own commit
+    sh(clone, "make", "-s", "fork", "NAME=mine", "FILE=lib/model/gpt.py")
+    model = clone / "experiments" / "mine" / "gpt.py"
+    model.write_text(model.read_text().replace("F.silu(self.gate_proj(x))", "F.gelu(self.gate_proj(x))"))
+    out = sh(clone, *audit).stdout
+    assert "[PASS] experiments/mine/gpt.py" in out and "lib/model/gpt.py unchanged since" in out
+    upstream_model = clone / "lib" / "model" / "gpt.py"
+    upstream_model.write_text(upstream_model.read_text().replace("F.silu(self.gate_proj(x))", "F.silu(self.gate_proj(x).float())"))
+    sh(clone, *GIT, "commit", "-q", "-am", "upstream: the model's gate in float32")
+    failed = sh(clone, *audit, check=False)
+    assert failed.returncode == 1 and "[FAIL] experiments/mine/gpt.py" in failed.stdout
+    assert "1 upstream commit(s) to lib/model/gpt.py" in failed.stdout and "F.gelu(self.gate_proj(x))" in failed.stdout
+    assert "[PASS] experiments/mine/train.py" in failed.stdout  # the script's copy stands as it was
+    upstream_model.write_text(upstream_model.read_text().replace("F.silu(self.gate_proj(x).float())", "F.silu(self.gate_proj(x))"))
+    sh(clone, *GIT, "commit", "-q", "-am", "upstream: the gate as it was")
+    diff = sh(clone, "make", "-s", "-o", ".venv/.installed", "fork-diff", "NAME=mine", f"PY={sys.executable}").stdout
+    assert "+    seed: int = 7" in diff and "+            return self.down_proj(F.gelu(self.gate_proj(x))" in diff
 
     # upstream changes the fork's own line: a conflict, named, and nothing changed
     upstream.write_text(upstream.read_text().replace("    seed: int = 0\n", "    seed: int = 1\n"))

@@ -103,6 +103,45 @@ def test_the_default_options_export_a_llama_and_the_others_the_projects_own_form
     assert "bits/byte" in out
 
 
+def test_a_copy_of_the_model_file_trains_and_its_final_model_is_read_with_it_unchanged(tiny_data, tmp_path):
+    """--model.file: a researcher's copy of lib/model/gpt.py with one line changed (GELU for SiLU
+    in the gate) is what trains; its final/ cannot be a Llama (other logits on the same weights), so
+    it is written in the own format naming the file, eval.py scores it with that file, and refuses
+    once the file has changed."""
+    import json
+    import shutil
+    import sys
+
+    from conftest import REPO, run_script, train
+
+    mine = tmp_path / "mine" / "gpt.py"
+    mine.parent.mkdir()
+    shutil.copy(REPO / "lib" / "model" / "gpt.py", mine)
+    source = mine.read_text()
+    mine.write_text(source.replace("F.silu(self.gate_proj(x))", "F.gelu(self.gate_proj(x))"))
+    quick = ("--model.arch", "gpt", "--max_steps", "4", "--eval_every", "0", "--checkpoint_every", "0",
+             "--eval_tokens", "2000", "--precision", "fp32")
+    proc = train(tiny_data, tmp_path, "forked", *quick, "--model.file", str(mine))
+    final = tmp_path / "forked" / "final"
+    assert "in this project's own format (its logits differ from a LlamaForCausalLM's" in proc.stdout
+    record = json.loads((final / "export.json").read_text())
+    assert record["model_file"] == str(mine.resolve()) and record["format"] == "lm_repo_gpt"
+    out = run_script("scripts/eval.py", "--model", str(tmp_path / "forked"), "--samples", "0", "--no_tracking").stdout
+    bpb = next(float(line.split()[1]) for line in out.splitlines() if line.strip().startswith("bits/byte"))
+    from lib.model.build import load_pretrained
+
+    loaded = load_pretrained(final)
+    assert sys.modules[type(loaded).__module__].__file__ == str(mine.resolve())
+    mine.write_text(source)  # the file changed after training: the weights are not read with other code
+    refused = run_script("scripts/eval.py", "--model", str(tmp_path / "forked"), "--samples", "0", "--no_tracking",
+                         check=False)
+    assert refused.returncode != 0 and "which has changed since" in refused.stderr
+    assert "Traceback" not in refused.stderr and bpb > 0
+    # the same file unchanged is the project's model: a Llama
+    shutil.copy(REPO / "lib" / "model" / "gpt.py", mine)
+    assert "exported as LlamaForCausalLM" in train(tiny_data, tmp_path, "copy", *quick, "--model.file", str(mine)).stdout
+
+
 def test_the_export_check_fails_when_a_weight_is_mapped_wrong(monkeypatch):
     from lib.model import export, gpt
 
@@ -170,3 +209,39 @@ def test_the_readme_commands_for_the_own_model_as_printed(tiny_data, tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         run = tmp_path / "runs" / command.split("--run_name ")[1].split()[0]
         assert saved in (run / "config.yaml").read_text() and "arch: gpt" in (run / "config.yaml").read_text()
+
+
+def test_the_readme_model_fork_commands_as_printed(tiny_data, tmp_path):
+    """The README's `make fork ... FILE=lib/model/gpt.py` and the train.py command using the copy,
+    in bash as printed (on the test data, shorter), in a repository of this tree's files."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "--model.file" in b)
+    fork, command = (c for c in block.splitlines() if c.strip())
+    shutil.copytree(REPO / "lib", tmp_path / "lib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    for name in ("scripts", "configs"):
+        (tmp_path / name).symlink_to(REPO / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for args in (["init", "-q"], ["add", "lib", "Makefile"], ["commit", "-q", "-m", "tree"]):
+        subprocess.run([*git, *args], cwd=tmp_path, check=True, capture_output=True)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    made = subprocess.run(["bash", "-c", fork.split("#")[0]], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert made.returncode == 0, made.stderr
+    copy = tmp_path / "experiments" / "my-model" / "gpt.py"
+    assert copy.read_bytes() == (REPO / "lib" / "model" / "gpt.py").read_bytes()
+    assert (tmp_path / "experiments" / "my-model" / "FORKED_FROM").read_text().split()[1] == "lib/model/gpt.py"
+    extra = (f" --data.dir {tiny_data} --runs_dir {tmp_path / 'runs'} --tracking.no_mlflow --max_steps 4 "
+             "--eval_every 0 --checkpoint_every 0 --eval_tokens 2000")
+    proc = subprocess.run(["bash", "-c", command + extra], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "file: experiments/my-model/gpt.py" in (tmp_path / "runs" / "my-model" / "config.yaml").read_text()
+    assert "exported as LlamaForCausalLM" in proc.stdout  # an unchanged copy is still a Llama

@@ -75,3 +75,7 @@ def test_what_the_command_line_sets_is_never_overridden(tiny_data, tmp_path, mon
     cfg = saved(tmp_path / "lr")
     assert cfg["optim"]["lr"] == 0.007 and cfg["model"]["d_model"] == LARGE.settings["model.d_model"]
     assert "kept from the command line: --optim.lr" in proc.stdout
+    # an architecture option is not a size: the sized shape, with the option
+    train(tiny_data, tmp_path, "qk", *SIZED, "--model.arch", "gpt", "--model.qk_norm")
+    cfg = saved(tmp_path / "qk")
+    assert cfg["model"]["qk_norm"] is True and cfg["model"]["d_model"] == LARGE.settings["model.d_model"]

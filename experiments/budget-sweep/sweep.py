@@ -119,6 +119,22 @@ def run_point(name: str, point: dict, spec: dict, speed: str) -> dict:
     return result
 
 
+def seed_groups(latest: dict) -> dict:
+    """(speed, configuration) -> its runs, for configurations run with several seeds: a point
+    named `<configuration>-s<N>` is `<configuration>` with --seed N."""
+    import re
+
+    groups: dict = {}
+    for (speed, name), r in latest.items():
+        if r.get("final_whole_split"):
+            groups.setdefault((speed, re.sub(r"-s\d+$", "", name)), []).append(r)
+    return {k: sorted(v, key=lambda r: r["point"]) for k, v in groups.items() if len(v) > 1}
+
+
+def mean_of(runs: list[dict]) -> float:
+    return sum(r["final_whole_split"] for r in runs) / len(runs)
+
+
 def report(results: list[dict], points: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -140,6 +156,17 @@ def report(results: list[dict], points: dict) -> None:
             lines.append(f"| {speed} | {r['point']} | {r['vocab'] // 1024}k | {r['params'] / 1e6:.2f}M | "
                          f"{r['tokens_per_s']:,.0f} | {r['steps']:,} | {r['tokens'] / 1e6:.2f}M | {beat} | "
                          f"{r['final_in_training']:.4f} | {whole} | {r['lzma']:.4f} |")
+    seeded = seed_groups(latest)
+    if seeded:
+        lines += ["", "Points run with more than one seed (`-s1`: --seed 1): a difference between two configurations "
+                  "smaller than their spread decides nothing.", "",
+                  "| speed | configuration | seeds | whole split, each | mean | spread | min to lzma, each |",
+                  "|---|---|---|---|---|---|---|"]
+        for (speed, config), runs in sorted(seeded.items(), key=lambda kv: (kv[0][0] != "full", mean_of(kv[1]))):
+            each = [r["final_whole_split"] for r in runs]
+            lzma = ", ".join(f"{m:.2f}" if m else "never" for m in (r["time_to_lzma_min"] for r in runs))
+            lines.append(f"| {speed} | {config} | {len(runs)} | {', '.join(f'{b:.4f}' for b in each)} | "
+                         f"{mean_of(runs):.4f} | {max(each) - min(each):.4f} | {lzma} |")
     for speed in speeds:
         unrun = [name for name in points if (speed, name) not in latest]
         if unrun:

@@ -39,6 +39,11 @@ class ModelConfig:
     d_ff defaults to 4 d_model, the same weights)."""
     logit_softcap: Optional[float] = None
     """arch gpt: squash the logits to (-c, c) by c * tanh(logits / c); None: not at all."""
+    file: Optional[str] = None
+    """arch gpt: build the model from this file instead of lib/model/gpt.py: your copy of it (make
+    fork NAME=x FILE=lib/model/gpt.py makes experiments/x/gpt.py, which the fork audit tracks), with
+    its GPT and GPTConfig classes kept. A final/ it cannot export as a standard architecture records
+    the file and its checksum, and eval.py reads such a folder with that file as it was."""
     init_from: Optional[str] = None
     """A model to start from instead: a folder (a run's final/, any Hugging Face model folder), a
     name (gpt2, tinyllama, smollm-135m, ...) or an org/name id, looked up in the Hugging Face cache
@@ -71,9 +76,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     ids = dict(bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"])
+    if cfg.file and cfg.arch != "gpt":
+        raise UserError(f"--model.file {cfg.file}: a model file is for --model.arch gpt (this is {cfg.arch})")
     if cfg.arch == "gpt":
-        from lib.model.gpt import GPT, GPTConfig
-
+        own = model_module(cfg.file)
+        GPT, GPTConfig = own.GPT, own.GPTConfig
         return GPT(GPTConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                              n_kv_heads=cfg.n_kv_heads, d_ff=_d_ff(cfg), max_seq_len=cfg.max_seq_len, mlp=cfg.mlp,
                              qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings, logit_softcap=cfg.logit_softcap,
@@ -96,6 +103,39 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
         )
     hf_cfg._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+
+
+def model_module(file: str | Path | None):
+    """The module of the project's own model: lib/model/gpt.py, or `file`, a copy of it with its
+    GPT and GPTConfig classes (imported once per path; a UserError if it is missing or lacks them)."""
+    import hashlib
+    import importlib.util
+    import sys
+
+    import lib.model.gpt  # first: the Auto classes keep reading the project's own format with it
+
+    if not file:
+        return lib.model.gpt
+    path = Path(file).resolve()
+    if not path.is_file():
+        raise UserError(f"--model.file {file}: no such file (make fork NAME=x FILE=lib/model/gpt.py makes a copy to edit)")
+    # one module per path and content: a file edited since it was last imported is imported anew
+    name = f"lm_model_file_{hashlib.sha256(str(path).encode() + path.read_bytes()).hexdigest()[:16]}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the researcher's own edit: say where, not a traceback of ours
+            del sys.modules[name]
+            raise UserError(f"--model.file {file} failed to import: {type(exc).__name__}: {exc}") from exc
+    module = sys.modules[name]
+    missing = [c for c in ("GPT", "GPTConfig") if not hasattr(module, c)]
+    if missing:
+        raise UserError(f"--model.file {file} defines no {' or '.join(missing)}: a model file keeps lib/model/gpt.py's "
+                        "classes (GPT, GPTConfig) under their names")
+    return module
 
 
 def refuse_masked_lm(path: str | Path) -> None:
@@ -132,6 +172,26 @@ def check_model_files(model_dir: str | Path, in_run: bool, trust_unverified: boo
     return None
 
 
+def recorded_model_file(folder: Path):
+    """The module of the model file (--model.file) that wrote `folder` in the project's own format,
+    as its export.json records it; None for a folder any other code reads. A UserError if that file
+    is gone or has changed since: its weights would be read by other code than trained them."""
+    from lib.files import read_json, sha256_file
+
+    record_path = folder / "export.json"
+    record = read_json(record_path, "export record") if record_path.is_file() else {}
+    if not record.get("model_file"):
+        return None
+    file = Path(record["model_file"])
+    if not file.is_absolute():
+        file = Path(__file__).resolve().parents[2] / file
+    if not file.is_file() or sha256_file(file) != record.get("model_file_sha256"):
+        state = "is missing" if not file.is_file() else "has changed since"
+        raise UserError(f"{folder} was written by the model file {record['model_file']}, which {state}: restore it "
+                        f"as it was (sha256 {record.get('model_file_sha256')}, e.g. from git), or retrain")
+    return model_module(file)
+
+
 def load_pretrained(path: str | Path, dtype=None, trust_remote_code: bool = False):
     """Load a causal LM from a local folder, offline; a clear error if it is not one (this
     project's own format too: lib/model/gpt.py registers it with the Auto classes)."""
@@ -145,7 +205,10 @@ def load_pretrained(path: str | Path, dtype=None, trust_remote_code: bool = Fals
     refuse_masked_lm(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     kwargs["trust_remote_code"] = trust_remote_code
+    own = recorded_model_file(path)
     try:
+        if own is not None:  # written by a model file of the researcher's (--model.file)
+            return own.GPT.from_pretrained(path, local_files_only=True, **{k: v for k, v in kwargs.items() if k == "dtype"})
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as exc:  # a truncated or foreign weights file (safetensors, torch, json): the user's input
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""

@@ -199,33 +199,64 @@ def as_standard(model, state_dict: dict | None = None) -> tuple:
     """(the model to save, its state dict, what export.json records): this project's own model
     (lib/model/gpt.py) as the standard architecture with the same weights (Llama; Qwen3 with
     QK-norm), checked logit for logit on a fixed input, or as it is, in its own format, where an
-    option has no standard layout (saying which). Any other model as it is, with nothing to record."""
+    option has no standard layout (saying which). A copy of the model file (--model.file) whose
+    logits differ from the standard model's on the same weights computes another function: its
+    own format, with the file and its checksum recorded for eval.py. Any other model as it is,
+    with nothing to record."""
+    import sys
+
     import torch
 
-    from lib.model.gpt import GPT, to_standard
+    import lib.model.gpt
 
-    if not isinstance(model, GPT):
-        return model, state_dict, None
+    # the module whose GPT class this model is (FSDP2 wraps it in a subclass of its own)
+    own = next((m for m in (sys.modules.get(c.__module__) for c in type(model).__mro__)
+                if isinstance(getattr(m, "GPT", None), type) and isinstance(model, m.GPT) and hasattr(m, "to_standard")),
+               None)
+    if own is None:
+        return model, state_dict, None  # transformers' own classes
+    forked = own is not lib.model.gpt  # --model.file: a copy of the model file, perhaps changed
+
+    def own_format(why: str):
+        record = {"format": "lm_repo_gpt", "why": why}
+        if forked:  # the folder is read with that file, unchanged
+            record.update(model_file_record(Path(own.__file__)))
+        print(f"final model: in this project's own format ({why}); "
+              + (f"eval.py reads it with {record['model_file']} as it is now" if forked else
+                 "eval.py reads it, and AutoModelForCausalLM after `import lib.model.gpt`"))
+        return model, state_dict, record
+
     try:
-        standard = to_standard(model, state_dict)
+        standard = own.to_standard(model, state_dict)
     except ValueError as why:
-        print(f"final model: in this project's own format ({why}); eval.py and AutoModelForCausalLM after "
-              "`import lib.model.gpt` read it")
-        return model, state_dict, {"format": "lm_repo_gpt", "why": str(why)}
+        return own_format(str(why))
+    trained = model
     if state_dict is not None:
-        model = GPT(model.config)
-        model.load_state_dict(state_dict, strict=False)
+        trained = own.GPT(model.config)
+        trained.load_state_dict(state_dict, strict=False)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    was_training = model.training
-    model.eval()
+    was_training = trained.training
+    trained.eval()
     with torch.no_grad():
-        diff = float((model.float()(ids, use_cache=False).logits - standard(ids, use_cache=False).logits).abs().max())
-    model.train(was_training)
+        diff = float((trained.float()(ids, use_cache=False).logits - standard(ids, use_cache=False).logits).abs().max())
+    trained.train(was_training)
     if not diff <= STANDARD_TOLERANCE:
+        if forked:  # the copy computes another function on the same weights: not a standard model
+            return own_format(f"its logits differ from a {type(standard).__name__}'s on the same weights by {diff:.3g}")
         raise RuntimeError(f"the {type(standard).__name__} export of the model differs from it by {diff:.3g} in "
                            "its logits: a weight is mapped wrong (lib/model/gpt.py)")
     print(f"final model: exported as {type(standard).__name__} (logits within {diff:.1e} of the trained model's)")
     return standard, None, {"format": type(standard).__name__, "max_abs_logit_diff": diff, "probe_tokens": 64}
+
+
+def model_file_record(path: Path) -> dict:
+    """What export.json records of the model file (--model.file) a final/ needs to be read: its
+    path (relative to the repository where it lies inside it, as a fork does) and its sha256."""
+    from lib.files import sha256_file
+
+    path, repo = path.resolve(), Path(__file__).resolve().parents[2]
+    shown = str(path.relative_to(repo)) if path.is_relative_to(repo) else str(path)
+    return {"model_file": shown, "model_file_sha256": sha256_file(path)}
 
 
 def client_conventions(folder: Path, chat_template: str | None = None) -> None:

@@ -8,9 +8,10 @@ from SHAPES the one the budget sweep (experiments/budget-sweep) found best at th
 (nearest on a log scale). The chosen values are written into the run's config.yaml, with
 size_to_budget off, so `--config` on it reproduces the run and a resumed run keeps its shape.
 
-Never sized: a run that fine-tunes (model.init_from), has no time budget, or names any model
-field on its command line (--model.size, --model.d_model, ...); any other sized option given on
-the command line (--optim.lr, --micro_batch_size, ...) keeps the value given.
+Never sized: a run that fine-tunes (model.init_from), has no time budget, or sets the model's size
+on its command line (SIZE_FIELDS: --model.size, --model.d_model, ...). An architecture option
+(--model.arch, --model.qk_norm, --model.mlp, ...) keeps the sized shape, and any other sized option
+given on the command line (--optim.lr, --micro_batch_size, ...) keeps the value given.
 """
 from __future__ import annotations
 
@@ -105,6 +106,10 @@ def put(cfg, dotted: str, value) -> None:
     setattr(obj, leaf, value)
 
 
+# the model fields that set its size: a command line naming one gets the model it asks for
+SIZE_FIELDS = ("model.size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff")
+
+
 def why_not(cfg, argv: list[str]) -> str | None:
     """Why this run is not sized (None: it is)."""
     if not cfg.size_to_budget:
@@ -113,7 +118,7 @@ def why_not(cfg, argv: list[str]) -> str | None:
         return "the model comes from model.init_from"
     if not cfg.max_minutes:
         return "no time budget (--max_minutes)"
-    named = sorted(n for n in given_options(argv) if n.startswith("model."))
+    named = sorted(n for n in given_options(argv) if n in SIZE_FIELDS)
     if named:
         return f"the command line sets the model ({', '.join('--' + n for n in named)})"
     return None
