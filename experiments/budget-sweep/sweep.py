@@ -136,10 +136,6 @@ def mean_of(runs: list[dict]) -> float:
 
 
 def report(results: list[dict], points: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     latest = {}
     for r in results:
         if not r.get("failed"):
@@ -173,6 +169,19 @@ def report(results: list[dict], points: dict) -> None:
             lines.append(f"\nNot run at {speed} speed: {', '.join(unrun)}.")
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(latest, speeds, HERE / "sweep.png")
+    # the own model's options (#36) on their own, where they can be told apart
+    own = {k: r for k, r in latest.items() if k[1].startswith("g4k-")}
+    if own:
+        plot(own, [s for s in speeds if any(k[0] == s for k in own)], HERE / "sweep-own-model.png", ylim=(1.0, 1.8))
+
+
+def plot(latest: dict, speeds: list[str], path: Path, ylim=(1.0, 2.4)) -> None:
+    """Held-out bits per byte against training minutes, a panel per speed, for `latest`'s points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(speeds) or 1, figsize=(7 * max(len(speeds), 1), 5), squeeze=False)
     for ax, speed in zip(axes[0], speeds):
         rows = [r for (s, _), r in latest.items() if s == speed]
@@ -181,14 +190,15 @@ def report(results: list[dict], points: dict) -> None:
             ax.plot(xs, ys, marker=".", label=f"{r['point']} ({r['final_in_training']:.3f})")
         if rows:
             ax.axhline(rows[0]["lzma"], color="black", linestyle="--", label=f"lzma -9e ({rows[0]['lzma']:.3f})")
-        ax.set_ylim(1.0, 2.4)
+        ax.set_ylim(*ylim)
         ax.set_xlabel("training minutes")
         ax.set_ylabel("held-out bits per byte (in-training sample)")
         ax.set_title(f"speed: {speed}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(HERE / "sweep.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -196,7 +206,7 @@ def main() -> None:
     ap.add_argument("--speed", help="label of this machine's speed: full, or third (fp32-only oneDNN)")
     ap.add_argument("--only", default="", help="comma-separated point names (default: all)")
     ap.add_argument("--again", action="store_true", help="rerun points already in results.jsonl")
-    ap.add_argument("--report", action="store_true", help="only write results.md and sweep.png")
+    ap.add_argument("--report", action="store_true", help="only write results.md and the plots (sweep.png, sweep-own-model.png)")
     a = ap.parse_args()
     spec = load_points()
     points = spec["points"]
