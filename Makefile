@@ -22,7 +22,7 @@ help:
 	@echo "make fork NAME=my-idea [SCRIPT=train]       copy scripts/SCRIPT.py into experiments/NAME/, stamped"
 	@echo "make fork NAME=my-idea FILE=lib/model/gpt.py  copy the model file there too (--model.file uses it)"
 	@echo "make fork-diff NAME=my-idea                 what the fork changed since the commit it came from"
-	@echo "make fork-update NAME=my-idea               carry later changes of the script into the fork (clean merges only)"
+	@echo "make fork-update NAME=my-idea               carry later changes of the forked files into the fork (clean merges only)"
 	@echo "make clean     delete data/ and runs/smoke/ (rebuildable); make distclean also deletes .venv and runs/"
 
 $(VENV)/.installed: requirements.txt

@@ -172,6 +172,20 @@ def check_model_files(model_dir: str | Path, in_run: bool, trust_unverified: boo
     return None
 
 
+REPO = Path(__file__).resolve().parents[2]  # a model file inside it is recorded relative to it
+
+
+def model_file_record(path: Path) -> dict:
+    """What export.json records of the model file (--model.file) a final/ needs to be read (by
+    recorded_model_file): its path, relative to the repository where it lies inside it (a fork
+    does), and its sha256."""
+    from lib.files import sha256_file
+
+    path = path.resolve()
+    return {"model_file": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
+            "model_file_sha256": sha256_file(path)}
+
+
 def recorded_model_file(folder: Path):
     """The module of the model file (--model.file) that wrote `folder` in the project's own format,
     as its export.json records it; None for a folder any other code reads. A UserError if that file
@@ -182,9 +196,7 @@ def recorded_model_file(folder: Path):
     record = read_json(record_path, "export record") if record_path.is_file() else {}
     if not record.get("model_file"):
         return None
-    file = Path(record["model_file"])
-    if not file.is_absolute():
-        file = Path(__file__).resolve().parents[2] / file
+    file = REPO / record["model_file"]  # an absolute path stays as it is
     if not file.is_file() or sha256_file(file) != record.get("model_file_sha256"):
         state = "is missing" if not file.is_file() else "has changed since"
         raise UserError(f"{folder} was written by the model file {record['model_file']}, which {state}: restore it "
@@ -204,12 +216,12 @@ def load_pretrained(path: str | Path, dtype=None, trust_remote_code: bool = Fals
         raise UserError(f"{path} is not a model folder (no config.json); give a run's final/ folder")
     refuse_masked_lm(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    kwargs["trust_remote_code"] = trust_remote_code
     own = recorded_model_file(path)
     try:
         if own is not None:  # written by a model file of the researcher's (--model.file)
-            return own.GPT.from_pretrained(path, local_files_only=True, **{k: v for k, v in kwargs.items() if k == "dtype"})
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+            return own.GPT.from_pretrained(path, local_files_only=True, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code,
+                                                    **kwargs)
     except Exception as exc:  # a truncated or foreign weights file (safetensors, torch, json): the user's input
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise UserError(f"{path}: cannot load the model ({type(exc).__name__}: {first}); check or re-copy its "

@@ -220,6 +220,8 @@ def as_standard(model, state_dict: dict | None = None) -> tuple:
     def own_format(why: str):
         record = {"format": "lm_repo_gpt", "why": why}
         if forked:  # the folder is read with that file, unchanged
+            from lib.model.build import model_file_record
+
             record.update(model_file_record(Path(own.__file__)))
         print(f"final model: in this project's own format ({why}); "
               + (f"eval.py reads it with {record['model_file']} as it is now" if forked else
@@ -247,16 +249,6 @@ def as_standard(model, state_dict: dict | None = None) -> tuple:
                            "its logits: a weight is mapped wrong (lib/model/gpt.py)")
     print(f"final model: exported as {type(standard).__name__} (logits within {diff:.1e} of the trained model's)")
     return standard, None, {"format": type(standard).__name__, "max_abs_logit_diff": diff, "probe_tokens": 64}
-
-
-def model_file_record(path: Path) -> dict:
-    """What export.json records of the model file (--model.file) a final/ needs to be read: its
-    path (relative to the repository where it lies inside it, as a fork does) and its sha256."""
-    from lib.files import sha256_file
-
-    path, repo = path.resolve(), Path(__file__).resolve().parents[2]
-    shown = str(path.relative_to(repo)) if path.is_relative_to(repo) else str(path)
-    return {"model_file": shown, "model_file_sha256": sha256_file(path)}
 
 
 def client_conventions(folder: Path, chat_template: str | None = None) -> None:
