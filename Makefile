@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke sft lm-eval mlflow test bench gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
+.PHONY: help venv tokenize train eval smoke sft lm-eval mlflow test bench race litgpt gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9-minute budget, sized to this machine), evaluate it"
@@ -13,6 +13,7 @@ help:
 	@echo "make sft       instruction-tune runs/default on question/answer pairs from the stdlib -> runs/sft/ (BASE=runs/x)"
 	@echo "make test      run the test suite"
 	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~20 min)"
+	@echo "make race      the default run against litgpt and transformers.Trainer at equal wall time (in make bench; ~1 hour)"
 	@echo "make gpu-check on a CUDA GPU: a 116M model in bf16 with compile, tokens/s and MFU"
 	@echo "make gpu-kit   wheels for a GPU box without a package index (.whl/; see README)"
 	@echo "make tokenize  build data/stdlib (corpus, tokenizer, token shards)"
@@ -85,9 +86,29 @@ TEST_WORKERS ?= 0
 test: venv lm-eval  # tests/test_tasks.py runs lm-evaluation-harness
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
-bench: tokenize
+bench: tokenize litgpt
 	$(PY) scripts/bench_tokenize.py
 	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_race.py
+
+# the quality race alone: the default run against litgpt's pretrain and transformers.Trainer at
+# equal wall time (about an hour: five 9-minute runs and the peers' timing runs)
+race: tokenize litgpt
+	$(PY) scripts/bench_race.py
+
+# litgpt, for the race, in a venv of its own: it pins huggingface-hub below what this venv's
+# transformers needs. The CPU torch goes in first and a constraint holds it, so that nothing
+# litgpt pulls in replaces it with a CUDA build.
+LITGPT := .venv-litgpt
+litgpt: $(LITGPT)/.installed
+$(LITGPT)/.installed:
+	test -x $(LITGPT)/bin/python || $(PYTHON) -m venv $(LITGPT)
+	$(LITGPT)/bin/python -m pip install --quiet --upgrade pip
+	$(LITGPT)/bin/python -m pip install --quiet torch==2.13.0
+	echo "torch==2.13.0" > $(LITGPT)/constraints.txt
+	$(LITGPT)/bin/python -m pip install --quiet -c $(LITGPT)/constraints.txt "litgpt==0.5.13" requests
+	$(LITGPT)/bin/python -c "import litgpt, torch; from importlib.metadata import version; print('litgpt', version('litgpt'), '| torch', torch.__version__)"
+	touch $@
 
 gpu-check: venv
 	$(PY) scripts/gpu_check.py

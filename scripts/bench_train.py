@@ -21,7 +21,8 @@ the steps after --warmup. Configurations:
                     random batches, and the same malloc settings as the Trainer run (no tuning)
   llama_3x192, gpt_3x192  train.py at the shape a 9-minute budget takes at full speed (3 x 192,
                     Muon, 16 sequences), with transformers' Llama and with the project's own model
-                    (lib/model/gpt.py, --model.arch gpt): the own model must be at least as fast
+                    (lib/model/gpt.py, --model.arch gpt), both without QK-norm (the same function):
+                    the own model must be at least as fast
 
 It reports each one's tokens/s (plotted in train.png), its model FLOP/s (6N + 12*L*H*Q*T per
 token) as a share of the matmul peak of its dtype measured here in this run, and the ratios the
@@ -225,11 +226,15 @@ def main() -> None:
              "--optim.name", "muon")
     import dataclasses
 
-    small = build_model(dataclasses.replace(tc.model, d_model=192, n_layers=3, n_heads=3), manifest["vocab_size"],
+    small = build_model(dataclasses.replace(tc.model, d_model=192, n_layers=3, n_heads=3, arch="llama", qk_norm=False,
+                                            mlp="swiglu"), manifest["vocab_size"],
                         manifest["special_ids"])
     fpt_small = flops_per_token(small, tc.data.seq_len)  # the same for both: the same weights
-    plan += [("llama_3x192", None, lambda: {**run_ours(cfg, "llama_3x192", *shape), "flops_per_token": fpt_small}),
-             ("gpt_3x192", None, lambda: {**run_ours(cfg, "gpt_3x192", *shape, "--model.arch", "gpt"),
+    # (without QK-norm, so that both compute the same function)
+    same = ("--model.no_qk_norm", "--model.mlp", "swiglu")
+    plan += [("llama_3x192", None, lambda: {**run_ours(cfg, "llama_3x192", *shape, *same, "--model.arch", "llama"),
+                                            "flops_per_token": fpt_small}),
+             ("gpt_3x192", None, lambda: {**run_ours(cfg, "gpt_3x192", *shape, *same, "--model.arch", "gpt"),
                                           "flops_per_token": fpt_small})]
     rounds = []
     for k in range(cfg.rounds):

@@ -245,3 +245,14 @@ def test_the_readme_model_fork_commands_as_printed(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "file: experiments/my-model/gpt.py" in (tmp_path / "runs" / "my-model" / "config.yaml").read_text()
     assert "exported as LlamaForCausalLM" in proc.stdout  # an unchanged copy is still a Llama
+
+
+@pytest.mark.parametrize("option", [{"qk_norm": True}, {"mlp": "relu2"}, {"logit_softcap": 30.0}])
+def test_an_own_model_option_on_a_transformers_architecture_is_refused_by_name(option):
+    # the default preset sets qk_norm: `--model.arch llama` on it must not drop it silently
+    from lib.errors import UserError
+    from lib.model.build import ModelConfig, build_model
+
+    with pytest.raises(UserError, match=r"--model\.(qk_norm|mlp relu2|logit_softcap) is an option of the project's own"):
+        build_model(ModelConfig(arch="llama", d_model=32, n_layers=1, n_heads=2, **option), 64,
+                    {"bos": 1, "eos": 2, "pad": 3})

@@ -78,6 +78,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
     ids = dict(bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"])
     if cfg.file and cfg.arch != "gpt":
         raise UserError(f"--model.file {cfg.file}: a model file is for --model.arch gpt (this is {cfg.arch})")
+    own_only = [flag for flag, on in (("--model.qk_norm", cfg.qk_norm), (f"--model.mlp {cfg.mlp}", cfg.mlp != "swiglu"),
+                                      ("--model.logit_softcap", cfg.logit_softcap is not None)) if on]
+    if own_only and cfg.arch != "gpt":
+        raise UserError(f"{own_only[0]} is an option of the project's own model (--model.arch gpt), not of "
+                        f"--model.arch {cfg.arch}: drop it (--model.no_qk_norm, --model.mlp swiglu, "
+                        "--model.logit_softcap None) or train --model.arch gpt")
     if cfg.arch == "gpt":
         own = model_module(cfg.file)
         GPT, GPTConfig = own.GPT, own.GPTConfig
