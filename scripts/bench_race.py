@@ -72,10 +72,13 @@ class RaceConfig:
 
     preset: Path = Path("configs/train/default.yaml")
     """The entrant `ours` trains; its sized shape, batch and precision are the peers' too."""
+    data_dir: Optional[Path] = None
+    """A tokenized dataset instead of the preset's (every entrant trains and is scored on it)."""
     out_dir: Path = Path("runs/bench/race")
     only: Optional[str] = None
     """Comma-separated entrants to run (ours, litgpt_recipe, litgpt_tuned, trainer_recipe,
-    trainer_tuned); `ours` is reused from an earlier race when left out and present. Default: all."""
+    trainer_tuned). Left out, `ours` is the run already in OUT_DIR/ours (an earlier race's, or a
+    run of the preset copied there), when there is one. Default: all."""
     litgpt_python: Path = Path(".venv-litgpt/bin/python")
     """The interpreter of litgpt's venv (`make litgpt` makes it)."""
     minutes: Optional[float] = None
@@ -117,15 +120,21 @@ def figures(record: dict) -> dict:
 def run_ours(cfg: RaceConfig, folder: Path) -> dict:
     run([sys.executable, ROOT / "scripts" / "train.py", "--config", cfg.preset, "--runs_dir", folder.parent,
          "--run_name", folder.name, "--overwrite", "--eval_every", cfg.eval_every, "--tracking.no_mlflow",
-         *(["--max_minutes", cfg.minutes] if cfg.minutes else [])],
+         *(["--max_minutes", cfg.minutes] if cfg.minutes else []), *(["--data.dir", cfg.data_dir] if cfg.data_dir else [])],
         "scripts/train.py (ours)", folder.parent / "ours-train.log")
+    return summarize_ours(folder)
+
+
+def summarize_ours(folder: Path) -> dict:
+    """Ours' figures from its run folder: the curve of its evaluations, its rate, its whole split."""
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
     curve = [{"elapsed_s": r["elapsed_s"], "step": r["step"], "val_bits_per_byte": r["val_bits_per_byte"]}
              for r in rows if r["type"] == "eval"]
     train = [r for r in rows if r["type"] == "train"]
-    a, b = train[len(train) // 10], train[-1]  # past the first tenth: start-up left out, as for the peers
-    return {"curve": curve, "steps": b["step"], "train_s": b["elapsed_s"],
-            "tokens_per_s": (b["tokens_seen"] - a["tokens_seen"]) / (b["elapsed_s"] - a["elapsed_s"]),
+    # the training rate as for the peers: the median over the log's intervals (an interval holding
+    # an evaluation, or the start-up, is an outlier the median leaves out)
+    return {"curve": curve, "steps": train[-1]["step"], "train_s": train[-1]["elapsed_s"],
+            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train])),
             **figures(whole_split(folder, folder / "race-eval"))}
 
 
@@ -168,7 +177,8 @@ def shared_inputs(cfg: RaceConfig, ours: Path) -> dict:
             "train_blocks": str(shared / "train_blocks.npy"), "eval_inputs": str(shared / "eval_inputs.npy"),
             "eval_targets": str(shared / "eval_targets.npy"), "eval_bytes": sample.text_bytes,
             "eval_every": cfg.eval_every, "seed": 0, "budget_s": 60 * tc["max_minutes"],
-            "data_dir": str(tc["data"]["dir"]), "tokenizer": str(tokenizer), "blocks": int(n)}
+            "data_dir": str(tc["data"]["dir"]), "tokenizer": str(tokenizer), "blocks": int(n),
+            "special": manifest["special_ids"]}
 
 
 def llama_folder(shape: dict, state: dict, tokenizer: Path, special: dict, out: Path):
@@ -235,7 +245,8 @@ def trainer_worker(spec_path: Path) -> None:
                          intermediate_size=shape["d_ff"], num_hidden_layers=shape["n_layers"],
                          num_attention_heads=shape["n_heads"], num_key_value_heads=shape["n_kv_heads"],
                          max_position_embeddings=512, rms_norm_eps=shape["norm_eps"], rope_theta=shape["rope_theta"],
-                         tie_word_embeddings=shape["tie_embeddings"])
+                         tie_word_embeddings=shape["tie_embeddings"], bos_token_id=spec["special"].get("bos"),
+                         eos_token_id=spec["special"].get("eos"), pad_token_id=spec["special"].get("pad"))
     model = LlamaForCausalLM(config)
     clock = {"starts": [], "eval_s": 0.0}
     curve = (out / "curve.jsonl").open("w")
@@ -312,15 +323,15 @@ def run_peer(cfg: RaceConfig, name: str, shared: dict) -> dict:
     print(f"[race] {name}: step {how['step_s'] * 1e3:.0f} ms, start-up {how['startup_s']:.0f} s, an evaluation "
           f"{how['eval_s']:.1f} s -> {steps} steps in the {shared['budget_s'] / 60:g}-minute budget", flush=True)
     result = go(steps, folder, False)
-    special = json.loads((Path(shared["data_dir"]) / "tokens" / "manifest.json").read_text())["special_ids"]
     import torch
 
     if litgpt:
         state = torch.load(folder / "hf_model.pth", map_location="cpu", weights_only=True)
-        model = llama_folder(shared["shape"], state, Path(shared["tokenizer"]), special, folder / "final")
+        model = llama_folder(shared["shape"], state, Path(shared["tokenizer"]), shared["special"], folder / "final")
         # litgpt's converter checked: the Llama's logits on a held-out window against litgpt's own
         x = torch.from_numpy(np.load(shared["eval_inputs"])[:1].astype(np.int64))
-        gap = float((model(x).logits - torch.from_numpy(np.load(folder / "check_logits.npy"))).abs().max())
+        with torch.no_grad():
+            gap = float((model(x).logits - torch.from_numpy(np.load(folder / "check_logits.npy"))).abs().max())
         if gap > 1e-3:
             raise UserError(f"{name}: the converted Llama's logits differ from litgpt's by {gap:.2g}")
         result["conversion_gap"] = gap
@@ -356,6 +367,8 @@ def main() -> None:
         results["ours"] = run_ours(cfg, ours)
         print(f"[race] ours: {results['ours']['bits_per_byte']:.4f} bits per byte ({time.perf_counter() - t:.0f} s)",
               flush=True)
+    elif "ours" not in results:  # a run of the preset copied here (a fresh clone's make train, say)
+        results["ours"] = summarize_ours(ours)
     shared = shared_inputs(cfg, ours)
     print(f"[race] the peers' shape: {shared['shape']['n_layers']} x {shared['shape']['d_model']}, "
           f"{shared['micro_batch_size']} x {shared['seq_len']} tokens a step, "
@@ -365,6 +378,7 @@ def main() -> None:
             continue
         t = time.perf_counter()
         results[name] = run_peer(cfg, name, shared)
+        saved.write_text(json.dumps({"shared": shared, "results": results}, indent=1) + "\n")  # kept if a later one fails
         print(f"[race] {name}: {results[name]['bits_per_byte']:.4f} bits per byte "
               f"({results[name]['train_s'] / 60:.1f} min of training, {time.perf_counter() - t:.0f} s in all)",
               flush=True)

@@ -17,14 +17,61 @@ windows), result.json (steps, train_s, tokens/s), hf_model.pth (the final weight
 transformers' Llama names, converted by litgpt's own converter) and check_logits.npy (the final
 model's fp32 logits on the first held-out window, for the conversion check).
 """
-import json
-import math
+import os
 import sys
-import time
-from pathlib import Path
 
-import numpy as np
-import torch
+# scripts/ holds tokenize.py, which would shadow the standard library's module of that name
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
+
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+class Rows(torch.utils.data.Dataset):
+    """The race's token blocks in their given order; notes when each step's first row is read.
+    At module level: litgpt saves the train loader with its checkpoint, by pickling."""
+
+    def __init__(self, blocks, batch: int, clock: dict):
+        self.blocks, self.batch, self.clock = blocks, batch, clock
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        if i % self.batch == 0:  # a step's first row: when the step starts
+            self.clock["starts"].append(time.perf_counter())
+        self.clock["step"] += 1 / self.batch
+        return torch.from_numpy(self.blocks[i].astype(np.int64))
+
+
+def make_blocks(DataModule, blocks, batch: int, clock: dict, eval_inputs):
+    """A litgpt DataModule serving Rows, `batch` a step; its held-out loader is unread (the
+    replaced validate scores the shared windows)."""
+    global Blocks
+
+    class Blocks(DataModule):
+        def connect(self, tokenizer=None, batch_size: int = 1, max_seq_length=None) -> None:
+            self.batch_size = batch_size
+
+        def setup(self, stage: str = "") -> None:
+            pass
+
+        def train_dataloader(self):
+            clock["t0"] = time.perf_counter()  # fit() starts right after the loaders are made
+            return torch.utils.data.DataLoader(Rows(blocks, batch, clock), batch_size=self.batch_size,
+                                               shuffle=False, drop_last=True)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(eval_inputs[:1], batch_size=1)
+
+    Blocks.__qualname__ = "Blocks"
+    return Blocks()
 
 
 def main(spec_path: str) -> None:
@@ -45,32 +92,7 @@ def main(spec_path: str) -> None:
     clock = {"t0": None, "step": 0, "starts": []}
     curve = (out / "curve.jsonl").open("w")
 
-    class Blocks(DataModule):
-        """The race's token blocks in their given order, `batch` a step; no held-out loader (the
-        replaced validate scores the shared windows)."""
-
-        def connect(self, tokenizer=None, batch_size: int = 1, max_seq_length=None) -> None:
-            self.batch_size = batch_size
-
-        def setup(self, stage: str = "") -> None:
-            pass
-
-        def train_dataloader(self):
-            class Rows(torch.utils.data.Dataset):
-                def __len__(self):
-                    return len(blocks)
-
-                def __getitem__(self, i):
-                    if i % batch == 0:  # a step's first row: when the step starts
-                        clock["starts"].append(time.perf_counter())
-                    clock["step"] += 1 / batch
-                    return torch.from_numpy(blocks[i].astype(np.int64))
-
-            clock["t0"] = time.perf_counter()  # fit() starts right after the loaders are made
-            return torch.utils.data.DataLoader(Rows(), batch_size=self.batch_size, shuffle=False, drop_last=True)
-
-        def val_dataloader(self):  # unread: the replaced validate scores the shared windows
-            return torch.utils.data.DataLoader(eval_inputs[:1], batch_size=1)
+    data = make_blocks(DataModule, blocks, batch, clock, eval_inputs)
 
     @torch.no_grad()
     def validate(fabric, model, val_dataloader, max_iters, verbose=True):
@@ -94,6 +116,19 @@ def main(spec_path: str) -> None:
         return torch.tensor(nats / count)
 
     pretrain.validate = validate
+    save_checkpoint = pretrain.save_checkpoint
+
+    def save_final(fabric, state, tokenizer_dir, path):
+        """litgpt's save, then the final model's fp32 logits on a held-out window (the check of the
+        conversion to transformers' names)."""
+        save_checkpoint(fabric, state, tokenizer_dir, path)
+        from litgpt.model import GPT
+
+        model = next(m for m in state["model"].modules() if isinstance(m, GPT))
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            clock["check_logits"] = model.eval()(eval_inputs[:1]).float().numpy()
+
+    pretrain.save_checkpoint = save_final
     config = Config(name="race", block_size=seq_len, vocab_size=shape["vocab_size"],
                     padded_vocab_size=shape["vocab_size"], n_layer=shape["n_layers"], n_head=shape["n_heads"],
                     n_query_groups=shape["n_kv_heads"], n_embd=shape["d_model"],
@@ -104,7 +139,7 @@ def main(spec_path: str) -> None:
     t = time.perf_counter()
     pretrain.setup(
         model_name="race", model_config=config, out_dir=out / "litgpt", precision=spec["litgpt_precision"],
-        data=Blocks(),
+        data=data,
         train=TrainArgs(save_interval=None, log_interval=spec["eval_every"], global_batch_size=batch,
                         micro_batch_size=batch, max_tokens=steps * batch * seq_len, max_norm=1.0,
                         min_lr=opt["min_lr"], lr_warmup_steps=opt["warmup_steps"],
@@ -120,11 +155,7 @@ def main(spec_path: str) -> None:
     final = out / "litgpt" / "final"
     convert_lit_checkpoint(final, out / "hf")
     (out / "hf" / "model.pth").rename(out / "hf_model.pth")
-    from litgpt.model import GPT
-
-    model = GPT(config)
-    model.load_state_dict(torch.load(final / "lit_model.pth", map_location="cpu", weights_only=True)["model"])
-    np.save(out / "check_logits.npy", model.eval()(eval_inputs[:1]).float().detach().numpy())
+    np.save(out / "check_logits.npy", clock["check_logits"])
     # the training rate: tokens of a step over the median step (evaluations and compile left out)
     step_s = float(np.median(np.diff(clock["starts"])))
     (out / "result.json").write_text(json.dumps({

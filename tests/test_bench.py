@@ -7,6 +7,8 @@ import json
 
 from conftest import run_script
 
+from lib.config import load_yaml
+
 
 def test_bench_train_compares_every_configuration_and_plots(tiny_data, tmp_path):
     proc = run_script("scripts/bench_train.py", "--preset", "configs/train/smoke.yaml", "--data_dir", str(tiny_data),
@@ -48,3 +50,32 @@ def test_bench_tokenize_checks_ids_and_plots_memory(tiny_data, tmp_path):
     proc = run_script("scripts/bench_tokenize.py", "--data", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path),
                       check=False)
     assert proc.returncode != 0 and "has no tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_race_trains_ours_and_a_trainer_peer_for_the_same_budget_and_scores_both(tiny_data, tmp_path):
+    # litgpt needs its own venv (make litgpt), which CI does not build: the race's other parts run here
+    proc = run_script("scripts/bench_race.py", "--preset", "configs/train/smoke.yaml", "--data_dir", str(tiny_data),
+                      "--out_dir", str(tmp_path), "--only", "ours,trainer_tuned", "--minutes", "0.15",
+                      "--timing_steps", "14", "--eval_every", "5")
+    out = json.loads((tmp_path / "race.json").read_text())
+    assert set(out["results"]) == {"ours", "trainer_tuned"}
+    ours, peer = out["results"]["ours"], out["results"]["trainer_tuned"]
+    assert out["shared"]["shape"]["d_model"] == load_yaml(tmp_path / "ours" / "config.yaml")["model"]["d_model"]
+    for r in (ours, peer):
+        assert 0 < r["bits_per_byte"] < 20 and r["tokens_per_s"] > 0 and r["curve"]
+        assert r["lzma_bits_per_byte"] == ours["lzma_bits_per_byte"]  # the same held-out bytes
+    # the peer's steps were set from its timing run to fill the same budget (start-up included)
+    assert peer["steps"] >= 1 and peer["train_s"] < 3 * 60 * 0.15 + 30
+    assert (tmp_path / "trainer_tuned" / "final" / "config.json").is_file()
+    assert "[race] trainer_tuned: step " in proc.stdout and "steps in the 0.15-minute budget" in proc.stdout
+    assert "lower in bits per byte than the best peer setting (trainer_tuned" in proc.stdout
+    assert (tmp_path / "race.png").stat().st_size > 10_000
+
+
+def test_bench_race_refuses_an_unknown_entrant_and_a_missing_litgpt(tmp_path):
+    proc = run_script("scripts/bench_race.py", "--only", "ours,nanogpt", "--out_dir", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "--only: unknown entrant 'nanogpt'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_script("scripts/bench_race.py", "--only", "litgpt_tuned", "--litgpt_python", str(tmp_path / "none"),
+                      "--out_dir", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "make litgpt" in proc.stderr and not list(tmp_path.iterdir())
