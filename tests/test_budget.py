@@ -15,7 +15,6 @@ import pytest
 from conftest import train
 from lib.train import budget
 from lib.train.optim import OptimConfig, lr_at, lr_at_progress
-from test_resume import assert_same_run
 
 
 def test_the_clock_schedule_ends_at_its_floor_on_time_whatever_the_pace():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

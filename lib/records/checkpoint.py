@@ -22,7 +22,7 @@ from pathlib import Path
 from lib.records.checkpoint_record import (PREFIX, RANDOM_STATE, REQUIRED, SHARDS, STATE, _step_of,  # noqa: F401
                                    complete_checkpoints,
                                    step_dir, verify)
-from lib.files import fresh_folder, publish_folder, tmp_folder, read_json, sha256_file, write_json
+from lib.files import fresh_folder, publish_folder, tmp_folder, sha256_file, write_json
 from lib.errors import UserError
 
 
