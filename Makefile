@@ -12,7 +12,7 @@ help:
 	@echo "make lm-eval   install lm-evaluation-harness (optional) without changing any installed package's version"
 	@echo "make sft       instruction-tune runs/default on question/answer pairs from the stdlib -> runs/sft/ (BASE=runs/x)"
 	@echo "make test      run the test suite"
-	@echo "make bench     speed and memory benchmarks against their baselines (figures in runs/bench/, ~20 min)"
+	@echo "make bench     speed and memory benchmarks against their baselines, then make race (figures in runs/bench/, ~1.5 hours)"
 	@echo "make race      the default run against litgpt and transformers.Trainer at equal wall time (in make bench; ~1 hour)"
 	@echo "make gpu-check on a CUDA GPU: a 116M model in bf16 with compile, tokens/s and MFU"
 	@echo "make gpu-kit   wheels for a GPU box without a package index (.whl/; see README)"
