@@ -181,21 +181,26 @@ def shared_inputs(cfg: RaceConfig, ours: Path) -> dict:
             "special": manifest["special_ids"]}
 
 
+def llama_config(shape: dict, special: dict):
+    """transformers' LlamaConfig of the race's `shape`, with the dataset's special ids."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["d_model"], intermediate_size=shape["d_ff"],
+                       num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
+                       num_key_value_heads=shape["n_kv_heads"], max_position_embeddings=512,
+                       rms_norm_eps=shape["norm_eps"], rope_theta=shape["rope_theta"],
+                       tie_word_embeddings=shape["tie_embeddings"], bos_token_id=special.get("bos"),
+                       eos_token_id=special.get("eos"), pad_token_id=special.get("pad"))
+
+
 def llama_folder(shape: dict, state: dict, tokenizer: Path, special: dict, out: Path):
     """A transformers Llama folder of `shape` holding `state` (transformers' names), with the tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from lib.data.tokenizer import copy_tokenizer_files
 
-    config = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["d_model"],
-                         intermediate_size=shape["d_ff"], num_hidden_layers=shape["n_layers"],
-                         num_attention_heads=shape["n_heads"], num_key_value_heads=shape["n_kv_heads"],
-                         max_position_embeddings=512, rms_norm_eps=shape["norm_eps"],
-                         rope_theta=shape["rope_theta"], tie_word_embeddings=shape["tie_embeddings"],
-                         bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
-                         pad_token_id=special.get("pad"))
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(shape, special))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and shape["tie_embeddings"])]
     if missing or unexpected:
@@ -223,7 +228,7 @@ def trainer_worker(spec_path: Path) -> None:
     """One transformers.Trainer entrant (or its timing run) from a spec: writes curve.jsonl,
     result.json and final/ in the spec's out_dir."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     spec = json.loads(spec_path.read_text())
     out, shape, opt = Path(spec["out_dir"]), spec["shape"], spec["optimizer"]
@@ -241,13 +246,7 @@ def trainer_worker(spec_path: Path) -> None:
             return {"input_ids": row, "labels": row}  # the model shifts the labels: seq_len targets a row
 
     torch.manual_seed(spec["seed"])
-    config = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["d_model"],
-                         intermediate_size=shape["d_ff"], num_hidden_layers=shape["n_layers"],
-                         num_attention_heads=shape["n_heads"], num_key_value_heads=shape["n_kv_heads"],
-                         max_position_embeddings=512, rms_norm_eps=shape["norm_eps"], rope_theta=shape["rope_theta"],
-                         tie_word_embeddings=shape["tie_embeddings"], bos_token_id=spec["special"].get("bos"),
-                         eos_token_id=spec["special"].get("eos"), pad_token_id=spec["special"].get("pad"))
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(shape, spec["special"]))
     clock = {"starts": [], "eval_s": 0.0}
     curve = (out / "curve.jsonl").open("w")
 

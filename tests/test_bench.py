@@ -79,3 +79,18 @@ def test_bench_race_refuses_an_unknown_entrant_and_a_missing_litgpt(tmp_path):
     proc = run_script("scripts/bench_race.py", "--only", "litgpt_tuned", "--litgpt_python", str(tmp_path / "none"),
                       "--out_dir", str(tmp_path), check=False)
     assert proc.returncode != 0 and "make litgpt" in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_the_litgpt_entrant_imports_the_standard_tokenize_not_the_script(tmp_path):
+    # scripts/ holds tokenize.py; run as a script from there, torch's import of the standard
+    # module would find it first. Here litgpt is absent, so the run gets as far as importing it.
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_race_litgpt.py"), str(tmp_path / "spec.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "partially initialized module" not in proc.stderr
+    assert "No module named 'litgpt'" in proc.stderr
