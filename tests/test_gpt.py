@@ -2,6 +2,8 @@
 weight (and with QK-norm a Qwen3), packed documents attend within themselves, generation works."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -256,3 +258,16 @@ def test_an_own_model_option_on_a_transformers_architecture_is_refused_by_name(o
     with pytest.raises(UserError, match=r"--model\.(qk_norm|mlp relu2|logit_softcap) is an option of the project's own"):
         build_model(ModelConfig(arch="llama", d_model=32, n_layers=1, n_heads=2, **option), 64,
                     {"bos": 1, "eos": 2, "pad": 3})
+
+
+def test_qk_norm_under_bf16_autocast_takes_torchs_fused_norm_without_a_warning():
+    # the queries and keys come out of their projections in bf16 beside float32 norm weights
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, qk_norm=True))
+    ids = torch.randint(0, 64, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert model.model.layers[0].self_attn.q_norm.weight.grad.dtype == torch.float32

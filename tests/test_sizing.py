@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import train
+from conftest import REPO, _script_module, train
+from lib import config as config_lib
 from lib.train import sizing
 
 SMALL, LARGE = sizing.SHAPES[0], sizing.SHAPES[-1]
@@ -79,3 +80,18 @@ def test_what_the_command_line_sets_is_never_overridden(tiny_data, tmp_path, mon
     train(tiny_data, tmp_path, "qk", *SIZED, "--model.arch", "gpt", "--model.qk_norm")
     cfg = saved(tmp_path / "qk")
     assert cfg["model"]["qk_norm"] is True and cfg["model"]["d_model"] == LARGE.settings["model.d_model"]
+
+
+def test_each_sweep_point_parses_to_the_architecture_its_name_says():
+    # the preset has changed under the early points (Llama then, the own model with QK-norm now):
+    # a point rerun with --again must still train what its row in results.md describes
+    train_py = _script_module(REPO / "scripts" / "train.py")
+    points = yaml.safe_load((REPO / "experiments" / "budget-sweep" / "points.yaml").read_text())["points"]
+    for name, point in points.items():
+        argv = ["--config", str(REPO / "configs" / "train" / "default.yaml"), *map(str, point["flags"])]
+        model = config_lib.parse(train_py.TrainConfig, argv=argv).model
+        assert model.arch == ("gpt" if name.startswith("g") else "llama"), name
+        assert model.qk_norm == ("-qk" in name), name
+        assert (model.mlp == "relu2") == ("-relu2" in name), name
+        assert model.tie_embeddings == ("-untied" not in name), name
+        assert model.logit_softcap == (30.0 if "-cap30" in name else None), name

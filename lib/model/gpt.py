@@ -55,6 +55,15 @@ class GPTConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=kwargs.pop("tie_word_embeddings", tie_embeddings), **kwargs)
 
 
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm with its weight cast to the input's dtype: under bf16 autocast the queries
+    and keys arrive in bf16, and a float32 weight beside them sends torch to its unfused path with
+    a warning on every run."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def rotary(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of each position's angles, [batch, tokens, head_dim] (the two halves repeat)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
@@ -92,8 +101,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.eager = cfg.attention == "eager"
 
