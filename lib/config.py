@@ -158,7 +158,7 @@ def from_dict(cls: type[T], data: dict, where: str = "<dict>") -> T:
     return _build(cls, data, where)
 
 
-def _find_flag(argv: Sequence[str], name: str) -> str | None:
+def flag_value(argv: Sequence[str], name: str) -> str | None:
     """The value of `--NAME VALUE` / `--NAME=VALUE` in argv (the last one given), if any."""
     found = None
     for i, arg in enumerate(argv):
@@ -195,7 +195,7 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | No
             default = _build(cls, data, where=str(config_path))
             default = dataclasses.replace(default, config=Path(config_path))
     for option, settings in (expand or {}).items() if "-h" not in argv and "--help" not in argv else ():
-        value = _find_flag(argv, option)
+        value = flag_value(argv, option)
         if value is None and default is not None:  # given in the preset instead
             obj = default
             for part in option.split("."):
@@ -231,12 +231,12 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def save(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: never a half-written file); `--config` on
-    that file reproduces it."""
+def save(cfg: Any, path: str | Path, comments: Sequence[str] = ()) -> None:
+    """Write the resolved config as YAML (atomically: never a half-written file), `comments` as
+    `#` lines above it; `--config` on that file reproduces it."""
     import yaml
 
     from lib.files import atomic_text
 
     with atomic_text(path) as f:
-        f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        f.write("".join(f"# {line}\n" for line in comments) + yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -301,31 +301,21 @@ def main() -> None:
 
     quiet_library_bars()
 
-    import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from lib.data.corpus import iter_records, read_manifest
-    from lib.data.tokenizer import load_hf_tokenizer
-    from lib.files import atomic_text
-    from lib.data.tokenizer import tokenizer_fingerprint
-    from lib.data.batches import (DocBoundary, gather_docs, load_masks, load_split, sample_docs, tokens_dir,
-                                  verify_shards)
-    from lib.model.evaluate import compressor_bpb, evaluate_stream, summarize
-    from lib.records.metrics import METRICS, MetricsSink, parse_formats, read_jsonl
-    from lib.model.build import fp16_on_cpu, load_pretrained, refuse_masked_lm
-    from lib.train.precision import resolve, shapes_of
     from transformers import AutoConfig
 
-    tok_dir = tokens_dir(data_dir)
-    manifest = read_manifest(tok_dir, "tokens")
-    verify_shards(tok_dir, manifest, (cfg.split,))
-    refuse_masked_lm(model_dir)
-    model_tok = tokenizer_fingerprint(model_dir)
-    if model_tok is not None and model_tok != manifest["tokenizer_sha256"]:
-        raise UserError(f"{model_dir} was trained with another tokenizer than {tok_dir}; evaluate on data encoded "
-                        f"with the model's own tokenizer (scripts/tokenize.py --tokenizer {model_dir} ...)")
+    from lib.data import mixture
+    from lib.files import atomic_text
+    from lib.model.build import fp16_on_cpu, load_pretrained, refuse_masked_lm
+    from lib.records.metrics import METRICS, MetricsSink, parse_formats, read_jsonl
+    from lib.train.precision import resolve, shapes_of
+
     run_data = (config_lib.load_yaml(run_dir / "config.yaml").get("data") or {}) if run_dir else {}
+    # a run trained on a mixture is scored on each source's split, and the mixture from them
+    mix = mixture.parse_mix(run_data["mix"]) if run_data.get("mix") and cfg.data is None else []
+    data_dirs = [s.dir for s in mix] or [Path(data_dir)]
+    checked = [check_data(cfg, model_dir, d) for d in data_dirs]  # every split sound before any is scored
+    refuse_masked_lm(model_dir)
     import lib.model.gpt  # noqa: F401 -- registers the project's own model type
 
     model_cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
@@ -339,17 +329,115 @@ def main() -> None:
     fp16_on_cpu(accelerator)  # float16 autocast on CPU too (Accelerate alone would run fp32)
     model = load_pretrained(model_dir).to(accelerator.device)
     doc_mask = cfg.doc_mask if cfg.doc_mask is not None else bool(run_data.get("doc_mask", False))
+    stride = cfg.stride or max(1, seq_len // 2)
+    common = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": str(model_dir), "split": cfg.split,
+              "seq_len": seq_len, "doc_mask": doc_mask, "stride": stride, "precision": precision,
+              "weights_sha256": weights_sha256(model_dir, verified)}
+    scored = [score_split(cfg, model, accelerator, tok_dir, manifest, seq_len, stride, doc_mask, precision, common)
+              for tok_dir, manifest in checked]
+    records = [sc["record"] for sc in scored]
+    if mix:
+        for source, record in zip(mix, records):
+            record.update(source=source.name, weight=source.weight)
+        whole = mixture.mixture_figures({s.name: sc["figures"] for s, sc in zip(mix, scored)},
+                                        {s.name: s.weight for s in mix})
+        records.append({**common, "data": "mixture", "source": "mixture", **whole})
+        print(f"the mixture, by its weights ({', '.join(f'{s.name} {s.weight:.2f}' for s in mix)}):")
+        print(f"  loss        {whole['loss']:.4f} nats/token")
+        print(f"  bits/byte   {whole['bits_per_byte']:.4f}   model" if "bits_per_byte" in whole else "")
+
+    samples = []
+    if cfg.samples > 0:
+        samples = write_free_samples(cfg, model, model_cfg, model_dir, accelerator, scored[0])
+
+    sink = MetricsSink(out_dir / METRICS, formats)
+    for record in records:
+        sink.write(record)
+    sink.close()
+    if samples:
+        with atomic_text(out_dir / "samples.txt") as f:
+            for i, (prompt, text) in enumerate(samples):
+                f.write(f"--- sample {i} (prompt {prompt!r}, temperature {cfg.temperature})\n{text}\n")
+        print(f"sample 0 (prompt {samples[0][0]!r}):\n{samples[0][1]}")
+    # the run's report and MLflow run show the run evaluated as it was trained, not with other options
+    other = departures(cfg, run_dir, out_dir, precision)
+    report = run_dir / "report.md" if not other else None
+    if report is not None and report.is_file():
+        from lib.records.report import set_report_section
+
+        lines = [f"- {common['time']}: seq_len {seq_len}, stride {stride}, {precision}; weights scored: "
+                 f"{model_dir.name}/ with sha256 {common['weights_sha256']}"]
+        for sc, record in zip(scored, records):
+            lines.append(f"- {record.get('source', Path(record['data']).parent.name)} ({record['data']}): {sc['whole']}, "
+                         f"{sc['n_docs']} of {sc['of_docs']} documents, {record.get('bytes', 0):,} bytes, "
+                         f"{record['tokens']:,} tokens, {sc['seconds']:.1f} s: " + figures_line(record, sc["baselines"]))
+        if mix:
+            lines.append("- the mixture, by its weights: " + figures_line(records[-1], {}))
+        set_report_section(report, f"Held-out evaluation by eval.py ({cfg.split})", "\n".join(lines))
+    tables = "".join(f", metrics.{f}" for f in formats if f != "ndjson")
+    print(f"wrote {out_dir}/{METRICS}{tables}" + (", samples.txt" if samples else "")
+          + (f"; {report}" if report is not None and report.is_file() else ""))
+    if run_dir is not None and other:
+        print(f"not the run's own evaluation ({', '.join(other)}): {run_dir}/report.md and its MLflow run are left as "
+              "they were")
+    if cfg.tracking and report is not None:  # the run's own data, as for the report
+        from lib.records.tracking import log_to_recorded_run
+
+        steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r]
+        keys = ("loss", "perplexity", "accuracy", "bits_per_byte")
+        overall = records[-1]  # one dataset's, or the mixture's
+        figures = {f"eval_{cfg.split}_{k}": float(overall[k]) for k in keys if k in overall}
+        figures.update({f"eval_{cfg.split}_{k}_bits_per_byte": v for k, v in scored[0]["baselines"].items()} if not mix
+                       else {})
+        for record in records[:-1] if mix else []:
+            figures.update({f"eval_{cfg.split}_{k}_{record['source']}": float(record[k]) for k in keys if k in record})
+        log_to_recorded_run(run_dir, figures, max(steps, default=0), [
+            ("eval", out_dir / "metrics.csv"), ("eval", out_dir / "samples.txt"), ("", report)], print,
+            tags={f"eval_{cfg.split}_weights_sha256": common["weights_sha256"]})
+
+
+def figures_line(record: dict, baselines: dict) -> str:
+    """A report line's figures: bits per byte (against the compressors where they ran), loss, ..."""
+    bpb = f"bits/byte **{record['bits_per_byte']:.4f}** " if "bits_per_byte" in record else ""
+    against = (f"(lzma -9e {baselines['lzma']:.4f}, bz2 -9 {baselines['bz2']:.4f}, gzip -9 {baselines['gzip']:.4f})"
+               if baselines else "")
+    return (f"{bpb}{against}; loss {record['loss']:.4f}, perplexity {record['perplexity']:.2f}, "
+            f"next-token accuracy {record['accuracy']:.3f}")
+
+
+def check_data(cfg: EvalConfig, model_dir: Path, data_dir) -> tuple[Path, dict]:
+    """(the tokens folder, its manifest) of a dataset folder, its split verified and in the model's tokenizer."""
+    from lib.data.batches import tokens_dir, verify_shards
+    from lib.data.corpus import read_manifest
+    from lib.data.tokenizer import tokenizer_fingerprint
+
+    tok_dir = tokens_dir(data_dir)
+    manifest = read_manifest(tok_dir, "tokens")
+    verify_shards(tok_dir, manifest, (cfg.split,))
+    model_tok = tokenizer_fingerprint(model_dir)
+    if model_tok is not None and model_tok != manifest["tokenizer_sha256"]:
+        raise UserError(f"{model_dir} was trained with another tokenizer than {tok_dir}; evaluate on data encoded "
+                        f"with the model's own tokenizer (scripts/tokenize.py --tokenizer {model_dir} ...)")
+    return tok_dir, manifest
+
+
+def score_split(cfg: EvalConfig, model, accelerator, tok_dir: Path, manifest: dict, seq_len: int, stride: int,
+                doc_mask: bool, precision: str, common: dict) -> dict:
+    """The model on one dataset's split (or its --max_tokens sample), printed beside what the
+    compressors reach on the same text: its metrics record and what the report and samples use."""
+    import numpy as np
+
+    from lib.data.batches import DocBoundary, gather_docs, load_masks, load_split, sample_docs
+    from lib.data.corpus import iter_records
+    from lib.model.evaluate import compressor_bpb, evaluate_stream, summarize
 
     tokens, docs = load_split(tok_dir, cfg.split)
     chosen = sample_docs(docs, cfg.max_tokens, cfg.sample_seed)
     stream, n_bytes = gather_docs(tokens, docs, chosen)
     masks = load_masks(tok_dir, cfg.split)  # conversations: the assistant's tokens (and bytes) alone count
-    import numpy as np
-
     mask_stream = gather_docs(np.concatenate(masks), docs, chosen)[0] if masks is not None else None
     n_docs = len(chosen)
     t0 = time.perf_counter()
-    stride = cfg.stride or max(1, seq_len // 2)
     res = summarize(evaluate_stream(model, stream, seq_len, cfg.batch_size,
                                     accelerator.device, accelerator.autocast, stride, progress=True,
                                     boundary=DocBoundary.of(manifest["special_ids"]) if doc_mask else None,
@@ -366,8 +454,8 @@ def main() -> None:
     baselines = compressor_bpb(text.encode("utf-8")) if masks is None else {}
 
     whole = "the whole split" if n_docs == len(docs) else f"a sample (seed {cfg.sample_seed})"
-    print(f"model {model_dir} on {tok_dir} [{cfg.split}], {whole}: {n_docs} of {len(docs)} documents, {n_bytes:,} bytes, "
-          f"{res['tokens']:,} target tokens, seq_len {seq_len}, stride {stride}, doc_mask {doc_mask}, "
+    print(f"model {common['model']} on {tok_dir} [{cfg.split}], {whole}: {n_docs} of {len(docs)} documents, "
+          f"{n_bytes:,} bytes, {res['tokens']:,} target tokens, seq_len {seq_len}, stride {stride}, doc_mask {doc_mask}, "
           f"{precision}, {secs:.1f}s")
     print(f"  loss        {res['loss']:.4f} nats/token")
     print(f"  perplexity  {res['perplexity']:.2f}")
@@ -379,70 +467,38 @@ def main() -> None:
     if masks is not None:
         print("              (the assistant's tokens and text only; compressors, which cannot be given the "
               "prompts, are not compared)")
+    record = {**common, "data": str(tok_dir), "data_content_hash": manifest["content_hash"], "documents": n_docs,
+              **res, **{f"{k}_bits_per_byte": v for k, v in baselines.items()}, "eval_seconds": secs}
+    return {"record": record, "figures": res, "baselines": baselines, "whole": whole, "n_docs": n_docs,
+            "of_docs": len(docs), "seconds": secs, "doc_texts": doc_texts, "manifest": manifest}
 
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": str(model_dir), "data": str(tok_dir),
-              "split": cfg.split, "data_content_hash": manifest["content_hash"], "seq_len": seq_len,
-              "doc_mask": doc_mask, "stride": stride, "precision": precision, "documents": n_docs, **res,
-              **{f"{k}_bits_per_byte": v for k, v in baselines.items()}, "eval_seconds": secs,
-              "weights_sha256": weights_sha256(model_dir, verified)}
 
+def write_free_samples(cfg: EvalConfig, model, model_cfg, model_dir: Path, accelerator, scored: dict) -> list:
+    """(prompt, text) of --samples sampled continuations: of --prompt, else of the opening words
+    (up to 48 characters, cut at a space) of held-out documents, one each."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from lib.data.tokenizer import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(model_dir)
+    set_seed(cfg.seed)
+    prompts = [cfg.prompt] * cfg.samples if cfg.prompt is not None else [
+        (t[:48].rsplit(" ", 1)[0] if " " in t[:48] else t[:48]) for t in scored["doc_texts"][:cfg.samples]]
+    bos = scored["manifest"]["special_ids"].get("bos")
+    positions = getattr(model_cfg, "n_positions", None) or getattr(model_cfg, "max_position_embeddings", None)
     samples = []
-    if cfg.samples > 0:
-        tok = load_hf_tokenizer(model_dir)
-        set_seed(cfg.seed)
-        # the opening words (up to 48 characters, cut at a space) of held-out documents, unless given
-        prompts = [cfg.prompt] * cfg.samples if cfg.prompt is not None else [
-            (t[:48].rsplit(" ", 1)[0] if " " in t[:48] else t[:48]) for t in doc_texts[:cfg.samples]]
-        bos = manifest["special_ids"].get("bos")
-        positions = getattr(model_cfg, "n_positions", None) or getattr(model_cfg, "max_position_embeddings", None)
-        for prompt in prompts:
-            # a document as the shards hold it: bos first (where there is one), whatever the client
-            # tokenizer's own habit of adding it or not
-            ids = ([bos] if bos is not None else []) + tok(prompt, add_special_tokens=False).input_ids
-            new = cfg.sample_tokens if positions is None else max(0, min(cfg.sample_tokens, positions - len(ids)))
-            with torch.no_grad(), accelerator.autocast():
-                out = model.generate(torch.tensor([ids], device=accelerator.device), do_sample=True,
-                                     temperature=cfg.temperature, max_new_tokens=new,
-                                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else bos)
-            samples.append((prompt, tok.decode(out[0], skip_special_tokens=True)))
-
-    sink = MetricsSink(out_dir / METRICS, formats)
-    sink.write(record)
-    sink.close()
-    if samples:
-        with atomic_text(out_dir / "samples.txt") as f:
-            for i, (prompt, s) in enumerate(samples):
-                f.write(f"--- sample {i} (prompt {prompt!r}, temperature {cfg.temperature})\n{s}\n")
-        print(f"sample 0 (prompt {samples[0][0]!r}):\n{samples[0][1]}")
-    # the run's report and MLflow run show the run evaluated as it was trained, not with other options
-    other = departures(cfg, run_dir, out_dir, precision)
-    report = run_dir / "report.md" if not other else None
-    if report is not None and report.is_file():
-        from lib.records.report import set_report_section
-
-        set_report_section(report, f"Held-out evaluation by eval.py ({cfg.split})", (
-            f"- {record['time']}: {whole}, {n_docs} of {len(docs)} documents, {n_bytes:,} bytes, "
-            f"{res['tokens']:,} tokens; seq_len {seq_len}, stride {stride}, {precision}, {secs:.1f} s\n"
-            f"- weights scored: {model_dir.name}/ with sha256 {record['weights_sha256']}\n"
-            f"- bits/byte **{res['bits_per_byte']:.4f}** " + (
-                f"(lzma -9e {baselines['lzma']:.4f}, bz2 -9 {baselines['bz2']:.4f}, gzip -9 {baselines['gzip']:.4f})"
-                if baselines else "(the assistant's text only)") + f"; loss {res['loss']:.4f}, "
-            f"perplexity {res['perplexity']:.2f}, next-token accuracy {res['accuracy']:.3f}"))
-    tables = "".join(f", metrics.{f}" for f in formats if f != "ndjson")
-    print(f"wrote {out_dir}/{METRICS}{tables}" + (", samples.txt" if samples else "")
-          + (f"; {report}" if report is not None and report.is_file() else ""))
-    if run_dir is not None and other:
-        print(f"not the run's own evaluation ({', '.join(other)}): {run_dir}/report.md and its MLflow run are left as "
-              "they were")
-    if cfg.tracking and report is not None:  # the run's own data, as for the report
-        from lib.records.tracking import log_to_recorded_run
-
-        steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r]
-        figures = {f"eval_{cfg.split}_{k}": float(record[k]) for k in ("loss", "perplexity", "accuracy", "bits_per_byte")}
-        figures.update({f"eval_{cfg.split}_{k}_bits_per_byte": v for k, v in baselines.items()})
-        log_to_recorded_run(run_dir, figures, max(steps, default=0), [
-            ("eval", out_dir / "metrics.csv"), ("eval", out_dir / "samples.txt"), ("", report)], print,
-            tags={f"eval_{cfg.split}_weights_sha256": record["weights_sha256"]})
+    for prompt in prompts:
+        # a document as the shards hold it: bos first (where there is one), whatever the client
+        # tokenizer's own habit of adding it or not
+        ids = ([bos] if bos is not None else []) + tok(prompt, add_special_tokens=False).input_ids
+        new = cfg.sample_tokens if positions is None else max(0, min(cfg.sample_tokens, positions - len(ids)))
+        with torch.no_grad(), accelerator.autocast():
+            out = model.generate(torch.tensor([ids], device=accelerator.device), do_sample=True,
+                                 temperature=cfg.temperature, max_new_tokens=new,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else bos)
+        samples.append((prompt, tok.decode(out[0], skip_special_tokens=True)))
+    return samples
 
 
 if __name__ == "__main__":

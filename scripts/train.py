@@ -38,6 +38,8 @@ from lib import errors, plugins  # noqa: E402
 from lib.data.batches import Batch, BlockSampler, DataConfig, DocBoundary, PaddedDocs, TokenBlocks  # noqa: E402
 from lib.data.batches import build_train_data, load_doc_tables, load_masks, load_split, tokens_dir  # noqa: E402
 from lib.data.batches import verify_shards  # noqa: E402
+from lib.data import mixture  # noqa: E402
+from lib.data.mixture import MixedBlocks, MixtureSampler, Source  # noqa: E402
 from lib.data.corpus import iter_records, read_manifest  # noqa: E402
 from lib.data.tokenizer import TextTokenizer, has_tokenizer, load_hf_tokenizer  # noqa: E402
 from lib.errors import UserError, exit_on_user_error, where_am_i  # noqa: E402
@@ -232,13 +234,16 @@ SECTIONS = {"loss": LOSSES, "optim": (OPTIMIZERS, SCHEDULES), "actions": ACTIONS
 @dataclass
 class Data:
     """The tokenized data the run reads (load_data)."""
-    manifest: dict  # the token shards' manifest.json
+    manifest: dict  # the token shards' manifest.json (of the first source of a mixture)
     tokens_dir: Path
-    train: TokenBlocks | PaddedDocs  # packed blocks, or documents padded into rows (--data.packing)
+    train: TokenBlocks | PaddedDocs | MixedBlocks  # packed blocks, documents padded into rows (--data.packing), or a mixture's blocks
     boundary: Optional[DocBoundary]  # where documents meet (position ids restart there), or None
-    held_out: HeldOutSample  # the held-out windows every evaluation scores
+    held_out: HeldOutSample  # the held-out windows every evaluation scores (the first source's, of a mixture)
     sample_prompts: list[list[int]]  # token ids the samples continue (--sample_every)
     tokenizer: Path  # the folder of the tokenizer the data was encoded with
+    content_hash: str  # what checkpoints name the data by: the manifest's, or the mixture's (lib/data/mixture.py)
+    sources: list[Source] = field(default_factory=list)  # --data.mix: its sources; empty for one dataset
+    held_out_by_source: dict = field(default_factory=dict)  # --data.mix: each source's name -> its HeldOutSample
 
 
 @dataclass
@@ -356,6 +361,15 @@ def check_options(cfg: TrainConfig) -> None:
             raise UserError(f"--{name} {value}: must be {need}")
     if cfg.tasks_every and not cfg.tasks:
         raise UserError(f"--tasks_every {cfg.tasks_every}: name the tasks to run with --tasks")
+    if cfg.data.mix:  # each source a tokenized dataset, all in one tokenizer: data.dir is the first
+        sources = mixture.parse_mix(cfg.data.mix)
+        given = config_lib.flag_value(sys.argv[1:], "data.dir")
+        if given is not None and Path(given) != sources[0].dir:
+            raise UserError(f"--data.dir {given} with --data.mix: the mixture names every source; leave --data.dir out")
+        if cfg.data.packing != "pack":
+            raise UserError(f"--data.mix trains on packed blocks, not --data.packing {cfg.data.packing}: drop the option")
+        mixture.check_sources(sources)
+        cfg.data.dir = str(sources[0].dir)
     if cfg.tasks:  # the harness installed, each task found and readable offline: before any training
 
         task_manager(cfg.tasks, cfg.tasks_dir, cfg.allow_task_code)
@@ -406,8 +420,28 @@ def start(cfg: TrainConfig) -> tuple[Accelerator, Choice]:
 
 def load_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
     """Training blocks, a held-out sample that is the same at every evaluation, and the prompts
-    the samples continue; every shard verified first."""
-    tok_dir = tokens_dir(cfg.data.dir)
+    the samples continue; every shard verified first. With --data.mix, each source's blocks and
+    held-out sample, the blocks drawn as one mixture."""
+    sources = mixture.parse_mix(cfg.data.mix) if cfg.data.mix else []
+    parts = [load_source(cfg, Path(s.dir), accelerator) for s in sources] or [load_source(cfg, Path(cfg.data.dir), accelerator)]
+    manifest, tok_dir, train, held_out, val = parts[0]
+    tokenizer = (tok_dir / manifest["tokenizer_dir"]).resolve()
+    boundary = DocBoundary.of(manifest["special_ids"]) if cfg.data.doc_mask else None
+    if cfg.data.doc_mask and boundary is None:
+        accelerator.print("note: the tokenizer has neither bos nor eos, so nothing marks where documents meet: "
+                          "attention spans them")
+    prompts = sample_prompts(cfg, tokenizer, manifest, *val) if cfg.sample_every else []
+    if not sources:
+        return Data(manifest, tok_dir, train, boundary, held_out, prompts, tokenizer, manifest["content_hash"])
+    return Data(manifest, tok_dir, MixedBlocks([p[2] for p in parts]), boundary, held_out, prompts, tokenizer,
+                mixture.mixture_hash(sources, [p[0] for p in parts]), sources,
+                {s.name: p[3] for s, p in zip(sources, parts)})
+
+
+def load_source(cfg: TrainConfig, data_dir: Path, accelerator: Accelerator):
+    """One dataset folder: (its manifest, its tokens folder, its training blocks, its held-out
+    sample, (its held-out tokens, documents, loss mask))."""
+    tok_dir = tokens_dir(data_dir)
     manifest = read_manifest(tok_dir, "tokens")
     verify_shards_on_main(tok_dir, manifest, accelerator)
     val_tokens, val_docs = load_split(tok_dir, "val")
@@ -416,15 +450,10 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
     mask = None if val_masks is None else np.concatenate(val_masks)
     held_out = held_out_sample(val_tokens, val_docs, cfg.data.seq_len, cfg.eval_tokens,
                                token_byte_lengths(tokenizer) if has_tokenizer(tokenizer) else None, seed=0, mask=mask)
-    boundary = DocBoundary.of(manifest["special_ids"]) if cfg.data.doc_mask else None
-    if cfg.data.doc_mask and boundary is None:
-        accelerator.print("note: the tokenizer has neither bos nor eos, so nothing marks where documents meet: "
-                          "attention spans them")
     if val_masks is not None:
         warn_long_conversations(cfg, tok_dir, manifest, accelerator.print)
-    prompts = sample_prompts(cfg, tokenizer, manifest, val_tokens, val_docs, mask) if cfg.sample_every else []
-    return Data(manifest, tok_dir, build_train_data(tok_dir, cfg.data, manifest["special_ids"]), boundary, held_out,
-                prompts, tokenizer)
+    return (manifest, tok_dir, build_train_data(tok_dir, cfg.data, manifest["special_ids"]), held_out,
+            (val_tokens, val_docs, mask))
 
 
 def build(cfg: TrainConfig, accelerator: Accelerator, data: Data) -> Model:
@@ -503,8 +532,12 @@ def open_run(cfg: TrainConfig, accelerator: Accelerator, precision: Choice, star
     errors.writing_to(run_dir)  # named by a disk-full error whose file is not known
     resume_from = run_folder.claim(accelerator, run_dir, cfg.resume, cfg.overwrite)
     if is_main:
-        config_lib.save(cfg, run_dir / "config.yaml")
-    sampler = BlockSampler(len(data.train), cfg.micro_batch_size, cfg.seed, accelerator.process_index, world)
+        config_lib.save(cfg, run_dir / "config.yaml", describe_mixture(cfg, data, world) if data.sources else ())
+    if data.sources:  # each row from the source furthest behind its share
+        sampler = MixtureSampler([len(p) for p in data.train.parts], [s.weight for s in data.sources],
+                                 cfg.micro_batch_size, cfg.seed, accelerator.process_index, world)
+    else:
+        sampler = BlockSampler(len(data.train), cfg.micro_batch_size, cfg.seed, accelerator.process_index, world)
     on_clock = bool(cfg.max_minutes and (cfg.fit_schedule if cfg.fit_schedule is not None else not cfg.deterministic))
     loop = LoopState(horizon=cfg.max_steps, device=accelerator.device,
                      clock=budget.ClockSchedule(60 * cfg.max_minutes, cfg.max_steps) if on_clock else None)
@@ -513,16 +546,21 @@ def open_run(cfg: TrainConfig, accelerator: Accelerator, precision: Choice, star
         unwrapped = accelerator.unwrap_model(model.prepared)
         vet = (lambda st: lora.check_checkpoint(resume_from, st, unwrapped, model.base_sha,
                                                 cfg.model.init_from)) if lora.enabled(cfg.lora) else None
-        state = ckpt.load(accelerator, resume_from, data.manifest["content_hash"], cfg.allow_data_change,
+        state = ckpt.load(accelerator, resume_from, data.content_hash, cfg.allow_data_change,
                           strict=not lora.enabled(cfg.lora), check=vet)
         sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
         loop.load_state_dict(state, accelerator.process_index)
         say(f"resumed from {resume_from} at step {loop.step}")
     metrics = tracker = system = None
     if is_main:
-        write_json(run_dir / "provenance.json",
-                   provenance(cfg, data.manifest, accelerator, model.n_params, resume_from,
-                              tracking.effective_uri(cfg.tracking, cfg.runs_dir)))
+        record = provenance(cfg, data.manifest, accelerator, model.n_params, resume_from,
+                            tracking.effective_uri(cfg.tracking, cfg.runs_dir))
+        if data.sources:
+            record["data"]["mix"] = [{"name": s.name, "dir": str(s.dir.resolve()), "weight": s.weight,
+                                      "tokens_content_hash": read_manifest(tokens_dir(s.dir), "tokens")["content_hash"]}
+                                     for s in data.sources]
+            record["data"]["mixture_content_hash"] = data.content_hash
+        write_json(run_dir / "provenance.json", record)
         if resume_from is not None:
             drop_records_logged_again(cfg, run_dir, loop, say)
         # MLflow mirrors what metrics.jsonl records, from a thread: local unless --tracking.uri
@@ -634,10 +672,18 @@ def finish(run: Run) -> None:
     in_sync = runtime.replicas_identical(accelerator, run.unwrapped)
     if run.world > 1 and in_sync is not None:
         run.say(f"weights identical on all {run.world} processes: {in_sync}")
+    drawn = {}  # a mixture: each source's share of the rows drawn (so of the tokens), counted by the sampler
+    if run.data.sources:
+        drawn = {s.name: (share, passes) for s, share, passes in
+                 zip(run.data.sources, run.sampler.shares(), run.sampler.passes())}
+        run.say("training tokens by source, as drawn: " + ", ".join(
+            f"{name} {share:.2%} (weight {s.weight:.2%}, {passes:.2f} passes)"
+            for s, (name, (share, passes)) in zip(run.data.sources, drawn.items())))
     if run.metrics:
         run.metrics.write({"type": "final", "step": loop.step, "world_size": run.world, "replicas_identical": in_sync,
                            "skipped_steps": loop.skipped_steps, "tokens_seen": loop.tokens_seen,
-                           **fp16_state(run)})
+                           **fp16_state(run), **{f"mix_share_{n}": v[0] for n, v in drawn.items()},
+                           **{f"mix_passes_{n}": v[1] for n, v in drawn.items()}})
     train_peak = peak_memory_gib(run.device)[0]  # the export below may hold a second copy of the model
     export.final_model(accelerator, run.model.prepared, run.run_dir / "final", run.data.tokens_dir, run.model.fused,
                        cfg.lora if run.uses_lora else None,
@@ -656,8 +702,8 @@ def finish(run: Run) -> None:
             f"precision: {run.precision.name} ({run.precision.reason})",
             f"steps: {loop.step} of {loop.horizon}{' (stopped early)' if run.stopped_early else ''}{fitted}, "
             f"{loop.tokens_seen:,} tokens in {loop.elapsed_s() / 60:.1f} min of training (all parts of the run), "
-            f"{loop.tokens_seen / max(loop.elapsed_s(), 1e-9):,.0f} tokens/s"],
-            loop.last_eval["figures"], run.data.held_out.description)
+            f"{loop.tokens_seen / max(loop.elapsed_s(), 1e-9):,.0f} tokens/s", *mixture_facts(run, drawn)],
+            loop.last_eval["figures"], "the mixture by its weights" if drawn else run.data.held_out.description)
         peak, of_what = peak_memory_gib(run.device)
         run.say(f"done: {loop.step} steps in {loop.elapsed_s() / 60:.1f} min of training, peak memory {train_peak:.2f} "
                 f"GiB ({of_what}, main process; {peak:.2f} with the export); final model in {run.run_dir / 'final'}")
@@ -670,6 +716,15 @@ def finish(run: Run) -> None:
     # while the main one was still writing the final model once died with SIGABRT (FSDP2 on CPU)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def mixture_facts(run: Run, drawn: dict) -> list[str]:
+    """report.md's lines on a mixture: each source's weight, share drawn and last held-out figures."""
+    last = run.loop.last_eval.get("by_source") or {}
+    return [f"source {s.name} ({s.dir}): weight {s.weight:.2%}, drawn {share:.2%} of the training tokens, "
+            f"{passes:.2f} passes" + (f"; held-out bits/byte {last[s.name]['bits_per_byte']:.4f}, loss "
+                                      f"{last[s.name]['loss']:.4f}" if "bits_per_byte" in last.get(s.name, {}) else "")
+            for s, (share, passes) in zip(run.data.sources, drawn.values())]
 
 
 # ---- what the loop calls, in the order it first calls it -------------------------------------------
@@ -801,8 +856,8 @@ def stop_reason(run: Run, lr: float) -> bool:
 
 
 def evaluate(run: Run) -> dict:
-    """Score the held-out sample, each process a share of its windows, the sums added over
-    processes: the log line and a metrics record."""
+    """Score the held-out sample (of a mixture: each source's, and the mixture from them), each
+    process a share of its windows, the sums added over processes: the log line and a metrics record."""
     import torch
 
     loop, t, accelerator = run.loop, time.perf_counter(), run.accelerator
@@ -810,23 +865,34 @@ def evaluate(run: Run) -> dict:
     def add_up(values: list) -> list:
         return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=run.device), "sum").tolist()
 
-    res = run.data.held_out.evaluate(run.unwrapped, run.cfg.micro_batch_size, run.device, accelerator.autocast,
-                                     run.data.boundary, shard=(accelerator.process_index, run.world, add_up))
-    loop.last_eval.update(step=loop.step, loss=res["loss"], seconds=time.perf_counter() - t, figures=res)
+    def score(held_out: HeldOutSample) -> dict:
+        return held_out.evaluate(run.unwrapped, run.cfg.micro_batch_size, run.device, accelerator.autocast,
+                                 run.data.boundary, shard=(accelerator.process_index, run.world, add_up))
+
+    by_source = {name: score(sample) for name, sample in run.data.held_out_by_source.items()}
+    res = mixture.mixture_figures(by_source, {s.name: s.weight for s in run.data.sources}) if by_source else \
+        score(run.data.held_out)
+    loop.last_eval.update(step=loop.step, loss=res["loss"], seconds=time.perf_counter() - t, figures=res,
+                          by_source=by_source)
+    what = run.data.held_out.description if not by_source else "the mixture, by its weights: " + ", ".join(
+        f"{name} {r['bits_per_byte']:.4f}" if "bits_per_byte" in r else f"{name} loss {r['loss']:.4f}"
+        for name, r in by_source.items())
     run.say(f"eval step {loop.step}: val_loss {res['loss']:.4f} | ppl {res['perplexity']:.2f} | "
-            f"bits/byte {res['bits_per_byte']:.4f} | acc {res['accuracy']:.3f} ({run.data.held_out.description}, "
+            f"bits/byte {res.get('bits_per_byte', float('nan')):.4f} | acc {res['accuracy']:.3f} ({what}, "
             f"{loop.last_eval['seconds']:.1f} s)")
     if run.metrics:
         run.metrics.write({"type": "eval", "step": loop.step, "tokens_seen": loop.tokens_seen,
-                           "elapsed_s": loop.elapsed_s(), **{f"val_{k}": v for k, v in res.items()}})
+                           "elapsed_s": loop.elapsed_s(), **{f"val_{k}": v for k, v in res.items()},
+                           **mixture.per_source_fields(by_source)})
         run.metrics.refresh_tables()
     return res
 
 
 def estimate_evaluation(run: Run) -> float:
     """Seconds of one evaluation, before one is timed: a few of its batches, timed."""
-    return run.data.held_out.estimate_seconds(run.unwrapped, run.cfg.micro_batch_size, run.device,
-                                              run.accelerator.autocast, run.data.boundary, world=run.world)
+    return sum(sample.estimate_seconds(run.unwrapped, run.cfg.micro_batch_size, run.device, run.accelerator.autocast,
+                                       run.data.boundary, world=run.world)
+               for sample in (run.data.held_out_by_source or {"": run.data.held_out}).values())
 
 
 def write_samples(run: Run) -> None:
@@ -899,7 +965,7 @@ def save_checkpoint(run: Run) -> None:
     ckpt.assert_finite(run.unwrapped, loop.step)
     ckpt.save(run.accelerator, run.run_dir, loop.step, cfg.keep_last_n,
               {**loop.state_dict(gather_object), "sampler": run.sampler.state_dict(),
-               "data_content_hash": run.data.manifest["content_hash"],
+               "data_content_hash": run.data.content_hash,
                **({"lora_base_sha256": run.model.base_sha} if run.uses_lora else {})}, keep_best=cfg.keep_best,
               expect_bytes=checkpoint_bytes(run), say=run.say)
     if run.metrics:  # a run stopped here has tables that match its checkpoint
@@ -1022,6 +1088,17 @@ def drop_records_logged_again(cfg: TrainConfig, run_dir: Path, loop: LoopState, 
         say(f"metrics.jsonl: dropped {dropped} record(s) logged after step {loop.step}; they are logged again")
 
 
+def describe_mixture(cfg: TrainConfig, data: Data, world: int) -> list[str]:
+    """The mixture's sources: weight, size, and passes over each in the planned steps (at most
+    max_steps where the budget's clock sets the schedule); a warning for a source repeated often."""
+    rows = cfg.max_steps * cfg.micro_batch_size * cfg.grad_accum_steps * world
+    lines = mixture.describe(data.sources, [p.n_tokens for p in data.train.parts], [len(p) for p in data.train.parts],
+                             rows)
+    bound = "at most " if cfg.max_minutes else ""
+    return [f"mixture of {len(data.sources)} sources, weights as shares of training tokens; passes in {bound}"
+            f"{cfg.max_steps} steps:"] + ["  " + line for line in lines]
+
+
 def describe_run(run: Run) -> None:
     """The start-up line: model, data layout, processes, batch and schedule."""
     cfg, train_data, boundary, horizon = run.cfg, run.data.train, run.data.boundary, run.loop.horizon
@@ -1040,6 +1117,9 @@ def describe_run(run: Run) -> None:
             f"{horizon} steps ({rows_per_step * horizon / len(train_data):.2f} epochs)"
             + (" at most: the learning rate follows the budget's clock, at its floor when the training time is "
                "spent" if run.loop.clock else ""))
+    if run.data.sources:
+        for line in describe_mixture(cfg, run.data, run.world):
+            run.say(line)
     if cfg.max_minutes and not run.loop.clock and run.resume_from is None:
         run.say(f"the schedule spans {horizon} steps; the {cfg.max_minutes:g} minute budget only stops the run"
                 + (" (--deterministic: a learning rate on the clock would differ between runs; "

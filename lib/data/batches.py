@@ -375,6 +375,9 @@ class BlockSampler:
     def load_state_dict(self, state: dict, allow_data_change: bool = False) -> None:
         """Continue from a saved position. The seed, batch size and world size must match, and
         the number of blocks too unless the data was knowingly changed."""
+        if "counts" in state:
+            raise UserError("cannot resume the data order: the checkpoint was trained on a mixture (--data.mix); "
+                            "resume with the same --data.mix, or start a new run")
         keys = ("seed", "batch_size", "world_size") + (() if allow_data_change else ("n_blocks",))
         for key in keys:
             if state[key] != getattr(self, key):
@@ -391,6 +394,12 @@ class DataConfig:
 
     dir: str = "data/stdlib"
     """A folder written by scripts/tokenize.py (holding tokens/ and tokenizer/)."""
+    mix: tuple[str, ...] = ()
+    """Train on several such folders at once, DIR:WEIGHT each, comma-separated
+    (data/stdlib:0.7,data/book:0.3; in YAML, a list): a weight is a share of the training tokens
+    (scaled to add up to 1), every source needs the same tokenizer, and every evaluation scores each
+    source's held-out split (eval_tokens each) and the mixture. data.dir becomes the first source.
+    Packed blocks only (data.packing pack); lib/data/mixture.py has the sampling rule."""
     seq_len: int = 256
     """Tokens per training sequence."""
     packing: Literal["pack", "pad_longest", "pad_multiple"] = "pack"

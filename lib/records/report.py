@@ -8,8 +8,8 @@ from lib.records.metrics import read_jsonl
 
 
 def plot_metrics(run_dir: str | Path) -> Path | None:
-    """loss.png: training loss and held-out loss against optimizer step, the figures of harness
-    tasks run during training (if any), and the learning rate."""
+    """loss.png: training loss and held-out loss against optimizer step (of a mixture, each
+    source's too), the figures of harness tasks run during training (if any), and the learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +36,12 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     if evals:
         label = f"held-out loss ({evals[-1].get('val_tokens', 0):,} tokens)"
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label=label)
+        mixed = sorted({k for r in evals for k in r if k.startswith("val_loss_")})  # a mixture's sources
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
+                label=label.replace("held-out loss", "held-out loss, the mixture") if mixed else label)
+        for key in mixed:
+            points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+            ax.plot(*zip(*points), ".--", label=f"held-out loss, {key.removeprefix('val_loss_')}")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
