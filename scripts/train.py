@@ -679,6 +679,10 @@ def finish(run: Run) -> None:
         run.say("training tokens by source, as drawn: " + ", ".join(
             f"{name} {share:.2%} (weight {s.weight:.2%}, {passes:.2f} passes)"
             for s, (name, (share, passes)) in zip(run.data.sources, drawn.items())))
+        for s, (share, passes) in zip(run.data.sources, drawn.values()):
+            if passes > mixture.MANY_PASSES:
+                run.say(f"warning: {s.dir} was repeated {passes:.0f} times: past about {mixture.MANY_PASSES} passes "
+                        "repeated tokens teach little; add text to it or lower its weight")
     if run.metrics:
         run.metrics.write({"type": "final", "step": loop.step, "world_size": run.world, "replicas_identical": in_sync,
                            "skipped_steps": loop.skipped_steps, "tokens_seen": loop.tokens_seen,
@@ -1093,7 +1097,7 @@ def describe_mixture(cfg: TrainConfig, data: Data, world: int) -> list[str]:
     max_steps where the budget's clock sets the schedule); a warning for a source repeated often."""
     rows = cfg.max_steps * cfg.micro_batch_size * cfg.grad_accum_steps * world
     lines = mixture.describe(data.sources, [p.n_tokens for p in data.train.parts], [len(p) for p in data.train.parts],
-                             rows)
+                             rows, at_most=bool(cfg.max_minutes))
     bound = "at most " if cfg.max_minutes else ""
     return [f"mixture of {len(data.sources)} sources, weights as shares of training tokens; passes in {bound}"
             f"{cfg.max_steps} steps:"] + ["  " + line for line in lines]

@@ -81,6 +81,16 @@ def test_conversations_and_plain_text_mix_each_row_with_its_own_loss_mask():
     assert batch.position_ids.tolist()[0] == [0, 1, 2, 3]
 
 
+def test_a_source_repeated_past_16_passes_is_warned_about():
+    from lib.data.mixture import describe
+
+    sources = parse_mix(["data/big:0.9,data/small:0.1"])
+    lines = describe(sources, [1_000_000, 2_000], [10_000, 20], rows=8_000, at_most=True)
+    assert lines[0] == "big: data/big, weight 0.900, 1,000,000 tokens, up to 0.7 passes"
+    assert lines[1].startswith("small: data/small, weight 0.100, 2,000 tokens, up to 40.0 passes")
+    assert lines[2].startswith("warning: data/small would be repeated up to 40 times") and len(lines) == 3
+
+
 def test_the_mixture_figure_is_what_text_drawn_by_the_weights_scores():
     a = {"loss": 1.0, "accuracy": 0.5, "tokens": 100, "bits_per_byte": 1.0 / math.log(2) / 4, "bytes": 400}
     b = {"loss": 3.0, "accuracy": 0.1, "tokens": 50, "bits_per_byte": 3.0 / math.log(2) / 2, "bytes": 100}

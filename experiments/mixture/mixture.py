@@ -31,16 +31,18 @@ TOPICS = "data/topics"
 STDLIB = "data/stdlib"
 WEIGHTS = (1.0, 0.5, 0.2)  # the topics' share of the training tokens; 1.0: the topics alone
 MINUTES = 3
+EVAL_TOKENS = 32_768  # what each in-training evaluation scores (the preset's eval_tokens)
 LR = "3e-4"
 
 
 def write_topics(path: Path) -> None:
+    """The topics as one text file, which tokenize.py cuts into documents of about 8 KB at paragraph
+    ends (as it does a book): a held-out tenth of those is 80 KB, where whole topics (some of 50 KB)
+    would leave a few."""
     from pydoc_data.topics import topics
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for key in sorted(topics):
-            f.write(json.dumps({"text": topics[key]}) + "\n")
+    path.write_text("\n\n".join(topics[key] for key in sorted(topics)), encoding="utf-8")
 
 
 def bits_per_byte(model: str, data: str, out_dir: str) -> float:
@@ -55,10 +57,10 @@ def bits_per_byte(model: str, data: str, out_dir: str) -> float:
 def run_all() -> list[dict]:
     if not (ROOT / BASE / "final" / "config.json").is_file():
         sys.exit(f"{BASE}/final not found: run `make train` first (the model this experiment fine-tunes)")
-    source = ROOT / "runs" / "mixture" / "topics.jsonl"
+    source = ROOT / "runs" / "mixture" / "topics.txt"
     write_topics(source)
     subprocess.run([PY, "scripts/tokenize.py", "--corpus.source", str(source), "--tokenizer", f"{BASE}/final",
-                    "--out_dir", TOPICS, "--corpus.val_per_mille", "100"], cwd=ROOT, check=True)
+                    "--out_dir", TOPICS, "--corpus.val_per_mille", "100", "--force"], cwd=ROOT, check=True)
     results = [{"run": "before", "weight": 0.0, "minutes": 0,
                 "stdlib": bits_per_byte(BASE, STDLIB, "runs/mixture/before-stdlib"),
                 "topics": bits_per_byte(BASE, TOPICS, "runs/mixture/before-topics")}]
@@ -96,24 +98,34 @@ def run_all() -> list[dict]:
 
 def report(results: list[dict]) -> None:
     before = results[0]
-    rows = ["| run | topics' share of tokens | steps | stdlib bits/byte (change) | topics bits/byte (change) |",
-            "|---|---|---|---|---|"]
+    manifest = json.loads((ROOT / TOPICS / "tokens" / "manifest.json").read_text())
+    topics_tokens = manifest["splits"]["train"]["tokens"]  # the passes of the run on the topics alone
+    rows = ["| run | topics' share of tokens | steps | passes over the topics | stdlib bits/byte (change) | "
+            "topics bits/byte (change) | topics, best in training (step) |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        share = "-" if r["run"] == "before" else f"{r['weight']:.0%}"
         change = (lambda k: "" if r["run"] == "before" else f" ({r[k] - before[k]:+.4f})")
-        rows.append(f"| {r['run']} | {share} | {r.get('steps', '-')} | {r['stdlib']:.4f}{change('stdlib')} | "
-                    f"{r['topics']:.4f}{change('topics')} |")
+        if r["run"] == "before":
+            rows.append(f"| before | - | - | - | {r['stdlib']:.4f} | {r['topics']:.4f} | - |")
+            continue
+        passes = r.get("topics_passes") or r["tokens"] * r["weight"] / topics_tokens
+        best = min(r["curve"], key=lambda c: c[1])
+        rows.append(f"| {r['run']} | {r['topics_share_drawn']:.1%} | {r['steps']} | {passes:.1f} | "
+                    f"{r['stdlib']:.4f}{change('stdlib')} | {r['topics']:.4f}{change('topics')} | "
+                    f"{best[1]:.4f} ({best[0]}) |")
     (HERE / "results.md").write_text(
         f"# Fine-tuning on the documentation topics, alone and mixed ({results[-1].get('date', '')})\n\n"
         f"Each run: {BASE}/final fine-tuned for {MINUTES} minutes at learning rate {LR}; bits per byte on the whole "
-        "held-out split of each corpus (scripts/eval.py).\n\n" + "\n".join(rows) + "\n")
+        "held-out split of each corpus (scripts/eval.py); the share is the one the sampler drew; the best in "
+        f"training is the lowest of the in-training evaluations (each scores up to {EVAL_TOKENS:,} "
+        f"held-out tokens; the topics' split holds {manifest['splits']['val']['tokens']:,}).\n\n"
+        + "\n".join(rows) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = results[1:]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
     shares = [r["weight"] for r in runs]
     ax.plot(shares, [r["stdlib"] for r in runs], "o-", label="stdlib (the original data)")
     ax.plot(shares, [r["topics"] for r in runs], "s-", label="topics (the new corpus)")
@@ -121,9 +133,20 @@ def report(results: list[dict]) -> None:
     ax.axhline(before["topics"], color="tab:orange", ls=":", label="topics before")
     ax.set_xlabel("the topics' share of the fine-tuning tokens")
     ax.set_ylabel("held-out bits per byte (whole split)")
-    ax.set_title(f"Fine-tuning {MINUTES} min: forgetting against learning")
+    ax.set_title(f"After {MINUTES} min of fine-tuning")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    for r in runs:
+        line, = ax_t.plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], "-", label=f"{r['run']}: topics")
+        if r["curve"] and r["curve"][0][2] is not None:
+            ax_t.plot([c[0] for c in r["curve"]], [c[2] for c in r["curve"]], "--", color=line.get_color(),
+                      label=f"{r['run']}: stdlib")
+    ax_t.axhline(before["topics"], color="gray", ls=":", label="topics before")
+    ax_t.set_xlabel("optimizer step")
+    ax_t.set_ylabel("held-out bits per byte (in-training sample)")
+    ax_t.set_title("During fine-tuning")
+    ax_t.grid(alpha=0.3)
+    ax_t.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(HERE / "mixture.png", dpi=100)
     print((HERE / "results.md").read_text())

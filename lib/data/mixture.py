@@ -217,15 +217,18 @@ def per_source_fields(by_source: dict[str, dict]) -> dict:
             for k in ("loss", "bits_per_byte", "accuracy") if k in r}
 
 
-def describe(sources: list[Source], sizes_tokens: list[int], sizes_blocks: list[int], rows: int) -> list[str]:
+def describe(sources: list[Source], sizes_tokens: list[int], sizes_blocks: list[int], rows: int,
+             at_most: bool = False) -> list[str]:
     """Lines for the log and config.yaml: each source's weight, size, and the passes over it that
-    `rows` rows (the planned steps' rows) take; a warning line where a source is repeated often."""
+    `rows` rows (the planned steps' rows; `at_most`: an upper bound, where a time budget may end the
+    run sooner) take; a warning line where a source would be repeated often."""
     lines = []
     for s, tokens, blocks in zip(sources, sizes_tokens, sizes_blocks):
         passes = rows * s.weight / blocks
-        lines.append(f"{s.name}: {s.dir}, weight {s.weight:.3f}, {tokens:,} tokens, about {passes:.1f} passes "
-                     f"in the planned steps")
+        lines.append(f"{s.name}: {s.dir}, weight {s.weight:.3f}, {tokens:,} tokens, {'up to' if at_most else 'about'} "
+                     f"{passes:.1f} passes")
         if passes > MANY_PASSES:
-            lines.append(f"warning: {s.dir} would be repeated about {passes:.0f} times: past about {MANY_PASSES} passes "
-                         "repeated tokens teach little; add text to it or lower its weight")
+            lines.append(f"warning: {s.dir} would be repeated {'up to' if at_most else 'about'} {passes:.0f} times "
+                         f"(the last log line counts them): past about {MANY_PASSES} passes repeated tokens teach "
+                         "little; add text to it or lower its weight")
     return lines
