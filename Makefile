@@ -4,12 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke sft lm-eval mlflow test bench race litgpt gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
+.PHONY: help venv tokenize train eval smoke sft lm-eval trl mlflow test bench race litgpt gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9-minute budget, sized to this machine), evaluate it"
 	@echo "make smoke     the same pipeline at toy size (under 2 minutes) -> runs/smoke/"
 	@echo "make lm-eval   install lm-evaluation-harness (optional) without changing any installed package's version"
+	@echo "make trl       install trl (for the preference-loss test) without changing any installed package's version"
 	@echo "make sft       instruction-tune runs/default on question/answer pairs from the stdlib -> runs/sft/ (BASE=runs/x)"
 	@echo "make test      run the test suite"
 	@echo "make bench     speed and memory benchmarks against their baselines, then make race (figures in runs/bench/, ~1.5 hours)"
@@ -65,6 +66,15 @@ $(VENV)/.lm_eval: $(VENV)/.installed
 	$(PY) -c "import lm_eval, torch; print('lm_eval', lm_eval.__version__, '| torch', torch.__version__)"
 	touch $@
 
+# trl, for the test that this project's DPO loss equals trl's DPOTrainer's on the same batch
+# (tests/test_preference.py): installed the same way, against this venv's exact versions
+trl: $(VENV)/.trl
+$(VENV)/.trl: $(VENV)/.installed
+	$(PY) -m pip freeze --exclude-editable > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt "trl>=1.16,<2"
+	$(PY) -c "import trl, torch; print('trl', trl.__version__, '| torch', torch.__version__)"
+	touch $@
+
 # Instruction tuning offline: pairs made from the standard library (a function's signature asked
 # about, its docstring's first paragraph as the answer), whole modules held out; the answers'
 # loss before (the base) and after, then three answers to held-out questions
@@ -83,7 +93,7 @@ sft: venv
 # not found; not seen since, see docs/2026-12-01-measurements.md; a stuck wait now ends as an error
 # after --dist_timeout_minutes): serial by default
 TEST_WORKERS ?= 0
-test: venv lm-eval  # tests/test_tasks.py runs lm-evaluation-harness
+test: venv lm-eval trl  # tests/test_tasks.py runs lm-evaluation-harness; tests/test_preference.py, trl
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 bench: tokenize litgpt

@@ -1,0 +1,125 @@
+"""Preference objectives on (chosen, rejected) response pairs, by name (PREFERENCE_LOSSES).
+
+A pair is one prompt with two responses. Each response is scored by its log-probability under the
+model being trained (the policy) and, for the objectives that have one, under a frozen reference
+(the starting model): the sum over the response's tokens of log p(token | everything before it),
+prompt tokens masked out. The reward of a response is beta times its log-ratio, policy minus
+reference, and a pair counts as ranked right when the chosen response's reward is the higher.
+
+    dpo    -log sigmoid(beta * (chosen log-ratio - rejected log-ratio))    (Rafailov et al., 2023)
+    ipo    (the same difference, each log-ratio averaged per response token, - 1 / (2 beta))^2
+                                                                          (Azar et al., 2023)
+    simpo  -log sigmoid(beta * (mean chosen log-prob - mean rejected log-prob) - gamma): no
+           reference; its reward is beta times the mean log-prob      (Meng et al., 2024)
+
+IPO's per-token averaging is what trl does, and what the IPO authors confirmed to it. Every
+figure here is per pair; a step's loss is their mean over every pair of the step
+(pair-weighted, whatever the micro-batch split).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lib.plugins import Registry
+
+PREFERENCE_LOSSES = Registry("preference")
+"""Preference objectives by name: functions (policy, reference, PreferenceOptions) -> PairFigures."""
+
+
+@dataclass
+class PreferenceOptions:
+    """The preference objective (train.py on preference data)."""
+
+    name: str = "dpo"
+    """dpo, ipo or simpo (or one a plugin registers in PREFERENCE_LOSSES)."""
+    beta: float = 0.1
+    """How far the policy may move from the reference: the scale of the rewards (DPO's beta; IPO's
+    regularization, its target margin being 1 / (2 beta); SimPO's reward scale, where 2.0 is usual)."""
+    gamma: float = 0.5
+    """SimPO's target reward margin (unused by dpo and ipo)."""
+
+
+@dataclass
+class Scores:
+    """Per pair: the summed log-probabilities of the chosen and rejected responses, and their
+    numbers of response tokens."""
+
+    chosen: "object"
+    rejected: "object"
+    chosen_tokens: "object"
+    rejected_tokens: "object"
+
+
+@dataclass
+class PairFigures:
+    """Per pair (tensors of one value per pair): the loss and the rewards it ranks by."""
+
+    loss: "object"
+    chosen_reward: "object"
+    rejected_reward: "object"
+
+    @property
+    def margin(self):
+        return self.chosen_reward - self.rejected_reward
+
+    @property
+    def ranked_right(self):
+        """1.0 where the chosen response's reward is the higher (reward accuracy), else 0.0."""
+        return (self.chosen_reward > self.rejected_reward).float()
+
+
+def response_logps(logits, input_ids, response_mask):
+    """(sum of log p(token | before) over each row's response tokens, their count), per row, in
+    float32. `response_mask` is 1 on response tokens (the targets), 0 on the prompt and padding."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = response_mask[:, 1:].to(picked.dtype)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+def pair_scores(logits, input_ids, response_mask) -> Scores:
+    """Scores of a batch laid out as [the pairs' chosen rows; their rejected rows], in that order."""
+    logps, counts = response_logps(logits, input_ids, response_mask)
+    chosen, rejected = logps.chunk(2)
+    n_chosen, n_rejected = counts.chunk(2)
+    return Scores(chosen, rejected, n_chosen, n_rejected)
+
+
+def _logratios(policy: Scores, reference: Scores):
+    return policy.chosen - reference.chosen, policy.rejected - reference.rejected
+
+
+@PREFERENCE_LOSSES.register("dpo", uses_reference=True)
+def dpo(policy: Scores, reference: Scores, opt: PreferenceOptions) -> PairFigures:
+    import torch.nn.functional as F
+
+    chosen, rejected = _logratios(policy, reference)
+    return PairFigures(-F.logsigmoid(opt.beta * (chosen - rejected)), opt.beta * chosen.detach(),
+                       opt.beta * rejected.detach())
+
+
+@PREFERENCE_LOSSES.register("ipo", uses_reference=True)
+def ipo(policy: Scores, reference: Scores, opt: PreferenceOptions) -> PairFigures:
+    chosen, rejected = _logratios(policy, reference)
+    delta = chosen / policy.chosen_tokens.clamp(min=1) - rejected / policy.rejected_tokens.clamp(min=1)
+    return PairFigures((delta - 1 / (2 * opt.beta)) ** 2, opt.beta * chosen.detach(), opt.beta * rejected.detach())
+
+
+@PREFERENCE_LOSSES.register("simpo", uses_reference=False)
+def simpo(policy: Scores, reference: Scores | None, opt: PreferenceOptions) -> PairFigures:
+    import torch.nn.functional as F
+
+    chosen = opt.beta * policy.chosen / policy.chosen_tokens.clamp(min=1)
+    rejected = opt.beta * policy.rejected / policy.rejected_tokens.clamp(min=1)
+    return PairFigures(-F.logsigmoid(chosen - rejected - opt.gamma), chosen.detach(), rejected.detach())
+
+
+def summary(figures: PairFigures, policy: Scores) -> dict[str, float]:
+    """The means over the pairs that every sink records: loss, reward accuracy and margin, the
+    chosen and rejected rewards and summed log-probabilities."""
+    return {"loss": float(figures.loss.mean()), "reward_accuracy": float(figures.ranked_right.mean()),
+            "reward_margin": float(figures.margin.mean()), "reward_chosen": float(figures.chosen_reward.mean()),
+            "reward_rejected": float(figures.rejected_reward.mean()), "logp_chosen": float(policy.chosen.mean()),
+            "logp_rejected": float(policy.rejected.mean())}

@@ -1,0 +1,83 @@
+"""Preference objectives (lib/model/preference.py) against the reference implementation: on the
+same batch, policy and reference, this project's DPO and IPO loss, rewards, reward accuracy and
+margin, and log-probabilities equal trl's DPOTrainer's (fp32, within 1e-5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, pair_scores, summary
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(a GPT-2-style base folder, its tokenizer, a policy: the base with its weights moved a little)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.base_models import save_gpt2_base
+
+    base = save_gpt2_base(tmp_path_factory.mktemp("pref") / "base")
+    policy = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(3)
+    with torch.no_grad():  # so the policy's log-ratios against the base are not all 0
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return base, AutoTokenizer.from_pretrained(base), policy
+
+
+def pairs():
+    from datasets import Dataset
+
+    # responses of different lengths, so padding and the per-token averages matter
+    return Dataset.from_list([{"prompt": f"def f{i}(x):", "chosen": f" return x + {i}" + " * x" * (i % 3),
+                               "rejected": f" pass  # {i}" + " nothing" * (2 - i % 3)} for i in range(8)])
+
+
+@pytest.mark.parametrize("loss_type, name", [("sigmoid", "dpo"), ("ipo", "ipo")])
+def test_dpo_and_ipo_equal_trls_on_the_same_batch(models, tmp_path, loss_type, name):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    base, tok, policy = models
+    beta = 0.3
+    args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=loss_type, per_device_train_batch_size=8,
+                     report_to="none", use_cpu=True, bf16=False)
+    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=AutoModelForCausalLM.from_pretrained(base), args=args,
+                         train_dataset=pairs(), processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()  # GPT-2's dropout off in both, so that both score the same function
+    trl_loss = trainer._compute_loss(trainer.model, batch, False)
+    trl = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+    reference = AutoModelForCausalLM.from_pretrained(base)
+    ours_policy = copy.deepcopy(policy).eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    scores = pair_scores(ours_policy(**inputs).logits, batch["input_ids"], batch["completion_mask"])
+    with torch.no_grad():
+        ref_scores = pair_scores(reference(**inputs).logits, batch["input_ids"], batch["completion_mask"])
+    figures = PREFERENCE_LOSSES.get(name, "--preference.name")(scores, ref_scores, PreferenceOptions(name=name, beta=beta))
+    ours = summary(figures, scores)
+    assert figures.loss.mean().item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    for mine, theirs in (("reward_chosen", "rewards/chosen"), ("reward_rejected", "rewards/rejected"),
+                         ("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins"),
+                         ("logp_chosen", "logps/chosen"), ("logp_rejected", "logps/rejected")):
+        assert ours[mine] == pytest.approx(trl[theirs], abs=1e-5), mine
+    assert 0 < ours["reward_accuracy"] < 1 and ours["reward_margin"] != 0  # a batch where the figures say something
+    # the gradient flows through the policy alone
+    figures.loss.mean().backward()
+    assert next(ours_policy.parameters()).grad is not None
+
+
+def test_simpo_needs_no_reference_and_ranks_by_mean_log_probability():
+    from lib.model.preference import Scores
+
+    policy = Scores(torch.tensor([-4.0, -9.0]), torch.tensor([-8.0, -3.0]), torch.tensor([2.0, 3.0]),
+                    torch.tensor([4.0, 1.0]))
+    figures = PREFERENCE_LOSSES.get("simpo", "--preference.name")(policy, None, PreferenceOptions(name="simpo", beta=2.0, gamma=0.5))
+    # pair 0: means -2 and -2 -> tied rewards, not ranked right; pair 1: -3 against -3 as well
+    assert figures.chosen_reward.tolist() == [-4.0, -6.0] and figures.rejected_reward.tolist() == [-4.0, -6.0]
+    assert figures.ranked_right.tolist() == [0.0, 0.0]
+    assert figures.loss.tolist() == pytest.approx([-torch.nn.functional.logsigmoid(torch.tensor(-0.5)).item()] * 2)
+    assert not PREFERENCE_LOSSES.meta("simpo", "uses_reference", True) and PREFERENCE_LOSSES.meta("dpo", "uses_reference")
