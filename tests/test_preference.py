@@ -81,3 +81,42 @@ def test_simpo_needs_no_reference_and_ranks_by_mean_log_probability():
     assert figures.ranked_right.tolist() == [0.0, 0.0]
     assert figures.loss.tolist() == pytest.approx([-torch.nn.functional.logsigmoid(torch.tensor(-0.5)).item()] * 2)
     assert not PREFERENCE_LOSSES.meta("simpo", "uses_reference", True) and PREFERENCE_LOSSES.meta("dpo", "uses_reference")
+
+
+def test_preference_records_in_trls_layouts_give_one_prompt_and_two_answers():
+    from lib.data.chat import parse_preference
+
+    def pair(obj):
+        p = parse_preference(obj, "pairs.jsonl:3")
+        return p.prompt, p.chosen["content"], p.rejected["content"]
+
+    user = [{"role": "user", "content": "What is 2 + 2?"}]
+    expected = (user, "4", "5")
+    assert pair({"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}) == expected
+    assert pair({"chosen": user + [{"role": "assistant", "content": "4"}],
+                 "rejected": user + [{"role": "assistant", "content": "5"}]}) == expected
+    assert pair({"prompt": user, "chosen": [{"role": "assistant", "content": "4"}],
+                 "rejected": [{"from": "gpt", "value": "5"}]}) == expected
+    with_system = pair({"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "system": "Be brief."})
+    assert with_system[0] == [{"role": "system", "content": "Be brief."}] + user
+    chosen, rejected = parse_preference({"prompt": "q", "chosen": "a", "rejected": "b"}, "x:1").conversations()
+    assert [m["content"] for m in chosen.messages] == ["q", "a"] and rejected.messages[-1]["content"] == "b"
+
+
+@pytest.mark.parametrize("record, says", [
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical"),
+    ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "chosen response is empty"),
+    ({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]}, "differ before"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "?"}],
+      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}, "last turn of 'chosen'"),
+    ({"chosen": "a", "rejected": "b"}, "no prompt"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "'chosen' must be a string"),
+])
+def test_bad_preference_records_are_named_by_file_and_line(record, says):
+    from lib.data.chat import parse_preference
+    from lib.errors import UserError
+
+    with pytest.raises(UserError, match=says) as caught:
+        parse_preference(record, "pairs.jsonl:7")
+    assert str(caught.value).startswith("pairs.jsonl:7: ")

@@ -95,6 +95,70 @@ def parse_record(obj: dict, where: str) -> Conversation:
     return Conversation(clean, where)
 
 
+@dataclass
+class PreferencePair:
+    prompt: list[dict]  # the turns before the responses (system, user, ...), shared by both
+    chosen: dict  # the preferred assistant turn
+    rejected: dict  # the other one
+    where: str  # file:line, for errors
+
+    def conversations(self) -> tuple[Conversation, Conversation]:
+        return (Conversation(self.prompt + [self.chosen], self.where),
+                Conversation(self.prompt + [self.rejected], self.where))
+
+
+def is_preference_record(obj) -> bool:
+    return isinstance(obj, dict) and "chosen" in obj and "rejected" in obj
+
+
+def parse_preference(obj: dict, where: str) -> PreferencePair:
+    """The pair of a preference record, in trl's two layouts, each with an optional top-level
+    `system` string:
+    - strings: {"prompt": str, "chosen": str, "rejected": str};
+    - conversations: `chosen` and `rejected` lists of turns that share every turn but the last,
+      an assistant's; or (trl's explicit-prompt form) a `prompt` list of turns, and `chosen` and
+      `rejected` each the assistant's turn(s) after it.
+    A UserError naming `where` (file:line) for responses that are empty or identical, prompts that
+    differ, a last turn that is not the assistant's, or a field of the wrong kind."""
+    def turns(value, name):
+        if isinstance(value, str):
+            return [{"role": "assistant" if name != "prompt" else "user", "content": value}]
+        if isinstance(value, list) and value:
+            return parse_record({"messages": value, "system": None}, where).messages if name != "prompt" else \
+                _plain_turns(value, where)
+        raise UserError(f"{where}: {name!r} must be a string or a non-empty list of turns, not "
+                        f"{type(value).__name__ if not isinstance(value, list) else 'an empty list'}")
+
+    chosen, rejected = turns(obj["chosen"], "chosen"), turns(obj["rejected"], "rejected")
+    if "prompt" in obj:
+        prompt = turns(obj["prompt"], "prompt")
+        chosen, rejected = prompt + chosen, prompt + rejected
+    for name, conv in (("chosen", chosen), ("rejected", rejected)):
+        if conv[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the last turn of {name!r} is the {conv[-1]['role']}'s, not the assistant's: "
+                            "nothing to prefer")
+        if not conv[-1]["content"].strip():
+            raise UserError(f"{where}: the {name} response is empty")
+    if chosen[:-1] != rejected[:-1]:
+        turn = next(i for i, (a, b) in enumerate(zip(chosen, rejected + [None]), 1) if a != b)
+        raise UserError(f"{where}: the chosen and rejected conversations differ before their last turn (at turn "
+                        f"{turn}): a pair answers one prompt")
+    if chosen[-1] == rejected[-1]:
+        raise UserError(f"{where}: the chosen and rejected responses are identical: nothing to prefer")
+    prompt = chosen[:-1]
+    system = obj.get("system")
+    if isinstance(system, str) and system.strip() and not (prompt and prompt[0]["role"] == "system"):
+        prompt = [{"role": "system", "content": system}] + prompt
+    if not any(m["role"] == "user" for m in prompt):
+        raise UserError(f"{where}: no prompt: a pair needs the user's turn its responses answer")
+    return PreferencePair(prompt, chosen[-1], rejected[-1], where)
+
+
+def _plain_turns(value: list, where: str) -> list[dict]:
+    """A list of turns in either kind ({role, content} or {from, value}), no assistant needed."""
+    return parse_record({"messages": value + [{"role": "assistant", "content": ""}]}, where).messages[:-1]
+
+
 @lru_cache(maxsize=8)
 def _compiled(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
