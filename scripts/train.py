@@ -443,6 +443,9 @@ def load_source(cfg: TrainConfig, data_dir: Path, accelerator: Accelerator):
     sample, (its held-out tokens, documents, loss mask))."""
     tok_dir = tokens_dir(data_dir)
     manifest = read_manifest(tok_dir, "tokens")
+    if manifest.get("pairs"):  # trained as documents, its rejected answers would be learned too
+        raise UserError(f"{data_dir} holds preference pairs (chosen and rejected answers); train.py does not train "
+                        "on pairs yet: tokenize the chosen conversations alone (as messages) for instruction tuning")
     verify_shards_on_main(tok_dir, manifest, accelerator)
     val_tokens, val_docs = load_split(tok_dir, "val")
     tokenizer = (tok_dir / manifest["tokenizer_dir"]).resolve()

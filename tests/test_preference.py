@@ -120,3 +120,68 @@ def test_bad_preference_records_are_named_by_file_and_line(record, says):
     with pytest.raises(UserError, match=says) as caught:
         parse_preference(record, "pairs.jsonl:7")
     assert str(caught.value).startswith("pairs.jsonl:7: ")
+
+
+def pairs_jsonl(path, n=120, bad_line=None):
+    """Preference pairs in trl's two layouts, alternately; `bad_line`: that line's pair identical."""
+    import json
+
+    rows = []
+    for i in range(n):
+        q, good, bad = f"What is {i} plus {i}?", f"{2 * i}.", f"{2 * i + 1}."
+        if i + 1 == bad_line:
+            bad = good
+        rows.append({"prompt": q, "chosen": good, "rejected": bad, "system": "Answer with the number."} if i % 2 else
+                    {"chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": good}],
+                     "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": bad}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_pairs_are_tokenized_side_by_side_with_their_prompts_masked(tmp_path):
+    import json
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from conftest import run_script
+    from lib.data.batches import load_masks, load_split
+
+    proc = run_script("scripts/tokenize.py", "--corpus.source", str(pairs_jsonl(tmp_path / "pairs.jsonl")),
+                      "--out_dir", str(tmp_path / "data"), "--tokenizer.vocab_size", "300")
+    assert "tokens:" in proc.stdout
+    manifest = json.loads((tmp_path / "data" / "tokens" / "manifest.json").read_text())
+    assert manifest["pairs"] and manifest["loss_mask"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "data" / "tokenizer")
+    for split in ("train", "val"):
+        corpus = [json.loads(x) for x in (tmp_path / "data" / "corpus" / f"{split}-00000.jsonl").read_text().splitlines()]
+        tokens, docs = load_split(tmp_path / "data" / "tokens", split)
+        mask = np.concatenate(load_masks(tmp_path / "data" / "tokens", split))
+        assert len(docs) == 2 * len(corpus)  # each pair whole in one split, chosen then rejected
+        ends = np.cumsum(docs[:, 0])
+        answers = [tok.decode(tokens[e - n:e][mask[e - n:e] == 1]) for e, n in zip(ends, docs[:, 0])]
+        assert answers == [a for r in corpus for a in (r["chosen"][-1]["content"] + "</s>",
+                                                       r["rejected"][-1]["content"] + "</s>")]
+        prompts = [tok.decode(tokens[e - n:e][mask[e - n:e] == 0]) for e, n in zip(ends, docs[:, 0])]
+        assert prompts[0::2] == prompts[1::2] and "plus" in prompts[0]
+
+
+def test_a_bad_pair_is_named_by_file_and_line_or_skipped_and_counted(tmp_path):
+    import json
+
+    from conftest import run_script, train
+
+    src = pairs_jsonl(tmp_path / "pairs.jsonl", bad_line=7)
+    proc = run_script("scripts/tokenize.py", "--corpus.source", str(src), "--out_dir", str(tmp_path / "bad"),
+                      "--tokenizer.vocab_size", "300", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "pairs.jsonl:7: the chosen and rejected responses are identical" in proc.stderr, proc.stderr
+    assert not (tmp_path / "bad" / "tokens").exists()
+    run_script("scripts/tokenize.py", "--corpus.source", str(src), "--out_dir", str(tmp_path / "data"),
+               "--tokenizer.vocab_size", "300", "--corpus.on_bad_record", "skip")
+    corpus = json.loads((tmp_path / "data" / "corpus" / "manifest.json").read_text())
+    assert corpus["skipped"] == {"bad_pair": 1} and corpus["pairs"] == 119
+    # not trained on as documents, which would teach the rejected answers too
+    refused = train(tmp_path / "data", tmp_path / "runs", "pairs", check=False)
+    assert refused.returncode == 2 and "holds preference pairs" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "runs" / "pairs").exists()

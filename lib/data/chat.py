@@ -221,9 +221,13 @@ def encode_documents(tok, records: list[dict], template: str, add_bos: bool, add
     bos and the prompt, and its bytes are the assistant's text. A plain record is trained on
     whole (mask 1 throughout, bos included, as packed training predicts it after the previous
     document). Documents are `bos ids eos` as `add_bos`/`add_eos` say; a conversation that ends
-    with eos gets no second one."""
+    with eos gets no second one. A preference pair (a record with `chosen` and `rejected`) gives two
+    documents, its chosen conversation and then its rejected one."""
     bos, eos = tok.bos_token_id, tok.eos_token_id
     all_ids, all_masks, all_bytes = [], [], []
+    # a preference pair is two documents side by side, its chosen conversation then its rejected
+    records = [c for r in records for c in ([{**r, "messages": r["chosen"]}, {**r, "messages": r["rejected"]}]
+                                           if "chosen" in r else [r])]
     for r in records:
         if "messages" not in r:
             ids = tok(r["text"], add_special_tokens=False, split_special_tokens=True).input_ids

@@ -59,14 +59,17 @@ class CorpusConfig:
     .py (a document per file), .txt/.md (documents per text_docs), .jsonl (a record per line),
     .json (an array of records, or one per line) and .parquet (a record per row), comma-separated;
     or a folder written by datasets' save_to_disk."""
-    format: Literal["auto", "text", "messages", "sharegpt", "prompt_completion", "alpaca"] = "auto"
+    format: Literal["auto", "text", "messages", "sharegpt", "prompt_completion", "alpaca", "preference"] = "auto"
     """The layout of records (jsonl, json, parquet, datasets), each read without conversion:
     text {"text": ...} (trained on whole); and, as conversations whose answers alone are trained
     on, messages {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}, sharegpt
     {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}, prompt_completion
     {"prompt", "completion"} and alpaca {"instruction", "input", "output"} (an empty input is
-    left out of the prompt); each may carry a top-level "system" string. auto: each record by its
-    fields, in that order."""
+    left out of the prompt); each may carry a top-level "system" string; and preference pairs,
+    {"prompt", "chosen", "rejected"} as strings, or "chosen" and "rejected" lists of turns sharing
+    all but their last (a "prompt" list of turns before them may be given apart), each pair two
+    conversations kept together in one split. auto: each record by its fields, pairs first, then
+    the order above."""
     text_field: str = "text"
     """The field holding the text (jsonl, parquet, datasets)."""
     template: Optional[str] = None
@@ -300,6 +303,17 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
     else:
         stream = (r for f in files for r in reader.read(f))
     for raw in stream:
+        pair = getattr(raw.text, "pair", None)  # a preference pair (lib.data.sources.PairText)
+        if pair is not None:
+            chosen, rejected = ([{"role": m["role"], "content": normalize(m["content"], cfg.normalize)} for m in conv]
+                                for conv in pair)
+            record = {"id": raw.id, "text": ChatText.of(chosen), "source": raw.source, "chosen": chosen,
+                      "rejected": rejected}
+            if raw.line is not None:
+                record["line"] = raw.line
+            key = split_key(cfg, record)
+            yield "val" if key in held_out else split_of(key, share), record
+            continue
         messages = getattr(raw.text, "messages", None)  # a conversation (lib.data.sources.ChatText)
         if messages is not None:
             messages = [{"role": m["role"], "content": normalize(m["content"], cfg.normalize)} for m in messages]
@@ -350,11 +364,12 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
             writers = {s: _ShardWriter(tmp, s, cfg.shard_bytes) for s in ("train", "val")}
             lowest, lowest_bucket = None, 1000  # the train document whose hash is lowest: held out if no other is
             by_bucket = [[0, 0] for _ in range(1000)]  # training [bytes, documents] per hash bucket
-            conversations = 0
+            conversations = pairs = 0
             try:
                 for split, record in _records(cfg, skipped, inputs, held_out, share, examples):
                     writers[split].write(record)
-                    conversations += "messages" in record
+                    conversations += "messages" in record or "chosen" in record
+                    pairs += "chosen" in record
                     if split == "train":
                         bucket = bucket_of(split_key(cfg, record))
                         by_bucket[bucket][0] += len(record["text"].encode("utf-8"))
@@ -405,6 +420,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
             "held_out_by_rule": sorted(held_out),
             "val_per_mille_used": share,
             "conversations": conversations,
+            "pairs": pairs,
             "inputs": inputs,
             "splits": splits,
         }

@@ -226,6 +226,8 @@ def stage_tokens(out_dir: Path, corpus_dir: Path, corpus_manifest: dict, tok_dir
         }
         if template is not None:
             manifest.update(loss_mask=True, chat_template=template)
+        if corpus_manifest.get("pairs"):  # documents 2i and 2i + 1 are pair i's chosen and rejected
+            manifest.update(pairs=True)
         manifest["content_hash"] = canonical_hash({s: [sh["sha256"] for sh in v["shards"]] for s, v in splits.items()})
         write_json(tmp / "manifest.json", manifest)
     secs = time.time() - t0

@@ -62,6 +62,19 @@ class ChatText(str):
         return text
 
 
+class PairText(str):
+    """A preference pair read from a record: the chosen conversation's plain rendering, with the
+    two conversations (chosen, rejected: the shared prompt turns and each response) in `.pair`."""
+
+    pair: tuple
+
+    @classmethod
+    def of(cls, chosen: list, rejected: list) -> "PairText":
+        text = cls(ChatText.of(chosen))
+        text.pair = (chosen, rejected)
+        return text
+
+
 @dataclass
 class RawRecord:
     id: str
@@ -200,15 +213,18 @@ LAYOUTS = ("text: {\"text\": ...} (another field: --corpus.text_field); "
            "sharegpt: {\"conversations\": [{\"from\": \"human\"|\"gpt\"|\"system\", \"value\"}, ...]}; "
            "prompt_completion: {\"prompt\", \"completion\"}; "
            "alpaca: {\"instruction\", \"input\", \"output\"} (input may be empty); "
+           "preference: {\"prompt\", \"chosen\", \"rejected\"}, or chosen/rejected lists of turns; "
            "any other fields: --corpus.template with --corpus.completion_field")
 ALPACA = Template("{instruction}[\\n\\n{input}]")  # the input part left out where a record has none
 
 
 def layout_of(obj: dict, text_field: str) -> Optional[str]:
     """The layout a record is in (CorpusConfig.format's names, for auto), or None: the text field
-    first, then a list of turns, prompt/completion, instruction/output."""
+    first, then a preference pair, a list of turns, prompt/completion, instruction/output."""
     if text_field in obj:
         return "text"
+    if "chosen" in obj and "rejected" in obj:
+        return "preference"
     if isinstance(obj.get("messages"), list):
         return "messages"
     if isinstance(obj.get("conversations"), list):
@@ -294,6 +310,8 @@ class RecordReader:
                     if isinstance(text, list) and text and isinstance(text[0], dict) else "")
             self._bad("not_a_string", where, f"field {self.text_field!r} is a {type(text).__name__}, not a string{hint}")
             return None
+        if layout == "preference":
+            return self._pair(obj, where)
         need = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion")}
         missing = [k for k in need[layout] if k not in obj]
         if missing:
@@ -308,6 +326,22 @@ class RecordReader:
             self._bad("bad_conversation", where, str(exc).removeprefix(f"{where}: "))
             return None
         return ChatText.of(conv.messages)
+
+    def _pair(self, obj: dict, where: str) -> Optional[str]:
+        from lib.data.chat import parse_preference
+
+        missing = [k for k in ("chosen", "rejected") if k not in obj]
+        if missing:
+            self._bad("missing_field", where, f"no field {missing[0]!r} for --corpus.format preference "
+                      f"(fields: {self._fields(obj)})")
+            return None
+        try:
+            pair = parse_preference(obj, where)
+        except UserError as exc:
+            self._bad("bad_pair", where, str(exc).removeprefix(f"{where}: "))
+            return None
+        chosen, rejected = pair.conversations()
+        return PairText.of(chosen.messages, rejected.messages)
 
     def _templated(self, obj: dict, where: str, template: Template, completion_field: Optional[str]) -> Optional[str]:
         missing = [f for f in template.required if f not in obj or obj[f] is None]
