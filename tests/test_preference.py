@@ -9,6 +9,18 @@ import torch
 from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, pair_scores, summary
 
 
+@pytest.fixture(autouse=True)
+def accelerate_state_put_back():
+    """trl's trainer sets up Accelerate's process-wide state; the in-process runs of later tests
+    (conftest.run_in_process) must start without it, as a fresh process would."""
+    threads = torch.get_num_threads()
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(a GPT-2-style base folder, its tokenizer, a policy: the base with its weights moved a little)."""

@@ -310,38 +310,24 @@ class RecordReader:
                     if isinstance(text, list) and text and isinstance(text[0], dict) else "")
             self._bad("not_a_string", where, f"field {self.text_field!r} is a {type(text).__name__}, not a string{hint}")
             return None
-        if layout == "preference":
-            return self._pair(obj, where)
-        need = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion")}
+        from lib.data.chat import parse_preference, parse_record
+
+        need = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion"),
+                "preference": ("chosen", "rejected")}
         missing = [k for k in need[layout] if k not in obj]
         if missing:
             self._bad("missing_field", where, f"no field {missing[0]!r} for --corpus.format {layout} "
                       f"(fields: {self._fields(obj)})")
             return None
-        from lib.data.chat import parse_record
-
         try:
-            conv = parse_record(obj, where)
+            if layout == "preference":
+                chosen, rejected = parse_preference(obj, where).conversations()
+                return PairText.of(chosen.messages, rejected.messages)
+            return ChatText.of(parse_record(obj, where).messages)
         except UserError as exc:
-            self._bad("bad_conversation", where, str(exc).removeprefix(f"{where}: "))
+            self._bad("bad_pair" if layout == "preference" else "bad_conversation", where,
+                      str(exc).removeprefix(f"{where}: "))
             return None
-        return ChatText.of(conv.messages)
-
-    def _pair(self, obj: dict, where: str) -> Optional[str]:
-        from lib.data.chat import parse_preference
-
-        missing = [k for k in ("chosen", "rejected") if k not in obj]
-        if missing:
-            self._bad("missing_field", where, f"no field {missing[0]!r} for --corpus.format preference "
-                      f"(fields: {self._fields(obj)})")
-            return None
-        try:
-            pair = parse_preference(obj, where)
-        except UserError as exc:
-            self._bad("bad_pair", where, str(exc).removeprefix(f"{where}: "))
-            return None
-        chosen, rejected = pair.conversations()
-        return PairText.of(chosen.messages, rejected.messages)
 
     def _templated(self, obj: dict, where: str, template: Template, completion_field: Optional[str]) -> Optional[str]:
         missing = [f for f in template.required if f not in obj or obj[f] is None]
