@@ -150,18 +150,25 @@ def pairs_jsonl(path, n=120, bad_line=None):
     return path
 
 
-def test_pairs_are_tokenized_side_by_side_with_their_prompts_masked(tmp_path):
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory):
+    from conftest import run_script
+
+    tmp = tmp_path_factory.mktemp("pairs")
+    run_script("scripts/tokenize.py", "--corpus.source", str(pairs_jsonl(tmp / "pairs.jsonl")), "--out_dir",
+               str(tmp / "data"), "--tokenizer.vocab_size", "300")
+    return tmp
+
+
+def test_pairs_are_tokenized_side_by_side_with_their_prompts_masked(pair_data):
     import json
 
     import numpy as np
     from transformers import AutoTokenizer
 
-    from conftest import run_script
     from lib.data.batches import load_masks, load_split
 
-    proc = run_script("scripts/tokenize.py", "--corpus.source", str(pairs_jsonl(tmp_path / "pairs.jsonl")),
-                      "--out_dir", str(tmp_path / "data"), "--tokenizer.vocab_size", "300")
-    assert "tokens:" in proc.stdout
+    tmp_path = pair_data
     manifest = json.loads((tmp_path / "data" / "tokens" / "manifest.json").read_text())
     assert manifest["pairs"] and manifest["loss_mask"]
     tok = AutoTokenizer.from_pretrained(tmp_path / "data" / "tokenizer")
@@ -197,3 +204,39 @@ def test_a_bad_pair_is_named_by_file_and_line_or_skipped_and_counted(tmp_path):
     refused = train(tmp_path / "data", tmp_path / "runs", "pairs", check=False)
     assert refused.returncode == 2 and "holds preference pairs" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "runs" / "pairs").exists()
+
+
+def test_a_batch_of_pairs_scores_each_response_as_it_scores_alone(pair_data):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from lib.data.pairs import PairRows
+    from lib.model.gpt import GPT, GPTConfig
+    from lib.model.preference import response_logps
+
+    data = pair_data / "data"
+    manifest = json.loads((data / "tokens" / "manifest.json").read_text())
+    rows = PairRows(data / "tokens", "train", seq_len=128, pad_id=manifest["special_ids"]["pad"])
+    corpus = [json.loads(x) for x in (data / "corpus" / "train-00000.jsonl").read_text().splitlines()]
+    assert len(rows) == len(corpus) and rows.cut == 0
+    batch = rows.make_batch([0, 5, 9])
+    tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+    answers = [tok.decode(ids[m == 1]) for ids, m in zip(batch.input_ids, batch.response_mask)]
+    assert answers == [corpus[i][side][-1]["content"] + "</s>" for side in ("chosen", "rejected") for i in (0, 5, 9)]
+    assert batch.n_pairs == 3 and (batch.input_ids[batch.attention_mask == 0] == manifest["special_ids"]["pad"]).all()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=manifest["vocab_size"], d_model=32, n_layers=2, n_heads=2, max_seq_len=128)).eval()
+    with torch.no_grad():
+        inputs = batch.model_inputs("cpu")
+        together, counts = response_logps(model(**inputs).logits, inputs["input_ids"],
+                                          torch.from_numpy(batch.response_mask))
+        for r in range(6):  # each row alone, unpadded: right padding changes nothing before it
+            n = int(batch.attention_mask[r].sum())
+            ids = torch.from_numpy(batch.input_ids[r:r + 1, :n])
+            alone, _ = response_logps(model(input_ids=ids).logits, ids, torch.from_numpy(batch.response_mask[r:r + 1, :n]))
+            assert together[r].item() == pytest.approx(alone.item(), abs=1e-5)
+    assert counts.tolist() == batch.response_mask[:, 1:].sum(1).tolist()
+    # a seq_len that cuts every response away from some pairs: those pairs are left out, counted
+    short = PairRows(data / "tokens", "train", seq_len=48, pad_id=0)
+    assert short.cut > 0 and len(short) + short.cut == len(corpus)
