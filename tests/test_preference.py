@@ -240,3 +240,32 @@ def test_a_batch_of_pairs_scores_each_response_as_it_scores_alone(pair_data):
     # a seq_len that cuts every response away from some pairs: those pairs are left out, counted
     short = PairRows(data / "tokens", "train", seq_len=48, pad_id=0)
     assert short.cut > 0 and len(short) + short.cut == len(corpus)
+
+
+def test_the_reference_of_a_lora_run_is_its_base_with_the_adapter_off(pair_data):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from lib.data.pairs import PairRows
+    from lib.model.gpt import GPT, GPTConfig
+    from lib.model.preference import reference_logps
+
+    data = pair_data / "data"
+    manifest = json.loads((data / "tokens" / "manifest.json").read_text())
+    rows = PairRows(data / "tokens", "val", seq_len=128, pad_id=manifest["special_ids"]["pad"])
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=manifest["vocab_size"], d_model=32, n_layers=2, n_heads=2, max_seq_len=128))
+    expected = reference_logps(base, rows, 4, "cpu")
+    assert expected.shape == (len(rows), 2) and (expected < 0).all()
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.train()
+    assert not np_equal(reference_logps(lora.base_model.model, rows, 4, "cpu"), expected)  # the adapter counts...
+    assert np_equal(reference_logps(lora, rows, 4, "cpu"), expected)  # ...unless switched off
+    assert lora.training  # its mode put back
+
+
+def np_equal(a, b) -> bool:
+    import numpy as np
+
+    return bool(np.allclose(a, b, atol=1e-6, rtol=0))
