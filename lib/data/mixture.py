@@ -229,6 +229,6 @@ def describe(sources: list[Source], sizes_tokens: list[int], sizes_blocks: list[
                      f"{passes:.1f} passes")
         if passes > MANY_PASSES:
             lines.append(f"warning: {s.dir} would be repeated {'up to' if at_most else 'about'} {passes:.0f} times "
-                         f"(the last log line counts them): past about {MANY_PASSES} passes repeated tokens teach "
+                         f"(the end of the log counts them): past about {MANY_PASSES} passes repeated tokens teach "
                          "little; add text to it or lower its weight")
     return lines
