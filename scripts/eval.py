@@ -93,6 +93,11 @@ class EvalConfig:
     tracking: bool = True
     """Add the figures (and metrics.csv, samples.txt, the report) to the MLflow run that the training
     run recorded in its tracking.json, when evaluating that run on its own data."""
+    reference: Optional[Path] = None
+    """On a folder of preference pairs: the model the rewards are measured against (a folder or a
+    name); default: the run's starting model (its model.init_from)."""
+    beta: float = 0.1
+    """On preference pairs: the reward scale (DPO's beta): a reward is beta times the log-ratio."""
     tasks: tuple[str, ...] = ()
     """lm-evaluation-harness tasks to run on the model instead of scoring the held-out split (make
     lm-eval installs the harness); their figures go to the same metrics files, and to the run's
@@ -315,6 +320,8 @@ def main() -> None:
     mix = mixture.parse_mix(run_data["mix"]) if run_data.get("mix") and cfg.data is None else []
     data_dirs = [s.dir for s in mix] or [Path(data_dir)]
     checked = [check_data(cfg, model_dir, d) for d in data_dirs]  # every split sound before any is scored
+    if checked[0][1].get("pairs"):
+        return score_pairs(cfg, model_dir, run_dir, out_dir, *checked[0], run_data)
     refuse_masked_lm(model_dir)
     import lib.model.gpt  # noqa: F401 -- registers the project's own model type
 
@@ -394,6 +401,55 @@ def main() -> None:
         log_to_recorded_run(run_dir, figures, max(steps, default=0), [
             ("eval", out_dir / "metrics.csv"), ("eval", out_dir / "samples.txt"), ("", report)], print,
             tags={f"eval_{cfg.split}_weights_sha256": common["weights_sha256"]})
+
+
+def score_pairs(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir: Path, tok_dir: Path, manifest: dict,
+                run_data: dict) -> None:
+    """A folder of preference pairs: how often the model's reward ranks the chosen response above
+    the rejected one, against its reference (lib/model/preference.py), printed and recorded."""
+    import torch
+
+    from lib.data.pairs import PairRows
+    from lib.model.build import load_pretrained
+    from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, Scores, reference_logps, summary
+    from lib.records.metrics import METRICS, MetricsSink, parse_formats
+
+    reference = cfg.reference
+    if reference is None and run_dir is not None:
+        started = (config_lib.load_yaml(run_dir / "config.yaml").get("model") or {}).get("init_from")
+        reference = Path(started) if started else None
+    if reference is None:
+        raise UserError(f"--data {tok_dir.parent} holds preference pairs: name the model the rewards are measured "
+                        "against with --reference MODEL (the model before preference tuning)")
+    if not Path(reference).exists():
+        from lib.model.registry import resolve
+
+        reference = resolve(str(reference), option="--reference")
+    model, ref = load_pretrained(model_dir), load_pretrained(reference)
+    seq_len = cfg.seq_len or run_data.get("seq_len") or model.config.max_position_embeddings
+    special = manifest["special_ids"]
+    rows = PairRows(tok_dir, cfg.split, seq_len, special.get("pad") if special.get("pad") is not None else special["eos"])
+    t0 = time.perf_counter()
+    logps = [torch.from_numpy(reference_logps(m, rows, cfg.batch_size, "cpu")) for m in (model, ref)]
+    counts = torch.from_numpy(rows.response_tokens()).double()
+    policy, reference_scores = (Scores(lp[:, 0], lp[:, 1], counts[:, 0], counts[:, 1]) for lp in logps)
+    figures = PREFERENCE_LOSSES.get("dpo", "--preference.name")(policy, reference_scores,
+                                                                PreferenceOptions(beta=cfg.beta))
+    res = summary(figures, policy)
+    res.pop("loss")
+    print(f"model {model_dir} against {reference} on {tok_dir} [{cfg.split}]: {len(rows)} pairs"
+          + (f" ({rows.cut} left out: their responses start past seq_len {seq_len})" if rows.cut else "")
+          + f", beta {cfg.beta}, {time.perf_counter() - t0:.1f}s")
+    print(f"  reward accuracy  {res['reward_accuracy']:.4f} (chosen rewarded above rejected)")
+    print(f"  reward margin    {res['reward_margin']:.4f}")
+    print(f"  rewards          chosen {res['reward_chosen']:.4f}, rejected {res['reward_rejected']:.4f}")
+    print(f"  log-probability  chosen {res['logp_chosen']:.2f}, rejected {res['logp_rejected']:.2f}")
+    sink = MetricsSink(out_dir / METRICS, parse_formats(cfg.metrics_out))
+    sink.write({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": str(model_dir), "reference": str(reference),
+                "data": str(tok_dir), "split": cfg.split, "pairs": len(rows), "pairs_cut": rows.cut, "beta": cfg.beta,
+                "seq_len": seq_len, **res})
+    sink.close()
+    print(f"wrote {out_dir}/{METRICS}")
 
 
 def figures_line(record: dict, baselines: dict) -> str:

@@ -269,3 +269,41 @@ def np_equal(a, b) -> bool:
     import numpy as np
 
     return bool(np.allclose(a, b, atol=1e-6, rtol=0))
+
+
+def test_eval_on_pairs_gives_the_reward_accuracy_against_the_reference(pair_data, tmp_path):
+    import json
+
+    from conftest import run_script
+    from lib.data.pairs import PairRows
+    from lib.model.gpt import GPT, GPTConfig
+    from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, batch_scores, reference_logps
+
+    data = pair_data / "data"
+    manifest = json.loads((data / "tokens" / "manifest.json").read_text())
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=manifest["vocab_size"], d_model=32, n_layers=2, n_heads=2, max_seq_len=128)
+    base, moved = GPT(cfg), GPT(cfg)
+    moved.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    base.save_pretrained(tmp_path / "base")
+    moved.save_pretrained(tmp_path / "moved")
+    refused = run_script("scripts/eval.py", "--model", str(tmp_path / "moved"), "--data", str(data), check=False)
+    assert refused.returncode == 2 and "--reference MODEL" in refused.stderr and "Traceback" not in refused.stderr
+    proc = run_script("scripts/eval.py", "--model", str(tmp_path / "moved"), "--data", str(data), "--reference",
+                      str(tmp_path / "base"), "--beta", "0.5", "--out_dir", str(tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    rows = PairRows(data / "tokens", "val", 128, manifest["special_ids"]["pad"])
+    ref = reference_logps(base.eval(), rows, 8, "cpu")
+    with torch.no_grad():
+        policy = batch_scores(moved.eval(), rows.make_batch(list(range(len(rows)))), "cpu")
+    from lib.model.preference import Scores
+
+    reference = Scores(torch.from_numpy(ref[:, 0]).float(), torch.from_numpy(ref[:, 1]).float(), None, None)
+    figures = PREFERENCE_LOSSES.get("dpo", "--preference.name")(policy, reference, PreferenceOptions(beta=0.5))
+    assert record["pairs"] == len(rows) and record["beta"] == 0.5
+    assert record["reward_accuracy"] == pytest.approx(figures.ranked_right.mean().item())
+    assert record["reward_margin"] == pytest.approx(figures.margin.mean().item(), abs=1e-4)
+    assert f"reward accuracy  {record['reward_accuracy']:.4f}" in proc.stdout

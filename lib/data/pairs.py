@@ -65,6 +65,11 @@ class PairRows:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def response_tokens(self) -> np.ndarray:
+        """[pairs, 2]: the tokens each (chosen, rejected) response's log-probability sums over (its
+        masked targets within the row's first seq_len tokens)."""
+        return np.array([[int(self.row(2 * int(p) + side)[1][1:].sum()) for side in (0, 1)] for p in self.pairs])
+
     def row(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         s, n = int(self.starts[doc]), int(self.lengths[doc])
         return self.tokens[s: s + n], self.mask[s: s + n]
