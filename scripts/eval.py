@@ -411,7 +411,7 @@ def score_pairs(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir:
 
     from lib.data.pairs import PairRows
     from lib.model.build import load_pretrained
-    from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, Scores, reference_logps, summary
+    from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, Scores, pair_logps, summary
     from lib.records.metrics import METRICS, MetricsSink, parse_formats
 
     reference = cfg.reference
@@ -430,7 +430,7 @@ def score_pairs(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir:
     special = manifest["special_ids"]
     rows = PairRows(tok_dir, cfg.split, seq_len, special.get("pad") if special.get("pad") is not None else special["eos"])
     t0 = time.perf_counter()
-    logps = [torch.from_numpy(reference_logps(m, rows, cfg.batch_size, "cpu")) for m in (model, ref)]
+    logps = [torch.from_numpy(pair_logps(m, rows, cfg.batch_size, "cpu")) for m in (model, ref)]
     counts = torch.from_numpy(rows.response_tokens()).double()
     policy, reference_scores = (Scores(lp[:, 0], lp[:, 1], counts[:, 0], counts[:, 1]) for lp in logps)
     figures = PREFERENCE_LOSSES.get("dpo", "--preference.name")(policy, reference_scores,

@@ -107,10 +107,6 @@ class PreferencePair:
                 Conversation(self.prompt + [self.rejected], self.where))
 
 
-def is_preference_record(obj) -> bool:
-    return isinstance(obj, dict) and "chosen" in obj and "rejected" in obj
-
-
 def parse_preference(obj: dict, where: str) -> PreferencePair:
     """The pair of a preference record, in trl's two layouts, each with an optional top-level
     `system` string:
@@ -122,12 +118,13 @@ def parse_preference(obj: dict, where: str) -> PreferencePair:
     differ, a last turn that is not the assistant's, or a field of the wrong kind."""
     def turns(value, name):
         if isinstance(value, str):
-            return [{"role": "assistant" if name != "prompt" else "user", "content": value}]
-        if isinstance(value, list) and value:
-            return parse_record({"messages": value, "system": None}, where).messages if name != "prompt" else \
-                _plain_turns(value, where)
-        raise UserError(f"{where}: {name!r} must be a string or a non-empty list of turns, not "
-                        f"{type(value).__name__ if not isinstance(value, list) else 'an empty list'}")
+            return [{"role": "user" if name == "prompt" else "assistant", "content": value}]
+        if not (isinstance(value, list) and value):
+            raise UserError(f"{where}: {name!r} must be a string or a non-empty list of turns, not "
+                            f"{'an empty list' if isinstance(value, list) else type(value).__name__}")
+        if name == "prompt":  # turns before the responses: no assistant's needed
+            return parse_record({"messages": value + [{"role": "assistant", "content": ""}]}, where).messages[:-1]
+        return parse_record({"messages": value}, where).messages
 
     chosen, rejected = turns(obj["chosen"], "chosen"), turns(obj["rejected"], "rejected")
     if "prompt" in obj:
@@ -152,11 +149,6 @@ def parse_preference(obj: dict, where: str) -> PreferencePair:
     if not any(m["role"] == "user" for m in prompt):
         raise UserError(f"{where}: no prompt: a pair needs the user's turn its responses answer")
     return PreferencePair(prompt, chosen[-1], rejected[-1], where)
-
-
-def _plain_turns(value: list, where: str) -> list[dict]:
-    """A list of turns in either kind ({role, content} or {from, value}), no assistant needed."""
-    return parse_record({"messages": value + [{"role": "assistant", "content": ""}]}, where).messages[:-1]
 
 
 @lru_cache(maxsize=8)

@@ -302,22 +302,20 @@ def _records(cfg: CorpusConfig, skipped: Counter, inputs: list, held_out: frozen
         stream = reader.read_saved_dataset(cfg.source, cfg.dataset_split)
     else:
         stream = (r for f in files for r in reader.read(f))
+    def clean(turns: list) -> list:
+        return [{"role": m["role"], "content": normalize(m["content"], cfg.normalize)} for m in turns]
+
     for raw in stream:
         pair = getattr(raw.text, "pair", None)  # a preference pair (lib.data.sources.PairText)
-        if pair is not None:
-            chosen, rejected = ([{"role": m["role"], "content": normalize(m["content"], cfg.normalize)} for m in conv]
-                                for conv in pair)
-            record = {"id": raw.id, "text": ChatText.of(chosen), "source": raw.source, "chosen": chosen,
-                      "rejected": rejected}
-            if raw.line is not None:
-                record["line"] = raw.line
-            key = split_key(cfg, record)
-            yield "val" if key in held_out else split_of(key, share), record
-            continue
         messages = getattr(raw.text, "messages", None)  # a conversation (lib.data.sources.ChatText)
-        if messages is not None:
-            messages = [{"role": m["role"], "content": normalize(m["content"], cfg.normalize)} for m in messages]
-            record = {"id": raw.id, "text": ChatText.of(messages), "source": raw.source, "messages": messages}
+        if pair is not None or messages is not None:
+            if pair is not None:
+                chosen, rejected = map(clean, pair)
+                record = {"id": raw.id, "text": ChatText.of(chosen), "source": raw.source, "chosen": chosen,
+                          "rejected": rejected}
+            else:
+                messages = clean(messages)
+                record = {"id": raw.id, "text": ChatText.of(messages), "source": raw.source, "messages": messages}
             if raw.line is not None:
                 record["line"] = raw.line
             key = split_key(cfg, record)

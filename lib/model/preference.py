@@ -133,11 +133,9 @@ def batch_scores(model, batch, device) -> Scores:
     return pair_scores(model(**inputs).logits, inputs["input_ids"], torch.from_numpy(batch.response_mask).to(device))
 
 
-def reference_logps(model, rows, batch_size: int, device, autocast=None):
+def pair_logps(model, rows, batch_size: int, device, autocast=None):
     """[pairs, 2] float64: each pair's (chosen, rejected) summed log-probability under `model` in
-    eval mode, for every pair of `rows` (lib.data.pairs.PairRows) in order. Computed once, at a
-    run's start, from the starting model (a LoRA model with its adapter switched off), so no second
-    copy of the model is held; 16 bytes a pair."""
+    eval mode (its mode put back after), for every pair of `rows` (lib.data.pairs.PairRows) in order."""
     import contextlib
 
     import numpy as np
@@ -145,12 +143,20 @@ def reference_logps(model, rows, batch_size: int, device, autocast=None):
 
     was_training = model.training
     model.eval()
-    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     out = np.zeros((len(rows), 2), dtype=np.float64)
-    with torch.no_grad(), off, (autocast() if autocast else contextlib.nullcontext()):
+    with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
         for start in range(0, len(rows), batch_size):
             idx = list(range(start, min(start + batch_size, len(rows))))
             s = batch_scores(model, rows.make_batch(idx), device)
             out[idx, 0], out[idx, 1] = s.chosen.double().cpu().numpy(), s.rejected.double().cpu().numpy()
     model.train(was_training)
     return out
+
+
+def reference_logps(model, rows, batch_size: int, device, autocast=None):
+    """pair_logps under the starting model, computed once at a run's start: a LoRA model with its
+    adapter switched off, so no second copy of the model is held; 16 bytes a pair."""
+    import contextlib
+
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+        return pair_logps(model, rows, batch_size, device, autocast)
