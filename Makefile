@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= default
 
-.PHONY: help venv tokenize train eval smoke sft lm-eval trl mlflow test bench race litgpt gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
+.PHONY: help venv tokenize train eval smoke sft dpo lm-eval trl mlflow test bench race litgpt gpu-check gpu-kit audit fork fork-diff fork-update clean distclean
 
 help:
 	@echo "make train     build corpus + tokenizer, train configs/train/default.yaml (a 9-minute budget, sized to this machine), evaluate it"
@@ -12,6 +12,7 @@ help:
 	@echo "make lm-eval   install lm-evaluation-harness (optional) without changing any installed package's version"
 	@echo "make trl       install trl (for the preference-loss test) without changing any installed package's version"
 	@echo "make sft       instruction-tune runs/default on question/answer pairs from the stdlib -> runs/sft/ (BASE=runs/x)"
+	@echo "make dpo       after make sft: preference-tune runs/sft with DPO on chosen/rejected stdlib answers -> runs/dpo/"
 	@echo "make test      run the test suite"
 	@echo "make bench     speed and memory benchmarks against their baselines, then make race (figures in runs/bench/, ~1.5 hours)"
 	@echo "make race      the default run against litgpt and transformers.Trainer at equal wall time (in make bench; ~1 hour)"
@@ -87,6 +88,21 @@ sft: venv
 	$(PY) scripts/eval.py --model runs/sft --samples 0
 	$(PY) -c "import json; [print(json.loads(x)['messages'][-2]['content']) for x in open('data/pairs/corpus/val-00000.jsonl').readlines()[:3]]" \
 		| $(PY) scripts/eval.py generate --model runs/sft --chat --interactive --temperature 0 --max_new_tokens 60
+
+# Preference tuning offline, after make sft: for a held-out function's signature, its own docstring
+# summary chosen over the next function's (whole modules held out, as in make sft); the held-out
+# pairs scored for the SFT model before and the DPO model after, then three answers of each
+dpo: venv
+	$(PY) scripts/tokenize.py stdlib-pairs --preferences --out_dir data/prefs-src
+	$(PY) scripts/tokenize.py --corpus.source data/prefs-src --corpus.split_by file --tokenizer runs/sft/final --out_dir data/prefs
+	$(PY) scripts/eval.py --model runs/sft/final --data data/prefs --reference runs/sft/final --out_dir runs/dpo-before-eval
+	$(PY) scripts/train.py --config configs/train/dpo.yaml --overwrite
+	$(PY) scripts/eval.py --model runs/dpo --data data/prefs
+	$(PY) -c "import json; [print(json.loads(x)['chosen'][-2]['content']) for x in open('data/prefs/corpus/val-00000.jsonl').readlines()[:3]]" > runs/dpo/questions.txt
+	@echo "--- the SFT model (before):"
+	$(PY) scripts/eval.py generate --model runs/sft --chat --interactive --temperature 0 --max_new_tokens 60 < runs/dpo/questions.txt
+	@echo "--- the DPO model (after):"
+	$(PY) scripts/eval.py generate --model runs/dpo --chat --interactive --temperature 0 --max_new_tokens 60 < runs/dpo/questions.txt
 
 # TEST_WORKERS=2 runs the suite in two pytest-xdist workers (most tests are one-thread subprocess
 # runs, so faster), but in 2 of 4 such runs once one 2-process launch hung until its timeout (cause

@@ -440,10 +440,14 @@ def score_pairs(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir:
     print(f"model {model_dir} against {reference} on {tok_dir} [{cfg.split}]: {len(rows)} pairs"
           + (f" ({rows.cut} left out: their responses start past seq_len {seq_len})" if rows.cut else "")
           + f", beta {cfg.beta}, {time.perf_counter() - t0:.1f}s")
+    if Path(model_dir).resolve() == Path(reference).resolve():
+        print("  (the model is its own reference: every reward is 0, so no pair is ranked right by reward; the "
+              "log-probability accuracy is its own ranking)")
     print(f"  reward accuracy  {res['reward_accuracy']:.4f} (chosen rewarded above rejected)")
     print(f"  reward margin    {res['reward_margin']:.4f}")
     print(f"  rewards          chosen {res['reward_chosen']:.4f}, rejected {res['reward_rejected']:.4f}")
     print(f"  log-probability  chosen {res['logp_chosen']:.2f}, rejected {res['logp_rejected']:.2f}")
+    print(f"  log-probability accuracy {res['logp_accuracy']:.4f} (chosen likelier than rejected, no reference)")
     sink = MetricsSink(out_dir / METRICS, parse_formats(cfg.metrics_out))
     sink.write({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": str(model_dir), "reference": str(reference),
                 "data": str(tok_dir), "split": cfg.split, "pairs": len(rows), "pairs_cut": rows.cut, "beta": cfg.beta,

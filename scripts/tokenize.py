@@ -224,13 +224,17 @@ class PairsConfig(_Preset):
         python scripts/tokenize.py --corpus.source data/pairs-src --corpus.split_by file --out_dir data/pairs"""
 
     out_dir: Path = Path("data/pairs-src")
+    preferences: bool = False
+    """Write preference pairs instead: the same question, its own answer chosen, the next function's
+    of the same module rejected (for make dpo)."""
 
 
 def cmd_pairs(cfg: PairsConfig) -> None:
     from lib.data.stdlib_pairs import write_pairs
 
-    counts = write_pairs(cfg.out_dir)
-    print(f"wrote {counts['pairs']:,} prompt/completion pairs from {counts['modules']} standard-library modules "
+    counts = write_pairs(cfg.out_dir, cfg.preferences)
+    kind = "preference (prompt/chosen/rejected)" if cfg.preferences else "prompt/completion"
+    print(f"wrote {counts['pairs']:,} {kind} pairs from {counts['modules']} standard-library modules "
           f"to {cfg.out_dir}/<module>.jsonl")
 
 

@@ -6,7 +6,9 @@
 
 Writes runs/<run_name>/: config.yaml (resolved), provenance.json, metrics.jsonl, checkpoints/
 (resumable with --resume auto), final/ (a Hugging Face model and tokenizer), loss.png, report.md,
-and samples.txt with --sample_every.
+and samples.txt with --sample_every. On a folder of preference pairs (tokenize.py on chosen/rejected
+records) it tunes --model.init_from with --preference.name (dpo, ipo, simpo) against that starting
+model, and writes reference_logps.npz too.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ sys.path[:] = [_root] + [p for p in sys.path if os.path.realpath(p or os.curdir)
 # environment --deterministic sets must be in place before torch starts (runtime.prepare_environment),
 # and --help stays fast. Nothing imported at the top imports them.
 import functools  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -41,9 +44,10 @@ from lib.data.batches import verify_shards  # noqa: E402
 from lib.data import mixture  # noqa: E402
 from lib.data.mixture import MixedBlocks, MixtureSampler, Source  # noqa: E402
 from lib.data.corpus import iter_records, read_manifest  # noqa: E402
+from lib.data.pairs import PairBatch, PairRows  # noqa: E402
 from lib.data.tokenizer import TextTokenizer, has_tokenizer, load_hf_tokenizer  # noqa: E402
 from lib.errors import UserError, exit_on_user_error, where_am_i  # noqa: E402
-from lib.files import atomic_text, ensure_writable, write_json  # noqa: E402
+from lib.files import atomic_file, atomic_text, ensure_writable, write_json  # noqa: E402
 from lib.model import export, lora, registry, tasks  # noqa: E402
 from lib.model.build import ModelConfig, build_model, check_data_fits, count_params, flops_per_token  # noqa: E402
 from lib.model.build import folder_positions, matmul_dims  # noqa: E402
@@ -51,6 +55,8 @@ from lib.model.evaluate import HeldOutSample, held_out_sample, token_byte_length
 from lib.model.generate import greedy_continuations  # noqa: E402
 from lib.model.lora import LoraOptions  # noqa: E402
 from lib.model.loss import LOSSES, LossConfig, TokenLoss, build_loss, step_scaled_loss  # noqa: E402
+from lib.model.preference import PREFERENCE_LOSSES, PairObjective, PreferenceOptions, Scores  # noqa: E402
+from lib.model.preference import batch_scores, pair_logps, reference_logps, summary  # noqa: E402
 from lib.progress import progress, write as write_line  # noqa: E402
 from lib.records import checkpoint as ckpt  # noqa: E402
 from lib.records import run_folder, tracking  # noqa: E402
@@ -99,6 +105,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraOptions = field(default_factory=LoraOptions)
+    preference: PreferenceOptions = field(default_factory=PreferenceOptions)
+    """The objective on a folder of preference pairs (data.dir), which tunes model.init_from: each
+    pair counts once in a step's loss, micro_batch_size counts pairs (two rows each), and the
+    reference is the starting model (lib/model/preference.py)."""
     actions: ActionsConfig = field(default_factory=ActionsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
@@ -236,14 +246,20 @@ class Data:
     """The tokenized data the run reads (load_data)."""
     manifest: dict  # the token shards' manifest.json (of the first source of a mixture)
     tokens_dir: Path
-    train: TokenBlocks | PaddedDocs | MixedBlocks  # packed blocks, documents padded into rows (--data.packing), or a mixture's blocks
+    train: TokenBlocks | PaddedDocs | MixedBlocks | PairRows  # packed blocks, documents padded into rows
+    # (--data.packing), a mixture's blocks, or preference pairs
     boundary: Optional[DocBoundary]  # where documents meet (position ids restart there), or None
-    held_out: HeldOutSample  # the held-out windows every evaluation scores (the first source's, of a mixture)
+    held_out: HeldOutSample | PairRows  # what every evaluation scores: held-out windows (the first source's, of
+    # a mixture), or every held-out preference pair
     sample_prompts: list[list[int]]  # token ids the samples continue (--sample_every)
     tokenizer: Path  # the folder of the tokenizer the data was encoded with
     content_hash: str  # what checkpoints name the data by: the manifest's, or the mixture's (lib/data/mixture.py)
     sources: list[Source] = field(default_factory=list)  # --data.mix: its sources; empty for one dataset
     held_out_by_source: dict = field(default_factory=dict)  # --data.mix: each source's name -> its HeldOutSample
+
+    @property
+    def pairs(self) -> bool:
+        return isinstance(self.train, PairRows)
 
 
 @dataclass
@@ -252,7 +268,8 @@ class Model:
     prepared: torch.nn.Module  # the model as Accelerate prepared it: what checkpoints save
     forward: torch.nn.Module  # what each step calls: `prepared`, or torch.compile of it (--compile)
     optimizer: torch.optim.Optimizer  # Accelerate's wrapper of --optim.name's optimizer
-    objective: TokenLoss  # the training loss, --loss.name (lib/model/loss.py LOSSES)
+    objective: TokenLoss | PairObjective  # the training loss, --loss.name (lib/model/loss.py LOSSES), or on
+    # preference pairs --preference.name (lib/model/preference.py)
     fused: Optional[FusedHead]  # the output layer computed with the loss in chunks (--fused_loss), or None
     n_params: int  # of the model before LoRA
     flops_per_token: float  # of a training step (forward and backward), for MFU
@@ -316,6 +333,8 @@ def main() -> None:
     data = load_data(cfg, accelerator)
     model = build(cfg, accelerator, data)
     run = open_run(cfg, accelerator, precision, started, data, model)
+    if data.pairs:
+        attach_reference(run)
     train(run)
     finish(run)
 
@@ -380,6 +399,7 @@ def check_options(cfg: TrainConfig) -> None:
     SCHEDULES.get(cfg.optim.schedule, "--optim.schedule")  # a name no built-in or loaded plugin provides
     OPTIMIZERS.get(cfg.optim.name, "--optim.name")
     LOSSES.get(cfg.loss.name, "--loss.name")
+    PREFERENCE_LOSSES.get(cfg.preference.name, "--preference.name")
 
 
 # ---- set-up: processes, data, model, run folder ---------------------------------------------------
@@ -423,6 +443,11 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
     the samples continue; every shard verified first. With --data.mix, each source's blocks and
     held-out sample, the blocks drawn as one mixture."""
     sources = mixture.parse_mix(cfg.data.mix) if cfg.data.mix else []
+    if not sources and read_manifest(tokens_dir(cfg.data.dir), "tokens").get("pairs"):
+        return load_pairs(cfg, accelerator)
+    if given := [a for a in sys.argv[1:] if a.startswith("--preference.")]:
+        raise UserError(f"{given[0]}: applies to preference pairs, and {cfg.data.dir} holds none (tokenize.py makes a "
+                        "pairs folder from chosen/rejected records)")
     parts = [load_source(cfg, Path(s.dir), accelerator) for s in sources] or [load_source(cfg, Path(cfg.data.dir), accelerator)]
     manifest, tok_dir, train, held_out, val = parts[0]
     tokenizer = (tok_dir / manifest["tokenizer_dir"]).resolve()
@@ -444,8 +469,8 @@ def load_source(cfg: TrainConfig, data_dir: Path, accelerator: Accelerator):
     tok_dir = tokens_dir(data_dir)
     manifest = read_manifest(tok_dir, "tokens")
     if manifest.get("pairs"):  # trained as documents, its rejected answers would be learned too
-        raise UserError(f"{data_dir} holds preference pairs (chosen and rejected answers); train.py does not train "
-                        "on pairs yet: tokenize the chosen conversations alone (as messages) for instruction tuning")
+        raise UserError(f"{data_dir} holds preference pairs (chosen and rejected answers), which do not mix with text: "
+                        "train on it alone (--data.dir), or tokenize the chosen conversations as messages")
     verify_shards_on_main(tok_dir, manifest, accelerator)
     val_tokens, val_docs = load_split(tok_dir, "val")
     tokenizer = (tok_dir / manifest["tokenizer_dir"]).resolve()
@@ -457,6 +482,30 @@ def load_source(cfg: TrainConfig, data_dir: Path, accelerator: Accelerator):
         warn_long_conversations(cfg, tok_dir, manifest, accelerator.print)
     return (manifest, tok_dir, build_train_data(tok_dir, cfg.data, manifest["special_ids"]), held_out,
             (val_tokens, val_docs, mask))
+
+
+def load_pairs(cfg: TrainConfig, accelerator: Accelerator) -> Data:
+    """A folder of preference pairs (lib/data/pairs.py): the training pairs and every held-out pair,
+    each row its first seq_len tokens, verified first; the samples continue held-out prompts."""
+    tok_dir = tokens_dir(cfg.data.dir)
+    manifest = read_manifest(tok_dir, "tokens")
+    if cfg.loss.name != "cross_entropy":
+        raise UserError(f"--loss.name {cfg.loss.name}: {cfg.data.dir} holds preference pairs, which train with "
+                        "--preference.name (dpo, ipo, simpo); drop --loss.name")
+    verify_shards_on_main(tok_dir, manifest, accelerator)
+    special = manifest["special_ids"]
+    pad = special["pad"] if special.get("pad") is not None else special["eos"]
+    train, held_out = (PairRows(tok_dir, split, cfg.data.seq_len, pad) for split in ("train", "val"))
+    if train.cut:
+        accelerator.print(f"warning: {train.cut} training pair(s) left out: a response starts past --data.seq_len "
+                          f"{cfg.data.seq_len} (rows keep their first seq_len tokens); raise it to train on them")
+    tokenizer = (tok_dir / manifest["tokenizer_dir"]).resolve()
+    prompts = []
+    if cfg.sample_every:  # the chosen rows' prompts (documents 0, 2, 4: each pair is two)
+        val_tokens, val_docs = load_split(tok_dir, "val")
+        mask = np.concatenate(load_masks(tok_dir, "val"))
+        prompts = sample_prompts(cfg, tokenizer, manifest, val_tokens, val_docs, mask, every=2)
+    return Data(manifest, tok_dir, train, None, held_out, prompts, tokenizer, manifest["content_hash"])
 
 
 def build(cfg: TrainConfig, accelerator: Accelerator, data: Data) -> Model:
@@ -472,6 +521,9 @@ def build(cfg: TrainConfig, accelerator: Accelerator, data: Data) -> Model:
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     if cfg.model.init_from:  # the data must be in the model's tokens, in sequences it has positions for
         check_data_fits(cfg.model.init_from, data.manifest, cfg.data.seq_len)
+    elif data.pairs:
+        raise UserError(f"{cfg.data.dir} holds preference pairs, which tune a model: name it with --model.init_from "
+                        "(an instruction-tuned one, such as make sft's runs/sft/final)")
     elif cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if OPTIMIZERS.meta(cfg.optim.name, "whole_matrices", False) and sharded:
@@ -506,14 +558,17 @@ def build(cfg: TrainConfig, accelerator: Accelerator, data: Data) -> Model:
             f"trainable of {n_params + n_train:,} parameters ({n_train / (n_params + n_train):.2%}); "
             f"checkpoints hold {'every weight, sharded (FSDP)' if sharded else 'the adapters only'}")
         base_sha = lora.base_fingerprint(cfg.model.init_from)  # checkpoints name their base
-    objective = build_loss(cfg.loss)
+    objective = PairObjective(cfg.preference) if data.pairs else build_loss(cfg.loss)
     fused_ok = cfg.fused_loss and accelerator.mixed_precision != "fp16"
     fused = FusedHead.attach(model, compiled=cfg.compile) if fused_ok and objective.fused else None
-    if fused_ok and not objective.fused:
+    if fused_ok and not objective.fused and not data.pairs:
         say(f"note: loss {cfg.loss.name} needs the full logits: the fused output layer is not used")
+    pref = cfg.preference
     say(f"forward: {'torch.compile' if cfg.compile else 'eager'}, attention {attention}, loss "
         f"{'fused with the output layer' if fused is not None else 'over full logits'}"
-        + (f" ({cfg.loss.name})" if cfg.loss.name != "cross_entropy" else ""))
+        + (f" ({cfg.loss.name})" if cfg.loss.name != "cross_entropy" else "")
+        + (f"; preference objective {pref.name}, beta {pref.beta:g}" + (f", gamma {pref.gamma:g}" if pref.name ==
+           "simpo" else "") + ("" if objective.uses_reference else ", no reference") if data.pairs else ""))
     flops = flops_per_token(model, cfg.data.seq_len)  # after LoRA: a frozen weight costs no gradient
     prepared, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
     if lora.enabled(cfg.lora):
@@ -553,6 +608,9 @@ def open_run(cfg: TrainConfig, accelerator: Accelerator, precision: Choice, star
                           strict=not lora.enabled(cfg.lora), check=vet)
         sampler.load_state_dict(state["sampler"], cfg.allow_data_change)
         loop.load_state_dict(state, accelerator.process_index)
+        windows = state.get("objective_windows") or []  # the objective's figures not yet logged
+        if accelerator.process_index < len(windows):
+            model.objective.load_window(windows[accelerator.process_index], accelerator.device)
         say(f"resumed from {resume_from} at step {loop.step}")
     metrics = tracker = system = None
     if is_main:
@@ -588,6 +646,42 @@ def open_run(cfg: TrainConfig, accelerator: Accelerator, precision: Choice, star
     return run
 
 
+REFERENCE = "reference_logps.npz"  # in the run folder: the preference pairs' scores under the reference
+
+
+def attach_reference(run: Run) -> None:
+    """Preference pairs: each pair's (chosen, rejected) log-probabilities under the reference, the
+    starting model (a LoRA run's base, its adapter switched off), computed once at the run's first
+    start in eval mode and kept in the run folder (16 bytes a pair, on disk and in memory), so no
+    second model is held, a full fine-tune can resume (its trained weights are no longer the
+    reference), and every process trains on the main process's figures. Every process scores all
+    pairs (a sharded model's forward is collective). A reference-free objective (simpo) needs none."""
+    cfg, data, accelerator = run.cfg, run.data, run.accelerator
+    if not run.model.objective.uses_reference:
+        return
+    path = run.run_dir / REFERENCE
+    key = {"data_content_hash": data.content_hash, "seq_len": cfg.data.seq_len, "reference": cfg.model.init_from,
+           "reference_sha256": run.model.base_sha or lora.base_fingerprint(cfg.model.init_from)}
+    if run.resume_from is None:
+        t = time.perf_counter()
+        found = {split: reference_logps(run.unwrapped, rows, cfg.micro_batch_size, run.device, accelerator.autocast)
+                 for split, rows in (("train", data.train), ("val", data.held_out))}
+        if run.is_main:
+            with atomic_file(path, "wb") as f:
+                np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), **found)
+        accelerator.wait_for_everyone()
+        run.say(f"reference: {len(data.train) + len(data.held_out):,} pairs scored under {cfg.model.init_from} in "
+                f"{time.perf_counter() - t:.1f} s -> {path} (what every later step compares with)")
+    elif not path.is_file():
+        raise UserError(f"{path} is missing: the pairs' reference log-probabilities, scored when the run began, are "
+                        "gone, and a resumed model is no longer the reference; start over with --overwrite")
+    with np.load(path) as stored:
+        if json.loads(str(stored["key"])) != json.loads(json.dumps(key, sort_keys=True)):
+            raise UserError(f"{path} was scored for other data or another starting model than this run's "
+                            f"({json.loads(str(stored['key']))}); start over with --overwrite")
+        data.train.reference, data.held_out.reference = stored["train"], stored["val"]
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 def train(run: Run) -> None:
@@ -618,14 +712,15 @@ def train(run: Run) -> None:
             clock.start()
             sample_ids = [run.sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
             batches = [run.data.train.make_batch(ids, run.data.boundary) for ids in sample_ids]
-            # every target token of the step, all processes' micro-batches, weighs 1/step_tokens
-            step_tokens = int(accelerator.reduce(torch.tensor(sum(b.n_targets for b in batches), device=run.device),
-                                                 "sum"))
+            # the step's loss is a mean over all processes' micro-batches: every target token (every
+            # preference pair) weighs 1/step_weight, however the step is split
+            step_weight, step_tokens = (int(n) for n in accelerator.reduce(
+                torch.tensor([[b.weight, b.n_targets] for b in batches], device=run.device).sum(0), "sum"))
             step_loss = torch.zeros((), device=run.device)
             for batch in batches:
                 with accelerator.accumulate(model.prepared):  # gradients are all-reduced on the last micro-batch
                     loss = loss_sum(run, batch)
-                    accelerator.backward(step_scaled_loss(loss, step_tokens, run.world, cfg.grad_accum_steps))
+                    accelerator.backward(step_scaled_loss(loss, step_weight, run.world, cfg.grad_accum_steps))
                 step_loss += loss.detach()
             grad_norm = float(accelerator.clip_grad_norm_(model.forward.parameters(), clip))
             bad = non_finite(run, step_loss, grad_norm, sample_ids)  # stops the run, or names what skips the update
@@ -636,7 +731,7 @@ def train(run: Run) -> None:
                 # (Accelerate's optimizer_step_was_skipped misses skips inside a fused AdamW kernel)
                 loop.overflow_steps += scale is not None and accelerator.scaler.get_scale() < scale
             model.optimizer.zero_grad(set_to_none=True)
-            loop.count_step(step_tokens, batches, None if bad else step_loss)
+            loop.count_step(step_tokens, batches, None if bad else step_loss, weight=step_weight)
             clock.stop()
             bar.total = loop.horizon
             bar.update(1)
@@ -695,7 +790,8 @@ def finish(run: Run) -> None:
     export.final_model(accelerator, run.model.prepared, run.run_dir / "final", run.data.tokens_dir, run.model.fused,
                        cfg.lora if run.uses_lora else None,
                        rebuild=lambda: build_model(cfg.model, manifest["vocab_size"], manifest["special_ids"]),
-                       base_dir=cfg.model.init_from, probe_ids=run.data.held_out.inputs[:2],
+                       base_dir=cfg.model.init_from, probe_ids=(run.data.held_out.make_batch([0]).input_ids if
+                                                                run.data.pairs else run.data.held_out.inputs[:2]),
                        trained_len=None if cfg.model.init_from else cfg.data.seq_len)
     if run.is_main:
         best = ckpt.best_checkpoint(run.run_dir) if cfg.keep_best else None
@@ -778,6 +874,8 @@ def forward_loss(model: Model, batch: Batch, device) -> torch.Tensor:
     there is one (no full logits), else over the logits."""
     import torch
 
+    if isinstance(batch, PairBatch):  # preference pairs: whole responses scored against the reference
+        return model.objective.loss_sum(model.forward, batch, device)
     inputs, labels = batch.model_inputs(device), torch.from_numpy(batch.labels).to(device)
     if model.fused is not None:
         return model.fused.loss_sum(model.forward, inputs, labels, model.objective)[0]
@@ -821,7 +919,7 @@ def log_step(run: Run, bar, window: dict, mfu, grad_norm: float, lr: float) -> N
     loss = float(accelerator.reduce(loop.window.loss, reduction="sum")) / max(loop.window.tokens, 1)
     pad_frac = loop.window.pad / max(loop.window.slots, 1)
     loop.window.reset()
-    extra = run.model.objective.take_logged()
+    extra = run.model.objective.take_logged(lambda t: accelerator.reduce(t.to(run.device), "sum"))
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)  # shown at its next redraw
     if run.is_main:
         fp16 = fp16_state(run)
@@ -829,8 +927,10 @@ def log_step(run: Run, bar, window: dict, mfu, grad_norm: float, lr: float) -> N
         sampled = run.system is not None and (loop.step // cfg.log_every) % cfg.monitor.every == 0
         padding = f" | padding {pad_frac:.1%}" if cfg.data.packing != "pack" else ""
         scaling = f" | loss scale {fp16['loss_scale']:g}, {fp16['overflow_steps']} overflow step(s)" if fp16 else ""
-        write_line(bar, f"step {loop.step:>6}/{loop.horizon} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-                   f"{tps:,.0f} tok/s | {tps * mfu.flops_per_token / 1e9:.1f} GFLOP/s"
+        ranked = (f" | reward acc {extra['reward_accuracy']:.3f}, margin {extra['reward_margin']:.3f}"
+                  if "reward_accuracy" in extra else "")
+        write_line(bar, f"step {loop.step:>6}/{loop.horizon} | loss {loss:.4f}{ranked} | lr {lr:.2e} | grad_norm "
+                   f"{grad_norm:.3f} | {tps:,.0f} tok/s | {tps * mfu.flops_per_token / 1e9:.1f} GFLOP/s"
                    f"{f' | MFU {utilization:.1%}' if utilization else ''}{padding}{scaling}")
         run.metrics.write({"type": "train", "step": loop.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "horizon": loop.horizon, "tokens_seen": loop.tokens_seen, "tokens_per_s": tps,
@@ -867,6 +967,8 @@ def evaluate(run: Run) -> dict:
     process a share of its windows, the sums added over processes: the log line and a metrics record."""
     import torch
 
+    if run.data.pairs:
+        return evaluate_pairs(run)
     loop, t, accelerator = run.loop, time.perf_counter(), run.accelerator
 
     def add_up(values: list) -> list:
@@ -895,8 +997,43 @@ def evaluate(run: Run) -> dict:
     return res
 
 
+def evaluate_pairs(run: Run) -> dict:
+    """Score every held-out preference pair: the objective's loss, reward accuracy and margin, the
+    rewards and log-probabilities (lib/model/preference.py summary), in the log line and a metrics
+    record. Every process scores all of them (a sharded model's forward is collective)."""
+    import torch
+
+    loop, rows, objective, t = run.loop, run.data.held_out, run.model.objective, time.perf_counter()
+    logps = torch.from_numpy(pair_logps(run.unwrapped, rows, run.cfg.micro_batch_size, run.device,
+                                        run.accelerator.autocast))
+    counts = torch.from_numpy(rows.response_tokens()).double()
+    policy = Scores(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1])
+    ref = torch.from_numpy(rows.reference) if objective.uses_reference else None
+    reference = Scores(ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1]) if ref is not None else None
+    res = summary(objective.fn(policy, reference, objective.opt), policy)
+    loop.last_eval.update(step=loop.step, loss=res["loss"], seconds=time.perf_counter() - t, figures=res, by_source={})
+    run.say(f"eval step {loop.step}: val_loss {res['loss']:.4f} | reward accuracy {res['reward_accuracy']:.3f} | "
+            f"margin {res['reward_margin']:.4f} | rewards chosen {res['reward_chosen']:.4f}, rejected "
+            f"{res['reward_rejected']:.4f} | log-prob accuracy {res['logp_accuracy']:.3f} ({rows.description}, "
+            f"{loop.last_eval['seconds']:.1f} s)")
+    if run.metrics:
+        run.metrics.write({"type": "eval", "step": loop.step, "tokens_seen": loop.tokens_seen,
+                           "elapsed_s": loop.elapsed_s(), "val_pairs": len(rows),
+                           **{f"val_{k}": v for k, v in res.items()}})
+        run.metrics.refresh_tables()
+    return res
+
+
 def estimate_evaluation(run: Run) -> float:
     """Seconds of one evaluation, before one is timed: a few of its batches, timed."""
+    if run.data.pairs:  # one batch of held-out pairs, timed, times the batches
+        import torch
+
+        rows, n = run.data.held_out, min(len(run.data.held_out), run.cfg.micro_batch_size)
+        t = time.perf_counter()
+        with torch.no_grad(), run.accelerator.autocast():
+            batch_scores(run.unwrapped, rows.make_batch(list(range(n))), run.device)
+        return (time.perf_counter() - t) * math.ceil(len(rows) / n)
     return sum(sample.estimate_seconds(run.unwrapped, run.cfg.micro_batch_size, run.device, run.accelerator.autocast,
                                        run.data.boundary, world=run.world)
                for sample in (run.data.held_out_by_source or {"": run.data.held_out}).values())
@@ -972,6 +1109,7 @@ def save_checkpoint(run: Run) -> None:
     ckpt.assert_finite(run.unwrapped, loop.step)
     ckpt.save(run.accelerator, run.run_dir, loop.step, cfg.keep_last_n,
               {**loop.state_dict(gather_object), "sampler": run.sampler.state_dict(),
+               "objective_windows": gather_object([run.model.objective.window_state()]),
                "data_content_hash": run.data.content_hash,
                **({"lora_base_sha256": run.model.base_sha} if run.uses_lora else {})}, keep_best=cfg.keep_best,
               expect_bytes=checkpoint_bytes(run), say=run.say)
@@ -1044,17 +1182,17 @@ def warn_long_conversations(cfg: TrainConfig, tok_dir: Path, manifest: dict, say
 
 
 def sample_prompts(cfg: TrainConfig, tokenizer: Path, manifest: dict, val_tokens: np.ndarray, val_docs: np.ndarray,
-                   mask: Optional[np.ndarray]) -> list[list[int]]:
+                   mask: Optional[np.ndarray], every: int = 1) -> list[list[int]]:
     """The token ids the samples continue: --sample_prompts encoded (after bos, as documents
-    begin), else the first three held-out documents' openings: a conversation's tokens before its
-    first answer token, a text's first 16 tokens (at most half of it)."""
+    begin), else the openings of three held-out documents (the first, then each `every`-th): a
+    conversation's tokens before its first answer token, a text's first 16 tokens (at most half of it)."""
     bos = manifest["special_ids"].get("bos")
     if cfg.sample_prompts:
         first = [bos] if bos is not None and len(val_tokens) and val_tokens[0] == bos else []
         return [first + ids for ids in TextTokenizer(tokenizer).encode(list(cfg.sample_prompts))]
     prompts = []
     starts = np.concatenate([[0], np.cumsum(val_docs[:, 0])])
-    for start, length in zip(starts[:3].tolist(), val_docs[:3, 0].tolist()):
+    for start, length in zip(starts[:3 * every:every].tolist(), val_docs[:3 * every:every, 0].tolist()):
         if mask is not None:  # mask[j]: token j is an answer's
             answer = np.flatnonzero(np.asarray(mask[start:start + length]) == 1)
             n = int(answer[0]) if len(answer) and answer[0] > 0 else max(1, length // 2)
@@ -1069,6 +1207,8 @@ def fit_micro_batch(cfg: TrainConfig, accelerator: Accelerator, data: Data, mode
 
     def trial(n: int) -> None:  # one forward+backward on n sequences; nothing is applied
         batch = data.train.make_batch(list(range(min(n, len(data.train)))), data.boundary)
+        if isinstance(batch, PairBatch):  # the reference is not scored yet; any figures cost the same
+            batch.reference = np.zeros((batch.n_pairs, 2))
         accelerator.backward(forward_loss(model, batch, accelerator.device) * 0)
         model.optimizer.zero_grad(set_to_none=True)
 
@@ -1110,7 +1250,10 @@ def describe_run(run: Run) -> None:
     """The start-up line: model, data layout, processes, batch and schedule."""
     cfg, train_data, boundary, horizon = run.cfg, run.data.train, run.data.boundary, run.loop.horizon
     rows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * run.world
-    if cfg.data.packing == "pack":
+    if run.data.pairs:
+        layout = (f"{len(train_data):,} preference pairs, each micro-batch's chosen and rejected rows padded to its "
+                  "longest; the loss a mean over the step's pairs")
+    elif cfg.data.packing == "pack":
         layout = f"{len(train_data):,} packed blocks of {cfg.data.seq_len}" + (
             "" if boundary is None else
             f", attention within documents ({'from each bos' if boundary.begins else 'restarting after each eos'})")
@@ -1120,7 +1263,8 @@ def describe_run(run: Run) -> None:
     what = f"{cfg.model.init_from} (from it)" if cfg.model.init_from else f"{cfg.model.arch} (new)"
     run.say(f"model: {what} {run.model.n_params / 1e6:.2f}M params | data: {train_data.n_tokens:,} train tokens, "
             f"{layout} | {run.world} process(es), precision {run.precision.name} | "
-            f"{rows_per_step} sequences of <= {cfg.data.seq_len} tokens per optimizer step, "
+            f"{rows_per_step} {'pairs' if run.data.pairs else 'sequences'} of <= {cfg.data.seq_len} tokens per "
+            "optimizer step, "
             f"{horizon} steps ({rows_per_step * horizon / len(train_data):.2f} epochs)"
             + (" at most: the learning rate follows the budget's clock, at its floor when the training time is "
                "spent" if run.loop.clock else ""))

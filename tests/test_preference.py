@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, pair_scores, summary
+from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, batch_scores, pair_scores, summary
 
 
 @pytest.fixture(autouse=True)
@@ -307,3 +307,125 @@ def test_eval_on_pairs_gives_the_reward_accuracy_against_the_reference(pair_data
     assert record["reward_accuracy"] == pytest.approx(figures.ranked_right.mean().item())
     assert record["reward_margin"] == pytest.approx(figures.margin.mean().item(), abs=1e-4)
     assert f"reward accuracy  {record['reward_accuracy']:.4f}" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def dpo_base(pair_data):
+    """A tiny model of the pairs' tokenizer, saved as a starting model (dropout on, so a resumed run
+    must restore the random state), and the flags of a short DPO run from it."""
+    import json
+    import shutil
+
+    from lib.model.gpt import GPT, GPTConfig
+
+    data = pair_data / "data"
+    manifest = json.loads((data / "tokens" / "manifest.json").read_text())
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=manifest["vocab_size"], d_model=32, n_layers=2, n_heads=2, max_seq_len=128,
+                  dropout=0.1)).save_pretrained(pair_data / "base")
+    for f in (data / "tokenizer").iterdir():
+        shutil.copy(f, pair_data / "base" / f.name)
+    return data, ["--model.init_from", str(pair_data / "base"), "--data.seq_len", "128", "--max_steps", "10",
+                  "--log_every", "4", "--eval_every", "5", "--checkpoint_every", "0", "--micro_batch_size", "4",
+                  "--optim.lr", "1e-3", "--precision", "fp32", "--deterministic", "--metrics_out", "ndjson,csv"]
+
+
+def run_records(run) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def scored(run) -> list[dict]:
+    """The train and eval records without their timings."""
+    timing = ("tokens_per_s", "elapsed_s", "mfu", "peak_memory_gib")
+    return [{k: v for k, v in r.items() if k not in timing and not k.startswith("sys_")}
+            for r in run_records(run) if r["type"] in ("train", "eval")]
+
+
+@pytest.mark.parametrize("how", ["full", "lora"])
+def test_a_dpo_run_stopped_and_resumed_is_bitwise_the_straight_run(dpo_base, tmp_path, how):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from conftest import train
+
+    data, common = dpo_base
+    common = common + (["--lora.r", "4"] if how == "lora" else [])
+    straight = train(data, tmp_path, "straight", *common)
+    assert "preference objective dpo, beta 0.1" in straight.stdout and "reference: 120 pairs scored" in straight.stdout
+    records = run_records(tmp_path / "straight")
+    first = next(r for r in records if r["type"] == "train")
+    assert {"reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logp_chosen",
+            "logp_rejected"} <= first.keys()
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [5, 10] and evals[-1]["val_pairs"] == 8
+    assert evals[-1]["val_reward_margin"] > 0 and evals[-1]["val_loss"] < 0.6931  # ranked apart, below log 2
+    assert "reward accuracy" in (tmp_path / "straight" / "report.md").read_text()
+    train(data, tmp_path, "resumed", *common, "--stop_at_step", "6")
+    if how == "full":  # the reference cannot be recomputed from trained weights: its loss is an error
+        kept = tmp_path / "reference.npz"
+        shutil.move(tmp_path / "resumed" / "reference_logps.npz", kept)
+        gone = train(data, tmp_path, "resumed", *common, "--resume", "auto", check=False)
+        assert gone.returncode == 2 and "reference_logps.npz is missing" in gone.stderr
+        assert "Traceback" not in gone.stderr
+        shutil.move(kept, tmp_path / "resumed" / "reference_logps.npz")
+    resumed = train(data, tmp_path, "resumed", *common, "--resume", "auto")
+    assert "resumed from" in resumed.stdout and "reference: " not in resumed.stdout  # read back, not rescored
+    assert scored(tmp_path / "resumed") == scored(tmp_path / "straight")
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_each_pair_counts_once_however_the_step_is_split(dpo_base):
+    import json
+
+    import numpy as np
+
+    from lib.data.pairs import PairRows
+    from lib.model.gpt import GPT, GPTConfig
+    from lib.model.loss import step_scaled_loss
+    from lib.model.preference import PairObjective
+
+    data, _ = dpo_base
+    manifest = json.loads((data / "tokens" / "manifest.json").read_text())
+    rows = PairRows(data / "tokens", "train", 128, manifest["special_ids"]["pad"])
+    rows.reference = np.random.default_rng(0).normal(-40, 5, size=(len(rows), 2))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=manifest["vocab_size"], d_model=32, n_layers=2, n_heads=2, max_seq_len=128))
+    objective = PairObjective(PreferenceOptions())
+    pairs = [3, 17, 40, 41, 90, 100]  # responses of different lengths
+
+    def grad(splits):  # the loop's arithmetic: each micro-batch's loss sum over the step's pairs
+        model.zero_grad()
+        for ids in splits:
+            loss = objective.loss_sum(model, rows.make_batch(ids), "cpu")
+            (step_scaled_loss(loss, len(pairs), 1, len(splits)) / len(splits)).backward()  # Accelerate's 1/accum
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole, halves, uneven = grad([pairs]), grad([pairs[:3], pairs[3:]]), grad([pairs[:1], pairs[1:]])
+    model.zero_grad()  # the mean of the pairs' losses, computed directly
+    policy = batch_scores(model, rows.make_batch(pairs), "cpu")
+    ref = torch.from_numpy(rows.reference[pairs]).float()
+    from lib.model.preference import Scores
+
+    dpo = PREFERENCE_LOSSES.get("dpo", "")
+    dpo(policy, Scores(ref[:, 0], ref[:, 1], None, None), PreferenceOptions()).loss.mean().backward()
+    direct = torch.cat([p.grad.flatten() for p in model.parameters()])
+    scale = direct.abs().max()
+    for g in (whole, halves, uneven):
+        assert (g - direct).abs().max() <= 1e-5 * scale
+    logged = objective.take_logged()  # what the three steps scored: 18 pairs
+    assert 0 <= logged["reward_accuracy"] <= 1 and objective.sums is None
+
+
+def test_dpo_on_two_ddp_processes_keeps_the_replicas_identical(dpo_base, tmp_path):
+    from conftest import accelerate_launch, train
+
+    data, common = dpo_base
+    proc = train(data, tmp_path, "ddp", *common, "--max_steps", "4", "--micro_batch_size", "2",
+                 launcher=accelerate_launch("cpu_ddp"))
+    assert "2 process(es)" in proc.stdout and "weights identical on all 2 processes: True" in proc.stdout
+    train_rows = [r for r in run_records(tmp_path / "ddp") if r["type"] == "train"]
+    assert train_rows[-1]["step"] == 4 and 0 <= train_rows[-1]["reward_accuracy"] <= 1

@@ -186,6 +186,11 @@ class Batch:
         return int((self.labels != IGNORE_INDEX).sum())
 
     @property
+    def weight(self) -> int:
+        """What the step's loss is a mean over: its target tokens, each counted once (train.py)."""
+        return self.n_targets
+
+    @property
     def n_padding(self) -> int:
         return 0 if self.attention_mask is None else int((self.attention_mask == 0).sum())
 

@@ -25,10 +25,25 @@ class PairBatch:
     input_ids: np.ndarray
     attention_mask: np.ndarray
     response_mask: np.ndarray
+    reference: np.ndarray | None = None  # [pairs, 2]: (chosen, rejected) log-probabilities under the reference
 
     @property
     def n_pairs(self) -> int:
         return len(self.input_ids) // 2
+
+    @property
+    def weight(self) -> int:
+        """What the step's loss is a mean over: pairs, each counted once however long (train.py)."""
+        return self.n_pairs
+
+    @property
+    def n_targets(self) -> int:
+        """The response tokens scored (both rows of each pair): what tokens_seen counts."""
+        return int(self.response_mask[:, 1:].sum())
+
+    @property
+    def n_padding(self) -> int:
+        return int((self.attention_mask == 0).sum())
 
     def model_inputs(self, device) -> dict:
         import torch
@@ -59,11 +74,21 @@ class PairRows:
         whole = kept[0::2] & kept[1::2]
         self.pairs = np.flatnonzero(whole)  # the pair numbers trained on
         self.cut = int((~whole).sum())
+        self.reference: np.ndarray | None = None  # [len(self), 2], set by train.py: attached to each batch
         if not len(self.pairs):
             raise UserError(f"{tok_dir}: every pair's response starts past data.seq_len {seq_len}; raise it")
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the kept pairs' rows, both sides."""
+        return int(self.lengths[2 * self.pairs].sum() + self.lengths[2 * self.pairs + 1].sum())
+
+    @property
+    def description(self) -> str:
+        return f"{len(self)} held-out pairs" + (f" ({self.cut} left out: responses past seq_len)" if self.cut else "")
 
     def response_tokens(self) -> np.ndarray:
         """[pairs, 2]: the tokens each (chosen, rejected) response's log-probability sums over (its
@@ -87,4 +112,5 @@ class PairRows:
             ids[r, :len(row_ids)] = row_ids
             attention[r, :len(row_ids)] = 1
             response[r, :len(row_ids)] = row_mask
-        return PairBatch(ids, attention, response)
+        reference = None if self.reference is None else self.reference[list(indices)]
+        return PairBatch(ids, attention, response, reference)

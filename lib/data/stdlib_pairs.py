@@ -4,6 +4,11 @@ paragraph as the answer, one JSONL file per module (tokenize.py --corpus.split_b
 holds whole modules out).
 
     write_pairs(Path("data/pairs-src"))   -> {"modules": 412, "pairs": 6051}
+
+With `preferences`, preference pairs instead: the same question, its own answer as the chosen
+response and the answer of the next function of the same module (in file order, wrapping round)
+as the rejected one: a plausible answer about a neighbouring function, which a model prefers
+less only if it ties the answer to the name and arguments asked about.
 """
 from __future__ import annotations
 
@@ -50,14 +55,30 @@ def module_pairs(path: Path, module: str) -> list[dict]:
     return found
 
 
-def write_pairs(out_dir: Path) -> dict:
-    """Write out_dir/<module>.jsonl for every standard-library module with pairs; the counts."""
+def preference_pairs(found: list[dict]) -> list[dict]:
+    """{"prompt", "chosen", "rejected"} records from one module's pairs (see the module docstring);
+    none from a module with one pair, none whose two answers are the same."""
+    if len(found) < 2:
+        return []
+    out = []
+    for i, p in enumerate(found):
+        other = found[(i + 1) % len(found)]["completion"]
+        if other != p["completion"]:
+            out.append({"prompt": p["prompt"], "chosen": p["completion"], "rejected": other})
+    return out
+
+
+def write_pairs(out_dir: Path, preferences: bool = False) -> dict:
+    """Write out_dir/<module>.jsonl for every standard-library module with pairs (preference pairs
+    with `preferences`); the counts."""
     root = stdlib_root()
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = pairs = 0
     for rel in list_source_files(root):
         module = rel[:-3].replace("/", ".").removesuffix(".__init__")
         found = module_pairs(root / rel, module)
+        if preferences:
+            found = preference_pairs(found)
         if found:
             (out_dir / f"{module}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in found), encoding="utf-8")
             modules, pairs = modules + 1, pairs + len(found)

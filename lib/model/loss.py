@@ -95,11 +95,19 @@ class TokenLoss:
         self.sums[name] = self.sums.get(name, 0.0) + float(per_token.detach().float().sum())
         self.counts[name] = self.counts.get(name, 0) + int(per_token.numel())
 
-    def take_logged(self) -> dict[str, float]:
-        """The logged figures' means since the last call, then cleared."""
+    def take_logged(self, add_up=None) -> dict[str, float]:
+        """The logged figures' means since the last call, then cleared: this process's (the main
+        one's are recorded; `add_up` is not used)."""
         out = {f"loss_{k}": self.sums[k] / max(self.counts[k], 1) for k in self.sums}
         self.sums, self.counts = {}, {}
         return out
+
+    def window_state(self) -> dict:
+        """The figures logged since the last take_logged, for a checkpoint (load_window restores them)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_window(self, state: dict, device=None) -> None:
+        self.sums, self.counts = dict(state.get("sums", {})), dict(state.get("counts", {}))
 
 
 LOSSES.register("cross_entropy", TokenLoss)

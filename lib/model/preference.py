@@ -118,11 +118,10 @@ def simpo(policy: Scores, reference: Scores | None, opt: PreferenceOptions) -> P
 
 def summary(figures: PairFigures, policy: Scores) -> dict[str, float]:
     """The means over the pairs that every sink records: loss, reward accuracy and margin, the
-    chosen and rejected rewards and summed log-probabilities."""
-    return {"loss": float(figures.loss.mean()), "reward_accuracy": float(figures.ranked_right.mean()),
-            "reward_margin": float(figures.margin.mean()), "reward_chosen": float(figures.chosen_reward.mean()),
-            "reward_rejected": float(figures.rejected_reward.mean()), "logp_chosen": float(policy.chosen.mean()),
-            "logp_rejected": float(policy.rejected.mean())}
+    chosen and rejected rewards and summed log-probabilities, and the log-probability accuracy
+    (the share of pairs whose chosen response the model itself finds the likelier: no reference)."""
+    means = figure_rows(figures, policy).mean(0).tolist()
+    return {"loss": float(figures.loss.mean()), **dict(zip(FIGURES, means))}
 
 
 def batch_scores(model, batch, device) -> Scores:
@@ -160,3 +159,67 @@ def reference_logps(model, rows, batch_size: int, device, autocast=None):
 
     with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
         return pair_logps(model, rows, batch_size, device, autocast)
+
+
+FIGURES = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected",
+           "logp_accuracy")
+
+
+class PairObjective:
+    """The training objective on preference pairs (train.py): `loss_sum` of a PairBatch, whose
+    `reference` holds the pairs' log-probabilities under the reference, and the figures of the
+    pairs it scored since the last `take_logged` (this process's sums, added over processes there)."""
+
+    fused = False  # the log-probabilities need every row's full logits
+
+    def __init__(self, opt: PreferenceOptions):
+        self.opt = opt
+        self.fn = PREFERENCE_LOSSES.get(opt.name, "--preference.name")
+        self.uses_reference = PREFERENCE_LOSSES.meta(opt.name, "uses_reference", True)
+        self.sums = None  # float64 [len(FIGURES) + 1]: the figures' sums, then the pairs counted
+
+    def loss_sum(self, forward, batch, device):
+        """The sum of the batch's pair losses (the loop divides by the step's pairs: each pair weighs
+        the same), float32, from one forward pass of its [chosen; rejected] rows."""
+        import torch
+
+        policy = batch_scores(forward, batch, device)
+        reference = None
+        if self.uses_reference:
+            ref = torch.from_numpy(batch.reference).to(device=device, dtype=policy.chosen.dtype)
+            reference = Scores(ref[:, 0], ref[:, 1], policy.chosen_tokens, policy.rejected_tokens)
+        figures = self.fn(policy, reference, self.opt)
+        per_pair = figure_rows(figures, policy)
+        found = torch.cat([per_pair.sum(0), per_pair.new_tensor([len(per_pair)])])
+        self.sums = found if self.sums is None else self.sums + found
+        return figures.loss.float().sum()
+
+    def take_logged(self, add_up=None) -> dict[str, float]:
+        """The figures' means over the pairs scored since the last call (`add_up`: a sum over
+        processes, every process calling it), then cleared."""
+        import torch
+
+        sums = self.sums if self.sums is not None else torch.zeros(len(FIGURES) + 1, dtype=torch.float64)
+        sums = add_up(sums) if add_up else sums
+        self.sums = None
+        n = max(float(sums[-1]), 1.0)
+        return {name: float(v) / n for name, v in zip(FIGURES, sums[:-1].tolist())}
+
+    def window_state(self) -> list[float]:
+        """The unlogged sums, for a checkpoint (restored by load_window): a resumed run's first
+        line averages over what a straight run's does."""
+        return [] if self.sums is None else self.sums.tolist()
+
+    def load_window(self, values: list[float], device) -> None:
+        import torch
+
+        self.sums = torch.tensor(values, dtype=torch.float64, device=device) if values else None
+
+
+def figure_rows(figures: PairFigures, policy: Scores):
+    """[pairs, len(FIGURES)]: each pair's figures, in FIGURES' order."""
+    import torch
+
+    columns = [figures.ranked_right, figures.margin, figures.chosen_reward, figures.rejected_reward,
+               policy.chosen, policy.rejected, (policy.chosen > policy.rejected).float()]
+    return torch.stack([c.detach().double() for c in columns], dim=1)

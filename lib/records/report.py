@@ -76,11 +76,15 @@ def write_run_report(run_dir: str | Path, title: str, facts: list[str], final_ev
     """A run's report.md: `facts` as a list, the final held-out evaluation (a dict of
     lib/evaluate.summarize with "tokens"), the loss plot. eval.py adds its own section later."""
     path = Path(run_dir) / "report.md"
-    lines = [f"# Run {title}", ""] + [f"- {fact}" for fact in facts] + [
-        f"- held-out, {held_out} ({final_eval['tokens']:,} tokens; the sample every evaluation of the run "
-        f"scores): loss {final_eval['loss']:.4f}, perplexity {final_eval['perplexity']:.2f}, bits/byte "
-        f"{final_eval['bits_per_byte']:.4f}, next-token accuracy {final_eval['accuracy']:.3f}",
-        "", "![loss](loss.png)", ""]
+    if "reward_accuracy" in final_eval:  # preference pairs (lib/model/preference.py summary)
+        scored = (f"- held-out, {held_out}: loss {final_eval['loss']:.4f}, reward accuracy "
+                  f"{final_eval['reward_accuracy']:.3f}, reward margin {final_eval['reward_margin']:.4f}, "
+                  f"log-probability accuracy {final_eval['logp_accuracy']:.3f}")
+    else:
+        scored = (f"- held-out, {held_out} ({final_eval['tokens']:,} tokens; the sample every evaluation of the run "
+                  f"scores): loss {final_eval['loss']:.4f}, perplexity {final_eval['perplexity']:.2f}, bits/byte "
+                  f"{final_eval['bits_per_byte']:.4f}, next-token accuracy {final_eval['accuracy']:.3f}")
+    lines = [f"# Run {title}", ""] + [f"- {fact}" for fact in facts] + [scored, "", "![loss](loss.png)", ""]
     with atomic_text(path) as f:
         f.write("\n".join(lines))
     return path

@@ -21,7 +21,8 @@ from typing import Callable, Optional
 class LogWindow:
     """Sums since the last log line. `loss` (nats, a float32 tensor on the device, so adding to it
     never waits for the device) and `slots`/`pad` (input positions, padded ones) are this
-    process's; `tokens` counts the target tokens of every process (the mean's denominator)."""
+    process's; `tokens` counts the target tokens of every process (the mean's denominator; of
+    preference pairs, the pairs)."""
 
     loss: object = None
     tokens: int = 0
@@ -88,17 +89,18 @@ class LoopState:
         """Whether the schedule has ended: its last step taken (by the step count or the clock)."""
         return self.clock.progress >= 1.0 if self.clock is not None else self.step >= self.horizon
 
-    def count_step(self, step_tokens: int, batches: list, step_loss=None) -> None:
+    def count_step(self, step_tokens: int, batches: list, step_loss=None, weight: Optional[int] = None) -> None:
         """An optimizer step done: its target tokens (all processes) counted, and in the logging
         window its input slots and padding, and its loss (this process's sum; None for a skipped
-        update, whose non-finite loss would make the window's mean non-finite)."""
+        update, whose non-finite loss would make the window's mean non-finite) with what that sum
+        is a mean over, `weight` (all processes; default: the target tokens; preference pairs: the pairs)."""
         self.step += 1
         self.tokens_seen += step_tokens
         self.window.slots += sum(b.input_ids.size for b in batches)
         self.window.pad += sum(b.n_padding for b in batches)
         if step_loss is not None:
             self.window.loss += step_loss
-            self.window.tokens += step_tokens
+            self.window.tokens += step_tokens if weight is None else weight
 
     def elapsed_s(self) -> float:
         """Seconds of the whole run, resumed parts included, from each part's start (start-up,
