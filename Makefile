@@ -99,6 +99,7 @@ dpo: venv
 	$(PY) scripts/train.py --config configs/train/dpo.yaml --overwrite
 	$(PY) scripts/eval.py --model runs/dpo --data data/prefs
 	$(PY) -c "import json; [print(json.loads(x)['chosen'][-2]['content']) for x in open('data/prefs/corpus/val-00000.jsonl').readlines()[:3]]" > runs/dpo/questions.txt
+	@echo "--- three held-out questions:"; cat runs/dpo/questions.txt
 	@echo "--- the SFT model (before):"
 	$(PY) scripts/eval.py generate --model runs/sft --chat --interactive --temperature 0 --max_new_tokens 60 < runs/dpo/questions.txt
 	@echo "--- the DPO model (after):"

@@ -420,12 +420,29 @@ def test_each_pair_counts_once_however_the_step_is_split(dpo_base):
     assert 0 <= logged["reward_accuracy"] <= 1 and objective.sums is None
 
 
-def test_dpo_on_two_ddp_processes_keeps_the_replicas_identical(dpo_base, tmp_path):
+def test_simpo_on_two_ddp_processes_needs_no_reference_and_keeps_the_replicas_identical(dpo_base, tmp_path):
     from conftest import accelerate_launch, train
 
     data, common = dpo_base
-    proc = train(data, tmp_path, "ddp", *common, "--max_steps", "4", "--micro_batch_size", "2",
-                 launcher=accelerate_launch("cpu_ddp"))
+    proc = train(data, tmp_path, "ddp", *common, "--max_steps", "4", "--micro_batch_size", "2", "--preference.name",
+                 "simpo", "--preference.beta", "2.0", launcher=accelerate_launch("cpu_ddp"))
     assert "2 process(es)" in proc.stdout and "weights identical on all 2 processes: True" in proc.stdout
-    train_rows = [r for r in run_records(tmp_path / "ddp") if r["type"] == "train"]
+    assert "preference objective simpo, beta 2, gamma 0.5, no reference" in proc.stdout
+    assert not (tmp_path / "ddp" / "reference_logps.npz").exists()
+    rows = run_records(tmp_path / "ddp")
+    train_rows = [r for r in rows if r["type"] == "train"]
     assert train_rows[-1]["step"] == 4 and 0 <= train_rows[-1]["reward_accuracy"] <= 1
+    # SimPO's reward is beta times the mean log-probability per response token: negative, and finite
+    final_eval = [r for r in rows if r["type"] == "eval"][-1]
+    assert final_eval["val_reward_chosen"] < 0 and final_eval["val_loss"] > 0
+
+
+def test_preference_options_on_text_data_and_pairs_without_a_starting_model_are_refused(dpo_base, tiny_data,
+                                                                                       tmp_path):
+    from conftest import train
+
+    data, _ = dpo_base
+    text = train(tiny_data, tmp_path, "text", "--preference.beta", "0.5", check=False)
+    assert text.returncode == 2 and "--preference.beta" in text.stderr and "holds none" in text.stderr
+    scratch = train(data, tmp_path, "scratch", "--data.seq_len", "128", check=False)
+    assert scratch.returncode == 2 and "--model.init_from" in scratch.stderr and "Traceback" not in scratch.stderr
