@@ -407,11 +407,9 @@ def score_pairs(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir:
                 run_data: dict) -> None:
     """A folder of preference pairs: how often the model's reward ranks the chosen response above
     the rejected one, against its reference (lib/model/preference.py), printed and recorded."""
-    import torch
-
     from lib.data.pairs import PairRows
     from lib.model.build import load_pretrained
-    from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, Scores, pair_logps, summary
+    from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, pair_logps, rows_summary
     from lib.records.metrics import METRICS, MetricsSink, parse_formats
 
     reference = cfg.reference
@@ -430,12 +428,8 @@ def score_pairs(cfg: EvalConfig, model_dir: Path, run_dir: Path | None, out_dir:
     special = manifest["special_ids"]
     rows = PairRows(tok_dir, cfg.split, seq_len, special.get("pad") if special.get("pad") is not None else special["eos"])
     t0 = time.perf_counter()
-    logps = [torch.from_numpy(pair_logps(m, rows, cfg.batch_size, "cpu")) for m in (model, ref)]
-    counts = torch.from_numpy(rows.response_tokens()).double()
-    policy, reference_scores = (Scores(lp[:, 0], lp[:, 1], counts[:, 0], counts[:, 1]) for lp in logps)
-    figures = PREFERENCE_LOSSES.get("dpo", "--preference.name")(policy, reference_scores,
-                                                                PreferenceOptions(beta=cfg.beta))
-    res = summary(figures, policy)
+    res = rows_summary(model, rows, pair_logps(ref, rows, cfg.batch_size, "cpu"), PREFERENCE_LOSSES.get("dpo", ""),
+                       PreferenceOptions(beta=cfg.beta), cfg.batch_size, "cpu")
     res.pop("loss")
     print(f"model {model_dir} against {reference} on {tok_dir} [{cfg.split}]: {len(rows)} pairs"
           + (f" ({rows.cut} left out: their responses start past seq_len {seq_len})" if rows.cut else "")

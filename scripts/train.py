@@ -55,8 +55,8 @@ from lib.model.evaluate import HeldOutSample, held_out_sample, token_byte_length
 from lib.model.generate import greedy_continuations  # noqa: E402
 from lib.model.lora import LoraOptions  # noqa: E402
 from lib.model.loss import LOSSES, LossConfig, TokenLoss, build_loss, step_scaled_loss  # noqa: E402
-from lib.model.preference import PREFERENCE_LOSSES, PairObjective, PreferenceOptions, Scores  # noqa: E402
-from lib.model.preference import batch_scores, pair_logps, reference_logps, summary  # noqa: E402
+from lib.model.preference import PREFERENCE_LOSSES, PairObjective, PreferenceOptions  # noqa: E402
+from lib.model.preference import batch_scores, reference_logps, rows_summary  # noqa: E402
 from lib.progress import progress, write as write_line  # noqa: E402
 from lib.records import checkpoint as ckpt  # noqa: E402
 from lib.records import run_folder, tracking  # noqa: E402
@@ -676,9 +676,9 @@ def attach_reference(run: Run) -> None:
         raise UserError(f"{path} is missing: the pairs' reference log-probabilities, scored when the run began, are "
                         "gone, and a resumed model is no longer the reference; start over with --overwrite")
     with np.load(path) as stored:
-        if json.loads(str(stored["key"])) != json.loads(json.dumps(key, sort_keys=True)):
+        if str(stored["key"]) != json.dumps(key, sort_keys=True):
             raise UserError(f"{path} was scored for other data or another starting model than this run's "
-                            f"({json.loads(str(stored['key']))}); start over with --overwrite")
+                            f"({stored['key']}); start over with --overwrite")
         data.train.reference, data.held_out.reference = stored["train"], stored["val"]
 
 
@@ -1001,16 +1001,9 @@ def evaluate_pairs(run: Run) -> dict:
     """Score every held-out preference pair: the objective's loss, reward accuracy and margin, the
     rewards and log-probabilities (lib/model/preference.py summary), in the log line and a metrics
     record. Every process scores all of them (a sharded model's forward is collective)."""
-    import torch
-
     loop, rows, objective, t = run.loop, run.data.held_out, run.model.objective, time.perf_counter()
-    logps = torch.from_numpy(pair_logps(run.unwrapped, rows, run.cfg.micro_batch_size, run.device,
-                                        run.accelerator.autocast))
-    counts = torch.from_numpy(rows.response_tokens()).double()
-    policy = Scores(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1])
-    ref = torch.from_numpy(rows.reference) if objective.uses_reference else None
-    reference = Scores(ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1]) if ref is not None else None
-    res = summary(objective.fn(policy, reference, objective.opt), policy)
+    res = rows_summary(run.unwrapped, rows, rows.reference if objective.uses_reference else None, objective.fn,
+                       objective.opt, run.cfg.micro_batch_size, run.device, run.accelerator.autocast)
     loop.last_eval.update(step=loop.step, loss=res["loss"], seconds=time.perf_counter() - t, figures=res, by_source={})
     run.say(f"eval step {loop.step}: val_loss {res['loss']:.4f} | reward accuracy {res['reward_accuracy']:.3f} | "
             f"margin {res['reward_margin']:.4f} | rewards chosen {res['reward_chosen']:.4f}, rejected "

@@ -75,6 +75,7 @@ class PairRows:
         self.pairs = np.flatnonzero(whole)  # the pair numbers trained on
         self.cut = int((~whole).sum())
         self.reference: np.ndarray | None = None  # [len(self), 2], set by train.py: attached to each batch
+        self._response_tokens: np.ndarray | None = None
         if not len(self.pairs):
             raise UserError(f"{tok_dir}: every pair's response starts past data.seq_len {seq_len}; raise it")
 
@@ -93,7 +94,10 @@ class PairRows:
     def response_tokens(self) -> np.ndarray:
         """[pairs, 2]: the tokens each (chosen, rejected) response's log-probability sums over (its
         masked targets within the row's first seq_len tokens)."""
-        return np.array([[int(self.row(2 * int(p) + side)[1][1:].sum()) for side in (0, 1)] for p in self.pairs])
+        if self._response_tokens is None:  # every evaluation asks: counted once
+            self._response_tokens = np.array([[int(self.row(2 * int(p) + side)[1][1:].sum()) for side in (0, 1)]
+                                              for p in self.pairs])
+        return self._response_tokens
 
     def row(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         s, n = int(self.starts[doc]), int(self.lengths[doc])

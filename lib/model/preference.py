@@ -152,6 +152,21 @@ def pair_logps(model, rows, batch_size: int, device, autocast=None):
     return out
 
 
+def rows_summary(model, rows, reference, objective, opt: PreferenceOptions, batch_size: int, device,
+                 autocast=None) -> dict[str, float]:
+    """summary() over every pair of `rows` (lib.data.pairs.PairRows) scored by `model` in eval mode,
+    against `reference` ([pairs, 2] log-probabilities, or None for a reference-free objective), with
+    `objective` (a PREFERENCE_LOSSES entry): what eval.py prints and train.py's evaluations record."""
+    import torch
+
+    logps = torch.from_numpy(pair_logps(model, rows, batch_size, device, autocast))
+    counts = torch.from_numpy(rows.response_tokens()).double()
+    policy = Scores(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1])
+    ref = None if reference is None else torch.from_numpy(reference)
+    ref_scores = None if ref is None else Scores(ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1])
+    return summary(objective(policy, ref_scores, opt), policy)
+
+
 def reference_logps(model, rows, batch_size: int, device, autocast=None):
     """pair_logps under the starting model, computed once at a run's start: a LoRA model with its
     adapter switched off, so no second copy of the model is held; 16 bytes a pair."""
