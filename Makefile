@@ -86,7 +86,7 @@ sft: venv
 	$(PY) scripts/eval.py --model $(BASE)/final --data data/pairs --samples 0 --out_dir runs/sft-base-eval
 	$(PY) scripts/train.py --config configs/train/sft.yaml --model.init_from $(BASE)/final --overwrite
 	$(PY) scripts/eval.py --model runs/sft --samples 0
-	$(PY) -c "import json; [print(json.loads(x)['messages'][-2]['content']) for x in open('data/pairs/corpus/val-00000.jsonl').readlines()[:3]]" \
+	$(PY) -c "import json; [print(json.loads(x)['messages'][-2]['content'] + '\\n/reset') for x in open('data/pairs/corpus/val-00000.jsonl').readlines()[:3]]" \
 		| $(PY) scripts/eval.py generate --model runs/sft --chat --interactive --temperature 0 --max_new_tokens 60
 
 # Preference tuning offline, after make sft: for a held-out function's signature, its own docstring
@@ -101,9 +101,9 @@ dpo: venv
 	$(PY) -c "import json; [print(json.loads(x)['chosen'][-2]['content']) for x in open('data/prefs/corpus/val-00000.jsonl').readlines()[:3]]" > runs/dpo/questions.txt
 	@echo "--- three held-out questions:"; cat runs/dpo/questions.txt
 	@echo "--- the SFT model (before):"
-	$(PY) scripts/eval.py generate --model runs/sft --chat --interactive --temperature 0 --max_new_tokens 60 < runs/dpo/questions.txt
+	awk '{print; print "/reset"}' runs/dpo/questions.txt | $(PY) scripts/eval.py generate --model runs/sft --chat --interactive --temperature 0 --max_new_tokens 60
 	@echo "--- the DPO model (after):"
-	$(PY) scripts/eval.py generate --model runs/dpo --chat --interactive --temperature 0 --max_new_tokens 60 < runs/dpo/questions.txt
+	awk '{print; print "/reset"}' runs/dpo/questions.txt | $(PY) scripts/eval.py generate --model runs/dpo --chat --interactive --temperature 0 --max_new_tokens 60
 
 # TEST_WORKERS=2 runs the suite in two pytest-xdist workers (most tests are one-thread subprocess
 # runs, so faster), but in 2 of 4 such runs once one 2-process launch hung until its timeout (cause

@@ -1,12 +1,13 @@
 """Preference objectives (lib/model/preference.py) against the reference implementation: on the
 same batch, policy and reference, this project's DPO and IPO loss, rewards, reward accuracy and
-margin, and log-probabilities equal trl's DPOTrainer's (fp32, within 1e-5)."""
+margin, and log-probabilities equal trl's DPOTrainer's (fp32, within 1e-5), and so does DPO with
+the SFT term on the chosen responses (trl's loss_type ["sigmoid", "sft"])."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, batch_scores, pair_scores, summary
+from lib.model.preference import PREFERENCE_LOSSES, PreferenceOptions, batch_scores, pair_figures, pair_scores, summary
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +81,39 @@ def test_dpo_and_ipo_equal_trls_on_the_same_batch(models, tmp_path, loss_type, n
     # the gradient flows through the policy alone
     figures.loss.mean().backward()
     assert next(ours_policy.parameters()).grad is not None
+
+
+def test_dpo_with_the_sft_term_equals_trls_sigmoid_plus_sft_pair_by_pair(models, tmp_path):
+    """trl's SFT term is the token mean of the chosen responses' negative log-likelihood over its
+    batch, this project's is each pair's own token mean (so that each pair weighs the same however
+    a step is split): the two agree on a batch of one pair, compared here on each of eight."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    base, tok, policy = models
+    beta, weight = 0.3, 0.7
+    args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, weight],
+                     per_device_train_batch_size=1, report_to="none", use_cpu=True, bf16=False)
+    trainer = DPOTrainer(model=copy.deepcopy(policy).eval(), ref_model=AutoModelForCausalLM.from_pretrained(base),
+                         args=args, train_dataset=pairs(), processing_class=tok)
+    reference = AutoModelForCausalLM.from_pretrained(base)
+    ours_policy = copy.deepcopy(policy).eval()
+    opt = PreferenceOptions(beta=beta, sft_weight=weight)
+    compared = []
+    for batch in trainer.get_train_dataloader():
+        trainer.model.eval()
+        trl_loss = trainer._compute_loss(trainer.model, batch, False).item()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            scores = pair_scores(ours_policy(**inputs).logits, batch["input_ids"], batch["completion_mask"])
+            ref_scores = pair_scores(reference(**inputs).logits, batch["input_ids"], batch["completion_mask"])
+        loss = pair_figures(PREFERENCE_LOSSES.get("dpo", ""), scores, ref_scores, opt).loss
+        without = pair_figures(PREFERENCE_LOSSES.get("dpo", ""), scores, ref_scores, PreferenceOptions(beta=beta)).loss
+        assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
+        compared.append((loss - without).item())
+    assert len(compared) == 8 and min(compared) > 0.5  # the term is there, and weighs in (a tiny model's NLL is ~ln V)
 
 
 def test_simpo_needs_no_reference_and_ranks_by_mean_log_probability():
@@ -378,7 +412,8 @@ def test_a_dpo_run_stopped_and_resumed_is_bitwise_the_straight_run(dpo_base, tmp
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_each_pair_counts_once_however_the_step_is_split(dpo_base):
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0])  # the SFT term too: each pair's own token mean
+def test_each_pair_counts_once_however_the_step_is_split(dpo_base, sft_weight):
     import json
 
     import numpy as np
@@ -394,7 +429,8 @@ def test_each_pair_counts_once_however_the_step_is_split(dpo_base):
     rows.reference = np.random.default_rng(0).normal(-40, 5, size=(len(rows), 2))
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=manifest["vocab_size"], d_model=32, n_layers=2, n_heads=2, max_seq_len=128))
-    objective = PairObjective(PreferenceOptions())
+    opt = PreferenceOptions(sft_weight=sft_weight)
+    objective = PairObjective(opt)
     pairs = [3, 17, 40, 41, 90, 100]  # responses of different lengths
 
     def grad(splits):  # the loop's arithmetic: each micro-batch's loss sum over the step's pairs
@@ -410,8 +446,10 @@ def test_each_pair_counts_once_however_the_step_is_split(dpo_base):
     ref = torch.from_numpy(rows.reference[pairs]).float()
     from lib.model.preference import Scores
 
-    dpo = PREFERENCE_LOSSES.get("dpo", "")
-    dpo(policy, Scores(ref[:, 0], ref[:, 1], None, None), PreferenceOptions()).loss.mean().backward()
+    loss = PREFERENCE_LOSSES.get("dpo", "")(policy, Scores(ref[:, 0], ref[:, 1], None, None), opt).loss
+    if sft_weight:
+        loss = loss - sft_weight * policy.chosen / policy.chosen_tokens
+    loss.mean().backward()
     direct = torch.cat([p.grad.flatten() for p in model.parameters()])
     scale = direct.abs().max()
     for g in (whole, halves, uneven):

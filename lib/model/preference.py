@@ -12,8 +12,10 @@ reference, and a pair counts as ranked right when the chosen response's reward i
     simpo  -log sigmoid(beta * (mean chosen log-prob - mean rejected log-prob) - gamma): no
            reference; its reward is beta times the mean log-prob      (Meng et al., 2024)
 
-IPO's per-token averaging is what trl does, and what the IPO authors confirmed to it. Every
-figure here is per pair; a step's loss is their mean over every pair of the step
+IPO's per-token averaging is what trl does, and what the IPO authors confirmed to it. Any of them
+may add `sft_weight` times the chosen response's negative log-likelihood per token (RPO, Pang et
+al., 2024; trl's loss_type ["sigmoid", "sft"]): the ranking objectives alone may lower both
+responses' likelihood, and a small model's answers then fall apart. Every figure here is per pair; a step's loss is their mean over every pair of the step
 (pair-weighted, whatever the micro-batch split).
 """
 from __future__ import annotations
@@ -37,6 +39,9 @@ class PreferenceOptions:
     regularization, its target margin being 1 / (2 beta); SimPO's reward scale, where 2.0 is usual)."""
     gamma: float = 0.5
     """SimPO's target reward margin (unused by dpo and ipo)."""
+    sft_weight: float = 0.0
+    """Adds this times the chosen response's negative log-likelihood per token to each pair's loss:
+    it keeps the chosen answers likely while the pair's ranking is learned (0: the objective alone)."""
 
 
 @dataclass
@@ -116,12 +121,22 @@ def simpo(policy: Scores, reference: Scores | None, opt: PreferenceOptions) -> P
     return PairFigures(-F.logsigmoid(chosen - rejected - opt.gamma), chosen.detach(), rejected.detach())
 
 
+def pair_figures(objective, policy: Scores, reference: Scores | None, opt: PreferenceOptions) -> PairFigures:
+    """`objective` (a PREFERENCE_LOSSES entry) on the pairs, with the SFT term of `opt.sft_weight`
+    added to each pair's loss: what a run optimizes and its evaluations report."""
+    figures = objective(policy, reference, opt)
+    if opt.sft_weight:
+        nll = -policy.chosen / policy.chosen_tokens.clamp(min=1)
+        figures.loss = figures.loss + opt.sft_weight * nll
+    return figures
+
+
 def summary(figures: PairFigures, policy: Scores) -> dict[str, float]:
     """The means over the pairs that every sink records: loss, reward accuracy and margin, the
     chosen and rejected rewards and summed log-probabilities, and the log-probability accuracy
     (the share of pairs whose chosen response the model itself finds the likelier: no reference)."""
     means = figure_rows(figures, policy).mean(0).tolist()
-    return {"loss": float(figures.loss.mean()), **dict(zip(FIGURES, means))}
+    return {"loss": float(figures.loss.detach().mean()), **dict(zip(FIGURES, means))}
 
 
 def batch_scores(model, batch, device) -> Scores:
@@ -164,7 +179,7 @@ def rows_summary(model, rows, reference, objective, opt: PreferenceOptions, batc
     policy = Scores(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1])
     ref = None if reference is None else torch.from_numpy(reference)
     ref_scores = None if ref is None else Scores(ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1])
-    return summary(objective(policy, ref_scores, opt), policy)
+    return summary(pair_figures(objective, policy, ref_scores, opt), policy)
 
 
 def reference_logps(model, rows, batch_size: int, device, autocast=None):
@@ -203,7 +218,7 @@ class PairObjective:
         if self.uses_reference:
             ref = torch.from_numpy(batch.reference).to(device=device, dtype=policy.chosen.dtype)
             reference = Scores(ref[:, 0], ref[:, 1], policy.chosen_tokens, policy.rejected_tokens)
-        figures = self.fn(policy, reference, self.opt)
+        figures = pair_figures(self.fn, policy, reference, self.opt)
         per_pair = figure_rows(figures, policy)
         found = torch.cat([per_pair.sum(0), per_pair.new_tensor([len(per_pair)])])
         self.sums = found if self.sums is None else self.sums + found
