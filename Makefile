@@ -86,8 +86,8 @@ sft: venv
 	$(PY) scripts/eval.py --model $(BASE)/final --data data/pairs --samples 0 --out_dir runs/sft-base-eval
 	$(PY) scripts/train.py --config configs/train/sft.yaml --model.init_from $(BASE)/final --overwrite
 	$(PY) scripts/eval.py --model runs/sft --samples 0
-	$(PY) -c "import json; [print(json.loads(x)['messages'][-2]['content'] + '\\n/reset') for x in open('data/pairs/corpus/val-00000.jsonl').readlines()[:3]]" \
-		| $(PY) scripts/eval.py generate --model runs/sft --chat --interactive --temperature 0 --max_new_tokens 60
+	$(PY) -c "import json; [print(json.loads(x)['messages'][-2]['content']) for x in open('data/pairs/corpus/val-00000.jsonl').readlines()[:3]]" \
+		| awk '{print; print "/reset"}' | $(PY) scripts/eval.py generate --model runs/sft --chat --interactive --temperature 0 --max_new_tokens 60
 
 # Preference tuning offline, after make sft: for a held-out function's signature, its own docstring
 # summary chosen over the next function's (whole modules held out, as in make sft); the held-out

@@ -15,8 +15,9 @@ reference, and a pair counts as ranked right when the chosen response's reward i
 IPO's per-token averaging is what trl does, and what the IPO authors confirmed to it. Any of them
 may add `sft_weight` times the chosen response's negative log-likelihood per token (RPO, Pang et
 al., 2024; trl's loss_type ["sigmoid", "sft"]): the ranking objectives alone may lower both
-responses' likelihood, and a small model's answers then fall apart. Every figure here is per pair; a step's loss is their mean over every pair of the step
-(pair-weighted, whatever the micro-batch split).
+responses' likelihood, and a small model's answers then fall apart. Every figure here is per
+pair; a step's loss is their mean over every pair of the step (pair-weighted, whatever the
+micro-batch split).
 """
 from __future__ import annotations
 
